@@ -1,0 +1,91 @@
+"""
+MoE auxiliary losses: pure functions of the routing the dispatcher actually used (SPEC section 3).
+
+Notation: T tokens, E routed experts, k experts per token, f expert hidden width, L MoE layers.
+
+- load_balancing_loss: Switch Transformer (Fedus et al. 2021, Eq. 4-6) with the GShard/Megatron
+  normalisation L_lb = E * sum_e f_e * P_e, f_e = count_e / (T*k), P_e = mean_t p_{t,e}.
+  1 at perfectly uniform routing, E when every token goes to one expert with one-hot p.
+- z_loss: ST-MoE (Zoph et al. 2022, Eq. 5), L_z = mean_t (logsumexp_e a_{t,e})^2.
+- specialization_loss: Hu et al. 2026 (arXiv 2602.14159), Eq. 4. For every token, the squared
+  cosine between the SwiGLU intermediates z = silu(x W_gate) * (x W_up) of its k routed experts,
+  summed over ordered pairs i != j, mean over tokens. Our reading, where the equation leaves a
+  choice: ordered pairs (each unordered pair counts twice), mean over tokens, sum over layers.
+- coupling_loss: Hu et al. 2026, Eq. 7. With M^l_t the top-k mass of the *full* softmax of layer l
+  (before renormalisation: the renormalised gates sum to 1 and would carry no gradient),
+  R_cp = - mean_t sum_{l=1}^{L-1} M^l_t * M^{l+1}_t. Our reading: mean over tokens, sum over the
+  L-1 consecutive pairs.
+- aux_losses: all of the above for every MoE layer of a forward pass, unscaled and combined with
+  their coefficients. Per-layer terms are summed over layers, as each layer adds its own term.
+
+All terms are computed in fp32.
+"""
+
+import torch
+
+
+def load_balancing_loss(probs, idx):
+    """probs (T, E) full softmax, idx (T, k) selected experts -> scalar E * sum_e f_e P_e."""
+    T, E = probs.shape
+    k = idx.shape[1]
+    counts = torch.zeros(E, device=probs.device, dtype=torch.float32)
+    counts.scatter_add_(0, idx.reshape(-1), torch.ones(idx.numel(), device=probs.device))  # (E,)
+    f = counts / (T * k)                         # fraction of routed slots per expert (no gradient)
+    P = probs.float().mean(dim=0)                # (E,) mean router probability (carries gradient)
+    return E * (f * P).sum()
+
+
+def z_loss(logits):
+    """logits (T, E) -> mean_t logsumexp(a_t)^2."""
+    return logits.float().logsumexp(dim=-1).pow(2).mean()
+
+
+def specialization_loss(z, eps=1e-8):
+    """z (T, k, f) intermediates of each token's selected experts -> mean_t sum_{i!=j} cos^2."""
+    T, k, f = z.shape
+    if k < 2:
+        return z.new_zeros((), dtype=torch.float32)
+    zn = z.float() / z.float().norm(dim=-1, keepdim=True).clamp_min(eps)  # (T, k, f) unit rows
+    cos = zn @ zn.transpose(1, 2)                                          # (T, k, k)
+    off = ~torch.eye(k, dtype=torch.bool, device=z.device)                  # ordered pairs i != j
+    return cos.pow(2)[:, off].sum(dim=-1).mean()
+
+
+def topk_mass(probs, k):
+    """M_t = sum of the k largest full-softmax probabilities, (T, E) -> (T,)."""
+    return probs.float().topk(k, dim=-1).values.sum(dim=-1)
+
+
+def coupling_loss(probs_list, k):
+    """probs_list: full softmax (T, E) of consecutive MoE layers -> -mean_t sum_l M^l_t M^{l+1}_t."""
+    masses = [topk_mass(p, k) for p in probs_list]                        # L x (T,)
+    if len(masses) < 2:
+        return probs_list[0].new_zeros((), dtype=torch.float32) if probs_list else torch.zeros(())
+    joint = sum(a * b for a, b in zip(masses[:-1], masses[1:]))           # (T,)
+    return -joint.mean()
+
+
+def aux_losses(routes, c_lb=0.0, c_z=0.0, c_sp=0.0, c_cp=0.0, mu_ortho=0.0):
+    """
+    routes: one `Routing` per MoE layer (model.py). Returns (total, terms): total is the scalar
+    sum of coefficient * term; terms maps each name to its unscaled value (a tensor). A term whose
+    coefficient is 0 is computed for logging only, without autograd graph, so it costs no backward.
+    """
+    if not routes:
+        return torch.zeros(()), {}
+    k = routes[0].idx.shape[1]
+    terms = {
+        "lb": (c_lb, lambda: sum(load_balancing_loss(r.probs, r.idx) for r in routes)),
+        "z": (c_z, lambda: sum(z_loss(r.logits) for r in routes)),
+        "sp": (c_sp, lambda: sum(specialization_loss(r.z) for r in routes)),
+        "cp": (c_cp, lambda: coupling_loss([r.probs for r in routes], k)),
+    }
+    if routes[0].penalty is not None:  # ERMoE soft-orthogonality mode
+        terms["ortho"] = (mu_ortho, lambda: sum(r.penalty for r in routes))
+    total, values = routes[0].logits.new_zeros(()), {}
+    for name, (coef, fn) in terms.items():
+        with torch.set_grad_enabled(torch.is_grad_enabled() and coef != 0.0):
+            values[name] = fn()
+        if coef != 0.0:
+            total = total + coef * values[name]
+    return total, values

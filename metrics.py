@@ -1,0 +1,113 @@
+"""
+Routing metrics of SPEC section 5, accumulated over evaluation batches.
+
+Notation: T tokens, E routed experts, k experts per token, L MoE layers.
+
+Reference values (asserted in test_all.py):
+  metric                      uniform routing        collapse onto one expert
+  load CV = std/mean          0                      sqrt(E-1)
+  max/mean load               1                      E
+  dead experts (<0.1/E load)  0                      E-1
+  routing entropy / log E     1 (uniform p)          0 (one-hot p)
+  top-k mass M                k/E (uniform p)        1 (one-hot p)
+  NMI(layer l, layer l+1)     0 if independent       1 if one is a relabelling of the other
+"""
+
+import math
+
+import torch
+
+
+def load_stats(counts):
+    """counts (E,) tokens per expert -> CV, max/mean and dead experts of load_e = count_e / sum."""
+    load = counts.double() / counts.sum().clamp_min(1)
+    E = load.numel()
+    mean = load.mean()
+    return {"cv": (load.std(unbiased=False) / mean).item(),
+            "max_mean": (load.max() / mean).item(),
+            "dead": int((load < 0.1 / E).sum().item())}
+
+
+def entropy(probs):
+    """Per-token entropy -sum_e p log p (nats), probs (T, E) -> (T,)."""
+    p = probs.double()
+    return -(p * p.clamp_min(1e-30).log()).sum(dim=-1)
+
+
+def mutual_information(joint):
+    """joint (A, B) counts -> (I(X;Y), H(X), H(Y), H(Y|X)) in nats."""
+    P = joint.double() / joint.sum().clamp_min(1)
+    px, py = P.sum(1), P.sum(0)
+    nz = P > 0
+    mi = (P[nz] * (P[nz] / (px[:, None] * py[None, :])[nz]).log()).sum().item()
+    hx = -(px[px > 0] * px[px > 0].log()).sum().item()
+    hy = -(py[py > 0] * py[py > 0].log()).sum().item()
+    return mi, hx, hy, hy - mi
+
+
+def nmi(joint):
+    """Normalised mutual information 2 I / (H(X) + H(Y)) (arithmetic normalisation), 0 if both constant."""
+    mi, hx, hy, _ = mutual_information(joint)
+    return 0.0 if hx + hy == 0 else 2 * mi / (hx + hy)
+
+
+def coactivation_cos2(z):
+    """Mean squared cosine between the intermediates of co-activated experts, z (T, k, f)."""
+    T, k, _ = z.shape
+    if k < 2:
+        return 0.0
+    zn = torch.nn.functional.normalize(z.double(), dim=-1)
+    cos2 = (zn @ zn.transpose(1, 2)).pow(2)                          # (T, k, k)
+    off = ~torch.eye(k, dtype=torch.bool, device=z.device)
+    return cos2[:, off].mean().item()
+
+
+class RoutingStats:
+    """Accumulates routing of every MoE layer over batches; `summary()` gives per-layer metrics."""
+
+    def __init__(self):
+        self.layers, self.pairs, self.n = None, None, 0
+
+    @torch.no_grad()
+    def update(self, routes):
+        if not routes:
+            return
+        E, k = routes[0].probs.shape[1], routes[0].idx.shape[1]
+        if self.layers is None:
+            self.layers = [{"counts": torch.zeros(E, dtype=torch.float64), "entropy": 0.0,
+                            "mass": 0.0, "cos2": 0.0} for _ in routes]
+            self.pairs = [torch.zeros(E, E, dtype=torch.float64) for _ in routes[1:]]
+        T = routes[0].idx.shape[0]
+        for acc, r in zip(self.layers, routes):
+            acc["counts"] += r.counts.double().cpu()
+            acc["entropy"] += entropy(r.probs).sum().item()
+            acc["mass"] += r.probs.double().topk(k, dim=-1).values.sum(-1).sum().item()
+            acc["cos2"] += coactivation_cos2(r.z) * T
+        top1 = [r.idx[:, 0].cpu() for r in routes]                     # (T,) per layer
+        for joint, a, b in zip(self.pairs, top1[:-1], top1[1:]):
+            joint.index_put_((a, b), torch.ones(T, dtype=torch.float64), accumulate=True)
+        self.n += T
+
+    def summary(self):
+        """List of per-layer dicts; layer l also carries the coupling to layer l+1."""
+        if self.layers is None:
+            return []
+        out = []
+        E = self.layers[0]["counts"].numel()
+        for i, acc in enumerate(self.layers):
+            m = load_stats(acc["counts"])
+            m["entropy"] = acc["entropy"] / self.n
+            m["entropy_norm"] = m["entropy"] / math.log(E) if E > 1 else 0.0
+            m["topk_mass"] = acc["mass"] / self.n
+            m["coact_cos2"] = acc["cos2"] / self.n
+            m["load"] = (acc["counts"] / acc["counts"].sum()).tolist()
+            if i < len(self.pairs):
+                mi, hx, hy, h_cond = mutual_information(self.pairs[i])
+                m["next_nmi"] = nmi(self.pairs[i])
+                m["next_cond_entropy"] = h_cond
+            out.append({k: (round(v, 6) if isinstance(v, float) else v) for k, v in m.items()})
+        return out
+
+    def transitions(self):
+        """Row-normalised top-1 transition matrices T^l[e, e'] = P(e' at l+1 | e at l)."""
+        return [j / j.sum(1, keepdim=True).clamp_min(1) for j in (self.pairs or [])]

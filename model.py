@@ -1,0 +1,295 @@
+"""
+A GPT whose feed-forward blocks are top-k routed SwiGLU experts. One file, read top to bottom.
+
+Notation: B batch, S sequence length, T = B*S tokens, d model width (n_embd), E routed experts,
+k experts per token, f expert hidden width, r ERMoE basis rank, nh heads, hs head size.
+
+- GPT backbone as in nanoGPT (Radford et al. 2019), modernised like Llama: RMSNorm, rotary position
+  embeddings (Su et al. 2021), SwiGLU feed-forward (Shazeer 2020), tied input/output embeddings,
+  attention through F.scaled_dot_product_attention.
+- MoE block (Shazeer et al. 2017; Switch, Fedus et al. 2021; DeepSeekMoE shared experts, Dai et al.
+  2024): E routed SwiGLU experts with stacked weights (E, ., .), top-k routing per SPEC section 1
+  (router.py), optional always-on shared experts, dropless (no capacity factor).
+- Two dispatch paths with one semantics, tested against each other in output and every gradient:
+  `naive`: loop over experts, gather each expert's tokens, run it, scatter back (the lecture one);
+  `sorted`: sort the T*k (token, expert) pairs by expert once, run all experts as one grouped
+  matmul over the contiguous segments, un-sort. With n_experts=0 the block is the dense SwiGLU MLP.
+- The forward returns the routing of every MoE layer (`Routing`) explicitly; losses.py turns it
+  into auxiliary losses and metrics.py into routing metrics. No module keeps losses in globals.
+
+Iso-compute rule: the dense MLP has width ffn_hidden (default 8/3*d rounded up to a multiple of
+64, which gives the 8d^2 parameters of GPT-2's 4d GELU MLP); each expert gets width
+ffn_hidden // (top_k + n_shared), so a token's active expert compute equals the dense MLP's.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from router import EigenRouter, SoftmaxRouter, select_topk
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256       # context length S
+    vocab_size: int = 50304     # GPT-2's 50257 padded up to a multiple of 64 (faster matmuls)
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    ffn_hidden: int = 0         # dense SwiGLU width; 0 = 8/3 * n_embd rounded up to a multiple of 64
+    n_experts: int = 8          # routed experts E per MoE block; 0 = the dense model
+    top_k: int = 2              # experts per token k
+    n_shared: int = 0           # always-on shared experts (DeepSeekMoE), each of width expert_hidden
+    expert_hidden: int = 0      # f; 0 = ffn_hidden // (top_k + n_shared), the iso-compute rule
+    router: str = "softmax"     # 'softmax' (linear) | 'ermoe' (eigenbasis, router.py)
+    gate_renorm: bool = True    # gates = softmax over the k selected logits (else: full-softmax p)
+    dispatch: str = "sorted"    # 'sorted' (grouped matmul) | 'naive' (per-expert loop, reference)
+    ermoe_basis: str = "independent"  # 'independent' | 'partitioned' | 'penalty'
+    ermoe_rank: int = 0         # r; 0 = n_embd // n_experts (the E bases can tile R^d)
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if (self.n_embd // self.n_head) % 2 != 0:
+            raise ValueError(f"head size n_embd/n_head = {self.n_embd // self.n_head} must be even (rotary)")
+        if self.n_experts < 0 or self.n_shared < 0:
+            raise ValueError("n_experts and n_shared must be >= 0")
+        if self.n_experts > 0 and not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"top_k must be in [1, n_experts={self.n_experts}], got {self.top_k}")
+        if self.router not in ("softmax", "ermoe"):
+            raise ValueError(f"unknown router '{self.router}' (softmax|ermoe)")
+        if self.dispatch not in ("sorted", "naive"):
+            raise ValueError(f"unknown dispatch '{self.dispatch}' (sorted|naive)")
+        if self.ffn_hidden == 0:
+            self.ffn_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        if self.n_experts > 0 and self.expert_hidden == 0:
+            self.expert_hidden = max(1, self.ffn_hidden // (self.top_k + self.n_shared))
+        if self.n_experts > 0 and self.router == "ermoe" and self.ermoe_rank == 0:
+            self.ermoe_rank = max(1, self.n_embd // self.n_experts)
+
+
+class Routing(NamedTuple):
+    """What one MoE layer decided, for the losses and metrics (fp32 except z)."""
+    logits: torch.Tensor                    # (T, E) router logits
+    probs: torch.Tensor                     # (T, E) full softmax p
+    idx: torch.Tensor                       # (T, k) selected experts, best first
+    gates: torch.Tensor                     # (T, k) mixing weights
+    counts: torch.Tensor                    # (E,) tokens routed to each expert
+    z: torch.Tensor                         # (T, k, f) SwiGLU intermediates of the selected experts
+    penalty: Optional[torch.Tensor] = None  # ERMoE soft-orthogonality penalty ('penalty' basis mode)
+
+
+# ------------------------------------------------------------------------------------------------
+# attention
+
+def rotary_cache(block_size, head_size, base=10000.0):
+    inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2).float() / head_size)  # (hs/2,)
+    angles = torch.outer(torch.arange(block_size).float(), inv_freq)             # (S, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate pairs (x1, x2) of the two halves of each head by position-dependent angles."""
+    x1, x2 = x.chunk(2, dim=-1)                                   # (B, nh, S, hs/2) each
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin):
+        B, S, d = x.shape
+        q, k, v = self.c_attn(x).split(d, dim=2)
+        q, k, v = (t.view(B, S, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, nh, S, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, S, d)
+        return self.resid_dropout(self.c_proj(y))
+
+
+# ------------------------------------------------------------------------------------------------
+# feed-forward: dense SwiGLU and the routed experts
+
+class MLP(nn.Module):
+    """Dense SwiGLU: silu(x W_gate) * (x W_up) W_down. Also the shared experts of an MoE block."""
+
+    def __init__(self, n_embd, hidden, dropout=0.0):
+        super().__init__()
+        self.c_gate = nn.Linear(n_embd, hidden, bias=False)
+        self.c_up = nn.Linear(n_embd, hidden, bias=False)
+        self.c_proj = nn.Linear(hidden, n_embd, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.silu(self.c_gate(x)) * self.c_up(x))), None
+
+
+def grouped_matmul(h, w, offs):
+    """Row segment i of h (N, a) times w[i] (E, a, b), segments ending at offs (E,) -> (N, b)."""
+    if torch.is_autocast_enabled(h.device.type):   # grouped_mm is not on autocast's op list
+        dtype = torch.get_autocast_dtype(h.device.type)
+        h, w = h.to(dtype), w.to(dtype)
+    if hasattr(F, "grouped_mm"):
+        return F.grouped_mm(h.contiguous(), w, offs=offs)
+    ends = offs.tolist()  # older torch: one matmul per expert (a host sync, fine for teaching)
+    starts = [0] + ends[:-1]
+    return torch.cat([h[s:e] @ w[i] for i, (s, e) in enumerate(zip(starts, ends))])
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        E, d, f = cfg.n_experts, cfg.n_embd, cfg.expert_hidden
+        self.k, self.renorm, self.dispatch = cfg.top_k, cfg.gate_renorm, cfg.dispatch
+        if cfg.router == "ermoe":  # experts read the r basis coordinates, not x (router.py)
+            self.router, d_in = EigenRouter(d, E, cfg.ermoe_rank, cfg.ermoe_basis), cfg.ermoe_rank
+        else:
+            self.router, d_in = SoftmaxRouter(d, E), d
+        self.w_gate = nn.Parameter(torch.randn(E, d_in, f) * 0.02)   # (E, d_in, f)
+        self.w_up = nn.Parameter(torch.randn(E, d_in, f) * 0.02)     # (E, d_in, f)
+        self.w_down = nn.Parameter(torch.randn(E, f, d) * 0.02)      # (E, f, d)
+        self.shared = MLP(d, cfg.n_shared * f) if cfg.n_shared > 0 else None  # n_shared experts of
+        self.dropout = nn.Dropout(cfg.dropout)  # width f side by side = one SwiGLU of width n_shared*f
+
+    def forward(self, x):
+        B, S, d = x.shape
+        x = x.reshape(B * S, d)                                     # (T, d)
+        logits, coords = self.router(x)                             # (T, E) fp32; (T, E, r) or None
+        gates, idx = select_topk(logits, self.k, self.renorm)       # (T, k), (T, k)
+        E = logits.shape[1]
+        flat = idx.reshape(-1)                                      # (T*k,)
+        counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.int32))      # (E,) on device, no host sync
+        run = self.forward_naive if self.dispatch == "naive" else self.forward_sorted
+        y, z = run(x, coords, idx, gates, counts)                   # (T, d), (T, k, f)
+        if self.shared is not None:
+            y = y + self.shared(x)[0]
+        penalty = self.router.penalty() if getattr(self.router, "basis", None) == "penalty" else None
+        route = Routing(logits, logits.softmax(dim=-1), idx, gates, counts, z, penalty)
+        return self.dropout(y.view(B, S, d)), route
+
+    def expert_inputs(self, x, coords, tok, e):
+        """Input rows of (token, expert) pairs: x_t for the linear router, lambda_e*P_e^T x_t for ERMoE."""
+        return x[tok] if coords is None else coords[tok, e]        # (N, d_in)
+
+    def forward_naive(self, x, coords, idx, gates, counts):
+        """The lecture version: for each expert, find its tokens, run it, add the gated output."""
+        T, k = idx.shape
+        y = torch.zeros_like(x)                                     # (T, d)
+        z = x.new_zeros(T, k, self.w_up.shape[2])                   # (T, k, f)
+        for e in range(self.w_up.shape[0]):
+            tok, slot = torch.where(idx == e)                       # (n_e,), (n_e,)
+            h = self.expert_inputs(x, coords, tok, e).to(x.dtype)   # (n_e, d_in)
+            a = F.silu(h @ self.w_gate[e]) * (h @ self.w_up[e])     # (n_e, f)
+            out = a @ self.w_down[e]                                # (n_e, d)
+            y = y.index_add(0, tok, (out * gates[tok, slot, None]).to(y.dtype))
+            z = z.index_put((tok, slot), a.to(z.dtype))
+        return y, z
+
+    def forward_sorted(self, x, coords, idx, gates, counts):
+        """Sort the T*k (token, expert) pairs by expert, run all experts as grouped matmuls, un-sort."""
+        T, k = idx.shape
+        flat = idx.reshape(-1)                                      # (T*k,) expert of each pair
+        order = torch.sort(flat, stable=True).indices               # (T*k,) pairs grouped by expert
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(T * k, device=x.device))
+        tok, e = order // k, flat[order]                            # (T*k,) token and expert per row
+        offs = counts.cumsum(0, dtype=torch.int32)                  # (E,) segment ends
+        h = self.expert_inputs(x, coords, tok, e).to(x.dtype)       # (T*k, d_in)
+        a = F.silu(grouped_matmul(h, self.w_gate, offs)) * grouped_matmul(h, self.w_up, offs)  # (T*k, f)
+        out = grouped_matmul(a, self.w_down, offs)                  # (T*k, d)
+        out = out * gates.reshape(-1)[order, None].to(out.dtype)    # gate after the expert
+        y = torch.zeros(T, x.shape[1], dtype=out.dtype, device=x.device).index_add(0, tok, out)
+        z = a[inverse].view(T, k, -1)                               # (T, k, f) back in token order
+        return y.to(x.dtype), z
+
+
+# ------------------------------------------------------------------------------------------------
+# the GPT
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.RMSNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.RMSNorm(cfg.n_embd)
+        self.mlp = MoE(cfg) if cfg.n_experts > 0 else MLP(cfg.n_embd, cfg.ffn_hidden, cfg.dropout)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.ln_1(x), cos, sin)
+        h, route = self.mlp(self.ln_2(x))
+        return x + h, route
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.RMSNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017)
+        cos, sin = rotary_cache(cfg.block_size, cfg.n_embd // cfg.n_head)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2L)
+            if name.endswith("c_proj.weight") or name.endswith("w_down"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        """(total, active per token). Active counts k of the E routed experts of each MoE block."""
+        total = sum(p.numel() for p in self.parameters())
+        cfg, inactive = self.config, 0
+        if cfg.n_experts > 0:
+            experts = sum(getattr(b.mlp, w).numel() for b in self.blocks for w in ("w_gate", "w_up", "w_down"))
+            inactive = experts * (cfg.n_experts - cfg.top_k) // cfg.n_experts
+        return total, total - inactive
+
+    def forward(self, idx, targets=None):
+        """idx (B, S) token ids -> (logits, cross-entropy loss or None, [Routing per MoE layer])."""
+        B, S = idx.shape
+        if S > self.config.block_size:
+            raise ValueError(f"sequence of length {S} exceeds block_size {self.config.block_size}")
+        x = self.drop(self.wte(idx))                                # (B, S, d)
+        cos, sin = self.cos[:S], self.sin[:S]                       # (S, hs/2)
+        routes = []
+        for block in self.blocks:
+            x, route = block(x, cos, sin)
+            if route is not None:
+                routes.append(route)
+        x = self.ln_f(x)
+        if targets is None:  # inference: only the last position's logits are needed
+            return self.lm_head(x[:, [-1], :]), None, routes
+        logits = self.lm_head(x)                                    # (B, S, vocab)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss, routes
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None):
+        """Sample continuations of idx (B, S); n_vocab cuts the padded ids. No KV cache: kept simple."""
+        for _ in range(max_new_tokens):
+            ctx = idx[:, -self.config.block_size:]
+            logits = self.forward(ctx)[0][:, -1, :n_vocab] / temperature  # (B, n_vocab)
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+            idx = torch.cat((idx, nxt), dim=1)
+        return idx
