@@ -29,6 +29,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from router import EigenRouter, SoftmaxRouter, select_topk
 
@@ -110,11 +111,11 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cos, sin):
         B, S, d = x.shape
         q, k, v = self.c_attn(x).split(d, dim=2)
-        q, k, v = (t.view(B, S, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (rearrange(t, "b s (nh hs) -> b nh s hs", nh=self.n_head) for t in (q, k, v))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, nh, S, hs)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, S, d)
+        y = rearrange(y, "b nh s hs -> b s (nh hs)")
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -140,9 +141,12 @@ def grouped_matmul(h, w, offs):
     if torch.is_autocast_enabled(h.device.type):   # grouped_mm is not on autocast's op list
         dtype = torch.get_autocast_dtype(h.device.type)
         h, w = h.to(dtype), w.to(dtype)
-    if hasattr(F, "grouped_mm"):
+    # F.grouped_mm (torch >= 2.9) needs rows aligned to 16 bytes; its CUDA kernel is bf16-only on
+    # the torch versions we checked (our reading of the docs, not verified on every GPU).
+    aligned = all(n * h.element_size() % 16 == 0 for n in w.shape[1:])
+    if hasattr(F, "grouped_mm") and aligned and (h.device.type == "cpu" or h.dtype == torch.bfloat16):
         return F.grouped_mm(h.contiguous(), w, offs=offs)
-    ends = offs.tolist()  # older torch: one matmul per expert (a host sync, fine for teaching)
+    ends = offs.tolist()  # fallback: one matmul per expert (a host sync)
     starts = [0] + ends[:-1]
     return torch.cat([h[s:e] @ w[i] for i, (s, e) in enumerate(zip(starts, ends))])
 

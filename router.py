@@ -33,6 +33,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 
 def select_topk(logits, k, renormalize=True):
@@ -109,7 +110,7 @@ class EigenRouter(nn.Module):
             return orthonormal(raw)
         if self.basis == "partitioned":
             Q = orthonormal(raw)[:, :self.E * self.r]                     # (d, E*r)
-            return Q.reshape(Q.shape[0], self.E, self.r).transpose(0, 1)  # (E, d, r)
+            return rearrange(Q, "d (e r) -> e d r", e=self.E)             # (E, d, r)
         return raw
 
     def beta(self):

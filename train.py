@@ -227,8 +227,10 @@ def main(argv):
     if master:
         os.makedirs(out_dir, exist_ok=True)
         kept = []
-        if ckpt and os.path.exists(log_path):  # drop log lines of steps that will be redone
-            kept = [l for l in open(log_path) if json.loads(l)["iter"] < iter_num]
+        if ckpt and os.path.exists(log_path):  # keep the log up to the checkpoint; the rest is redone
+            recs = [json.loads(line) for line in open(log_path)]
+            kept = [json.dumps(r) + "\n" for r in recs
+                    if r["iter"] < iter_num or (r["iter"] == iter_num and "val_loss" not in r)]
         with open(log_path, "w") as fh:
             fh.writelines(kept)
         print(f"parameters: {total / 1e6:.2f}M total, {active / 1e6:.2f}M active per token "
