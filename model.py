@@ -141,10 +141,11 @@ def grouped_matmul(h, w, offs):
     if torch.is_autocast_enabled(h.device.type):   # grouped_mm is not on autocast's op list
         dtype = torch.get_autocast_dtype(h.device.type)
         h, w = h.to(dtype), w.to(dtype)
-    # F.grouped_mm (torch >= 2.9) needs rows aligned to 16 bytes; its CUDA kernel is bf16-only on
-    # the torch versions we checked (our reading of the docs, not verified on every GPU).
+    # F.grouped_mm (torch >= 2.9) needs rows aligned to 16 bytes. Its CUDA kernel and its meta
+    # function (what torch.compile traces) take bf16 only; eager CPU also runs fp32.
     aligned = all(n * h.element_size() % 16 == 0 for n in w.shape[1:])
-    if hasattr(F, "grouped_mm") and aligned and (h.device.type == "cpu" or h.dtype == torch.bfloat16):
+    eager_cpu = h.device.type == "cpu" and not torch.compiler.is_compiling()
+    if hasattr(F, "grouped_mm") and aligned and (h.dtype == torch.bfloat16 or eager_cpu):
         return F.grouped_mm(h.contiguous(), w, offs=offs)
     ends = offs.tolist()  # fallback: one matmul per expert (a host sync)
     starts = [0] + ends[:-1]
