@@ -262,3 +262,177 @@ def test_ddp_two_cpu_processes_stay_identical(tmp_path):
     with open(tmp_path / "log.jsonl") as fh:
         hashes = [json.loads(line) for line in fh if "param_hashes" in line][-1]["param_hashes"]
     assert len(hashes) == 2 and hashes[0] == hashes[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# ERMoE eigenbasis router
+
+def test_eigenbasis_scores_brute_force_and_gradcheck():
+    from router import orthonormal
+    torch.manual_seed(0)
+    x, P = torch.randn(6, 12, dtype=torch.float64), orthonormal(torch.randn(3, 12, 4, dtype=torch.float64))
+    s = eigenbasis_scores(x, P)
+    for t, e in itertools.product(range(6), range(3)):
+        coords = [sum(P[e, i, j].item() * x[t, i].item() for i in range(12)) for j in range(4)]
+        brute = math.sqrt(sum(c * c for c in coords)) / math.sqrt(sum(v * v for v in x[t].tolist()))
+        assert math.isclose(s[t, e].item(), brute, rel_tol=1e-9)
+    assert (s >= 0).all() and (s <= 1 + 1e-12).all()
+    assert torch.allclose(eigenbasis_scores(3.7 * x, P), s) and torch.allclose(eigenbasis_scores(-x, P), s)
+    assert torch.autograd.gradcheck(eigenbasis_scores, (x.requires_grad_(), P.requires_grad_()))
+
+
+def test_ermoe_router_logits_and_partitioned_identity():
+    torch.manual_seed(0)
+    x = torch.randn(20, 32)
+    for basis in ("independent", "partitioned", "penalty"):
+        router = EigenRouter(32, 4, 8, basis)
+        logits, coords = router(x)
+        P = router.bases()
+        assert torch.allclose(logits, router.beta() * eigenbasis_scores(x, P), atol=1e-5)
+        assert torch.allclose(coords, torch.einsum("td,edr->ter", x, P) * router.lam, atol=1e-5)
+        assert router.penalty().item() < 1e-10 and math.isclose(router.beta().item(), 10.0, rel_tol=1e-6)
+    router = EigenRouter(32, 4, 8, "partitioned")
+    s = eigenbasis_scores(x, router.bases())
+    assert torch.allclose((s ** 2).sum(-1), torch.ones(20), atol=1e-5)  # disjoint subspaces tile R^d
+    assert router.geometry()["overlap"] < 1e-10
+
+
+@pytest.mark.parametrize("basis", ["independent", "partitioned"])
+def test_ermoe_bases_stay_orthonormal_under_training(basis):
+    moe = moe_block("ermoe", ermoe_basis=basis)
+    opt = torch.optim.AdamW(moe.parameters(), lr=1e-2)
+    P0 = moe.router.bases().detach().clone()
+    x, target = torch.randn(2, 16, 32), torch.randn(2, 16, 32)
+    for _ in range(50):
+        y, r = moe(x)
+        loss = (y - target).pow(2).mean() + 0.1 * r.logits.std()  # pushes the bases around
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    P = moe.router.bases().detach()
+    assert (P - P0).abs().max() > 1e-2  # the bases did move
+    assert moe.router.geometry()["ortho_err"] < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# specialization and coupling losses (Hu et al. 2026)
+
+def brute_specialization(z):
+    T, k, _ = z.shape
+    total = 0.0
+    for t in range(T):
+        for i in range(k):
+            for j in range(k):
+                if i != j:
+                    a, b = z[t, i], z[t, j]
+                    total = total + (a * b).sum() ** 2 / ((a * a).sum() * (b * b).sum())
+    return total / T
+
+
+def brute_coupling(probs_list, k):
+    T = probs_list[0].shape[0]
+    total = 0.0
+    for t in range(T):
+        masses = [sum(sorted(p[t], reverse=True)[:k]) for p in probs_list]
+        total = total + sum(masses[l] * masses[l + 1] for l in range(len(masses) - 1))
+    return -total / T
+
+
+def test_specialization_loss_brute_force_and_known_values():
+    torch.manual_seed(0)
+    z = torch.randn(5, 3, 8, dtype=torch.float64, requires_grad=True)
+    fast, slow = specialization_loss(z), brute_specialization(z)
+    g1, = torch.autograd.grad(fast, z)
+    g2, = torch.autograd.grad(slow, z)
+    assert torch.isclose(fast.double(), slow) and torch.allclose(g1.double(), g2, atol=1e-6)
+    row = torch.randn(8)
+    assert torch.isclose(specialization_loss(row.expand(4, 3, 8)), torch.tensor(6.0))  # k(k-1) pairs of 1
+    assert specialization_loss(torch.eye(3).expand(4, 3, 3)).item() == 0.0           # orthogonal rows
+    assert specialization_loss(torch.randn(4, 1, 8)).item() == 0.0                    # k = 1
+
+
+def test_coupling_loss_brute_force_and_known_values():
+    torch.manual_seed(0)
+    probs = [torch.softmax(torch.randn(6, 5, dtype=torch.float64), -1).requires_grad_() for _ in range(3)]
+    fast, slow = coupling_loss(probs, 2), brute_coupling(probs, 2)
+    g1, g2 = torch.autograd.grad(fast, probs), torch.autograd.grad(slow, probs)
+    assert torch.isclose(fast.double(), slow) and all(torch.allclose(a.double(), b) for a, b in zip(g1, g2))
+    L, T, E, k = 4, 10, 8, 2
+    uniform = [torch.full((T, E), 1.0 / E)] * L
+    assert torch.isclose(coupling_loss(uniform, k), torch.tensor(-(L - 1) * (k / E) ** 2))
+    onehot = [torch.nn.functional.one_hot(torch.randint(0, E, (T,)), E).float() for _ in range(L)]
+    assert torch.isclose(coupling_loss(onehot, k), torch.tensor(-(L - 1.0)))
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_regulariser_gradients_reach_the_right_parameters(router):
+    a, b = moe_block(router, seed=0), moe_block(router, seed=1)
+    xa, xb = torch.randn(1, 16, 32, requires_grad=True), torch.randn(1, 16, 32, requires_grad=True)
+    (_, ra), (_, rb) = a(xa), b(xb)
+    coupling_loss([ra.probs, rb.probs], 2).backward(retain_graph=True)
+    for moe in (a, b):
+        assert all(p.grad is None for n, p in moe.named_parameters() if not n.startswith("router"))
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in moe.router.parameters())
+    assert xa.grad.abs().sum() > 0 and xb.grad.abs().sum() > 0
+    for p in [*a.parameters(), xa]:
+        p.grad = None
+    specialization_loss(ra.z).backward()
+    assert a.w_gate.grad.abs().sum() > 0 and a.w_up.grad.abs().sum() > 0 and xa.grad.abs().sum() > 0
+    assert a.w_down.grad is None
+
+
+def test_zero_regulariser_coefficients_train_bit_identically():
+    from losses import load_balancing_loss as lb, z_loss as zl
+    results = []
+    for use_aux_losses in (True, False):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, n_experts=4, top_k=2))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for step in range(5):
+            idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(step))
+            _, ce, routes = model(idx, idx)
+            if use_aux_losses:
+                aux, _ = aux_losses(routes, c_lb=0.01, c_z=1e-3, c_sp=0.0, c_cp=0.0)
+            else:  # the foundation's loss, written out
+                aux = 0.01 * sum(lb(r.probs, r.idx) for r in routes) + 1e-3 * sum(zl(r.logits) for r in routes)
+            (ce + aux).backward()
+            opt.step()
+            opt.zero_grad()
+        results.append(model.state_dict())
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# metrics: the reference values of SPEC section 5
+
+def test_metrics_reference_values():
+    E = 8
+    uniform = load_stats(torch.full((E,), 10.0))
+    assert uniform == {"cv": 0.0, "max_mean": 1.0, "dead": 0}
+    collapse = load_stats(torch.tensor([80.0] + [0.0] * (E - 1)))
+    assert math.isclose(collapse["cv"], math.sqrt(E - 1)) and collapse["max_mean"] == E and collapse["dead"] == E - 1
+    assert math.isclose(nmi(torch.eye(4) * 5), 1.0)                    # identical labelings
+    assert abs(nmi(torch.ones(4, 3))) < 1e-12                           # independent labelings
+    perm = torch.zeros(4, 4)
+    perm[[0, 1, 2, 3], [2, 0, 3, 1]] = 1.0
+    assert math.isclose(nmi(perm), 1.0)                                 # a relabelling
+
+
+def test_routing_stats_on_handmade_routes():
+    from model import Routing
+    T, E, k = 8, 4, 2
+    idx0 = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0]] * 2)
+    idx1 = torch.tensor([[1, 0], [1, 2], [3, 2], [3, 0]] * 2)  # top-1: 0->1, 1->1, 2->3, 3->3
+    uniform = torch.full((T, E), 1.0 / E)
+    z = torch.eye(k, 6).expand(T, k, 6)  # orthogonal intermediates: cos^2 = 0
+    routes = [Routing(uniform.log(), uniform, i, torch.full((T, k), 0.5), torch.zeros(E, dtype=torch.int32)
+                      .scatter_add_(0, i.reshape(-1), torch.ones(T * k, dtype=torch.int32)), z) for i in (idx0, idx1)]
+    stats = RoutingStats()
+    stats.update(routes)
+    m = stats.summary()
+    assert math.isclose(m[0]["entropy_norm"], 1.0, rel_tol=1e-6) and math.isclose(m[0]["topk_mass"], k / E)
+    assert m[0]["cv"] == 0.0 and m[0]["coact_cos2"] == 0.0
+    want = torch.tensor([[0, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1], [0, 0, 0, 1]], dtype=torch.float64)
+    assert torch.equal(stats.transitions()[0], want)
+    assert math.isclose(m[0]["next_cond_entropy"], 0.0, abs_tol=1e-12)  # next layer is determined
+    assert math.isclose(m[0]["next_nmi"], 2 * math.log(2) / (math.log(4) + math.log(2)), rel_tol=1e-5)

@@ -52,8 +52,8 @@ gradient_accumulation_steps = 1
 # MoE losses (coefficients; each term is also logged unscaled)
 c_lb = 0.01                 # load balancing (0 by default for router=ermoe)
 c_z = 1e-3                  # router z-loss (0 by default for router=ermoe)
-c_sp = 0.0                  # specialization loss (Hu et al. 2026, Eq. 4)
-c_cp = 0.0                  # cross-layer coupling loss (Hu et al. 2026, Eq. 7)
+c_sp = 2e-3                 # specialization loss (Hu et al. 2026, Eq. 4); 0 = off
+c_cp = 1e-3                 # cross-layer coupling loss (Hu et al. 2026, Eq. 7); 0 = off
 mu_ortho = 1e-2             # soft orthogonality penalty, only with ermoe_basis='penalty'
 # optimizer: AdamW, linear warmup then cosine decay to min_lr
 learning_rate = 1e-3
