@@ -23,16 +23,24 @@ All terms are computed in fp32.
 
 import torch
 
+# Each loss has two forms: the SPEC section 6 function of the full probabilities (the reference,
+# tested against brute force), and the form of the per-layer statistics the fused routing pass
+# (kernels.py) already produced, which training uses so that p is never materialised.
+
+
+def balance_from_stats(counts, psum, T, k):
+    """L_lb = E * sum_e (count_e / (T*k)) * (psum_e / T); counts (E,) ints, psum (E,) = sum_t p."""
+    E = counts.numel()
+    return E * ((counts.float() / (T * k)) * (psum.float() / T)).sum()  # f_e carries no gradient
+
 
 def load_balancing_loss(probs, idx):
     """probs (T, E) full softmax, idx (T, k) selected experts -> scalar E * sum_e f_e P_e."""
     T, E = probs.shape
-    k = idx.shape[1]
-    counts = torch.zeros(E, device=probs.device, dtype=torch.float32)
-    counts.scatter_add_(0, idx.reshape(-1), torch.ones(idx.numel(), device=probs.device))  # (E,)
-    f = counts / (T * k)                         # fraction of routed slots per expert (no gradient)
-    P = probs.float().mean(dim=0)                # (E,) mean router probability (carries gradient)
-    return E * (f * P).sum()
+    flat = idx.reshape(-1)
+    counts = torch.zeros(E, dtype=torch.int32, device=probs.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))                 # (E,)
+    return balance_from_stats(counts, probs.float().sum(dim=0), T, idx.shape[1])
 
 
 def z_loss(logits):
@@ -56,13 +64,16 @@ def topk_mass(probs, k):
     return probs.float().topk(k, dim=-1).values.sum(dim=-1)
 
 
+def coupling_from_mass(masses):
+    """masses: M^l (T,) of consecutive MoE layers -> -mean_t sum_l M^l_t M^{l+1}_t (0 if L < 2)."""
+    if len(masses) < 2:
+        return torch.zeros(())
+    return -sum(a * b for a, b in zip(masses[:-1], masses[1:])).mean()
+
+
 def coupling_loss(probs_list, k):
     """probs_list: full softmax (T, E) of consecutive MoE layers -> -mean_t sum_l M^l_t M^{l+1}_t."""
-    masses = [topk_mass(p, k) for p in probs_list]                        # L x (T,)
-    if len(masses) < 2:
-        return probs_list[0].new_zeros((), dtype=torch.float32) if probs_list else torch.zeros(())
-    joint = sum(a * b for a, b in zip(masses[:-1], masses[1:]))           # (T,)
-    return -joint.mean()
+    return coupling_from_mass([topk_mass(p, k) for p in probs_list])
 
 
 def aux_losses(routes, c_lb=0.0, c_z=0.0, c_sp=0.0, c_cp=0.0, mu_ortho=0.0):
@@ -73,12 +84,12 @@ def aux_losses(routes, c_lb=0.0, c_z=0.0, c_sp=0.0, c_cp=0.0, mu_ortho=0.0):
     """
     if not routes:
         return torch.zeros(()), {}
-    k = routes[0].idx.shape[1]
+    T, k = routes[0].idx.shape
     terms = {
-        "lb": (c_lb, lambda: sum(load_balancing_loss(r.probs, r.idx) for r in routes)),
-        "z": (c_z, lambda: sum(z_loss(r.logits) for r in routes)),
+        "lb": (c_lb, lambda: sum(balance_from_stats(r.counts, r.psum, T, k) for r in routes)),
+        "z": (c_z, lambda: sum(r.lse.pow(2).mean() for r in routes)),
         "sp": (c_sp, lambda: sum(specialization_loss(r.z) for r in routes)),
-        "cp": (c_cp, lambda: coupling_loss([r.probs for r in routes], k)),
+        "cp": (c_cp, lambda: coupling_from_mass([r.mass for r in routes])),
     }
     if routes[0].penalty is not None:  # ERMoE soft-orthogonality mode
         terms["ortho"] = (mu_ortho, lambda: sum(r.penalty for r in routes))

@@ -72,7 +72,7 @@ class RoutingStats:
     def update(self, routes):
         if not routes:
             return
-        E, k = routes[0].probs.shape[1], routes[0].idx.shape[1]
+        E = routes[0].logits.shape[1]
         if self.layers is None:
             self.layers = [{"counts": torch.zeros(E, dtype=torch.float64), "entropy": 0.0,
                             "mass": 0.0, "cos2": 0.0} for _ in routes]
@@ -81,7 +81,7 @@ class RoutingStats:
         for acc, r in zip(self.layers, routes):
             acc["counts"] += r.counts.double().cpu()
             acc["entropy"] += entropy(r.probs).sum().item()
-            acc["mass"] += r.probs.double().topk(k, dim=-1).values.sum(-1).sum().item()
+            acc["mass"] += r.mass.double().sum().item()
             acc["cos2"] += coactivation_cos2(r.z) * T
         top1 = [r.idx[:, 0].cpu() for r in routes]                     # (T,) per layer
         for joint, a, b in zip(self.pairs, top1[:-1], top1[1:]):

@@ -31,7 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from router import EigenRouter, SoftmaxRouter, select_topk
+from kernels import eigen_route, topk_route
+from router import EigenRouter, SoftmaxRouter
 
 
 @dataclass
@@ -50,6 +51,7 @@ class GPTConfig:
     router: str = "softmax"     # 'softmax' (linear) | 'ermoe' (eigenbasis, router.py)
     gate_renorm: bool = True    # gates = softmax over the k selected logits (else: full-softmax p)
     dispatch: str = "sorted"    # 'sorted' (grouped matmul) | 'naive' (per-expert loop, reference)
+    router_impl: str = "auto"   # top-k routing: 'auto' (triton on CUDA, else torch) | torch | compile | triton
     ermoe_basis: str = "independent"  # 'independent' | 'partitioned' | 'penalty'
     ermoe_rank: int = 0         # r; 0 = n_embd // n_experts (the E bases can tile R^d)
 
@@ -66,6 +68,10 @@ class GPTConfig:
             raise ValueError(f"unknown router '{self.router}' (softmax|ermoe)")
         if self.dispatch not in ("sorted", "naive"):
             raise ValueError(f"unknown dispatch '{self.dispatch}' (sorted|naive)")
+        if self.router_impl not in ("auto", "torch", "compile", "triton"):
+            raise ValueError(f"unknown router_impl '{self.router_impl}' (auto|torch|compile|triton)")
+        if self.router_impl == "triton" and self.top_k > 8:
+            raise ValueError(f"router_impl='triton' supports top_k <= 8, got {self.top_k}")
         if self.ffn_hidden == 0:
             self.ffn_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
         if self.n_experts > 0 and self.expert_hidden == 0:
@@ -77,12 +83,19 @@ class GPTConfig:
 class Routing(NamedTuple):
     """What one MoE layer decided, for the losses and metrics (fp32 except z)."""
     logits: torch.Tensor                    # (T, E) router logits
-    probs: torch.Tensor                     # (T, E) full softmax p
     idx: torch.Tensor                       # (T, k) selected experts, best first
     gates: torch.Tensor                     # (T, k) mixing weights
-    counts: torch.Tensor                    # (E,) tokens routed to each expert
+    counts: torch.Tensor                    # (E,) int32 tokens routed to each expert
+    lse: torch.Tensor                       # (T,) logsumexp of the logits (z-loss)
+    mass: torch.Tensor                      # (T,) top-k mass of the full softmax (coupling loss)
+    psum: torch.Tensor                      # (E,) sum over tokens of the full softmax (balancing loss)
     z: torch.Tensor                         # (T, k, f) SwiGLU intermediates of the selected experts
     penalty: Optional[torch.Tensor] = None  # ERMoE soft-orthogonality penalty ('penalty' basis mode)
+
+    @property
+    def probs(self):
+        """(T, E) full softmax p, materialised only when asked for (metrics, reference losses)."""
+        return self.logits.softmax(dim=-1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,6 +170,7 @@ class MoE(nn.Module):
         super().__init__()
         E, d, f = cfg.n_experts, cfg.n_embd, cfg.expert_hidden
         self.k, self.renorm, self.dispatch = cfg.top_k, cfg.gate_renorm, cfg.dispatch
+        self.impl = cfg.router_impl
         if cfg.router == "ermoe":  # experts read the r basis coordinates, not x (router.py)
             self.router, d_in = EigenRouter(d, E, cfg.ermoe_rank, cfg.ermoe_basis), cfg.ermoe_rank
         else:
@@ -170,18 +184,21 @@ class MoE(nn.Module):
     def forward(self, x):
         B, S, d = x.shape
         x = x.reshape(B * S, d)                                     # (T, d)
-        logits, coords = self.router(x)                             # (T, E) fp32; (T, E, r) or None
-        gates, idx = select_topk(logits, self.k, self.renorm)       # (T, k), (T, k)
-        E = logits.shape[1]
-        flat = idx.reshape(-1)                                      # (T*k,)
-        counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
-            0, flat, torch.ones_like(flat, dtype=torch.int32))      # (E,) on device, no host sync
+        impl = self.impl if self.impl != "auto" else ("triton" if x.is_cuda else "torch")
+        if isinstance(self.router, EigenRouter):
+            u, xnorm = self.router(x)                               # (T, E, r), (T,) fp32
+            logits, r = eigen_route(u.flatten(1), xnorm, self.router.beta(), self.k, u.shape[2],
+                                    impl, self.renorm)              # (T, E) = beta * s, Route
+            coords = u * self.router.lam                            # the experts' inputs
+        else:
+            logits, coords = self.router(x), None                   # (T, E) fp32
+            r = topk_route(logits, self.k, impl, self.renorm)       # kernels.py
         run = self.forward_naive if self.dispatch == "naive" else self.forward_sorted
-        y, z = run(x, coords, idx, gates, counts)                   # (T, d), (T, k, f)
+        y, z = run(x, coords, r.idx, r.gates, r.counts)             # (T, d), (T, k, f)
         if self.shared is not None:
             y = y + self.shared(x)[0]
         penalty = self.router.penalty() if getattr(self.router, "basis", None) == "penalty" else None
-        route = Routing(logits, logits.softmax(dim=-1), idx, gates, counts, z, penalty)
+        route = Routing(logits, r.idx, r.gates, r.counts, r.lse, r.mass, r.psum, z, penalty)
         return self.dropout(y.view(B, S, d)), route
 
     def expert_inputs(self, x, coords, tok, e):

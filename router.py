@@ -49,14 +49,15 @@ def select_topk(logits, k, renormalize=True):
 
 
 class SoftmaxRouter(nn.Module):
-    """a = x W^T in fp32. Returns (logits (T, E), None): the experts take x itself as input."""
+    """a = x W^T, computed in fp32: logits (T, E)."""
 
     def __init__(self, n_embd, n_experts):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(n_experts, n_embd) * 0.02)
 
     def forward(self, x):
-        return F.linear(x.float(), self.weight.float()), None  # (T, E) fp32
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float())  # (T, E) fp32
 
 
 # ------------------------------------------------------------------------------------------------
@@ -77,7 +78,9 @@ def orthonormal(raw):
 
 class EigenRouter(nn.Module):
     """
-    ERMoE router. Returns (logits (T, E) = beta * s, expert inputs (T, E, r) = lambda_e * P_e^T x).
+    ERMoE router. forward(x) returns the basis coordinates u (T, E, r) = P_e^T x and ||x|| (T,);
+    the logits beta * ||u_e|| / ||x|| and the top-k are computed from them in one fused pass
+    (kernels.eigen_route; its reference is eigenbasis_scores above). The experts take lambda * u.
 
     basis modes:
       'independent': each expert its own orthonormal P_e (subspaces may overlap)
@@ -117,12 +120,10 @@ class EigenRouter(nn.Module):
         return self.log_beta.exp().clamp(max=self.beta_max)
 
     def forward(self, x):
-        with torch.autocast(device_type=x.device.type, enabled=False):  # QR and scores in fp32
+        with torch.autocast(device_type=x.device.type, enabled=False):  # QR and coordinates in fp32
             x = x.float()
-            P = self.bases()                                                 # (E, d, r)
-            u = torch.einsum("td,edr->ter", x, P)                            # (T, E, r)
-            s = u.norm(dim=-1) / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)  # (T, E), in [0, 1]
-            return self.beta() * s, u * self.lam                             # (T, E), (T, E, r)
+            u = torch.einsum("td,edr->ter", x, self.bases())                 # (T, E, r)
+            return u, x.norm(dim=-1)                                         # (T, E, r), (T,)
 
     def penalty(self):
         """sum_e ||P_e^T P_e - I||_F^2 (0 in the exact modes, up to rounding)."""

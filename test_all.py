@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from data import gpt2_encoding
+from kernels import eigen_route, topk_route
 from losses import aux_losses, coupling_loss, load_balancing_loss, specialization_loss, z_loss
 from metrics import RoutingStats, load_stats, nmi
 from model import GPT, MLP, GPTConfig, MoE
@@ -286,10 +287,11 @@ def test_ermoe_router_logits_and_partitioned_identity():
     x = torch.randn(20, 32)
     for basis in ("independent", "partitioned", "penalty"):
         router = EigenRouter(32, 4, 8, basis)
-        logits, coords = router(x)
+        u, xnorm = router(x)
         P = router.bases()
+        assert torch.allclose(u, torch.einsum("td,edr->ter", x, P), atol=1e-6)
+        logits, _ = eigen_route(u.flatten(1), xnorm, router.beta(), 2, 8, impl="torch")
         assert torch.allclose(logits, router.beta() * eigenbasis_scores(x, P), atol=1e-5)
-        assert torch.allclose(coords, torch.einsum("td,edr->ter", x, P) * router.lam, atol=1e-5)
         assert router.penalty().item() < 1e-10 and math.isclose(router.beta().item(), 10.0, rel_tol=1e-6)
     router = EigenRouter(32, 4, 8, "partitioned")
     s = eigenbasis_scores(x, router.bases())
@@ -382,7 +384,7 @@ def test_regulariser_gradients_reach_the_right_parameters(router):
 
 
 def test_zero_regulariser_coefficients_train_bit_identically():
-    from losses import load_balancing_loss as lb, z_loss as zl
+    from losses import balance_from_stats
     results = []
     for use_aux_losses in (True, False):
         torch.manual_seed(0)
@@ -394,12 +396,30 @@ def test_zero_regulariser_coefficients_train_bit_identically():
             if use_aux_losses:
                 aux, _ = aux_losses(routes, c_lb=0.01, c_z=1e-3, c_sp=0.0, c_cp=0.0)
             else:  # the foundation's loss, written out
-                aux = 0.01 * sum(lb(r.probs, r.idx) for r in routes) + 1e-3 * sum(zl(r.logits) for r in routes)
+                aux = 0.01 * sum(balance_from_stats(r.counts, r.psum, 32, 2) for r in routes) + \
+                    1e-3 * sum(r.lse.pow(2).mean() for r in routes)
             (ce + aux).backward()
             opt.step()
             opt.zero_grad()
         results.append(model.state_dict())
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_aux_losses_from_fused_stats_equal_the_reference_losses(router):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=64, n_experts=4, top_k=2,
+                          router=router, ermoe_basis="penalty"))
+    idx = torch.randint(0, 64, (2, 16))
+    _, _, routes = model(idx, idx)
+    _, terms = aux_losses(routes)
+    ref = {"lb": sum(load_balancing_loss(r.probs, r.idx) for r in routes),
+           "z": sum(z_loss(r.logits) for r in routes),
+           "sp": sum(specialization_loss(r.z) for r in routes),
+           "cp": coupling_loss([r.probs for r in routes], 2)}
+    for name, value in ref.items():
+        assert torch.isclose(terms[name], value, rtol=1e-5, atol=1e-6), name
+    assert ("ortho" in terms) == (router == "ermoe")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -425,8 +445,11 @@ def test_routing_stats_on_handmade_routes():
     idx1 = torch.tensor([[1, 0], [1, 2], [3, 2], [3, 0]] * 2)  # top-1: 0->1, 1->1, 2->3, 3->3
     uniform = torch.full((T, E), 1.0 / E)
     z = torch.eye(k, 6).expand(T, k, 6)  # orthogonal intermediates: cos^2 = 0
-    routes = [Routing(uniform.log(), uniform, i, torch.full((T, k), 0.5), torch.zeros(E, dtype=torch.int32)
-                      .scatter_add_(0, i.reshape(-1), torch.ones(T * k, dtype=torch.int32)), z) for i in (idx0, idx1)]
+    routes = []
+    for i in (idx0, idx1):
+        counts = torch.zeros(E, dtype=torch.int32).scatter_add_(0, i.reshape(-1), torch.ones(T * k, dtype=torch.int32))
+        routes.append(Routing(uniform.log(), i, torch.full((T, k), 0.5), counts, torch.zeros(T),
+                              torch.full((T,), k / E), uniform.sum(0), z))
     stats = RoutingStats()
     stats.update(routes)
     m = stats.summary()

@@ -1,0 +1,418 @@
+"""
+Fused top-k routing (SPEC section 4): one pass over the router logits gives everything routing and
+the router-side losses need. Three implementations of one function, `topk_route`:
+
+  impl="torch"    plain PyTorch: the test oracle and the version to read in a lecture
+  impl="compile"  the same code under torch.compile (the baseline a user gets for free)
+  impl="triton"   a Triton kernel pair (forward + backward), wrapped as torch.library custom ops
+
+Notation: T tokens, E experts, k experts per token, r ERMoE basis rank; BT/BE/BK/BR block sizes.
+
+Outputs (`Route`): gates (T, k) fp32, idx (T, k) int64 (ties -> lower index), and the statistics
+of the losses in losses.py: lse (T,) = logsumexp_e a (z-loss), mass (T,) = top-k mass of the full
+softmax (coupling loss), counts (E,) int32 and psum (E,) = sum_t p_{t,e} (load balancing).
+An ERMoE variant (`eigen_route`) also fuses the eigenbasis score s = ||u_e|| / ||x|| and a = beta*s
+into the same pass (u = x P: the basis coordinates, which the experts reuse as their input).
+
+Design notes
+- One program handles BT rows; the whole row of E logits (padded to a power of two BE <= 256)
+  sits in registers, so a row's max, logsumexp, softmax and k arg-max passes never touch memory
+  again. Top-k is k rounds of "max, then the lowest column holding it, then mask it out": exact
+  tie-breaking, and k <= 8 rounds of register work is cheaper than a sort.
+- Per-expert counts and sum_t p are written as per-block partial rows and summed by torch: no
+  atomics, so the result is deterministic run to run (float atomics are not).
+- Backward recomputes p from the logits and the saved lse (one more read of a[T, E]) instead of
+  saving p: memory traffic is the whole cost of this op, and p would be as large as a.
+- The custom ops have fake (meta) implementations, and their derivative is registered with
+  torch.library.register_autograd (the custom-op form of an autograd.Function), so
+  torch.compile(fullgraph=True) traces a model through them without a graph break.
+- The math is fp32 whatever the input dtype (bf16 logits are upcast in registers).
+"""
+
+from typing import NamedTuple
+
+import torch
+
+from router import select_topk
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs without triton still get impl="torch" / "compile"
+    triton = None
+
+
+class Route(NamedTuple):
+    gates: torch.Tensor   # (T, k) fp32 mixing weights
+    idx: torch.Tensor     # (T, k) int64 selected experts, best first
+    lse: torch.Tensor     # (T,) logsumexp of the logits
+    mass: torch.Tensor    # (T,) sum of the full-softmax probabilities of the selected experts
+    counts: torch.Tensor  # (E,) int32 tokens per expert
+    psum: torch.Tensor    # (E,) sum over tokens of the full-softmax probabilities
+
+
+# ------------------------------------------------------------------------------------------------
+# the PyTorch reference
+
+def route_reference(logits, k, renormalize=True):
+    a = logits.float()                                              # (T, E) router math in fp32
+    lse = a.logsumexp(dim=-1)                                       # (T,)
+    p = (a - lse[:, None]).exp()                                    # (T, E) full softmax
+    gates, idx = select_topk(a, k, renormalize)                     # (T, k), (T, k)
+    mass = p.gather(1, idx).sum(dim=-1)                             # (T,)
+    flat = idx.reshape(-1)
+    counts = torch.zeros(a.shape[1], dtype=torch.int32, device=a.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))          # (E,)
+    return Route(gates, idx, lse, mass, counts, p.sum(dim=0))
+
+
+def eigen_logits_reference(u, xnorm, beta, r):
+    """a = beta * ||u_e|| / ||x||, u (T, E*r) coordinates, xnorm (T,) -> (T, E) fp32."""
+    s = u.float().unflatten(1, (-1, r)).norm(dim=-1) / xnorm.float().clamp_min(1e-6)[:, None]
+    return beta.float() * s
+
+
+_compiled_reference = None
+
+
+def _compiled(logits, k, renormalize):
+    global _compiled_reference
+    if _compiled_reference is None:
+        _compiled_reference = torch.compile(route_reference, fullgraph=True, dynamic=False)
+    return _compiled_reference(logits, k, renormalize)
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _route_tile(a, rows, rmask, cols, pid, E, gates_ptr, idx_ptr, lse_ptr, mass_ptr, counts_ptr, psum_ptr,
+                    K: tl.constexpr, RENORM: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
+        """Route one tile of logits a (BT, BE) fp32, padded columns at -inf; store all outputs."""
+        m = tl.max(a, axis=1)                                       # (BT,) row max
+        e = tl.exp(a - m[:, None])
+        s = tl.sum(e, axis=1)
+        p = e / s[:, None]                                          # (BT, BE) full softmax
+        kcols = tl.arange(0, BK)
+        work = a
+        g = tl.zeros((BT, BK), tl.float32)                          # selected exp(a - m)
+        ix = tl.zeros((BT, BK), tl.int32)                           # selected experts
+        hits = tl.zeros((BT, BE), tl.int32)                         # one-hot selections
+        for j in tl.static_range(K):
+            vmax = tl.max(work, axis=1)                             # (BT,)
+            cand = tl.where(work == vmax[:, None], cols[None, :], 1 << 30)
+            ij = tl.min(cand, axis=1)                               # lowest column holding the max
+            hit = cols[None, :] == ij[:, None]                      # (BT, BE)
+            work = tl.where(hit, -float("inf"), work)
+            g = tl.where(kcols[None, :] == j, tl.exp(vmax - m)[:, None], g)
+            ix = tl.where(kcols[None, :] == j, ij[:, None], ix)
+            hits += hit.to(tl.int32)
+        gsum = tl.sum(g, axis=1)                                    # (BT,)
+        if RENORM:
+            gates = g / gsum[:, None]                               # softmax over the selected
+        else:
+            gates = g / s[:, None]                                  # p at the selected
+        kmask = rmask[:, None] & (kcols[None, :] < K)
+        tl.store(gates_ptr + rows[:, None] * K + kcols[None, :], gates, mask=kmask)
+        tl.store(idx_ptr + rows[:, None] * K + kcols[None, :], ix.to(tl.int64), mask=kmask)
+        tl.store(lse_ptr + rows, m + tl.log(s), mask=rmask)
+        tl.store(mass_ptr + rows, gsum / s, mask=rmask)
+        cmask = cols < E
+        hits = tl.where(rmask[:, None], hits, 0)
+        tl.store(counts_ptr + pid * E + cols, tl.sum(hits, axis=0), mask=cmask)
+        tl.store(psum_ptr + pid * E + cols, tl.sum(tl.where(rmask[:, None], p, 0.0), axis=0), mask=cmask)
+
+    @triton.jit
+    def _route_grad_tile(a, rows, rmask, cols, lse_ptr, idx_ptr, gates_ptr, dg_ptr, dlse_ptr, dmass_ptr,
+                         dpsum_ptr, E, K: tl.constexpr, RENORM: tl.constexpr, BT: tl.constexpr,
+                         BE: tl.constexpr, BK: tl.constexpr):
+        """d(loss)/d(a) for one tile (BT, BE), from the gradients of gates, lse, mass and psum."""
+        kcols = tl.arange(0, BK)
+        kmask = rmask[:, None] & (kcols[None, :] < K)
+        lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+        p = tl.exp(a - lse[:, None])                                # (BT, BE), 0 at padding
+        ix = tl.load(idx_ptr + rows[:, None] * K + kcols[None, :], mask=kmask, other=-1).to(tl.int32)
+        g = tl.load(gates_ptr + rows[:, None] * K + kcols[None, :], mask=kmask, other=0.0)
+        dg = tl.load(dg_ptr + rows[:, None] * K + kcols[None, :], mask=kmask, other=0.0)
+        dlse = tl.load(dlse_ptr + rows, mask=rmask, other=0.0)
+        dmass = tl.load(dmass_ptr + rows, mask=rmask, other=0.0)
+        dpsum = tl.load(dpsum_ptr + cols, mask=cols < E, other=0.0)
+        sel = tl.zeros((BT, BE), tl.float32)                        # 1 at the selected experts
+        dsel = tl.zeros((BT, BE), tl.float32)                       # gate gradient at the selected
+        gdg = tl.sum(g * dg, axis=1)                                # (BT,)
+        for j in tl.static_range(K):
+            ij = tl.sum(tl.where(kcols[None, :] == j, ix, 0), axis=1)
+            gj = tl.sum(tl.where(kcols[None, :] == j, g, 0.0), axis=1)
+            dgj = tl.sum(tl.where(kcols[None, :] == j, dg, 0.0), axis=1)
+            hit = cols[None, :] == ij[:, None]
+            sel = tl.where(hit, 1.0, sel)
+            if RENORM:  # gates = softmax over the selected logits: d a_j = g_j (dg_j - <g, dg>)
+                dsel = tl.where(hit, (gj * (dgj - gdg))[:, None], dsel)
+            else:
+                dsel = tl.where(hit, dgj[:, None], dsel)
+        dp = dpsum[None, :] + dmass[:, None] * sel                  # gradient w.r.t. p
+        if not RENORM:
+            dp += dsel                                              # gates = p at the selection
+        da = p * (dp - tl.sum(p * dp, axis=1)[:, None]) + dlse[:, None] * p
+        if RENORM:
+            da += dsel
+        return da
+
+    @triton.jit
+    def _route_fwd_kernel(a_ptr, stride, T, E, gates_ptr, idx_ptr, lse_ptr, mass_ptr, counts_ptr, psum_ptr,
+                          K: tl.constexpr, RENORM: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
+                          BK: tl.constexpr):
+        pid = tl.program_id(0)
+        rows = pid * BT + tl.arange(0, BT)
+        cols = tl.arange(0, BE)
+        rmask = rows < T
+        a = tl.load(a_ptr + rows[:, None] * stride + cols[None, :], mask=rmask[:, None] & (cols[None, :] < E),
+                    other=-float("inf")).to(tl.float32)
+        a = tl.where(rmask[:, None], a, 0.0)                        # rows past T: finite, never stored
+        _route_tile(a, rows, rmask, cols, pid, E, gates_ptr, idx_ptr, lse_ptr, mass_ptr, counts_ptr, psum_ptr,
+                    K, RENORM, BT, BE, BK)
+
+    @triton.jit
+    def _route_bwd_kernel(a_ptr, stride, T, E, lse_ptr, idx_ptr, gates_ptr, dg_ptr, dlse_ptr, dmass_ptr,
+                          dpsum_ptr, da_ptr, K: tl.constexpr, RENORM: tl.constexpr, BT: tl.constexpr,
+                          BE: tl.constexpr, BK: tl.constexpr):
+        pid = tl.program_id(0)
+        rows = pid * BT + tl.arange(0, BT)
+        cols = tl.arange(0, BE)
+        rmask = rows < T
+        mask = rmask[:, None] & (cols[None, :] < E)
+        a = tl.load(a_ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=-float("inf")).to(tl.float32)
+        da = _route_grad_tile(a, rows, rmask, cols, lse_ptr, idx_ptr, gates_ptr, dg_ptr, dlse_ptr, dmass_ptr,
+                              dpsum_ptr, E, K, RENORM, BT, BE, BK)
+        tl.store(da_ptr + rows[:, None] * E + cols[None, :], da, mask=mask)
+
+    @triton.jit
+    def _eigen_logits_tile(u_ptr, xn_ptr, beta, rows, rmask, cols, E, R, BR: tl.constexpr):
+        """a = beta * ||u_e|| / ||x|| for one tile: u rows (BT, E*R) read as (BT, BE, BR)."""
+        rr = tl.arange(0, BR)
+        offs = rows[:, None, None] * (E * R) + cols[None, :, None] * R + rr[None, None, :]
+        m3 = rmask[:, None, None] & (cols[None, :, None] < E) & (rr[None, None, :] < R)
+        u = tl.load(u_ptr + offs, mask=m3, other=0.0).to(tl.float32)  # (BT, BE, BR)
+        unorm = tl.sqrt(tl.sum(u * u, axis=2))                        # (BT, BE)
+        xn = tl.maximum(tl.load(xn_ptr + rows, mask=rmask, other=1.0).to(tl.float32), 1e-6)
+        s = unorm / xn[:, None]
+        return u, unorm, xn, s, offs, m3
+
+    @triton.jit
+    def _eigen_fwd_kernel(u_ptr, xn_ptr, beta_ptr, T, E, R, logits_ptr, gates_ptr, idx_ptr, lse_ptr, mass_ptr,
+                          counts_ptr, psum_ptr, K: tl.constexpr, RENORM: tl.constexpr, BT: tl.constexpr,
+                          BE: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+        pid = tl.program_id(0)
+        rows = pid * BT + tl.arange(0, BT)
+        cols = tl.arange(0, BE)
+        rmask = rows < T
+        beta = tl.load(beta_ptr).to(tl.float32)
+        _, _, _, s, _, _ = _eigen_logits_tile(u_ptr, xn_ptr, beta, rows, rmask, cols, E, R, BR)
+        a = tl.where(cols[None, :] < E, beta * s, -float("inf"))
+        tl.store(logits_ptr + rows[:, None] * E + cols[None, :], a, mask=rmask[:, None] & (cols[None, :] < E))
+        _route_tile(a, rows, rmask, cols, pid, E, gates_ptr, idx_ptr, lse_ptr, mass_ptr, counts_ptr, psum_ptr,
+                    K, RENORM, BT, BE, BK)
+
+    @triton.jit
+    def _eigen_bwd_kernel(u_ptr, xn_ptr, beta_ptr, T, E, R, lse_ptr, idx_ptr, gates_ptr, dg_ptr, dlse_ptr,
+                          dmass_ptr, dpsum_ptr, dlogits_ptr, du_ptr, dxn_ptr, dbeta_ptr,
+                          K: tl.constexpr, RENORM: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
+                          BK: tl.constexpr, BR: tl.constexpr):
+        pid = tl.program_id(0)
+        rows = pid * BT + tl.arange(0, BT)
+        cols = tl.arange(0, BE)
+        rmask = rows < T
+        mask = rmask[:, None] & (cols[None, :] < E)
+        beta = tl.load(beta_ptr).to(tl.float32)
+        u, unorm, xn, s, offs, m3 = _eigen_logits_tile(u_ptr, xn_ptr, beta, rows, rmask, cols, E, R, BR)
+        a = tl.where(cols[None, :] < E, beta * s, -float("inf"))
+        da = _route_grad_tile(a, rows, rmask, cols, lse_ptr, idx_ptr, gates_ptr, dg_ptr, dlse_ptr, dmass_ptr,
+                              dpsum_ptr, E, K, RENORM, BT, BE, BK)
+        da += tl.load(dlogits_ptr + rows[:, None] * E + cols[None, :], mask=mask, other=0.0)
+        da = tl.where(mask, da, 0.0)
+        ds = beta * da                                              # (BT, BE)
+        # s = ||u_e|| / ||x||: ds/du = u / (||u_e|| ||x||), ds/d||x|| = -s / ||x||
+        coef = tl.where(unorm > 0, ds / (tl.maximum(unorm, 1e-30) * xn[:, None]), 0.0)
+        tl.store(du_ptr + offs, coef[:, :, None] * u, mask=m3)
+        tl.store(dxn_ptr + rows, -tl.sum(ds * s, axis=1) / xn, mask=rmask)
+        tl.store(dbeta_ptr + pid, tl.sum(tl.sum(da * s, axis=1), axis=0))
+
+
+def _blocks(E, k, r=1):
+    BE, BK, BR = triton.next_power_of_2(E), triton.next_power_of_2(k), triton.next_power_of_2(r)
+    BT = max(1, min(64, 8192 // (BE * BR)))  # keep a tile at <= 8k fp32 values per program
+    return BT, BE, BK, BR
+
+
+def _outputs(T, E, k, n_blocks, device):
+    f32 = dict(dtype=torch.float32, device=device)
+    return (torch.empty(T, k, **f32), torch.empty(T, k, dtype=torch.int64, device=device),
+            torch.empty(T, **f32), torch.empty(T, **f32),
+            torch.empty(n_blocks, E, dtype=torch.int32, device=device), torch.empty(n_blocks, E, **f32))
+
+
+@torch.library.custom_op("nanomoe::route", mutates_args=())
+def _route_op(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    logits = logits.contiguous()
+    T, E = logits.shape
+    BT, BE, BK, _ = _blocks(E, k)
+    n = triton.cdiv(T, BT)
+    gates, idx, lse, mass, counts, psum = _outputs(T, E, k, n, logits.device)
+    _route_fwd_kernel[(n,)](logits, logits.stride(0), T, E, gates, idx, lse, mass, counts, psum,
+                            K=k, RENORM=renormalize, BT=BT, BE=BE, BK=BK)
+    return gates, idx, lse, mass, counts.sum(0, dtype=torch.int32), psum.sum(0)
+
+
+@_route_op.register_fake
+def _(logits, k, renormalize):
+    T, E = logits.shape
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    return (logits.new_empty(T, k, **f32), logits.new_empty(T, k, dtype=torch.int64), logits.new_empty(T, **f32),
+            logits.new_empty(T, **f32), logits.new_empty(E, dtype=torch.int32), logits.new_empty(E, **f32))
+
+
+@torch.library.custom_op("nanomoe::route_backward", mutates_args=())
+def _route_bwd_op(logits: torch.Tensor, lse: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor,
+                  d_gates: torch.Tensor, d_lse: torch.Tensor, d_mass: torch.Tensor, d_psum: torch.Tensor,
+                  renormalize: bool) -> torch.Tensor:
+    logits = logits.contiguous()
+    T, E = logits.shape
+    k = idx.shape[1]
+    BT, BE, BK, _ = _blocks(E, k)
+    da = torch.empty(T, E, dtype=torch.float32, device=logits.device)
+    _route_bwd_kernel[(triton.cdiv(T, BT),)](logits, logits.stride(0), T, E, lse, idx, gates,
+                                             d_gates.contiguous(), d_lse.contiguous(), d_mass.contiguous(),
+                                             d_psum.contiguous(), da, K=k, RENORM=renormalize, BT=BT, BE=BE, BK=BK)
+    return da
+
+
+@_route_bwd_op.register_fake
+def _(logits, lse, idx, gates, d_gates, d_lse, d_mass, d_psum, renormalize):
+    return torch.empty_like(logits, dtype=torch.float32)
+
+
+def _zeros_if_none(grad, like):
+    return torch.zeros_like(like) if grad is None else grad.float()
+
+
+def _route_setup(ctx, inputs, output):
+    logits, k, renormalize = inputs
+    gates, idx, lse = output[:3]
+    ctx.save_for_backward(logits, lse, idx, gates)
+    ctx.renormalize = renormalize
+
+
+def _route_backward(ctx, d_gates, d_idx, d_lse, d_mass, d_counts, d_psum):
+    logits, lse, idx, gates = ctx.saved_tensors
+    E = logits.shape[1]
+    da = _route_bwd_op(logits, lse, idx, gates, _zeros_if_none(d_gates, gates), _zeros_if_none(d_lse, lse),
+                       _zeros_if_none(d_mass, lse), _zeros_if_none(d_psum, lse.new_empty(E)), ctx.renormalize)
+    return da.to(logits.dtype), None, None
+
+
+torch.library.register_autograd("nanomoe::route", _route_backward, setup_context=_route_setup)
+
+
+@torch.library.custom_op("nanomoe::eigen_route", mutates_args=())
+def _eigen_op(u: torch.Tensor, xnorm: torch.Tensor, beta: torch.Tensor, k: int, r: int,
+              renormalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor, torch.Tensor, torch.Tensor]:
+    u, xnorm = u.contiguous(), xnorm.contiguous()
+    T, E = u.shape[0], u.shape[1] // r
+    BT, BE, BK, BR = _blocks(E, k, r)
+    n = triton.cdiv(T, BT)
+    logits = torch.empty(T, E, dtype=torch.float32, device=u.device)
+    gates, idx, lse, mass, counts, psum = _outputs(T, E, k, n, u.device)
+    _eigen_fwd_kernel[(n,)](u, xnorm, beta, T, E, r, logits, gates, idx, lse, mass, counts, psum,
+                            K=k, RENORM=renormalize, BT=BT, BE=BE, BK=BK, BR=BR)
+    return logits, gates, idx, lse, mass, counts.sum(0, dtype=torch.int32), psum.sum(0)
+
+
+@_eigen_op.register_fake
+def _(u, xnorm, beta, k, r, renormalize):
+    T, E = u.shape[0], u.shape[1] // r
+    f32 = dict(dtype=torch.float32)
+    return (u.new_empty(T, E, **f32), u.new_empty(T, k, **f32), u.new_empty(T, k, dtype=torch.int64),
+            u.new_empty(T, **f32), u.new_empty(T, **f32), u.new_empty(E, dtype=torch.int32), u.new_empty(E, **f32))
+
+
+@torch.library.custom_op("nanomoe::eigen_route_backward", mutates_args=())
+def _eigen_bwd_op(u: torch.Tensor, xnorm: torch.Tensor, beta: torch.Tensor, lse: torch.Tensor, idx: torch.Tensor,
+                  gates: torch.Tensor, d_logits: torch.Tensor, d_gates: torch.Tensor, d_lse: torch.Tensor,
+                  d_mass: torch.Tensor, d_psum: torch.Tensor, renormalize: bool) -> tuple[
+                      torch.Tensor, torch.Tensor, torch.Tensor]:
+    u, xnorm = u.contiguous(), xnorm.contiguous()
+    T, k = idx.shape
+    E = d_psum.shape[0]
+    r = u.shape[1] // E
+    BT, BE, BK, BR = _blocks(E, k, r)
+    n = triton.cdiv(T, BT)
+    du = torch.empty(u.shape, dtype=torch.float32, device=u.device)
+    dxn = torch.empty(T, dtype=torch.float32, device=u.device)
+    dbeta = torch.empty(n, dtype=torch.float32, device=u.device)
+    _eigen_bwd_kernel[(n,)](u, xnorm, beta, T, E, r, lse, idx, gates, d_gates.contiguous(), d_lse.contiguous(),
+                            d_mass.contiguous(), d_psum.contiguous(), d_logits.contiguous(), du, dxn, dbeta,
+                            K=k, RENORM=renormalize, BT=BT, BE=BE, BK=BK, BR=BR)
+    return du, dxn, dbeta.sum()
+
+
+@_eigen_bwd_op.register_fake
+def _(u, xnorm, beta, lse, idx, gates, d_logits, d_gates, d_lse, d_mass, d_psum, renormalize):
+    return (torch.empty_like(u, dtype=torch.float32), torch.empty_like(xnorm, dtype=torch.float32),
+            beta.new_empty((), dtype=torch.float32))
+
+
+def _eigen_setup(ctx, inputs, output):
+    u, xnorm, beta, k, r, renormalize = inputs
+    logits, gates, idx, lse = output[:4]
+    ctx.save_for_backward(u, xnorm, beta, lse, idx, gates)
+    ctx.renormalize, ctx.E = renormalize, logits.shape[1]
+
+
+def _eigen_backward(ctx, d_logits, d_gates, d_idx, d_lse, d_mass, d_counts, d_psum):
+    u, xnorm, beta, lse, idx, gates = ctx.saved_tensors
+    T = u.shape[0]
+    du, dxn, dbeta = _eigen_bwd_op(
+        u, xnorm, beta, lse, idx, gates, _zeros_if_none(d_logits, lse.new_empty(T, ctx.E)),
+        _zeros_if_none(d_gates, gates), _zeros_if_none(d_lse, lse), _zeros_if_none(d_mass, lse),
+        _zeros_if_none(d_psum, lse.new_empty(ctx.E)), ctx.renormalize)
+    return du.to(u.dtype), dxn.to(xnorm.dtype), dbeta.to(beta.dtype).reshape(beta.shape), None, None, None
+
+
+torch.library.register_autograd("nanomoe::eigen_route", _eigen_backward, setup_context=_eigen_setup)
+
+
+# ------------------------------------------------------------------------------------------------
+# public entry points
+
+IMPLS = ("torch", "compile", "triton")
+
+
+def topk_route(logits, k, impl="triton", renormalize=True):
+    """logits (T, E) -> Route(gates, idx, lse, mass, counts, psum); the same for every impl."""
+    T, E = logits.shape
+    if not 1 <= k <= min(E, 8 if impl == "triton" else E):
+        raise ValueError(f"need 1 <= k <= E (and k <= 8 for triton), got k={k}, E={E}")
+    if impl == "torch":
+        return route_reference(logits, k, renormalize)
+    if impl == "compile":
+        return Route(*_compiled(logits, k, renormalize))
+    if impl == "triton":
+        if triton is None or E > 256:
+            raise ValueError("impl='triton' needs triton installed and E <= 256")
+        return Route(*_route_op(logits, k, renormalize))
+    raise ValueError(f"unknown impl '{impl}' ({'|'.join(IMPLS)})")
+
+
+def eigen_route(u, xnorm, beta, k, r, impl="triton", renormalize=True):
+    """ERMoE: coordinates u (T, E*r), ||x|| (T,), beta () -> (logits (T, E), Route)."""
+    if impl == "triton":
+        if triton is None:
+            raise ValueError("impl='triton' needs triton installed")
+        logits, *rest = _eigen_op(u, xnorm, beta, k, r, renormalize)
+        return logits, Route(*rest)
+    logits = eigen_logits_reference(u, xnorm, beta, r)
+    return logits, topk_route(logits, k, impl, renormalize)
