@@ -55,7 +55,7 @@ class Route(NamedTuple):
 # the PyTorch reference
 
 def route_reference(logits, k, renormalize=True):
-    a = logits.float()                                              # (T, E) router math in fp32
+    a = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (T, E) fp32 (fp64 kept for gradcheck)
     lse = a.logsumexp(dim=-1)                                       # (T,)
     p = (a - lse[:, None]).exp()                                    # (T, E) full softmax
     gates, idx = select_topk(a, k, renormalize)                     # (T, k), (T, k)

@@ -1,7 +1,9 @@
 """
 Tests: routing invariants (SPEC section 1), dispatch paths against each other, losses and metrics
 against brute force and known values, the ERMoE router's geometry, and train.py end to end
-(falling loss, exact resume, clear errors, DDP). Run: python -m pytest test_all.py
+(falling loss, exact resume, clear errors, DDP), and the fused routing kernels against their PyTorch
+reference (Triton runs in its CPU interpreter when there is no GPU).
+Run: python -m pytest test_all.py
 """
 
 import itertools
@@ -13,6 +15,9 @@ import sys
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # run the Triton kernels in the interpreter, on CPU tensors
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from data import gpt2_encoding
 from kernels import eigen_route, topk_route
@@ -459,3 +464,127 @@ def test_routing_stats_on_handmade_routes():
     assert torch.equal(stats.transitions()[0], want)
     assert math.isclose(m[0]["next_cond_entropy"], 0.0, abs_tol=1e-12)  # next layer is determined
     assert math.isclose(m[0]["next_nmi"], 2 * math.log(2) / (math.log(4) + math.log(2)), rel_tol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# fused routing kernels (kernels.py): Triton == PyTorch reference, forward and backward
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def route_loss(route, T, E, k, extra=None):
+    """A loss that sends a random gradient into every differentiable output of the routing."""
+    g = torch.Generator().manual_seed(123)
+    w = [torch.randn(*shape, generator=g).to(DEVICE) for shape in ((T, k), (T,), (T,), (E,))]
+    loss = sum((out * wi).sum() for out, wi in zip((route.gates, route.lse, route.mass, route.psum), w))
+    return loss if extra is None else loss + (extra * torch.randn(extra.shape, generator=g).to(DEVICE)).sum()
+
+
+@pytest.mark.parametrize("T, E, k, renorm, dtype", [
+    (37, 8, 2, True, torch.float32), (50, 6, 3, False, torch.float32), (20, 5, 5, True, torch.float32),
+    (33, 64, 8, True, torch.float32), (10, 3, 1, True, torch.float32), (9, 256, 8, False, torch.float32),
+    (40, 8, 2, True, torch.bfloat16), (24, 12, 4, False, torch.bfloat16),
+])
+def test_triton_route_equals_reference(T, E, k, renorm, dtype):
+    torch.manual_seed(0)
+    logits = torch.randn(T, E).to(dtype)
+    logits[0] = 1.0                                     # a row of exact ties
+    logits[1, : min(E, 3)] = 2.0                        # ties among the top
+    logits[2] = torch.randint(0, 2, (E,)).to(dtype)     # many ties
+    logits = logits.to(DEVICE)
+    results = []
+    for impl in ("torch", "triton"):
+        a = logits.clone().requires_grad_(True)
+        route = topk_route(a, k, impl, renorm)
+        route_loss(route, T, E, k).backward()
+        results.append((route, a.grad))
+    (r1, g1), (r2, g2) = results
+    assert torch.equal(r1.idx, r2.idx) and torch.equal(r1.counts, r2.counts)
+    assert r2.gates.dtype == torch.float32 and r2.idx.dtype == torch.int64
+    for name in ("gates", "lse", "mass", "psum"):
+        assert torch.allclose(getattr(r1, name), getattr(r2, name), rtol=1e-5, atol=1e-5), name
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    assert g2.dtype == dtype and torch.allclose(g1.float(), g2.float(), **tol)
+
+
+def test_triton_eigen_route_equals_reference():
+    from router import orthonormal
+    torch.manual_seed(0)
+    T, E, r, d = 29, 6, 5, 32
+    x = torch.randn(T, d)
+    P = orthonormal(torch.randn(E, d, r))
+    inputs = (torch.einsum("td,edr->ter", x, P).flatten(1), x.norm(dim=-1), torch.tensor(10.0))
+    results = []
+    for impl in ("torch", "triton"):
+        u, xn, beta = (t.clone().to(DEVICE).requires_grad_(True) for t in inputs)
+        logits, route = eigen_route(u, xn, beta, 2, r, impl)
+        route_loss(route, T, E, 2, extra=logits).backward()
+        results.append((logits, route, u.grad, xn.grad, beta.grad))
+    (l1, r1, *g1), (l2, r2, *g2) = results
+    assert torch.allclose(l1, l2, atol=1e-5) and torch.equal(r1.idx, r2.idx)
+    assert torch.allclose(l1, 10.0 * eigenbasis_scores(x, P).to(DEVICE), atol=1e-4)
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_route_reference_gradcheck():
+    from kernels import route_reference
+    torch.manual_seed(0)
+    logits = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    for renorm in (True, False):
+        def fn(a):
+            r = route_reference(a, 2, renorm)
+            return r.gates, r.lse, r.mass, r.psum
+        assert torch.autograd.gradcheck(fn, (logits,))
+
+
+def test_compile_impl_equals_reference():
+    torch.manual_seed(0)
+    logits = torch.randn(16, 8)
+    a, b = topk_route(logits, 2, "torch"), topk_route(logits, 2, "compile")
+    assert torch.equal(a.idx, b.idx) and torch.allclose(a.gates, b.gates, atol=1e-6)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_model_with_triton_routing_equals_torch_routing(router):
+    blocks = [moe_block(router, router_impl=impl, n_experts=6, top_k=3) for impl in ("torch", "triton")]
+    blocks[1].load_state_dict(blocks[0].state_dict())
+    x = torch.randn(2, 16, 32)
+    outs = []
+    for moe in blocks:
+        xi = x.clone().requires_grad_(True)
+        y, r = moe(xi)
+        _, terms = aux_losses([r, r], c_lb=0.01, c_z=1e-3, c_sp=1e-2, c_cp=1e-2)
+        ((y ** 2).sum() + sum(terms.values())).backward()
+        outs.append((y, xi.grad, [p.grad for p in moe.parameters()]))
+    (y1, gx1, gp1), (y2, gx2, gp2) = outs
+    assert torch.allclose(y1, y2, atol=1e-5) and torch.allclose(gx1, gx2, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(gp1, gp2))
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_no_graph_break_through_moe_with_the_custom_op(router):
+    import torch._dynamo
+    torch._dynamo.reset()
+    moe = moe_block(router, router_impl="triton").to(torch.bfloat16)  # grouped_mm traces in bf16
+    explanation = torch._dynamo.explain(moe)(torch.randn(2, 8, 32, dtype=torch.bfloat16))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_whole_model_compiles_fullgraph_forward_and_backward(router):
+    import torch._dynamo
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, n_experts=4, top_k=2,
+                          router=router, router_impl="triton")).to(torch.bfloat16)
+
+    def step(idx):
+        _, ce, routes = model(idx, idx)
+        aux, _ = aux_losses(routes, c_lb=0.01, c_z=1e-3, c_sp=2e-3, c_cp=1e-3)
+        return ce + aux
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # traces forward and backward
+    idx = torch.randint(0, 64, (2, 16))
+    compiled(idx).backward()
+    assert all(p.grad is not None for p in model.parameters())
