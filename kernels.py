@@ -282,7 +282,7 @@ def _route_bwd_op(logits: torch.Tensor, lse: torch.Tensor, idx: torch.Tensor, ga
     T, E = logits.shape
     k = idx.shape[1]
     BT, BE, BK, _ = _blocks(E, k)
-    da = torch.empty(T, E, dtype=torch.float32, device=logits.device)
+    da = torch.empty(T, E, dtype=logits.dtype, device=logits.device)  # stored in the input dtype
     _route_bwd_kernel[(triton.cdiv(T, BT),)](logits, logits.stride(0), T, E, lse, idx, gates,
                                              d_gates.contiguous(), d_lse.contiguous(), d_mass.contiguous(),
                                              d_psum.contiguous(), da, K=k, RENORM=renormalize, BT=BT, BE=BE, BK=BK)
@@ -291,7 +291,7 @@ def _route_bwd_op(logits: torch.Tensor, lse: torch.Tensor, idx: torch.Tensor, ga
 
 @_route_bwd_op.register_fake
 def _(logits, lse, idx, gates, d_gates, d_lse, d_mass, d_psum, renormalize):
-    return torch.empty_like(logits, dtype=torch.float32)
+    return torch.empty_like(logits)
 
 
 def _zeros_if_none(grad, like):
@@ -310,7 +310,7 @@ def _route_backward(ctx, d_gates, d_idx, d_lse, d_mass, d_counts, d_psum):
     E = logits.shape[1]
     da = _route_bwd_op(logits, lse, idx, gates, _zeros_if_none(d_gates, gates), _zeros_if_none(d_lse, lse),
                        _zeros_if_none(d_mass, lse), _zeros_if_none(d_psum, lse.new_empty(E)), ctx.renormalize)
-    return da.to(logits.dtype), None, None
+    return da, None, None
 
 
 torch.library.register_autograd("nanomoe::route", _route_backward, setup_context=_route_setup)

@@ -76,11 +76,11 @@ def coupling_loss(probs_list, k):
     return coupling_from_mass([topk_mass(p, k) for p in probs_list])
 
 
-def aux_losses(routes, c_lb=0.0, c_z=0.0, c_sp=0.0, c_cp=0.0, mu_ortho=0.0):
+def aux_losses(routes, c_lb=0.0, c_z=0.0, c_sp=0.0, c_cp=0.0, mu_ortho=0.0, all_terms=True):
     """
     routes: one `Routing` per MoE layer (model.py). Returns (total, terms): total is the scalar
     sum of coefficient * term; terms maps each name to its unscaled value (a tensor). A term whose
-    coefficient is 0 is computed for logging only, without autograd graph, so it costs no backward.
+    coefficient is 0 is computed only if all_terms (for the log), and then without autograd graph.
     """
     if not routes:
         return torch.zeros(()), {}
@@ -95,6 +95,8 @@ def aux_losses(routes, c_lb=0.0, c_z=0.0, c_sp=0.0, c_cp=0.0, mu_ortho=0.0):
         terms["ortho"] = (mu_ortho, lambda: sum(r.penalty for r in routes))
     total, values = routes[0].logits.new_zeros(()), {}
     for name, (coef, fn) in terms.items():
+        if coef == 0.0 and not all_terms:
+            continue
         with torch.set_grad_enabled(torch.is_grad_enabled() and coef != 0.0):
             values[name] = fn()
         if coef != 0.0:

@@ -588,3 +588,11 @@ def test_whole_model_compiles_fullgraph_forward_and_backward(router):
     idx = torch.randint(0, 64, (2, 16))
     compiled(idx).backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("args", [[], ["--losses", "--steps=1"]])
+def test_bench_smoke_runs(args):
+    res = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), *args], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert ("vs compile" in res.stdout) if not args else ("overhead" in res.stdout)

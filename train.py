@@ -309,7 +309,8 @@ def main(argv):
                 model.require_backward_grad_sync = micro == cfg["gradient_accumulation_steps"] - 1
             with autocast:
                 _, ce, routes = model(X, Y)
-                aux, terms = aux_losses(routes, **coefs)
+                logged = (iter_num + 1) % cfg["log_interval"] == 0  # zero-coefficient terms: log steps only
+                aux, terms = aux_losses(routes, **coefs, all_terms=logged)
                 loss = (ce + aux) / cfg["gradient_accumulation_steps"]
             loss.backward()
             loss_sum = loss_sum + ce.detach() / cfg["gradient_accumulation_steps"]

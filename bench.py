@@ -1,0 +1,135 @@
+"""
+Benchmarks (speed is measured here, never in tests). All ratios come from one process, side by side.
+
+    python bench.py              # routing: torch vs compile vs triton, forward and forward+backward
+    python bench.py --losses     # training-step overhead of the specialization + coupling losses
+
+On CUDA: timings by triton.testing.do_bench (CUDA events, warm-up, L2 cache cleared before every
+call, median). Achieved bandwidth counts the bytes the op must move at least: forward reads the
+logits a[T, E] and writes gates/idx (T, k) and lse/mass (T,); backward also reads a, the saved
+lse/idx/gates and the incoming gradients, and writes d(a). Without a GPU: a small smoke shape
+with wall-clock timing (Triton then runs in its interpreter, so its number means nothing).
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kernels import topk_route  # noqa: E402  (after TRITON_INTERPRET is set)
+
+# peak HBM bandwidth (GB/s) by device name; pass --bw for another device
+PEAK_BW = {"H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H200": 4800, "A100-SXM4-80GB": 2039}
+
+
+def timer(fn, reps):
+    if CUDA:
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=reps, return_mode="median") * 1e3  # us
+    fn()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def routing_bench(args):
+    device = "cuda" if CUDA else "cpu"
+    name = torch.cuda.get_device_name() if CUDA else "cpu"
+    bw = args.bw or next((v for k, v in PEAK_BW.items() if k in name), None)
+    shapes = [(T, E, k) for T in (4096, 16384, 65536, 262144, 1048576) for E, k in ((8, 2), (64, 8), (256, 8))]
+    if not CUDA:
+        shapes = [(256, 8, 2)]
+    import triton
+    print(f"device: {name}, torch {torch.__version__}, triton {triton.__version__}"
+          f"{'' if bw else ' (peak bandwidth unknown: pass --bw)'}")
+    print(f"{'dtype':>8} {'T':>8} {'E':>4} {'k':>2} {'pass':>8} | {'torch us':>9} {'compile us':>10} {'triton us':>9}"
+          f" | {'vs eager':>8} {'vs compile':>10} | {'GB/s':>7} {'% peak':>6}")
+    for dtype in (torch.float32, torch.bfloat16):
+        for T, E, k in shapes:
+            logits = torch.randn(T, E, device=device).to(dtype)
+            grads = [torch.randn(T, k, device=device), torch.randn(T, device=device),
+                     torch.randn(T, device=device), torch.randn(E, device=device)]
+            s = logits.element_size()
+            fwd_bytes = T * E * s + T * k * (4 + 8) + T * 8
+            bwd_bytes = 2 * T * E * s + T * k * (8 + 4 + 4) + T * 12 + E * 4
+            for mode in ("fwd", "fwd+bwd"):
+                res = {}
+                for impl in ("torch", "compile", "triton"):
+                    if mode == "fwd":
+                        def fn():
+                            with torch.no_grad():
+                                topk_route(logits, k, impl)
+                    else:
+                        a = logits.detach().requires_grad_(True)
+
+                        def fn():
+                            r = topk_route(a, k, impl)
+                            torch.autograd.grad((r.gates, r.lse, r.mass, r.psum), a, grads)
+                    res[impl] = timer(fn, args.reps)
+                moved = fwd_bytes + (bwd_bytes if mode == "fwd+bwd" else 0)
+                gbs = moved / res["triton"] / 1e3
+                pct = f"{100 * gbs / bw:6.1f}" if bw else "     -"
+                print(f"{str(dtype)[6:]:>8} {T:>8} {E:>4} {k:>2} {mode:>8} | {res['torch']:9.1f} {res['compile']:10.1f}"
+                      f" {res['triton']:9.1f} | {res['torch'] / res['triton']:7.2f}x {res['compile'] / res['triton']:9.2f}x"
+                      f" | {gbs:7.1f} {pct}")
+
+
+def losses_bench(args):
+    """Median train-step time with c_sp = c_cp = 0 vs the paper's coefficients, interleaved."""
+    from losses import aux_losses
+    from model import GPT, GPTConfig
+    device = "cuda" if CUDA else "cpu"
+    if CUDA:
+        cfg, B = GPTConfig(), 32
+    else:
+        cfg, B = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, n_experts=4, top_k=2), 16
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    idx = torch.randint(0, 50257, (B, cfg.block_size), device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if CUDA else torch.autocast("cpu", enabled=False)
+    settings = {"without": dict(c_lb=0.01, c_z=1e-3), "with": dict(c_lb=0.01, c_z=1e-3, c_sp=2e-3, c_cp=1e-3)}
+
+    def step(coefs):
+        with autocast:
+            _, ce, routes = model(idx, idx)
+            aux, _ = aux_losses(routes, **coefs, all_terms=False)
+        (ce + aux).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = {k: [] for k in settings}
+    for rep in range(args.steps + 2):  # A/B interleaved so drift hits both alike; 2 warm-up rounds
+        for name, coefs in settings.items():
+            if CUDA:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step(coefs)
+            if CUDA:
+                torch.cuda.synchronize()
+            if rep >= 2:
+                times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    print(f"device: {torch.cuda.get_device_name() if CUDA else 'cpu'}, torch {torch.__version__}, "
+          f"{cfg.n_layer} layers, d={cfg.n_embd}, E={cfg.n_experts}, k={cfg.top_k}, {B}x{cfg.block_size} tokens")
+    print(f"step without R_sp/R_cp: {med['without']:.1f} ms, with: {med['with']:.1f} ms "
+          f"-> overhead {100 * (med['with'] / med['without'] - 1):+.1f}% (median of {args.steps})")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--losses", action="store_true", help="overhead of the two regularisers")
+    parser.add_argument("--reps", type=int, default=100, help="do_bench time budget per measurement (ms)")
+    parser.add_argument("--steps", type=int, default=20, help="timed train steps per setting (--losses)")
+    parser.add_argument("--bw", type=float, default=None, help="peak memory bandwidth of the device, GB/s")
+    args = parser.parse_args()
+    losses_bench(args) if args.losses else routing_bench(args)
