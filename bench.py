@@ -3,6 +3,7 @@ Benchmarks (speed is measured here, never in tests). All ratios come from one pr
 
     python bench.py              # routing: torch vs compile vs triton, forward and forward+backward
     python bench.py --losses     # training-step overhead of the specialization + coupling losses
+    python bench.py --model      # whole-model training step: dense vs MoE, naive vs sorted dispatch
 
 On CUDA: timings by triton.testing.do_bench (CUDA events, warm-up, L2 cache cleared before every
 call, median). Achieved bandwidth counts the bytes the op must move at least: forward reads the
@@ -83,6 +84,73 @@ def routing_bench(args):
                       f" | {gbs:7.1f} {pct}")
 
 
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peak
+
+
+def step_timer(step, n):
+    """Median wall time of n calls of step() after 2 warm-up calls (synchronised on CUDA)."""
+    times = []
+    for i in range(n + 2):
+        if CUDA:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if CUDA:
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def model_bench(args):
+    """Whole training steps: dense vs MoE (E=8,k=2) vs fine-grained MoE (E=64,k=8), naive vs sorted."""
+    from losses import aux_losses
+    from model import GPT, GPTConfig
+    device = "cuda" if CUDA else "cpu"
+    name = torch.cuda.get_device_name() if CUDA else "cpu"
+    if CUDA:  # GPT-2 small
+        base, B, compiles = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024), 8, (False, True)
+    else:     # smoke shape
+        base, B, compiles = dict(n_layer=2, n_head=2, n_embd=64, block_size=64), 4, (False,)
+    variants = [("dense", dict(n_experts=0), ("-",))] + [
+        (f"moe E={E} k={k}", dict(n_experts=E, top_k=k), ("naive", "sorted")) for E, k in ((8, 2), (64, 8))]
+    peak = next((v for kk, v in PEAK_BF16_TFLOPS.items() if kk in name), None)
+    coefs = dict(c_lb=0.01, c_z=1e-3, c_sp=2e-3, c_cp=1e-3)
+    print(f"device: {name}, torch {torch.__version__}, {base}, batch {B}, losses {coefs}")
+    print(f"{'model':>14} {'dispatch':>8} {'compiled':>8} | {'step ms':>8} {'tok/s':>9} {'peak GiB':>8} {'MFU':>6}"
+          f" | {'active M':>8} {'total M':>8}")
+    for label, extra, dispatches in variants:
+        for dispatch in dispatches:
+            for compiled in compiles:
+                cfg = GPTConfig(**base, **extra, **({} if dispatch == "-" else {"dispatch": dispatch}))
+                torch.manual_seed(0)
+                model = GPT(cfg).to(device)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=CUDA)
+                fwd = torch.compile(model) if compiled else model
+                idx = torch.randint(0, 50257, (B, cfg.block_size), device=device)
+                autocast = torch.autocast("cuda", dtype=torch.bfloat16) if CUDA else torch.autocast("cpu", enabled=False)
+
+                def step():
+                    with autocast:
+                        _, ce, routes = fwd(idx, idx)
+                        aux, _ = aux_losses(routes, **coefs, all_terms=False)
+                    (ce + aux).backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+
+                if CUDA:
+                    torch.cuda.reset_peak_memory_stats()
+                dt = step_timer(step, args.steps)
+                total, active = model.num_params()
+                tokens = B * cfg.block_size
+                flops = tokens * (6 * active + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size)
+                mfu = f"{100 * flops / dt / (peak * 1e12):5.1f}%" if peak else "     -"
+                mem = torch.cuda.max_memory_allocated() / 2**30 if CUDA else float("nan")
+                print(f"{label:>14} {dispatch:>8} {str(compiled):>8} | {dt * 1e3:8.1f} {tokens / dt:9.0f} {mem:8.2f}"
+                      f" {mfu} | {active / 1e6:8.1f} {total / 1e6:8.1f}")
+                del model, opt, fwd
+
+
 def losses_bench(args):
     """Median train-step time with c_sp = c_cp = 0 vs the paper's coefficients, interleaved."""
     from losses import aux_losses
@@ -108,16 +176,9 @@ def losses_bench(args):
         opt.zero_grad(set_to_none=True)
 
     times = {k: [] for k in settings}
-    for rep in range(args.steps + 2):  # A/B interleaved so drift hits both alike; 2 warm-up rounds
+    for _ in range(args.steps):  # A/B interleaved, one step at a time, so drift hits both alike
         for name, coefs in settings.items():
-            if CUDA:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            step(coefs)
-            if CUDA:
-                torch.cuda.synchronize()
-            if rep >= 2:
-                times[name].append(time.perf_counter() - t0)
+            times[name].append(step_timer(lambda: step(coefs), 1))
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     print(f"device: {torch.cuda.get_device_name() if CUDA else 'cpu'}, torch {torch.__version__}, "
           f"{cfg.n_layer} layers, d={cfg.n_embd}, E={cfg.n_experts}, k={cfg.top_k}, {B}x{cfg.block_size} tokens")
@@ -128,8 +189,14 @@ def losses_bench(args):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--losses", action="store_true", help="overhead of the two regularisers")
+    parser.add_argument("--model", action="store_true", help="whole-model training steps, dense vs MoE")
     parser.add_argument("--reps", type=int, default=100, help="do_bench time budget per measurement (ms)")
     parser.add_argument("--steps", type=int, default=20, help="timed train steps per setting (--losses)")
     parser.add_argument("--bw", type=float, default=None, help="peak memory bandwidth of the device, GB/s")
     args = parser.parse_args()
-    losses_bench(args) if args.losses else routing_bench(args)
+    if args.model:
+        model_bench(args)
+    elif args.losses:
+        losses_bench(args)
+    else:
+        routing_bench(args)
