@@ -7,6 +7,10 @@ Data: the GPT-2 tokenizer built offline, text corpora cached as uint16 token bin
   like nanoGPT's shakespeare prep). Any folder with an `input.txt` is a dataset.
 - `get_batch` samples random windows with an explicit torch.Generator, so a checkpoint can store
   the sampler state and a resumed run draws exactly the batches an uninterrupted run would.
+- `SyntheticMixture` (`--dataset=synthetic`): sequences made of segments, each drawn from one of a
+  few token sources (random sparse Markov chains over partly overlapping token ranges), with the
+  source label of every token kept, so that expert specialization can be measured against a known
+  split: NMI(top-1 expert, source).
 """
 
 import os
@@ -69,3 +73,41 @@ def get_batch(data, batch_size, block_size, generator, device):
     if device.startswith("cuda"):
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
+
+
+class SyntheticMixture:
+    """
+    n_sources Markov chains over token ids [0, vocab). Source s lives on the range
+    [s*w/2, s*w/2 + w) with w = 2*vocab/(n_sources+1): neighbouring sources share half their
+    tokens, so the token id alone does not give the source away. A sequence is cut into segments of
+    seg_len tokens; each segment picks its source uniformly, starts at a uniform token of its range,
+    and then moves from token i to one of `branching` successors in the range (random weights,
+    the row trans[s, i]).
+    """
+
+    def __init__(self, vocab=256, n_sources=4, seg_len=32, branching=4, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.vocab, self.n_sources, self.seg_len = vocab, n_sources, seg_len
+        width = 2 * vocab // (n_sources + 1)
+        self.ranges = [(s * width // 2, s * width // 2 + width) for s in range(n_sources)]
+        self.entry = torch.zeros(n_sources, vocab)                          # (S, V) segment starts
+        self.trans = torch.zeros(n_sources, vocab, vocab)                   # (S, V, V) in-range rows
+        for s, (lo, hi) in enumerate(self.ranges):
+            self.entry[s, lo:hi] = 1.0 / (hi - lo)
+            for i in range(lo, hi):
+                nxt = lo + torch.randperm(hi - lo, generator=g)[:branching]
+                w = torch.rand(branching, generator=g) + 0.1
+                self.trans[s, i, nxt] = w / w.sum()
+
+    def batch(self, batch_size, block_size, generator, device):
+        """x, y (B, S) token ids and the source label of each input token (B, S)."""
+        n = block_size + 1
+        n_seg = -(-n // self.seg_len)
+        seg_src = torch.randint(self.n_sources, (batch_size, n_seg), generator=generator)
+        labels = seg_src.repeat_interleave(self.seg_len, dim=1)[:, :n]      # (B, S+1)
+        tokens = torch.zeros(batch_size, n, dtype=torch.long)
+        for t in range(n):
+            src = labels[:, t]
+            rows = self.entry[src] if t % self.seg_len == 0 else self.trans[src, tokens[:, t - 1]]  # (B, V)
+            tokens[:, t] = torch.multinomial(rows, 1, generator=generator).squeeze(1)
+        return tokens[:, :-1].to(device), tokens[:, 1:].to(device), labels[:, :-1].to(device)

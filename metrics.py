@@ -63,19 +63,24 @@ def coactivation_cos2(z):
 
 
 class RoutingStats:
-    """Accumulates routing of every MoE layer over batches; `summary()` gives per-layer metrics."""
+    """
+    Accumulates routing of every MoE layer over batches; `summary()` gives per-layer metrics.
+    With n_labels > 0, update() also takes a label per token (e.g. the synthetic task's source)
+    and the summary gains NMI(top-1 expert, label) per layer: the specialization metric.
+    """
 
-    def __init__(self):
-        self.layers, self.pairs, self.n = None, None, 0
+    def __init__(self, n_labels=0):
+        self.layers, self.pairs, self.n, self.n_labels = None, None, 0, n_labels
 
     @torch.no_grad()
-    def update(self, routes):
+    def update(self, routes, labels=None):
         if not routes:
             return
         E = routes[0].logits.shape[1]
         if self.layers is None:
-            self.layers = [{"counts": torch.zeros(E, dtype=torch.float64), "entropy": 0.0,
-                            "mass": 0.0, "cos2": 0.0} for _ in routes]
+            self.layers = [{"counts": torch.zeros(E, dtype=torch.float64), "entropy": 0.0, "mass": 0.0,
+                            "cos2": 0.0, "source": torch.zeros(E, max(self.n_labels, 1), dtype=torch.float64)}
+                           for _ in routes]
             self.pairs = [torch.zeros(E, E, dtype=torch.float64) for _ in routes[1:]]
         T = routes[0].idx.shape[0]
         for acc, r in zip(self.layers, routes):
@@ -84,8 +89,12 @@ class RoutingStats:
             acc["mass"] += r.mass.double().sum().item()
             acc["cos2"] += coactivation_cos2(r.z) * T
         top1 = [r.idx[:, 0].cpu() for r in routes]                     # (T,) per layer
+        ones = torch.ones(T, dtype=torch.float64)
         for joint, a, b in zip(self.pairs, top1[:-1], top1[1:]):
-            joint.index_put_((a, b), torch.ones(T, dtype=torch.float64), accumulate=True)
+            joint.index_put_((a, b), ones, accumulate=True)
+        if labels is not None:
+            for acc, a in zip(self.layers, top1):
+                acc["source"].index_put_((a, labels.reshape(-1).cpu()), ones, accumulate=True)
         self.n += T
 
     def summary(self):
@@ -101,6 +110,8 @@ class RoutingStats:
             m["topk_mass"] = acc["mass"] / self.n
             m["coact_cos2"] = acc["cos2"] / self.n
             m["load"] = (acc["counts"] / acc["counts"].sum()).tolist()
+            if self.n_labels:
+                m["source_nmi"] = nmi(acc["source"])
             if i < len(self.pairs):
                 mi, hx, hy, h_cond = mutual_information(self.pairs[i])
                 m["next_nmi"] = nmi(self.pairs[i])

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from analyze import plot_run
-from data import get_batch, gpt2_encoding, load_split, prepare
+from data import SyntheticMixture, get_batch, gpt2_encoding, load_split, prepare
 from losses import aux_losses
 from metrics import RoutingStats
 from model import GPT, GPTConfig
@@ -46,7 +46,7 @@ init_from = "scratch"       # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 num_samples = 2             # text samples printed at the end
 sample_tokens = 120
 # data
-dataset = "shakespeare"     # data/<dataset>/input.txt, tokenised with GPT-2 BPE on first use
+dataset = "shakespeare"     # data/<dataset>/input.txt (GPT-2 BPE), or 'synthetic' (data.SyntheticMixture)
 batch_size = 32
 gradient_accumulation_steps = 1
 # MoE losses (coefficients; each term is also logged unscaled)
@@ -202,14 +202,26 @@ def main(argv):
     autocast = torch.autocast(device_type, dtype=torch.bfloat16) if cfg["dtype"] == "bfloat16" else nullcontext()
     out_dir, log_path = cfg["out_dir"], os.path.join(cfg["out_dir"], "log.jsonl")
 
-    try:
-        folder = prepare(cfg["dataset"]) if master else None
-        if ddp:
-            dist.barrier()  # rank 0 tokenises, the others wait for the bins
-        folder = folder or prepare(cfg["dataset"])
-        train_data, val_data = load_split(folder, "train"), load_split(folder, "val")
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+    B, S = cfg["batch_size"], cfg["block_size"]
+    if cfg["dataset"] == "synthetic":  # generated on the fly; the mixture itself is fixed (seed 0)
+        mixture = SyntheticMixture(vocab=min(256, model_cfg.vocab_size))
+        splits = {"train": None, "val": None}
+    else:
+        mixture = None
+        try:
+            folder = prepare(cfg["dataset"]) if master else None
+            if ddp:
+                dist.barrier()  # rank 0 tokenises, the others wait for the bins
+            folder = folder or prepare(cfg["dataset"])
+            splits = {split: load_split(folder, split) for split in ("train", "val")}
+        except (ValueError, FileNotFoundError) as err:
+            sys.exit(f"error: {err}")
+
+    def batch(split, gen):
+        """(x, y, source labels or None) for one batch of the split."""
+        if mixture:
+            return mixture.batch(B, S, gen, device)
+        return (*get_batch(splits[split], B, S, gen, device), None)
 
     torch.manual_seed(cfg["seed"])
     model = GPT(model_cfg).to(device)
@@ -250,16 +262,17 @@ def main(argv):
     def evaluate():
         """Mean loss on the same eval_iters batches of each split, and routing metrics on val."""
         model.eval()
-        result, stats = {}, RoutingStats()
-        for split, data in (("train", train_data), ("val", val_data)):
-            gen, losses = torch.Generator().manual_seed(cfg["seed"] + 1), []
+        result, stats = {}, RoutingStats(n_labels=mixture.n_sources if mixture else 0)
+        for split in ("train", "val"):
+            gen = torch.Generator().manual_seed(cfg["seed"] + (1 if split == "train" else 2))
+            losses = []
             for _ in range(cfg["eval_iters"]):
-                X, Y = get_batch(data, cfg["batch_size"], cfg["block_size"], gen, device)
+                X, Y, labels = batch(split, gen)
                 with autocast:
                     _, loss, routes = raw_model(X, Y)
                 losses.append(loss.item())
                 if split == "val":
-                    stats.update(routes)
+                    stats.update(routes, labels)
             result[f"{split}_loss"] = sum(losses) / len(losses)
         model.train()
         layers = stats.summary()
@@ -282,7 +295,7 @@ def main(argv):
             torch.save(ckpt, tmp)
             os.replace(tmp, os.path.join(out_dir, "ckpt.pt"))  # atomic: a crash keeps the old file
 
-    tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"] * world
+    tokens_per_iter = B * S * cfg["gradient_accumulation_steps"] * world
     t_start, t_last, start_iter = time.time(), time.time(), iter_num
     while True:
         lr = get_lr(iter_num, cfg)
@@ -296,15 +309,16 @@ def main(argv):
             if master:
                 print(f"eval {iter_num}: train {result['train_loss']:.4f}, val {result['val_loss']:.4f}")
                 for i, m in enumerate(layers):
+                    extra = f" source NMI {m['source_nmi']:.3f}" if "source_nmi" in m else ""
                     print(f"  moe layer {i}: load cv {m['cv']:.3f} max/mean {m['max_mean']:.2f} "
-                          f"dead {m['dead']} entropy {m['entropy_norm']:.3f} top-k mass {m['topk_mass']:.3f}")
+                          f"dead {m['dead']} entropy {m['entropy_norm']:.3f} top-k mass {m['topk_mass']:.3f}{extra}")
                 log({"iter": iter_num, **result, "layers": layers})
         if iter_num >= cfg["max_iters"]:
             break
 
         loss_sum, terms_sum = 0.0, {}
         for micro in range(cfg["gradient_accumulation_steps"]):
-            X, Y = get_batch(train_data, cfg["batch_size"], cfg["block_size"], batch_gen, device)
+            X, Y, _ = batch("train", batch_gen)
             if ddp:  # all-reduce gradients only on the last micro-step
                 model.require_backward_grad_sync = micro == cfg["gradient_accumulation_steps"] - 1
             with autocast:
@@ -346,7 +360,7 @@ def main(argv):
               f"best val loss {best_val:.4f}")
         enc = gpt2_encoding()
         start = torch.tensor([enc.encode_ordinary("\n")], device=device)
-        for _ in range(cfg["num_samples"]):
+        for _ in range(cfg["num_samples"] if not mixture else 0):  # synthetic tokens are not text
             out = raw_model.generate(start, cfg["sample_tokens"], temperature=0.8, top_k=200, n_vocab=enc.n_vocab)
             print("---------------\n" + enc.decode(out[0].tolist()))
         for path in plot_run(out_dir):
