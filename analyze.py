@@ -1,11 +1,21 @@
 """
-Make routing visible: PNG plots from a run's out_dir/log.jsonl (written by train.py).
+Make routing visible: PNG plots of a run, from its out_dir/log.jsonl and out_dir/ckpt.pt.
 
-    python analyze.py out          # re-draw the plots of the run in out/
+    python analyze.py out          # every plot below + out/index.html that shows them all
 
-- loss.png         train and val loss over training (+ the auxiliary terms, unscaled)
-- expert_load.png  layer x expert load at the last evaluation (uniform = 1/E everywhere), and
-                   the load CV of each layer over training (collapse and recovery show up here)
+From the log (train.py also draws these at the end of a run):
+- loss.png             train/val loss and the auxiliary terms over training
+- expert_load.png      layer x expert load at the last evaluation, and load CV over training
+- load_history.png     per layer: expert load at every evaluation (collapse and recovery show up)
+- routing_curves.png   per layer over training: routing entropy, top-k mass, co-activation cos^2,
+                       NMI between consecutive layers, NMI(expert, source) on the synthetic task,
+                       and beta for ERMoE
+From the checkpoint, on a probe batch of validation data:
+- expert_cosine.png    expert x expert mean cos^2 of the SwiGLU intermediates, every expert run
+                       on the same tokens (what the specialization loss pushes apart)
+- transitions.png      top-1 transition matrices P(expert at layer l+1 | expert at layer l)
+- tokens.png           a passage with each token coloured by its top-1 expert, per layer
+- ermoe.png            (ERMoE) eigenbasis-score histograms and subspace-overlap matrices
 """
 
 import json
@@ -17,6 +27,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 
 def read_log(out_dir):
@@ -26,6 +38,16 @@ def read_log(out_dir):
     with open(path) as fh:
         return [json.loads(line) for line in fh if line.strip()]
 
+
+def save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# plots from the log
 
 def plot_losses(records, path):
     train = [(r["iter"], r["train_loss"]) for r in records if "train_loss" in r and "val_loss" not in r]
@@ -39,22 +61,19 @@ def plot_losses(records, path):
         ax.plot(*zip(*val), "o-", label="val")
     ax.set(xlabel="iter", ylabel="cross-entropy", title="loss")
     ax.legend()
+    for k in aux:
+        axes[0, 1].plot(*zip(*[(r["iter"], r[k]) for r in records if k in r]), label=k)
     if aux:
-        ax = axes[0, 1]
-        for k in aux:
-            pts = [(r["iter"], r[k]) for r in records if k in r]
-            ax.plot(*zip(*pts), label=k)
-        ax.set(xlabel="iter", title="auxiliary terms (unscaled, summed over layers)")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        axes[0, 1].set(xlabel="iter", title="auxiliary terms (unscaled, summed over layers)")
+        axes[0, 1].legend()
+    return save(fig, path)
 
 
-def plot_load(records, path):
-    evals = [r for r in records if r.get("layers")]
-    if not evals:
-        return False
+def evals_of(records):
+    return [r for r in records if r.get("layers")]
+
+
+def plot_load(evals, path):
     load = np.array([m["load"] for m in evals[-1]["layers"]])  # (L, E)
     L, E = load.shape
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * L + 3))
@@ -67,22 +86,188 @@ def plot_load(records, path):
         axes[1].plot(iters, [r["layers"][layer]["cv"] for r in evals], "o-", label=f"layer {layer}")
     axes[1].set(xlabel="iter", ylabel="load CV (0 = uniform)", title="load imbalance over training")
     axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save(fig, path)
+
+
+def plot_load_history(evals, path):
+    L, E = len(evals[0]["layers"]), len(evals[0]["layers"][0]["load"])
+    fig, axes = plt.subplots(1, L, figsize=(2.2 + 1.2 * L + 0.15 * E * L, 4), squeeze=False)
+    iters = [r["iter"] for r in evals]
+    for layer, ax in enumerate(axes[0]):
+        hist = np.array([r["layers"][layer]["load"] for r in evals]) * E  # (evals, E)
+        im = ax.imshow(hist, cmap="RdBu_r", vmin=0, vmax=2, aspect="auto")
+        ax.set(title=f"layer {layer}", xlabel="expert", xticks=range(E))
+        ax.set_yticks(range(len(iters)), iters if layer == 0 else [])
+    axes[0, 0].set_ylabel("iter")
+    fig.colorbar(im, ax=axes[0, -1], label="load x E (1 = uniform)")
+    return save(fig, path)
+
+
+def plot_routing_curves(evals, path):
+    keys = [("entropy_norm", "routing entropy / log E"), ("topk_mass", "top-k mass"),
+            ("coact_cos2", "co-activation cos^2"), ("next_nmi", "NMI(layer l, l+1)"),
+            ("source_nmi", "NMI(expert, source)"), ("beta", "ERMoE beta")]
+    keys = [(k, t) for k, t in keys if any(k in m for m in evals[-1]["layers"])]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.4), squeeze=False)
+    iters = [r["iter"] for r in evals]
+    for (key, title), ax in zip(keys, axes[0]):
+        for layer in range(len(evals[-1]["layers"])):
+            if key in evals[-1]["layers"][layer]:
+                ax.plot(iters, [r["layers"][layer].get(key, np.nan) for r in evals], "o-", ms=3, label=f"layer {layer}")
+        ax.set(title=title, xlabel="iter")
+    axes[0, 0].legend(fontsize=7)
+    return save(fig, path)
 
 
 def plot_run(out_dir):
-    """Draw every plot the log supports; returns the paths written."""
+    """The plots that need only the log; returns the paths written."""
     records = read_log(out_dir)
-    written = [os.path.join(out_dir, "loss.png")]
-    plot_losses(records, written[0])
-    if plot_load(records, os.path.join(out_dir, "expert_load.png")):
-        written.append(os.path.join(out_dir, "expert_load.png"))
+    written = [plot_losses(records, os.path.join(out_dir, "loss.png"))]
+    evals = evals_of(records)
+    if evals:
+        written += [plot_load(evals, os.path.join(out_dir, "expert_load.png")),
+                    plot_load_history(evals, os.path.join(out_dir, "load_history.png")),
+                    plot_routing_curves(evals, os.path.join(out_dir, "routing_curves.png"))]
     return written
 
 
-if __name__ == "__main__":
-    for p in plot_run(sys.argv[1] if len(sys.argv) > 1 else "out"):
+# ------------------------------------------------------------------------------------------------
+# plots from the checkpoint: run the model on a probe batch
+
+@torch.no_grad()
+def probe(model, idx):
+    """Run the model on idx (B, S); returns each MoE layer's input (T, d) and its Routing."""
+    moes = [b.mlp for b in model.blocks if hasattr(b.mlp, "router")]
+    inputs = [None] * len(moes)
+    hooks = [m.register_forward_hook(lambda mod, args, out, i=i: inputs.__setitem__(i, args[0].flatten(0, 1)))
+             for i, m in enumerate(moes)]
+    _, _, routes = model(idx)
+    for h in hooks:
+        h.remove()
+    return moes, inputs, routes
+
+
+@torch.no_grad()
+def expert_cos2(moe, x):
+    """(E, E) mean over tokens of cos^2 between experts' intermediates when all run on the same x."""
+    T = x.shape[0]
+    coords = None
+    if hasattr(moe.router, "lam"):  # ERMoE experts read lambda * P_e^T x
+        u, _ = moe.router(x)
+        coords = u * moe.router.lam
+    tok = torch.arange(T)
+    z = torch.stack([F.silu(h @ moe.w_gate[e]) * (h @ moe.w_up[e])
+                     for e in range(moe.w_up.shape[0])
+                     for h in [moe.expert_inputs(x, coords, tok, e).float()]])  # (E, T, f)
+    zn = F.normalize(z, dim=-1)
+    return torch.einsum("itf,jtf->ijt", zn, zn).pow(2).mean(-1)                 # (E, E)
+
+
+def plot_matrices(mats, titles, path, label, vmax=None):
+    n = len(mats)
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n + 1, 3.4), squeeze=False)
+    for ax, m, t in zip(axes[0], mats, titles):
+        im = ax.imshow(m, cmap="viridis", vmin=0, vmax=vmax)
+        ax.set(title=t, xticks=range(m.shape[1]), yticks=range(m.shape[0]))
+    fig.colorbar(im, ax=list(axes[0]), label=label)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_tokens(pieces, top1, path):
+    """pieces: N token strings; top1 (L, N) expert ids -> one coloured row per layer."""
+    L, N = top1.shape
+    E = int(top1.max()) + 1
+    fig, ax = plt.subplots(figsize=(0.32 * N + 1.5, 0.45 * L + 1.6))
+    ax.imshow(top1, cmap=plt.get_cmap("tab10" if E <= 10 else "tab20"), vmin=0, vmax=9 if E <= 10 else 19,
+              aspect="auto")
+    ax.set_xticks(range(N), [repr(p)[1:-1] for p in pieces], rotation=90, fontsize=8, family="monospace")
+    ax.set_yticks(range(L), [f"layer {i}" for i in range(L)])
+    for layer in range(L):
+        for j in range(N):
+            ax.text(j, layer, str(int(top1[layer, j])), ha="center", va="center", fontsize=6, color="white")
+    ax.set_title("top-1 expert of each token (colour and number), per MoE layer")
+    return save(fig, path)
+
+
+def plot_ermoe(moes, routes, path):
+    L = len(moes)
+    fig, axes = plt.subplots(2, L, figsize=(3.4 * L, 6.4), squeeze=False)
+    for layer, (moe, r) in enumerate(zip(moes, routes)):
+        s = (r.logits / moe.router.beta()).detach().cpu()                        # (T, E) scores in [0, 1]
+        chosen = torch.zeros_like(s, dtype=torch.bool).scatter_(1, r.idx.cpu(), True)
+        ax = axes[0, layer]
+        ax.hist([s[~chosen].numpy(), s[chosen].numpy()], bins=30, range=(0, 1), stacked=True,
+                label=["not selected", "selected"])
+        ax.set(title=f"layer {layer}: eigenbasis scores", xlabel="s = ||P^T x|| / ||x||")
+        ax.legend(fontsize=7)
+        im = axes[1, layer].imshow(moe.router.overlaps().cpu(), cmap="viridis", vmin=0, vmax=1)
+        axes[1, layer].set(title=f"layer {layer}: subspace overlap")
+    fig.colorbar(im, ax=list(axes[1]), label="||P_i^T P_j||^2 / r")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def probe_batch(cfg, n_tokens=48):
+    """A probe batch of validation data (ids (B, S), source labels or None, token strings)."""
+    from data import SyntheticMixture, get_batch, gpt2_encoding, load_split, prepare
+    gen = torch.Generator().manual_seed(0)
+    B, S = 8, cfg["block_size"]
+    if cfg["dataset"] == "synthetic":
+        x, _, labels = SyntheticMixture(vocab=min(256, cfg["vocab_size"])).batch(B, S, gen, "cpu")
+        return x, [f"{int(t)}" for t in x[0, :n_tokens]]
+    val = load_split(prepare(cfg["dataset"]), "val")
+    enc = gpt2_encoding()
+    x, _ = get_batch(val, B, S, gen, "cpu")
+    return x, [enc.decode([int(t)]) for t in x[0, :n_tokens]]
+
+
+def plot_checkpoint(out_dir):
+    from model import GPT, GPTConfig
+    from train import load_checkpoint
+    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    if model.config.n_experts == 0:
+        return []
+    from metrics import RoutingStats
+    x, pieces = probe_batch(ckpt["config"])
+    moes, inputs, routes = probe(model, x)
+    L = len(moes)
+    written = [plot_matrices([expert_cos2(m, h) for m, h in zip(moes, inputs)], [f"layer {i}" for i in range(L)],
+                             os.path.join(out_dir, "expert_cosine.png"), "mean cos^2 of intermediates", vmax=1)]
+    stats = RoutingStats()
+    stats.update(routes)
+    if L > 1:
+        written.append(plot_matrices(stats.transitions(), [f"layer {i} -> {i + 1}" for i in range(L - 1)],
+                                     os.path.join(out_dir, "transitions.png"), "P(next expert | expert)", vmax=1))
+    top1 = torch.stack([r.idx[:, 0].view(x.shape)[0, :len(pieces)] for r in routes]).numpy()  # (L, N)
+    written.append(plot_tokens(pieces, top1, os.path.join(out_dir, "tokens.png")))
+    if model.config.router == "ermoe":
+        written.append(plot_ermoe(moes, routes, os.path.join(out_dir, "ermoe.png")))
+    return written
+
+
+def write_index(out_dir, paths):
+    items = "\n".join(f'<h3>{os.path.basename(p)}</h3><img src="{os.path.basename(p)}" style="max-width:100%">'
+                      for p in paths)
+    path = os.path.join(out_dir, "index.html")
+    with open(path, "w") as fh:
+        fh.write(f"<html><body><h2>routing plots: {out_dir}</h2>\n{items}\n</body></html>\n")
+    return path
+
+
+def main(out_dir):
+    paths = plot_run(out_dir) + plot_checkpoint(out_dir)
+    for p in paths + [write_index(out_dir, paths)]:
         print(f"wrote {p}")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1] if len(sys.argv) > 1 else "out")
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")

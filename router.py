@@ -132,12 +132,17 @@ class EigenRouter(nn.Module):
         return (gram - torch.eye(self.r, device=P.device)).pow(2).sum()
 
     @torch.no_grad()
-    def geometry(self):
-        """SPEC section 5 geometry: max_e ||P_e^T P_e - I||_F, mean_{i!=j} ||P_i^T P_j||_F^2 / r, beta."""
+    def overlaps(self):
+        """(E, E) subspace overlaps ||P_i^T P_j||_F^2 / r: 1 on the diagonal, 0 for disjoint subspaces."""
         P = self.bases()
         flat = P.transpose(1, 2).reshape(self.E * self.r, -1)               # (E*r, d)
         cross = (flat @ flat.T).reshape(self.E, self.r, self.E, self.r)     # (E, r, E, r)
-        overlap = cross.pow(2).sum(dim=(1, 3)) / self.r                     # (E, E)
+        return cross.pow(2).sum(dim=(1, 3)) / self.r
+
+    @torch.no_grad()
+    def geometry(self):
+        """SPEC section 5 geometry: max_e ||P_e^T P_e - I||_F, mean_{i!=j} overlap, beta."""
+        P, overlap = self.bases(), self.overlaps()
         eye = torch.eye(self.r, device=P.device)
         ortho = max((P[e].T @ P[e] - eye).norm().item() for e in range(self.E))
         off = overlap.sum() - overlap.diagonal().sum()

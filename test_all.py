@@ -630,3 +630,53 @@ def test_bench_smoke_runs(args):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert {"": "vs compile", "--losses": "overhead", "--model": "MFU"}[args[0] if args else ""] in res.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# making routing visible: synthetic task, analysis plots, ablation harness
+
+def test_synthetic_mixture_follows_its_definition():
+    from data import SyntheticMixture
+    mix = SyntheticMixture(vocab=64, n_sources=3, seg_len=16, branching=3, seed=0)
+    x, y, labels = mix.batch(256, 64, torch.Generator().manual_seed(0), "cpu")
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert torch.equal(labels, labels[:, ::16].repeat_interleave(16, dim=1))  # one source per segment
+    counts = torch.zeros(3, 64, 64)
+    for s, (lo, hi) in enumerate(mix.ranges):
+        tokens = x[labels == s]
+        assert tokens.min() >= lo and tokens.max() < hi                        # tokens stay in the range
+        same = (labels[:, 1:] == s) & (torch.arange(1, 64) % 16 != 0)          # pairs inside a segment
+        counts[s].index_put_((x[:, :-1][same], x[:, 1:][same]), torch.ones(int(same.sum())), accumulate=True)
+    rows = counts.sum(-1) > 200                                                # well-sampled states
+    emp = counts[rows] / counts[rows].sum(-1, keepdim=True)
+    assert rows.sum() > 20 and (emp - mix.trans[rows]).abs().max() < 0.12
+    assert ((counts > 0) <= (mix.trans > 0)).all()                             # never an undefined move
+    assert all(len(set(range(*a)) & set(range(*b))) > 0 for a, b in zip(mix.ranges, mix.ranges[1:]))
+
+
+def test_analyze_writes_every_plot(tmp_path):
+    import matplotlib.image
+    for router in ROUTERS:
+        out = tmp_path / router
+        res = train(out, "config/synthetic.py", *TINY, "--vocab_size=256", "--max_iters=4", "--eval_interval=2",
+                    f"--router={router}")
+        assert res.returncode == 0, res.stderr[-2000:]
+        res = subprocess.run([sys.executable, os.path.join(REPO, "analyze.py"), str(out)], cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        names = ["loss", "expert_load", "load_history", "routing_curves", "expert_cosine", "transitions", "tokens"]
+        for name in names + (["ermoe"] if router == "ermoe" else []):
+            image = matplotlib.image.imread(out / f"{name}.png")
+            assert image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 0, name
+        assert "tokens.png" in (out / "index.html").read_text()
+        log = [json.loads(line) for line in open(out / "log.jsonl")]
+        assert all("source_nmi" in m for m in log[-1]["layers"])
+
+
+def test_ablation_harness_dry_run():
+    res = subprocess.run([sys.executable, os.path.join(REPO, "ablate.py"), "--quick", "--dry"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    cmds = res.stdout.strip().splitlines()
+    assert len(cmds) == 8 * 2 and all("train.py config/synthetic.py" in c for c in cmds)
+    assert sum("--router=ermoe" in c for c in cmds) == 4 and sum("--n_experts=0" in c for c in cmds) == 2

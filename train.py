@@ -82,7 +82,7 @@ ERMOE_DEFAULTS = dict(c_lb=0.0, c_z=0.0)
 
 
 def parse_config(defaults, argv):
-    """Apply config files and --key=value over `defaults`; returns (config, explicitly set keys)."""
+    """Apply config files, then --key=value, over `defaults`; returns (config, explicitly set keys)."""
     config, explicit = dict(defaults), set()
 
     def assign(key, value, origin):
@@ -96,7 +96,7 @@ def parse_config(defaults, argv):
         config[key] = value
         explicit.add(key)
 
-    for arg in argv:
+    for arg in sorted(argv, key=lambda a: a.startswith("--")):  # config files first, then --key=value
         if arg.startswith("--"):
             key, sep, raw = arg[2:].partition("=")
             if not sep:
@@ -166,6 +166,9 @@ def setup(argv):
         raise ValueError("device=cuda but no CUDA device is available")
     if cfg["router"] == "ermoe":
         cfg.update({k: v for k, v in ERMOE_DEFAULTS.items() if k not in explicit})
+    if cfg["top_k"] == 1 and cfg["gate_renorm"] and cfg["n_experts"] > 0:
+        print("note: top_k=1 with gate_renorm=True makes every gate 1: the router then learns only "
+              "from the auxiliary losses (set gate_renorm=False for Switch-style gates = p)")
     if cfg["init_from"] not in ("scratch", "resume"):
         raise ValueError(f"init_from must be scratch or resume, got '{cfg['init_from']}'")
     if cfg["dtype"] == "auto":
@@ -312,7 +315,7 @@ def main(argv):
                     extra = f" source NMI {m['source_nmi']:.3f}" if "source_nmi" in m else ""
                     print(f"  moe layer {i}: load cv {m['cv']:.3f} max/mean {m['max_mean']:.2f} "
                           f"dead {m['dead']} entropy {m['entropy_norm']:.3f} top-k mass {m['topk_mass']:.3f}{extra}")
-                log({"iter": iter_num, **result, "layers": layers})
+                log({"iter": iter_num, **result, "layers": layers, "final": iter_num >= cfg["max_iters"]})
         if iter_num >= cfg["max_iters"]:
             break
 

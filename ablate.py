@@ -1,0 +1,164 @@
+"""
+Ablation harness: the same data, seeds and steps for every routing variant, then one markdown
+table and overlay plots.
+
+    python ablate.py --quick                     # synthetic task, 2 seeds, < 15 min on 2 CPU cores
+    python ablate.py --seeds 0 1 2               # the synthetic task at config/synthetic.py's length
+    python ablate.py --dataset=shakespeare --max_iters=300   # the CPU preset on tiny Shakespeare
+    python ablate.py --quick --dry               # print the commands only
+
+Each run is `train.py` in its own out_dir (out_dir/<variant>-s<seed>); a run whose log already
+ends with its final evaluation is not run again, so an interrupted ablation picks up where it
+stopped. Writes out_dir/ablation.md and out_dir/ablation.png.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+VARIANTS = {  # name -> train.py overrides; the defaults are c_lb=0.01, c_z=1e-3, c_sp=2e-3, c_cp=1e-3
+    "dense": ["--n_experts=0"],
+    "softmax, no L_lb": ["--c_lb=0.0", "--c_sp=0.0", "--c_cp=0.0"],
+    "softmax + L_lb": ["--c_sp=0.0", "--c_cp=0.0"],
+    "+ R_sp": ["--c_cp=0.0"],
+    "+ R_cp": ["--c_sp=0.0"],
+    "+ R_sp + R_cp": [],
+    "ERMoE": ["--router=ermoe", "--c_sp=0.0", "--c_cp=0.0"],
+    "ERMoE + R_sp + R_cp": ["--router=ermoe"],
+}
+QUICK = ["--max_iters=300", "--eval_interval=50", "--eval_iters=4", "--batch_size=8", "--block_size=64",
+         "--n_layer=3", "--log_interval=50"]
+COLUMNS = [("val_loss", "val loss", "{:.3f}"), ("cv", "load CV", "{:.3f}"), ("dead", "dead", "{:.1f}"),
+           ("entropy_norm", "entropy/logE", "{:.3f}"), ("coact_cos2", "co-act cos²", "{:.3f}"),
+           ("next_nmi", "NMI l→l+1", "{:.3f}"), ("source_nmi", "NMI(expert, source)", "{:.3f}")]
+
+
+def slug(name):
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
+
+
+def final_eval(run_dir):
+    """The last evaluation record of a finished run, or None."""
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return None
+    evals = [r for r in map(json.loads, open(path)) if "val_loss" in r]
+    return evals[-1] if evals and evals[-1].get("final") else None
+
+
+def summarise(record):
+    """Per-run numbers: val loss, layer means of the routing metrics (dead experts summed)."""
+    out = {"val_loss": record["val_loss"]}
+    layers = record.get("layers") or []
+    for key, _, _ in COLUMNS[1:]:
+        vals = [m[key] for m in layers if key in m]
+        if vals:
+            out[key] = float(np.sum(vals) if key == "dead" else np.mean(vals))
+    return out
+
+
+def table(results, seeds):
+    """Markdown: mean over seeds, and +- half the range between seeds (the seed noise to compare with)."""
+    cols = [c for c in COLUMNS if any(c[0] in r for runs in results.values() for r in runs)]
+    lines = ["| variant | " + " | ".join(title for _, title, _ in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for name, runs in results.items():
+        cells = []
+        for key, _, fmt in cols:
+            vals = [r[key] for r in runs if key in r]
+            if not vals:
+                cells.append("–")
+                continue
+            cell = fmt.format(np.mean(vals))
+            if len(vals) > 1:
+                cell += " ± " + fmt.format((max(vals) - min(vals)) / 2)
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\nmean over seeds {seeds} ± half the spread between seeds; " \
+        "metrics are layer means (dead experts: summed over layers) at the final evaluation.\n"
+
+
+def overlay(out_dir, names, seeds, path):
+    keys = [("val_loss", "val loss"), ("cv", "load CV"), ("entropy_norm", "routing entropy / log E"),
+            ("source_nmi", "NMI(expert, source)")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6))
+    for name in names:
+        curves = []
+        for seed in seeds:
+            log = os.path.join(out_dir, f"{slug(name)}-s{seed}", "log.jsonl")
+            if os.path.exists(log):
+                curves.append([(r["iter"], summarise(r)) for r in map(json.loads, open(log)) if "val_loss" in r])
+        if not curves:
+            continue
+        for (key, title), ax in zip(keys, axes):
+            pts = [(it, np.mean([c[i][1][key] for c in curves if i < len(c) and key in c[i][1]]))
+                   for i, (it, m) in enumerate(curves[0]) if key in m]
+            if pts:
+                ax.plot(*zip(*pts), "o-", ms=3, label=name)
+            ax.set(title=title, xlabel="iter")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short runs of a smaller model (< 15 min on 2 cores)")
+    parser.add_argument("--dry", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--dataset", default="synthetic", help="synthetic (config/synthetic.py) or a text dataset")
+    parser.add_argument("--out_dir", default=None)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help="a subset of the variant names")
+    args, extra = parser.parse_known_args()  # anything else goes to every train.py run
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        sys.exit(f"error: unknown variant(s) {unknown}; known: {list(VARIANTS)}")
+    out_dir = args.out_dir or f"out-ablation-{args.dataset}{'-quick' if args.quick else ''}"
+    base = ["config/synthetic.py"] if args.dataset == "synthetic" else [f"--dataset={args.dataset}"]
+    base += (QUICK if args.quick else []) + ["--num_samples=0"] + extra
+
+    jobs = [(name, seed) for name in args.variants for seed in args.seeds]
+    t0, done = time.time(), 0
+    for i, (name, seed) in enumerate(jobs):
+        run_dir = os.path.join(out_dir, f"{slug(name)}-s{seed}")
+        cmd = [sys.executable, "train.py", *base, f"--out_dir={run_dir}", f"--seed={seed}", *VARIANTS[name]]
+        if args.dry:
+            print(" ".join(cmd))
+            continue
+        if final_eval(run_dir):
+            print(f"[{i + 1}/{len(jobs)}] {name}, seed {seed}: already done")
+            continue
+        res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        if res.returncode != 0:
+            sys.exit(f"error: run '{name}' seed {seed} failed:\n{res.stderr[-2000:]}")
+        done += 1
+        eta = (time.time() - t0) / done * (len(jobs) - i - 1)
+        print(f"[{i + 1}/{len(jobs)}] {name}, seed {seed}: val loss {final_eval(run_dir)['val_loss']:.4f} "
+              f"({time.time() - t0:.0f} s so far, eta {eta / 60:.1f} min)", flush=True)
+    if args.dry:
+        return
+    results = {name: [summarise(final_eval(os.path.join(out_dir, f"{slug(name)}-s{s}"))) for s in args.seeds]
+               for name in args.variants}
+    md = table(results, args.seeds)
+    header = f"Ablation on `{args.dataset}`{' (quick)' if args.quick else ''}: train.py {' '.join(base)}\n\n"
+    with open(os.path.join(out_dir, "ablation.md"), "w") as fh:
+        fh.write(header + md)
+    overlay(out_dir, args.variants, args.seeds, os.path.join(out_dir, "ablation.png"))
+    print(header + md)
+    print(f"wrote {out_dir}/ablation.md and {out_dir}/ablation.png")
+
+
+if __name__ == "__main__":
+    main()
