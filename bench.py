@@ -4,6 +4,7 @@ Benchmarks (speed is measured here, never in tests). All ratios come from one pr
     python bench.py              # routing: torch vs compile vs triton, forward and forward+backward
     python bench.py --losses     # training-step overhead of the specialization + coupling losses
     python bench.py --model      # whole-model training step: dense vs MoE, naive vs sorted dispatch
+    TRITON_INTERPRET=0 python bench.py --ptx   # compile the kernels for an H100 (no GPU needed)
 
 On CUDA: timings by triton.testing.do_bench (CUDA events, warm-up, L2 cache cleared before every
 call, median). Achieved bandwidth counts the bytes the op must move at least: forward reads the
@@ -151,6 +152,35 @@ def model_bench(args):
                 del model, opt, fwd
 
 
+def ptx_check(args):
+    """
+    Compile every Triton kernel for an H100 (sm_90) without a GPU: catches what the interpreter
+    cannot (types, layouts, register pressure). Prints whether the PTX touches local memory,
+    which is where register spills go. Run with TRITON_INTERPRET=0.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import kernels as K
+    int_ptrs = {"idx_ptr": "*i64", "counts_ptr": "*i32"}
+
+    def compile_kernel(fn, const, dtype):
+        sig = {n: "constexpr" if n in const else
+               int_ptrs.get(n, f"*{dtype}" if n in ("a_ptr", "u_ptr", "da_ptr") else "*fp32") if n.endswith("_ptr")
+               else "i32" for n in fn.arg_names}
+        return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32))
+
+    jobs = [(fn, E, k, 1, dtype) for E, k in ((8, 2), (64, 8), (256, 8)) for dtype in ("fp32", "bf16")
+            for fn in (K._route_fwd_kernel, K._route_bwd_kernel)]
+    jobs += [(fn, 8, 2, 96, "fp32") for fn in (K._eigen_fwd_kernel, K._eigen_bwd_kernel)]
+    for fn, E, k, r, dtype in jobs:
+        BT, BE, BK, BR = K._blocks(E, k, r)
+        const = {"K": k, "RENORM": True, "BT": BT, "BE": BE, "BK": BK, **({"BR": BR} if r > 1 else {})}
+        ptx = compile_kernel(fn, const, dtype).asm["ptx"]
+        print(f"{fn.__name__:>18} E={E:<3} k={k} r={r:<2} {dtype}: sm_90 ok, "
+              f"{'SPILLS to local memory' if 'ld.local' in ptx else 'no spills'}")
+
+
 def losses_bench(args):
     """Median train-step time with c_sp = c_cp = 0 vs the paper's coefficients, interleaved."""
     from losses import aux_losses
@@ -190,11 +220,14 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--losses", action="store_true", help="overhead of the two regularisers")
     parser.add_argument("--model", action="store_true", help="whole-model training steps, dense vs MoE")
+    parser.add_argument("--ptx", action="store_true", help="compile the kernels for sm_90, no GPU needed")
     parser.add_argument("--reps", type=int, default=100, help="do_bench time budget per measurement (ms)")
     parser.add_argument("--steps", type=int, default=20, help="timed train steps per setting (--losses)")
     parser.add_argument("--bw", type=float, default=None, help="peak memory bandwidth of the device, GB/s")
     args = parser.parse_args()
-    if args.model:
+    if args.ptx:
+        ptx_check(args)
+    elif args.model:
         model_bench(args)
     elif args.losses:
         losses_bench(args)

@@ -561,6 +561,15 @@ def test_triton_eigen_route_equals_reference():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_triton_kernels_compile_for_h100_without_spills():
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    res = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), "--ptx"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 14 and all("sm_90 ok, no spills" in line for line in lines), res.stdout
+
+
 def test_route_reference_gradcheck():
     from kernels import route_reference
     torch.manual_seed(0)

@@ -319,7 +319,7 @@ def main(argv):
         if iter_num >= cfg["max_iters"]:
             break
 
-        loss_sum, terms_sum = 0.0, {}
+        loss_sum, total_sum, terms_sum = 0.0, 0.0, {}
         for micro in range(cfg["gradient_accumulation_steps"]):
             X, Y, _ = batch("train", batch_gen)
             if ddp:  # all-reduce gradients only on the last micro-step
@@ -331,12 +331,14 @@ def main(argv):
                 loss = (ce + aux) / cfg["gradient_accumulation_steps"]
             loss.backward()
             loss_sum = loss_sum + ce.detach() / cfg["gradient_accumulation_steps"]
+            total_sum = total_sum + loss.detach()
             for name, value in terms.items():
                 terms_sum[name] = terms_sum.get(name, 0.0) + value.detach() / cfg["gradient_accumulation_steps"]
-        lossf = float(loss_sum)  # one host sync per step: needed to stop on a NaN before the update
-        if not math.isfinite(lossf):
+        # one host sync per step: needed to stop on a NaN/inf (CE or auxiliary) before the update
+        lossf, totalf = torch.stack([loss_sum, total_sum]).tolist()
+        if not math.isfinite(totalf):
             if master:
-                print(f"error: loss is {lossf} at iter {iter_num}; stopped before the update. "
+                print(f"error: loss is {totalf} at iter {iter_num}; stopped before the update. "
                       f"The last good checkpoint is {out_dir}/ckpt.pt")
             sys.exit(1)
         if cfg["grad_clip"] > 0:
