@@ -154,13 +154,15 @@ def grouped_matmul(h, w, offs):
     if torch.is_autocast_enabled(h.device.type):   # grouped_mm is not on autocast's op list
         dtype = torch.get_autocast_dtype(h.device.type)
         h, w = h.to(dtype), w.to(dtype)
-    # F.grouped_mm (torch >= 2.9) needs rows aligned to 16 bytes. Its CUDA kernel and its meta
-    # function (what torch.compile traces) take bf16 only; eager CPU also runs fp32.
+    # The grouped GEMM (F.grouped_mm, torch._grouped_mm before it was public) needs rows aligned
+    # to 16 bytes. Its CUDA kernel and its meta function (what torch.compile traces) take bf16
+    # only; eager CPU also runs fp32. Elsewhere: one matmul per expert, with a host sync.
+    gmm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
     aligned = all(n * h.element_size() % 16 == 0 for n in w.shape[1:])
     eager_cpu = h.device.type == "cpu" and not torch.compiler.is_compiling()
-    if hasattr(F, "grouped_mm") and aligned and (h.dtype == torch.bfloat16 or eager_cpu):
-        return F.grouped_mm(h.contiguous(), w, offs=offs)
-    ends = offs.tolist()  # fallback: one matmul per expert (a host sync)
+    if gmm is not None and aligned and (h.dtype == torch.bfloat16 or eager_cpu):
+        return gmm(h.contiguous(), w, offs=offs)
+    ends = offs.tolist()
     starts = [0] + ends[:-1]
     return torch.cat([h[s:e] @ w[i] for i, (s, e) in enumerate(zip(starts, ends))])
 

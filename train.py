@@ -39,7 +39,7 @@ from model import GPT, GPTConfig
 # settings: the default is the GPU teaching run (a 6-layer, 8-expert GPT on tiny Shakespeare)
 # I/O
 out_dir = "out"
-eval_interval = 250         # evaluate, log routing metrics and checkpoint every this many steps
+eval_interval = 100         # evaluate, log routing metrics and checkpoint every this many steps
 log_interval = 10           # print a train line every this many steps
 eval_iters = 40             # batches per evaluation (the same batches every time)
 init_from = "scratch"       # 'scratch' or 'resume' (from out_dir/ckpt.pt)
@@ -57,7 +57,7 @@ c_cp = 1e-3                 # cross-layer coupling loss (Hu et al. 2026, Eq. 7);
 mu_ortho = 1e-2             # soft orthogonality penalty, only with ermoe_basis='penalty'
 # optimizer: AdamW, linear warmup then cosine decay to min_lr
 learning_rate = 1e-3
-max_iters = 2000
+max_iters = 1000
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
