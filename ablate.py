@@ -93,7 +93,7 @@ def overlay(out_dir, names, seeds, path):
     keys = [("val_loss", "val loss"), ("cv", "load CV"), ("entropy_norm", "routing entropy / log E"),
             ("source_nmi", "NMI(expert, source)")]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6))
-    for name in names:
+    for i, name in enumerate(names):
         curves = []
         for seed in seeds:
             log = os.path.join(out_dir, f"{slug(name)}-s{seed}", "log.jsonl")
@@ -105,10 +105,10 @@ def overlay(out_dir, names, seeds, path):
             pts = [(it, np.mean([c[i][1][key] for c in curves if i < len(c) and key in c[i][1]]))
                    for i, (it, m) in enumerate(curves[0]) if key in m]
             if pts:
-                ax.plot(*zip(*pts), "o-", ms=3, label=name)
+                ax.plot(*zip(*pts), "o-", ms=3, color=f"C{i}", label=name)
             ax.set(title=title, xlabel="iter")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(names), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
