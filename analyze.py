@@ -175,19 +175,24 @@ def plot_matrices(mats, titles, path, label, vmax=None):
     return path
 
 
-def plot_tokens(pieces, top1, path):
-    """pieces: N token strings; top1 (L, N) expert ids -> one coloured row per layer."""
+def plot_tokens(pieces, top1, path, source=None):
+    """pieces: N token strings; top1 (L, N) expert ids -> one coloured row per layer.
+    With source (N,) labels (synthetic task), a last row shows each token's source."""
+    rows = [f"layer {i}" for i in range(top1.shape[0])]
+    if source is not None:
+        top1, rows = np.concatenate([top1, source[None]]), rows + ["source"]
     L, N = top1.shape
     E = int(top1.max()) + 1
     fig, ax = plt.subplots(figsize=(0.32 * N + 1.5, 0.45 * L + 1.6))
     ax.imshow(top1, cmap=plt.get_cmap("tab10" if E <= 10 else "tab20"), vmin=0, vmax=9 if E <= 10 else 19,
               aspect="auto")
     ax.set_xticks(range(N), [repr(p)[1:-1] for p in pieces], rotation=90, fontsize=8, family="monospace")
-    ax.set_yticks(range(L), [f"layer {i}" for i in range(L)])
+    ax.set_yticks(range(L), rows)
     for layer in range(L):
         for j in range(N):
             ax.text(j, layer, str(int(top1[layer, j])), ha="center", va="center", fontsize=6, color="white")
-    ax.set_title("top-1 expert of each token (colour and number), per MoE layer")
+    ax.set_title("top-1 expert of each token (colour and number), per MoE layer"
+                 + (" (last row: the token's source)" if source is not None else ""))
     return save(fig, path)
 
 
@@ -211,17 +216,17 @@ def plot_ermoe(moes, routes, path):
 
 
 def probe_batch(cfg, n_tokens=48):
-    """A probe batch of validation data (ids (B, S), source labels or None, token strings)."""
+    """A probe batch of validation data: ids (B, S), the first n_tokens as strings, their sources."""
     from data import SyntheticMixture, get_batch, gpt2_encoding, load_split, prepare
     gen = torch.Generator().manual_seed(0)
     B, S = 8, cfg["block_size"]
     if cfg["dataset"] == "synthetic":
         x, _, labels = SyntheticMixture(vocab=min(256, cfg["vocab_size"])).batch(B, S, gen, "cpu")
-        return x, [f"{int(t)}" for t in x[0, :n_tokens]]
+        return x, [f"{int(t)}" for t in x[0, :n_tokens]], labels[0, :n_tokens].numpy()
     val = load_split(prepare(cfg["dataset"]), "val")
     enc = gpt2_encoding()
     x, _ = get_batch(val, B, S, gen, "cpu")
-    return x, [enc.decode([int(t)]) for t in x[0, :n_tokens]]
+    return x, [enc.decode([int(t)]) for t in x[0, :n_tokens]], None
 
 
 def plot_checkpoint(out_dir):
@@ -234,7 +239,7 @@ def plot_checkpoint(out_dir):
     if model.config.n_experts == 0:
         return []
     from metrics import RoutingStats
-    x, pieces = probe_batch(ckpt["config"])
+    x, pieces, source = probe_batch(ckpt["config"])
     moes, inputs, routes = probe(model, x)
     L = len(moes)
     written = [plot_matrices([expert_cos2(m, h) for m, h in zip(moes, inputs)], [f"layer {i}" for i in range(L)],
@@ -245,7 +250,7 @@ def plot_checkpoint(out_dir):
         written.append(plot_matrices(stats.transitions(), [f"layer {i} -> {i + 1}" for i in range(L - 1)],
                                      os.path.join(out_dir, "transitions.png"), "P(next expert | expert)", vmax=1))
     top1 = torch.stack([r.idx[:, 0].view(x.shape)[0, :len(pieces)] for r in routes]).numpy()  # (L, N)
-    written.append(plot_tokens(pieces, top1, os.path.join(out_dir, "tokens.png")))
+    written.append(plot_tokens(pieces, top1, os.path.join(out_dir, "tokens.png"), source))
     if model.config.router == "ermoe":
         written.append(plot_ermoe(moes, routes, os.path.join(out_dir, "ermoe.png")))
     return written
