@@ -90,15 +90,16 @@ def table(results, seeds):
 
 
 def overlay(out_dir, names, seeds, path):
-    keys = [("val_loss", "val loss"), ("cv", "load CV"), ("entropy_norm", "routing entropy / log E"),
-            ("source_nmi", "NMI(expert, source)")]
+    runs = {}
+    for name in names:
+        logs = [os.path.join(out_dir, f"{slug(name)}-s{seed}", "log.jsonl") for seed in seeds]
+        runs[name] = [[(r["iter"], summarise(r)) for r in map(json.loads, open(log)) if "val_loss" in r]
+                      for log in logs if os.path.exists(log)]
+    keys = [(k, t) for k, t in (("val_loss", "val loss"), ("cv", "load CV"), ("entropy_norm", "routing entropy / log E"),
+                                ("next_nmi", "NMI(layer l, l+1)"), ("source_nmi", "NMI(expert, source)"))
+            if any(k in m for curves in runs.values() for c in curves for _, m in c)]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6))
-    for i, name in enumerate(names):
-        curves = []
-        for seed in seeds:
-            log = os.path.join(out_dir, f"{slug(name)}-s{seed}", "log.jsonl")
-            if os.path.exists(log):
-                curves.append([(r["iter"], summarise(r)) for r in map(json.loads, open(log)) if "val_loss" in r])
+    for i, (name, curves) in enumerate(runs.items()):
         if not curves:
             continue
         for (key, title), ax in zip(keys, axes):
