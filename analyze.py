@@ -242,8 +242,9 @@ def plot_checkpoint(out_dir):
     x, pieces, source = probe_batch(ckpt["config"])
     moes, inputs, routes = probe(model, x)
     L = len(moes)
-    written = [plot_matrices([expert_cos2(m, h) for m, h in zip(moes, inputs)], [f"layer {i}" for i in range(L)],
-                             os.path.join(out_dir, "expert_cosine.png"), "mean cos^2 of intermediates", vmax=1)]
+    cos2 = [expert_cos2(m, h).fill_diagonal_(float("nan")) for m, h in zip(moes, inputs)]  # diagonal is 1
+    written = [plot_matrices(cos2, [f"layer {i}" for i in range(L)], os.path.join(out_dir, "expert_cosine.png"),
+                             "mean cos^2 between experts (diagonal hidden)")]
     stats = RoutingStats()
     stats.update(routes)
     if L > 1:

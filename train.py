@@ -183,6 +183,7 @@ def setup(argv):
 
 
 def main(argv):
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines show up at once in a log file too
     try:
         cfg, model_cfg, ckpt = setup(argv)
     except (ValueError, FileNotFoundError) as err:
