@@ -24,7 +24,9 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels import topk_route  # noqa: E402  (after TRITON_INTERPRET is set)
+from kernels import topk_route  # noqa: E402  (imports after TRITON_INTERPRET is set)
+from losses import aux_losses  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 # peak HBM bandwidth (GB/s) by device name; pass --bw for another device
 PEAK_BW = {"H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H200": 4800, "A100-SXM4-80GB": 2039}
@@ -88,6 +90,20 @@ def routing_bench(args):
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peak
 
 
+def train_step(fwd, opt, idx, coefs):
+    """One training step closure: forward (bf16 autocast on CUDA), all losses, backward, AdamW."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if CUDA else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with autocast:
+            _, ce, routes = fwd(idx, idx)
+            aux, _ = aux_losses(routes, **coefs, all_terms=False)
+        (ce + aux).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 def step_timer(step, n):
     """Median wall time of n calls of step() after 2 warm-up calls (synchronised on CUDA)."""
     times = []
@@ -105,8 +121,6 @@ def step_timer(step, n):
 
 def model_bench(args):
     """Whole training steps: dense vs MoE (E=8,k=2) vs fine-grained MoE (E=64,k=8), naive vs sorted."""
-    from losses import aux_losses
-    from model import GPT, GPTConfig
     device = "cuda" if CUDA else "cpu"
     name = torch.cuda.get_device_name() if CUDA else "cpu"
     if CUDA:  # GPT-2 small
@@ -127,18 +141,8 @@ def model_bench(args):
                 torch.manual_seed(0)
                 model = GPT(cfg).to(device)
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=CUDA)
-                fwd = torch.compile(model) if compiled else model
                 idx = torch.randint(0, 50257, (B, cfg.block_size), device=device)
-                autocast = torch.autocast("cuda", dtype=torch.bfloat16) if CUDA else torch.autocast("cpu", enabled=False)
-
-                def step():
-                    with autocast:
-                        _, ce, routes = fwd(idx, idx)
-                        aux, _ = aux_losses(routes, **coefs, all_terms=False)
-                    (ce + aux).backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-
+                step = train_step(torch.compile(model) if compiled else model, opt, idx, coefs)
                 if CUDA:
                     torch.cuda.reset_peak_memory_stats()
                 dt = step_timer(step, args.steps)
@@ -149,7 +153,7 @@ def model_bench(args):
                 mem = torch.cuda.max_memory_allocated() / 2**30 if CUDA else float("nan")
                 print(f"{label:>14} {dispatch:>8} {str(compiled):>8} | {dt * 1e3:8.1f} {tokens / dt:9.0f} {mem:8.2f}"
                       f" {mfu} | {active / 1e6:8.1f} {total / 1e6:8.1f}")
-                del model, opt, fwd
+                del model, opt, step
 
 
 def ptx_check(args):
@@ -183,8 +187,6 @@ def ptx_check(args):
 
 def losses_bench(args):
     """Median train-step time with c_sp = c_cp = 0 vs the paper's coefficients, interleaved."""
-    from losses import aux_losses
-    from model import GPT, GPTConfig
     device = "cuda" if CUDA else "cpu"
     if CUDA:
         cfg, B = GPTConfig(), 32
@@ -194,21 +196,12 @@ def losses_bench(args):
     model = GPT(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     idx = torch.randint(0, 50257, (B, cfg.block_size), device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if CUDA else torch.autocast("cpu", enabled=False)
     settings = {"without": dict(c_lb=0.01, c_z=1e-3), "with": dict(c_lb=0.01, c_z=1e-3, c_sp=2e-3, c_cp=1e-3)}
-
-    def step(coefs):
-        with autocast:
-            _, ce, routes = model(idx, idx)
-            aux, _ = aux_losses(routes, **coefs, all_terms=False)
-        (ce + aux).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    steps = {name: train_step(model, opt, idx, coefs) for name, coefs in settings.items()}
     times = {k: [] for k in settings}
     for _ in range(args.steps):  # A/B interleaved, one step at a time, so drift hits both alike
-        for name, coefs in settings.items():
-            times[name].append(step_timer(lambda: step(coefs), 1))
+        for name, step in steps.items():
+            times[name].append(step_timer(step, 1))
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     print(f"device: {torch.cuda.get_device_name() if CUDA else 'cpu'}, torch {torch.__version__}, "
           f"{cfg.n_layer} layers, d={cfg.n_embd}, E={cfg.n_experts}, k={cfg.top_k}, {B}x{cfg.block_size} tokens")
