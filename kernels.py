@@ -242,7 +242,7 @@ if triton is not None:
 
 def _blocks(E, k, r=1):
     BE, BK, BR = triton.next_power_of_2(E), triton.next_power_of_2(k), triton.next_power_of_2(r)
-    BT = max(1, min(64, 8192 // (BE * BR)))  # keep a tile at <= 8k fp32 values per program
+    BT = max(1, min(512, 4096 // (BE * BR)))  # ~4k values a program: 512 rows at E=8, 16 at E=256
     return BT, BE, BK, BR
 
 

@@ -518,6 +518,7 @@ def route_loss(route, T, E, k, extra=None):
     (37, 8, 2, True, torch.float32), (50, 6, 3, False, torch.float32), (20, 5, 5, True, torch.float32),
     (33, 64, 8, True, torch.float32), (10, 3, 1, True, torch.float32), (9, 256, 8, False, torch.float32),
     (40, 8, 2, True, torch.bfloat16), (24, 12, 4, False, torch.bfloat16),
+    (1100, 8, 2, True, torch.float32), (100, 256, 8, True, torch.bfloat16),  # several row blocks, ragged end
 ])
 def test_triton_route_equals_reference(T, E, k, renorm, dtype):
     torch.manual_seed(0)
@@ -544,7 +545,7 @@ def test_triton_route_equals_reference(T, E, k, renorm, dtype):
 def test_triton_eigen_route_equals_reference():
     from router import orthonormal
     torch.manual_seed(0)
-    T, E, r, d = 29, 6, 5, 32
+    T, E, r, d = 150, 6, 5, 32  # 3 row blocks of 64, the last one ragged
     x = torch.randn(T, d)
     P = orthonormal(torch.randn(E, d, r))
     inputs = (torch.einsum("td,edr->ter", x, P).flatten(1), x.norm(dim=-1), torch.tensor(10.0))
