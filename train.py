@@ -148,12 +148,16 @@ def load_checkpoint(path):
     return ckpt
 
 
+def default_settings():
+    """The globals above (training) and the GPTConfig fields (model): every key --key=value accepts."""
+    train = {k: v for k, v in globals().items()
+             if not k.startswith("_") and k.islower() and isinstance(v, (bool, int, float, str))}
+    return {**train, **asdict(GPTConfig())}
+
+
 def setup(argv):
     """Everything that can fail on bad input, before any training: config, device, data, model."""
-    defaults = {k: v for k, v in globals().items()
-                if not k.startswith("_") and k.islower() and isinstance(v, (bool, int, float, str))}
-    defaults.update(asdict(GPTConfig()))
-    cfg, explicit = parse_config(defaults, argv)
+    cfg, explicit = parse_config(default_settings(), argv)
     if cfg["device"] == "auto":
         cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
         if cfg["device"] == "cpu":
@@ -184,6 +188,10 @@ def setup(argv):
 
 def main(argv):
     sys.stdout.reconfigure(line_buffering=True)  # progress lines show up at once in a log file too
+    if {"-h", "--help"} & set(argv):
+        print(__doc__ + "\nsettings (defaults):\n" +
+              "\n".join(f"  --{k}={v!r}" for k, v in default_settings().items()))
+        return
     try:
         cfg, model_cfg, ckpt = setup(argv)
     except (ValueError, FileNotFoundError) as err:
