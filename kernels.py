@@ -391,27 +391,45 @@ torch.library.register_autograd("nanomoe::eigen_route", _eigen_backward, setup_c
 IMPLS = ("torch", "compile", "triton")
 
 
+def triton_unsupported(E, k):
+    """Why impl='triton' cannot route E experts top-k here, or None if it can."""
+    if triton is None:
+        return "impl='triton' needs triton installed"
+    if E > 256 or k > 8:
+        return f"impl='triton' supports n_experts <= 256 and top_k <= 8, got {E} and {k}"
+    return None
+
+
+def resolve_impl(impl, E, k, device):
+    """'auto' -> the Triton kernel on CUDA where it supports the shape, else the PyTorch reference."""
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and triton_unsupported(E, k) is None else "torch"
+    return impl
+
+
+def _check(impl, E, k):
+    if not 1 <= k <= E:
+        raise ValueError(f"need 1 <= k <= E, got k={k}, E={E}")
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl '{impl}' ({'|'.join(IMPLS)})")
+    if impl == "triton" and triton_unsupported(E, k):
+        raise ValueError(triton_unsupported(E, k))
+
+
 def topk_route(logits, k, impl="triton", renormalize=True):
     """logits (T, E) -> Route(gates, idx, lse, mass, counts, psum); the same for every impl."""
-    T, E = logits.shape
-    if not 1 <= k <= min(E, 8 if impl == "triton" else E):
-        raise ValueError(f"need 1 <= k <= E (and k <= 8 for triton), got k={k}, E={E}")
+    _check(impl, logits.shape[1], k)
     if impl == "torch":
         return route_reference(logits, k, renormalize)
     if impl == "compile":
         return Route(*_compiled(logits, k, renormalize))
-    if impl == "triton":
-        if triton is None or E > 256:
-            raise ValueError("impl='triton' needs triton installed and E <= 256")
-        return Route(*_route_op(logits, k, renormalize))
-    raise ValueError(f"unknown impl '{impl}' ({'|'.join(IMPLS)})")
+    return Route(*_route_op(logits, k, renormalize))
 
 
 def eigen_route(u, xnorm, beta, k, r, impl="triton", renormalize=True):
     """ERMoE: coordinates u (T, E*r), ||x|| (T,), beta () -> (logits (T, E), Route)."""
+    _check(impl, u.shape[1] // r, k)
     if impl == "triton":
-        if triton is None:
-            raise ValueError("impl='triton' needs triton installed")
         logits, *rest = _eigen_op(u, xnorm, beta, k, r, renormalize)
         return logits, Route(*rest)
     logits = eigen_logits_reference(u, xnorm, beta, r)

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from kernels import eigen_route, topk_route
+from kernels import eigen_route, resolve_impl, topk_route, triton_unsupported
 from router import EigenRouter, SoftmaxRouter
 
 
@@ -51,7 +51,7 @@ class GPTConfig:
     router: str = "softmax"     # 'softmax' (linear) | 'ermoe' (eigenbasis, router.py)
     gate_renorm: bool = True    # gates = softmax over the k selected logits (else: full-softmax p)
     dispatch: str = "sorted"    # 'sorted' (grouped matmul) | 'naive' (per-expert loop, reference)
-    router_impl: str = "auto"   # top-k routing: 'auto' (triton on CUDA, else torch) | torch | compile | triton
+    router_impl: str = "auto"   # 'auto' (triton on CUDA where it fits, else torch) | torch | compile | triton
     ermoe_basis: str = "independent"  # 'independent' | 'partitioned' | 'penalty'
     ermoe_rank: int = 0         # r; 0 = n_embd // n_experts (the E bases can tile R^d)
 
@@ -70,8 +70,8 @@ class GPTConfig:
             raise ValueError(f"unknown dispatch '{self.dispatch}' (sorted|naive)")
         if self.router_impl not in ("auto", "torch", "compile", "triton"):
             raise ValueError(f"unknown router_impl '{self.router_impl}' (auto|torch|compile|triton)")
-        if self.router_impl == "triton" and self.top_k > 8:
-            raise ValueError(f"router_impl='triton' supports top_k <= 8, got {self.top_k}")
+        if self.router_impl == "triton" and self.n_experts > 0 and triton_unsupported(self.n_experts, self.top_k):
+            raise ValueError(triton_unsupported(self.n_experts, self.top_k))
         if self.ffn_hidden == 0:
             self.ffn_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
         if self.n_experts > 0 and self.expert_hidden == 0:
@@ -186,7 +186,7 @@ class MoE(nn.Module):
     def forward(self, x):
         B, S, d = x.shape
         x = x.reshape(B * S, d)                                     # (T, d)
-        impl = self.impl if self.impl != "auto" else ("triton" if x.is_cuda else "torch")
+        impl = resolve_impl(self.impl, self.w_up.shape[0], self.k, x.device)
         if isinstance(self.router, EigenRouter):
             u, xnorm = self.router(x)                               # (T, E, r), (T,) fp32
             logits, r = eigen_route(u.flatten(1), xnorm, self.router.beta(), self.k, u.shape[2],

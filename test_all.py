@@ -571,6 +571,18 @@ def test_triton_kernels_compile_for_h100_without_spills():
     assert len(lines) == 14 and all("sm_90 ok, no spills" in line for line in lines), res.stdout
 
 
+def test_auto_impl_uses_triton_only_where_it_fits():
+    from kernels import resolve_impl
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_impl("auto", 64, 8, cuda) == "triton" and resolve_impl("auto", 64, 8, cpu) == "torch"
+    assert resolve_impl("auto", 512, 2, cuda) == "torch" and resolve_impl("auto", 16, 10, cuda) == "torch"
+    assert resolve_impl("compile", 512, 2, cuda) == "compile"
+    with pytest.raises(ValueError, match="n_experts <= 256 and top_k <= 8"):
+        GPTConfig(n_experts=512, top_k=2, router_impl="triton")
+    with pytest.raises(ValueError, match="top_k <= 8"):
+        topk_route(torch.randn(4, 16), 10, "triton")
+
+
 def test_route_reference_gradcheck():
     from kernels import route_reference
     torch.manual_seed(0)
