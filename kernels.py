@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 
-from router import select_topk
+from router import expert_counts, select_topk
 
 try:
     import triton
@@ -60,10 +60,7 @@ def route_reference(logits, k, renormalize=True):
     p = (a - lse[:, None]).exp()                                    # (T, E) full softmax
     gates, idx = select_topk(a, k, renormalize)                     # (T, k), (T, k)
     mass = p.gather(1, idx).sum(dim=-1)                             # (T,)
-    flat = idx.reshape(-1)
-    counts = torch.zeros(a.shape[1], dtype=torch.int32, device=a.device).scatter_add_(
-        0, flat, torch.ones_like(flat, dtype=torch.int32))          # (E,)
-    return Route(gates, idx, lse, mass, counts, p.sum(dim=0))
+    return Route(gates, idx, lse, mass, expert_counts(idx, a.shape[1]), p.sum(dim=0))
 
 
 def eigen_logits_reference(u, xnorm, beta, r):

@@ -23,6 +23,8 @@ All terms are computed in fp32.
 
 import torch
 
+from router import expert_counts
+
 # Each loss has two forms: the SPEC section 6 function of the full probabilities (the reference,
 # tested against brute force), and the form of the per-layer statistics the fused routing pass
 # (kernels.py) already produced, which training uses so that p is never materialised.
@@ -37,10 +39,7 @@ def balance_from_stats(counts, psum, T, k):
 def load_balancing_loss(probs, idx):
     """probs (T, E) full softmax, idx (T, k) selected experts -> scalar E * sum_e f_e P_e."""
     T, E = probs.shape
-    flat = idx.reshape(-1)
-    counts = torch.zeros(E, dtype=torch.int32, device=probs.device).scatter_add_(
-        0, flat, torch.ones_like(flat, dtype=torch.int32))                 # (E,)
-    return balance_from_stats(counts, probs.float().sum(dim=0), T, idx.shape[1])
+    return balance_from_stats(expert_counts(idx, E), probs.float().sum(dim=0), T, idx.shape[1])
 
 
 def z_loss(logits):

@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from losses import specialization_loss
+
 
 def load_stats(counts):
     """counts (E,) tokens per expert -> CV, max/mean and dead experts of load_e = count_e / sum."""
@@ -52,14 +54,10 @@ def nmi(joint):
 
 
 def coactivation_cos2(z):
-    """Mean squared cosine between the intermediates of co-activated experts, z (T, k, f)."""
-    T, k, _ = z.shape
-    if k < 2:
-        return 0.0
-    zn = torch.nn.functional.normalize(z.double(), dim=-1)
-    cos2 = (zn @ zn.transpose(1, 2)).pow(2)                          # (T, k, k)
-    off = ~torch.eye(k, dtype=torch.bool, device=z.device)
-    return cos2[:, off].mean().item()
+    """Mean squared cosine between the intermediates of co-activated experts, z (T, k, f):
+    the specialization loss R_sp averaged over the k(k-1) ordered pairs instead of summed."""
+    k = z.shape[1]
+    return 0.0 if k < 2 else specialization_loss(z).item() / (k * (k - 1))
 
 
 class RoutingStats:

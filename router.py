@@ -48,6 +48,13 @@ def select_topk(logits, k, renormalize=True):
     return gates, idx
 
 
+def expert_counts(idx, n_experts):
+    """Tokens routed to each expert: idx (T, k) -> (E,) int32. scatter_add, not bincount: no host sync."""
+    flat = idx.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.int32, device=idx.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))
+
+
 class SoftmaxRouter(nn.Module):
     """a = x W^T, computed in fp32: logits (T, E)."""
 
