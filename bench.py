@@ -4,7 +4,7 @@ Benchmarks (speed is measured here, never in tests). All ratios come from one pr
     python bench.py              # routing: torch vs compile vs triton, forward and forward+backward
     python bench.py --losses     # training-step overhead of the specialization + coupling losses
     python bench.py --model      # whole-model training step: dense vs MoE, naive vs sorted dispatch
-    TRITON_INTERPRET=0 python bench.py --ptx   # compile the kernels for an H100 (no GPU needed)
+    TRITON_INTERPRET=0 python bench.py --resources   # registers/spills of every kernel on an H100, no GPU needed
 
 On CUDA: timings by triton.testing.do_bench (CUDA events, warm-up, L2 cache cleared before every
 call, median). Achieved bandwidth counts the bytes the op must move at least: forward reads the
@@ -156,33 +156,60 @@ def model_bench(args):
                 del model, opt, step
 
 
-def ptx_check(args):
+RESOURCE_JOBS = [  # (kernel, E, k, r, logits dtype, renormalize): the corners of what the model launches
+    *[(kind, E, k, None, "fp32", True) for E, k in ((1, 1), (2, 1), (8, 2), (16, 4), (64, 8), (256, 8))
+      for kind in ("route_fwd", "route_bwd")],
+    *[(kind, E, 8, None, dtype, renorm) for E in (64, 256) for dtype, renorm in (("bf16", True), ("fp32", False))
+      for kind in ("route_fwd", "route_bwd")],
+    *[(kind, E, k, r, "fp32", True) for E, k, r in ((2, 1, 64), (8, 2, 16), (64, 8, 128), (256, 8, 1024))
+      for kind in ("eigen_fwd", "eigen_bwd")],
+]
+
+
+def resources(args):
     """
-    Compile every Triton kernel for an H100 (sm_90) without a GPU: catches what the interpreter
-    cannot (types, layouts, register pressure). Prints whether the PTX touches local memory,
-    which is where register spills go. Run with TRITON_INTERPRET=0.
+    Compile every kernel variant in RESOURCE_JOBS for an H100 (sm_90) without a GPU and read the
+    registers per thread and the stack frame from the cubin (cuobjdump -res-usage, both shipped with
+    triton). Register spills go to the stack, so STACK > 0 means spills. (PTX cannot show spills:
+    it has unlimited virtual registers; only ptxas decides.) Also checks in the Triton IR that the
+    program id is widened to 64 bits before it scales any address (T*E may pass 2^31).
+    Run with TRITON_INTERPRET=0.
     """
+    import re
+    import subprocess
+    import tempfile
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     import kernels as K
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    fns = {"route_fwd": K._route_fwd_kernel, "route_bwd": K._route_bwd_kernel,
+           "eigen_fwd": K._eigen_fwd_kernel, "eigen_bwd": K._eigen_bwd_kernel}
     int_ptrs = {"idx_ptr": "*i64", "counts_ptr": "*i32"}
-
-    def compile_kernel(fn, const, dtype):
+    print(f"{'kernel':>9} {'E':>4} {'k':>2} {'r':>5} {'dtype':>5} {'renorm':>6} | {'BT':>4} {'RC':>3} | "
+          f"{'regs':>4} {'stack B':>7} {'64-bit rows':>11}")
+    worst, narrow = 0, 0
+    for kind, E, k, r, dtype, renorm in RESOURCE_JOBS:
+        fn = fns[kind]
+        BT, BE, BK, RC = K._blocks(E, k, r)
+        const = {"K": k, "RENORM": renorm, "BT": BT, "BE": BE, "BK": BK, **({"RC": RC} if r else {})}
         sig = {n: "constexpr" if n in const else
                int_ptrs.get(n, f"*{dtype}" if n in ("a_ptr", "u_ptr", "da_ptr") else "*fp32") if n.endswith("_ptr")
                else "i32" for n in fn.arg_names}
-        return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32))
-
-    jobs = [(fn, E, k, 1, dtype) for E, k in ((8, 2), (64, 8), (256, 8)) for dtype in ("fp32", "bf16")
-            for fn in (K._route_fwd_kernel, K._route_bwd_kernel)]
-    jobs += [(fn, 8, 2, 96, "fp32") for fn in (K._eigen_fwd_kernel, K._eigen_bwd_kernel)]
-    for fn, E, k, r, dtype in jobs:
-        BT, BE, BK, BR = K._blocks(E, k, r)
-        const = {"K": k, "RENORM": True, "BT": BT, "BE": BE, "BK": BK, **({"BR": BR} if r > 1 else {})}
-        ptx = compile_kernel(fn, const, dtype).asm["ptx"]
-        print(f"{fn.__name__:>18} E={E:<3} k={k} r={r:<2} {dtype}: sm_90 ok, "
-              f"{'SPILLS to local memory' if 'ld.local' in ptx else 'no spills'}")
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32))
+        pid = re.search(r"%(\S+) = tt.get_program_id x : i32", compiled.asm["ttir"]).group(1)
+        wide = f"arith.extsi %{pid} : i32 to i64" in compiled.asm["ttir"]
+        narrow += not wide
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+            fh.write(compiled.asm["cubin"])
+            fh.flush()
+            out = subprocess.run([cuobjdump, "-res-usage", fh.name], capture_output=True, text=True, check=True).stdout
+        regs, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", out).groups())
+        worst = max(worst, stack)
+        print(f"{kind:>9} {E:>4} {k:>2} {r or '-':>5} {dtype:>5} {str(renorm):>6} | {BT:>4} {RC or '-':>3} | "
+              f"{regs:>4} {stack:>7} {'yes' if wide else 'NO':>11}", flush=True)
+    print("no spills" if worst == 0 else f"SPILLS: up to {worst} bytes of stack per thread")
+    print("64-bit row offsets everywhere" if narrow == 0 else f"32-BIT ROW OFFSETS in {narrow} kernels")
 
 
 def losses_bench(args):
@@ -213,13 +240,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--losses", action="store_true", help="overhead of the two regularisers")
     parser.add_argument("--model", action="store_true", help="whole-model training steps, dense vs MoE")
-    parser.add_argument("--ptx", action="store_true", help="compile the kernels for sm_90, no GPU needed")
+    parser.add_argument("--resources", action="store_true", help="registers and spills of the kernels on sm_90 (no GPU)")
     parser.add_argument("--reps", type=int, default=100, help="do_bench time budget per measurement (ms)")
     parser.add_argument("--steps", type=int, default=20, help="timed train steps per setting (--losses)")
     parser.add_argument("--bw", type=float, default=None, help="peak memory bandwidth of the device, GB/s")
     args = parser.parse_args()
-    if args.ptx:
-        ptx_check(args)
+    if args.resources:
+        resources(args)
     elif args.model:
         model_bench(args)
     elif args.losses:

@@ -1,12 +1,13 @@
 """
-Fused top-k routing (SPEC section 4): one pass over the router logits gives everything routing and
+Fused top-k routing: one pass over the router logits gives everything routing and
 the router-side losses need. Three implementations of one function, `topk_route`:
 
   impl="torch"    plain PyTorch: the test oracle and the version to read in a lecture
   impl="compile"  the same code under torch.compile (the baseline a user gets for free)
   impl="triton"   a Triton kernel pair (forward + backward), wrapped as torch.library custom ops
 
-Notation: T tokens, E experts, k experts per token, r ERMoE basis rank; BT/BE/BK/BR block sizes.
+Notation: T tokens, E experts, k experts per token, r ERMoE basis rank; BT/BE/BK block sizes
+(rows, experts, k padded to powers of two), RC a chunk of ERMoE coordinates.
 
 Outputs (`Route`): gates (T, k) fp32, idx (T, k) int64 (ties -> lower index), and the statistics
 of the losses in losses.py: lse (T,) = logsumexp_e a (z-loss), mass (T,) = top-k mass of the full
@@ -15,18 +16,35 @@ An ERMoE variant (`eigen_route`) also fuses the eigenbasis score s = ||u_e|| / |
 into the same pass (u = x P: the basis coordinates, which the experts reuse as their input).
 
 Design notes
-- One program handles BT rows; the whole row of E logits (padded to a power of two BE <= 256)
-  sits in registers, so a row's max, logsumexp, softmax and k arg-max passes never touch memory
-  again. Top-k is k rounds of "max, then the lowest column holding it, then mask it out": exact
+- One program handles BT rows; the row of E logits (padded to a power of two BE <= 256) sits in
+  registers, so a row's max, logsumexp, softmax and k arg-max rounds never touch memory again.
+  Top-k is k rounds of "take the largest free column, the lowest one on equal values": exact
   tie-breaking, and k <= 8 rounds of register work is cheaper than a sort.
+- Tiles hold ~1k values (TILE = 1024: BT = 1024/BE rows, 128 rows at E=8, 4 at E=256) with 4 warps.
+  Measured from the sm_90 binaries (`TRITON_INTERPRET=0 python bench.py --resources`, cuobjdump
+  of Triton's cubin, triton 3.9): 64-120 registers per thread and no stack (no spills) for every
+  variant up to E=256, k=8, fp32/bf16. With ~4k-value tiles the forward kernels sat at the 255
+  register cap and spilled (80-624 bytes of stack per thread); at 2k they reached 247 registers.
+  The ERMoE kernels take BT = 256/BE rows and read the coordinates u in chunks of RC (4) columns,
+  so a chunk is again ~1k values whatever r is (at E=64, r=128 the old whole-row tile spilled
+  1216 bytes per thread); the backward reads u twice (norms, then du) instead of holding it.
+- Offsets are 64-bit (the program id is widened first): T*E, or T*E*r for ERMoE, may pass 2^31.
+- Edge values follow the reference exactly: a NaN counts as the largest logit (as in torch.sort)
+  and gives NaN gates/statistics, a row with fewer than k finite logits still gets k distinct
+  experts, +inf / all -inf rows give logsumexp +inf / -inf as torch.logsumexp. A NaN therefore
+  surfaces as NaN output (and train.py's guard stops), never as an out-of-range index.
+  fp64 logits are refused (the kernel computes in fp32 and could select differently).
 - Per-expert counts and sum_t p are written as per-block partial rows and summed by torch: no
   atomics, so the result is deterministic run to run (float atomics are not).
 - Backward recomputes p from the logits and the saved lse (one more read of a[T, E]) instead of
   saving p: memory traffic is the whole cost of this op, and p would be as large as a.
-- The custom ops have fake (meta) implementations, and their derivative is registered with
-  torch.library.register_autograd (the custom-op form of an autograd.Function), so
-  torch.compile(fullgraph=True) traces a model through them without a graph break.
+- The custom ops have fake (meta) implementations that return contiguous tensors, like the real
+  ops, and their derivative is registered with torch.library.register_autograd (the custom-op
+  form of an autograd.Function), so torch.compile(fullgraph=True) traces a model through them
+  without a graph break.
 - The math is fp32 whatever the input dtype (bf16 logits are upcast in registers).
+- Not measured: speed on a GPU (no GPU was available to this project yet); the tile size was
+  chosen for registers, not tuned for bandwidth.
 """
 
 from typing import NamedTuple
@@ -75,7 +93,9 @@ _compiled_reference = None
 def _compiled(logits, k, renormalize):
     global _compiled_reference
     if _compiled_reference is None:
-        _compiled_reference = torch.compile(route_reference, fullgraph=True, dynamic=False)
+        # dynamic=True: one graph for every number of tokens (and E, k). With static shapes each new T
+        # recompiled, and the 9th shape hit torch.compile's recompile limit (generate() alone has S).
+        _compiled_reference = torch.compile(route_reference, fullgraph=True, dynamic=True)
     return _compiled_reference(logits, k, renormalize)
 
 
@@ -85,51 +105,65 @@ def _compiled(logits, k, renormalize):
 if triton is not None:
 
     @triton.jit
+    def _row_lse(a, colv):
+        """logsumexp of each row of a (BT, BE) over the real columns, with torch.logsumexp's
+        conventions: +inf if a row holds +inf, -inf if it is all -inf, NaN if it holds a NaN."""
+        m = tl.max(tl.where(colv & (a == a), a, -float("inf")), axis=1)
+        m = tl.where((m == float("inf")) | (m == -float("inf")), 0.0, m)  # an infinite max is not subtracted
+        s = tl.sum(tl.where(colv, tl.exp(a - m[:, None]), 0.0), axis=1)  # a NaN propagates through exp
+        return tl.log(s) + m
+
+    @triton.jit
     def _route_tile(a, rows, rmask, cols, pid, E, gates_ptr, idx_ptr, lse_ptr, mass_ptr, counts_ptr, psum_ptr,
                     K: tl.constexpr, RENORM: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
-        """Route one tile of logits a (BT, BE) fp32, padded columns at -inf; store all outputs."""
-        m = tl.max(a, axis=1)                                       # (BT,) row max
-        e = tl.exp(a - m[:, None])
-        s = tl.sum(e, axis=1)
-        p = e / s[:, None]                                          # (BT, BE) full softmax
+        """Route one tile of logits a (BT, BE) fp32 and store every output of that tile."""
+        colv = (cols < E)[None, :]                                  # (1, BE) real columns
+        lse = _row_lse(a, colv)                                     # (BT,)
+        p = tl.where(colv, tl.exp(a - lse[:, None]), 0.0)           # (BT, BE) full softmax
+        isnan = a != a
         kcols = tl.arange(0, BK)
-        work = a
-        g = tl.zeros((BT, BK), tl.float32)                          # selected exp(a - m)
+        # k rounds of "take the best free column": a NaN counts as the largest value (as in torch.sort),
+        # equal values go to the lowest column. A `taken` mask, not -inf, marks what is gone, so a
+        # row with fewer than k finite logits still gets k distinct experts.
+        taken = tl.broadcast_to(~colv, (BT, BE))
+        v = tl.zeros((BT, BK), tl.float32)                          # selected logits, best first
         ix = tl.zeros((BT, BK), tl.int32)                           # selected experts
-        hits = tl.zeros((BT, BE), tl.int32)                         # one-hot selections
         for j in tl.static_range(K):
-            vmax = tl.max(work, axis=1)                             # (BT,)
-            cand = tl.where(work == vmax[:, None], cols[None, :], 1 << 30)
-            ij = tl.min(cand, axis=1)                               # lowest column holding the max
-            hit = cols[None, :] == ij[:, None]                      # (BT, BE)
-            work = tl.where(hit, -float("inf"), work)
-            g = tl.where(kcols[None, :] == j, tl.exp(vmax - m)[:, None], g)
+            free = ~taken
+            inan = tl.min(tl.where(free & isnan, cols[None, :], BE), axis=1)      # lowest free NaN
+            vmax = tl.max(tl.where(free & ~isnan, a, -float("inf")), axis=1)
+            ival = tl.min(tl.where(free & (a == vmax[:, None]), cols[None, :], BE), axis=1)
+            ij = tl.where(inan < BE, inan, ival)                    # (BT,)
+            vj = tl.where(inan < BE, float("nan"), vmax)
+            taken = taken | (cols[None, :] == ij[:, None])
+            v = tl.where(kcols[None, :] == j, vj[:, None], v)
             ix = tl.where(kcols[None, :] == j, ij[:, None], ix)
-            hits += hit.to(tl.int32)
-        gsum = tl.sum(g, axis=1)                                    # (BT,)
-        if RENORM:
-            gates = g / gsum[:, None]                               # softmax over the selected
-        else:
-            gates = g / s[:, None]                                  # p at the selected
+        hits = taken & colv                                         # (BT, BE) the k selected
+        if RENORM:  # softmax over the selected logits; the first one is their max (as torch.softmax)
+            v0 = tl.sum(tl.where(kcols[None, :] == 0, v, 0.0), axis=1)
+            g = tl.where(kcols[None, :] < K, tl.exp(v - v0[:, None]), 0.0)
+            gates = g / tl.sum(g, axis=1)[:, None]
+        else:       # p at the selected experts
+            gates = tl.exp(v - lse[:, None])
         kmask = rmask[:, None] & (kcols[None, :] < K)
         tl.store(gates_ptr + rows[:, None] * K + kcols[None, :], gates, mask=kmask)
         tl.store(idx_ptr + rows[:, None] * K + kcols[None, :], ix.to(tl.int64), mask=kmask)
-        tl.store(lse_ptr + rows, m + tl.log(s), mask=rmask)
-        tl.store(mass_ptr + rows, gsum / s, mask=rmask)
-        cmask = cols < E
-        hits = tl.where(rmask[:, None], hits, 0)
-        tl.store(counts_ptr + pid * E + cols, tl.sum(hits, axis=0), mask=cmask)
-        tl.store(psum_ptr + pid * E + cols, tl.sum(tl.where(rmask[:, None], p, 0.0), axis=0), mask=cmask)
+        tl.store(lse_ptr + rows, lse, mask=rmask)
+        tl.store(mass_ptr + rows, tl.sum(tl.where(hits, p, 0.0), axis=1), mask=rmask)
+        hits = hits & rmask[:, None]
+        tl.store(counts_ptr + pid * E + cols, tl.sum(hits.to(tl.int32), axis=0), mask=cols < E)
+        tl.store(psum_ptr + pid * E + cols, tl.sum(tl.where(rmask[:, None], p, 0.0), axis=0), mask=cols < E)
 
     @triton.jit
     def _route_grad_tile(a, rows, rmask, cols, lse_ptr, idx_ptr, gates_ptr, dg_ptr, dlse_ptr, dmass_ptr,
                          dpsum_ptr, E, K: tl.constexpr, RENORM: tl.constexpr, BT: tl.constexpr,
                          BE: tl.constexpr, BK: tl.constexpr):
         """d(loss)/d(a) for one tile (BT, BE), from the gradients of gates, lse, mass and psum."""
+        colv = (cols < E)[None, :]
         kcols = tl.arange(0, BK)
         kmask = rmask[:, None] & (kcols[None, :] < K)
         lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
-        p = tl.exp(a - lse[:, None])                                # (BT, BE), 0 at padding
+        p = tl.where(colv, tl.exp(a - lse[:, None]), 0.0)           # (BT, BE) recomputed, not stored
         ix = tl.load(idx_ptr + rows[:, None] * K + kcols[None, :], mask=kmask, other=-1).to(tl.int32)
         g = tl.load(gates_ptr + rows[:, None] * K + kcols[None, :], mask=kmask, other=0.0)
         dg = tl.load(dg_ptr + rows[:, None] * K + kcols[None, :], mask=kmask, other=0.0)
@@ -158,56 +192,58 @@ if triton is not None:
         return da
 
     @triton.jit
-    def _route_fwd_kernel(a_ptr, stride, T, E, gates_ptr, idx_ptr, lse_ptr, mass_ptr, counts_ptr, psum_ptr,
+    def _route_fwd_kernel(a_ptr, T, E, gates_ptr, idx_ptr, lse_ptr, mass_ptr, counts_ptr, psum_ptr,
                           K: tl.constexpr, RENORM: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
                           BK: tl.constexpr):
-        pid = tl.program_id(0)
+        pid = tl.program_id(0).to(tl.int64)                         # 64-bit offsets: T*E may pass 2^31
         rows = pid * BT + tl.arange(0, BT)
         cols = tl.arange(0, BE)
         rmask = rows < T
-        a = tl.load(a_ptr + rows[:, None] * stride + cols[None, :], mask=rmask[:, None] & (cols[None, :] < E),
+        a = tl.load(a_ptr + rows[:, None] * E + cols[None, :], mask=rmask[:, None] & (cols[None, :] < E),
                     other=-float("inf")).to(tl.float32)
         a = tl.where(rmask[:, None], a, 0.0)                        # rows past T: finite, never stored
         _route_tile(a, rows, rmask, cols, pid, E, gates_ptr, idx_ptr, lse_ptr, mass_ptr, counts_ptr, psum_ptr,
                     K, RENORM, BT, BE, BK)
 
     @triton.jit
-    def _route_bwd_kernel(a_ptr, stride, T, E, lse_ptr, idx_ptr, gates_ptr, dg_ptr, dlse_ptr, dmass_ptr,
+    def _route_bwd_kernel(a_ptr, T, E, lse_ptr, idx_ptr, gates_ptr, dg_ptr, dlse_ptr, dmass_ptr,
                           dpsum_ptr, da_ptr, K: tl.constexpr, RENORM: tl.constexpr, BT: tl.constexpr,
                           BE: tl.constexpr, BK: tl.constexpr):
-        pid = tl.program_id(0)
+        pid = tl.program_id(0).to(tl.int64)
         rows = pid * BT + tl.arange(0, BT)
         cols = tl.arange(0, BE)
         rmask = rows < T
         mask = rmask[:, None] & (cols[None, :] < E)
-        a = tl.load(a_ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=-float("inf")).to(tl.float32)
+        a = tl.load(a_ptr + rows[:, None] * E + cols[None, :], mask=mask, other=-float("inf")).to(tl.float32)
         da = _route_grad_tile(a, rows, rmask, cols, lse_ptr, idx_ptr, gates_ptr, dg_ptr, dlse_ptr, dmass_ptr,
                               dpsum_ptr, E, K, RENORM, BT, BE, BK)
         tl.store(da_ptr + rows[:, None] * E + cols[None, :], da, mask=mask)
 
     @triton.jit
-    def _eigen_logits_tile(u_ptr, xn_ptr, beta, rows, rmask, cols, E, R, BR: tl.constexpr):
-        """a = beta * ||u_e|| / ||x|| for one tile: u rows (BT, E*R) read as (BT, BE, BR)."""
-        rr = tl.arange(0, BR)
-        offs = rows[:, None, None] * (E * R) + cols[None, :, None] * R + rr[None, None, :]
-        m3 = rmask[:, None, None] & (cols[None, :, None] < E) & (rr[None, None, :] < R)
-        u = tl.load(u_ptr + offs, mask=m3, other=0.0).to(tl.float32)  # (BT, BE, BR)
-        unorm = tl.sqrt(tl.sum(u * u, axis=2))                        # (BT, BE)
-        xn = tl.maximum(tl.load(xn_ptr + rows, mask=rmask, other=1.0).to(tl.float32), 1e-6)
-        s = unorm / xn[:, None]
-        return u, unorm, xn, s, offs, m3
+    def _eigen_norms(u_ptr, rows, rmask, cols, E, R, BT: tl.constexpr, BE: tl.constexpr, RC: tl.constexpr):
+        """||u_e|| (BT, BE) of a tile's rows of u (T, E*R), read in chunks of RC coordinates."""
+        rr = tl.arange(0, RC)
+        base = rows[:, None, None] * (E * R) + cols[None, :, None] * R   # (BT, BE, 1) int64
+        mrow = rmask[:, None, None] & (cols[None, :, None] < E)
+        acc = tl.zeros((BT, BE), tl.float32)
+        for r0 in range(0, R, RC):
+            m3 = mrow & (r0 + rr[None, None, :] < R)
+            u = tl.load(u_ptr + base + r0 + rr[None, None, :], mask=m3, other=0.0).to(tl.float32)
+            acc += tl.sum(u * u, axis=2)
+        return tl.sqrt(acc)
 
     @triton.jit
     def _eigen_fwd_kernel(u_ptr, xn_ptr, beta_ptr, T, E, R, logits_ptr, gates_ptr, idx_ptr, lse_ptr, mass_ptr,
                           counts_ptr, psum_ptr, K: tl.constexpr, RENORM: tl.constexpr, BT: tl.constexpr,
-                          BE: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
-        pid = tl.program_id(0)
+                          BE: tl.constexpr, BK: tl.constexpr, RC: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
         rows = pid * BT + tl.arange(0, BT)
         cols = tl.arange(0, BE)
         rmask = rows < T
         beta = tl.load(beta_ptr).to(tl.float32)
-        _, _, _, s, _, _ = _eigen_logits_tile(u_ptr, xn_ptr, beta, rows, rmask, cols, E, R, BR)
-        a = tl.where(cols[None, :] < E, beta * s, -float("inf"))
+        unorm = _eigen_norms(u_ptr, rows, rmask, cols, E, R, BT, BE, RC)
+        xn = tl.maximum(tl.load(xn_ptr + rows, mask=rmask, other=1.0).to(tl.float32), 1e-6)
+        a = tl.where(cols[None, :] < E, beta * unorm / xn[:, None], -float("inf"))  # beta * s
         tl.store(logits_ptr + rows[:, None] * E + cols[None, :], a, mask=rmask[:, None] & (cols[None, :] < E))
         _route_tile(a, rows, rmask, cols, pid, E, gates_ptr, idx_ptr, lse_ptr, mass_ptr, counts_ptr, psum_ptr,
                     K, RENORM, BT, BE, BK)
@@ -216,31 +252,49 @@ if triton is not None:
     def _eigen_bwd_kernel(u_ptr, xn_ptr, beta_ptr, T, E, R, lse_ptr, idx_ptr, gates_ptr, dg_ptr, dlse_ptr,
                           dmass_ptr, dpsum_ptr, dlogits_ptr, du_ptr, dxn_ptr, dbeta_ptr,
                           K: tl.constexpr, RENORM: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
-                          BK: tl.constexpr, BR: tl.constexpr):
-        pid = tl.program_id(0)
+                          BK: tl.constexpr, RC: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
         rows = pid * BT + tl.arange(0, BT)
         cols = tl.arange(0, BE)
         rmask = rows < T
         mask = rmask[:, None] & (cols[None, :] < E)
         beta = tl.load(beta_ptr).to(tl.float32)
-        u, unorm, xn, s, offs, m3 = _eigen_logits_tile(u_ptr, xn_ptr, beta, rows, rmask, cols, E, R, BR)
+        unorm = _eigen_norms(u_ptr, rows, rmask, cols, E, R, BT, BE, RC)
+        xraw = tl.load(xn_ptr + rows, mask=rmask, other=1.0).to(tl.float32)
+        xn = tl.maximum(xraw, 1e-6)
+        s = unorm / xn[:, None]
         a = tl.where(cols[None, :] < E, beta * s, -float("inf"))
         da = _route_grad_tile(a, rows, rmask, cols, lse_ptr, idx_ptr, gates_ptr, dg_ptr, dlse_ptr, dmass_ptr,
                               dpsum_ptr, E, K, RENORM, BT, BE, BK)
         da += tl.load(dlogits_ptr + rows[:, None] * E + cols[None, :], mask=mask, other=0.0)
         da = tl.where(mask, da, 0.0)
         ds = beta * da                                              # (BT, BE)
-        # s = ||u_e|| / ||x||: ds/du = u / (||u_e|| ||x||), ds/d||x|| = -s / ||x||
+        # s = ||u_e|| / max(||x||, 1e-6): ds/du = u / (||u_e|| ||x||); ds/d||x|| = -s / ||x||, and 0
+        # where the clamp is active (as torch's clamp_min backward)
         coef = tl.where(unorm > 0, ds / (tl.maximum(unorm, 1e-30) * xn[:, None]), 0.0)
-        tl.store(du_ptr + offs, coef[:, :, None] * u, mask=m3)
-        tl.store(dxn_ptr + rows, -tl.sum(ds * s, axis=1) / xn, mask=rmask)
+        rr = tl.arange(0, RC)
+        base = rows[:, None, None] * (E * R) + cols[None, :, None] * R
+        for r0 in range(0, R, RC):                                  # second read of u, chunk by chunk
+            m3 = mask[:, :, None] & (r0 + rr[None, None, :] < R)
+            u = tl.load(u_ptr + base + r0 + rr[None, None, :], mask=m3, other=0.0).to(tl.float32)
+            tl.store(du_ptr + base + r0 + rr[None, None, :], coef[:, :, None] * u, mask=m3)
+        dxn = tl.where(xraw >= 1e-6, -tl.sum(ds * s, axis=1) / xn, 0.0)
+        tl.store(dxn_ptr + rows, dxn, mask=rmask)
         tl.store(dbeta_ptr + pid, tl.sum(tl.sum(da * s, axis=1), axis=0))
 
 
-def _blocks(E, k, r=1):
-    BE, BK, BR = triton.next_power_of_2(E), triton.next_power_of_2(k), triton.next_power_of_2(r)
-    BT = max(1, min(512, 4096 // (BE * BR)))  # ~4k values a program: 512 rows at E=8, 16 at E=256
-    return BT, BE, BK, BR
+TILE = 1024  # values of the (BT, BE) routing tile a program holds in registers (see the design notes)
+
+
+def _blocks(E, k, r=None):
+    """Block sizes: BE, BK cover E and k; BT rows so that a tile holds ~TILE values. ERMoE (r given)
+    takes a quarter of the rows and reads its coordinates in chunks of RC, so that the (BT, BE, RC)
+    chunk is ~TILE values too."""
+    BE, BK = triton.next_power_of_2(E), triton.next_power_of_2(k)
+    if r is None:
+        return max(1, TILE // BE), BE, BK, None
+    BT = max(1, TILE // 4 // BE)
+    return BT, BE, BK, max(1, min(triton.next_power_of_2(r), TILE // (BT * BE)))
 
 
 def _outputs(T, E, k, n_blocks, device):
@@ -250,6 +304,9 @@ def _outputs(T, E, k, n_blocks, device):
             torch.empty(n_blocks, E, dtype=torch.int32, device=device), torch.empty(n_blocks, E, **f32))
 
 
+# Every op returns fresh contiguous tensors, and its fake (meta) implementation says exactly that:
+# new_empty(shape), never empty_like(input), which would copy a non-contiguous input's strides.
+
 @torch.library.custom_op("nanomoe::route", mutates_args=())
 def _route_op(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[
         torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -258,7 +315,7 @@ def _route_op(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[
     BT, BE, BK, _ = _blocks(E, k)
     n = triton.cdiv(T, BT)
     gates, idx, lse, mass, counts, psum = _outputs(T, E, k, n, logits.device)
-    _route_fwd_kernel[(n,)](logits, logits.stride(0), T, E, gates, idx, lse, mass, counts, psum,
+    _route_fwd_kernel[(n,)](logits, T, E, gates, idx, lse, mass, counts, psum,
                             K=k, RENORM=renormalize, BT=BT, BE=BE, BK=BK)
     return gates, idx, lse, mass, counts.sum(0, dtype=torch.int32), psum.sum(0)
 
@@ -266,7 +323,7 @@ def _route_op(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[
 @_route_op.register_fake
 def _(logits, k, renormalize):
     T, E = logits.shape
-    f32 = dict(dtype=torch.float32, device=logits.device)
+    f32 = dict(dtype=torch.float32)
     return (logits.new_empty(T, k, **f32), logits.new_empty(T, k, dtype=torch.int64), logits.new_empty(T, **f32),
             logits.new_empty(T, **f32), logits.new_empty(E, dtype=torch.int32), logits.new_empty(E, **f32))
 
@@ -280,7 +337,7 @@ def _route_bwd_op(logits: torch.Tensor, lse: torch.Tensor, idx: torch.Tensor, ga
     k = idx.shape[1]
     BT, BE, BK, _ = _blocks(E, k)
     da = torch.empty(T, E, dtype=logits.dtype, device=logits.device)  # stored in the input dtype
-    _route_bwd_kernel[(triton.cdiv(T, BT),)](logits, logits.stride(0), T, E, lse, idx, gates,
+    _route_bwd_kernel[(triton.cdiv(T, BT),)](logits, T, E, lse.contiguous(), idx.contiguous(), gates.contiguous(),
                                              d_gates.contiguous(), d_lse.contiguous(), d_mass.contiguous(),
                                              d_psum.contiguous(), da, K=k, RENORM=renormalize, BT=BT, BE=BE, BK=BK)
     return da
@@ -288,7 +345,7 @@ def _route_bwd_op(logits: torch.Tensor, lse: torch.Tensor, idx: torch.Tensor, ga
 
 @_route_bwd_op.register_fake
 def _(logits, lse, idx, gates, d_gates, d_lse, d_mass, d_psum, renormalize):
-    return torch.empty_like(logits)
+    return logits.new_empty(logits.shape)
 
 
 def _zeros_if_none(grad, like):
@@ -319,12 +376,12 @@ def _eigen_op(u: torch.Tensor, xnorm: torch.Tensor, beta: torch.Tensor, k: int, 
                                           torch.Tensor, torch.Tensor, torch.Tensor]:
     u, xnorm = u.contiguous(), xnorm.contiguous()
     T, E = u.shape[0], u.shape[1] // r
-    BT, BE, BK, BR = _blocks(E, k, r)
+    BT, BE, BK, RC = _blocks(E, k, r)
     n = triton.cdiv(T, BT)
     logits = torch.empty(T, E, dtype=torch.float32, device=u.device)
     gates, idx, lse, mass, counts, psum = _outputs(T, E, k, n, u.device)
     _eigen_fwd_kernel[(n,)](u, xnorm, beta, T, E, r, logits, gates, idx, lse, mass, counts, psum,
-                            K=k, RENORM=renormalize, BT=BT, BE=BE, BK=BK, BR=BR)
+                            K=k, RENORM=renormalize, BT=BT, BE=BE, BK=BK, RC=RC)
     return logits, gates, idx, lse, mass, counts.sum(0, dtype=torch.int32), psum.sum(0)
 
 
@@ -345,21 +402,21 @@ def _eigen_bwd_op(u: torch.Tensor, xnorm: torch.Tensor, beta: torch.Tensor, lse:
     T, k = idx.shape
     E = d_psum.shape[0]
     r = u.shape[1] // E
-    BT, BE, BK, BR = _blocks(E, k, r)
+    BT, BE, BK, RC = _blocks(E, k, r)
     n = triton.cdiv(T, BT)
     du = torch.empty(u.shape, dtype=torch.float32, device=u.device)
     dxn = torch.empty(T, dtype=torch.float32, device=u.device)
     dbeta = torch.empty(n, dtype=torch.float32, device=u.device)
-    _eigen_bwd_kernel[(n,)](u, xnorm, beta, T, E, r, lse, idx, gates, d_gates.contiguous(), d_lse.contiguous(),
-                            d_mass.contiguous(), d_psum.contiguous(), d_logits.contiguous(), du, dxn, dbeta,
-                            K=k, RENORM=renormalize, BT=BT, BE=BE, BK=BK, BR=BR)
+    _eigen_bwd_kernel[(n,)](u, xnorm, beta, T, E, r, lse.contiguous(), idx.contiguous(), gates.contiguous(),
+                            d_gates.contiguous(), d_lse.contiguous(), d_mass.contiguous(), d_psum.contiguous(),
+                            d_logits.contiguous(), du, dxn, dbeta, K=k, RENORM=renormalize, BT=BT, BE=BE, BK=BK, RC=RC)
     return du, dxn, dbeta.sum()
 
 
 @_eigen_bwd_op.register_fake
 def _(u, xnorm, beta, lse, idx, gates, d_logits, d_gates, d_lse, d_mass, d_psum, renormalize):
-    return (torch.empty_like(u, dtype=torch.float32), torch.empty_like(xnorm, dtype=torch.float32),
-            beta.new_empty((), dtype=torch.float32))
+    f32 = dict(dtype=torch.float32)
+    return u.new_empty(u.shape, **f32), xnorm.new_empty(xnorm.shape, **f32), beta.new_empty((), **f32)
 
 
 def _eigen_setup(ctx, inputs, output):
@@ -386,36 +443,39 @@ torch.library.register_autograd("nanomoe::eigen_route", _eigen_backward, setup_c
 # public entry points
 
 IMPLS = ("torch", "compile", "triton")
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # upcast to fp32 in registers, exactly
 
 
-def triton_unsupported(E, k):
-    """Why impl='triton' cannot route E experts top-k here, or None if it can."""
+def triton_unsupported(E, k, dtype=torch.float32):
+    """Why impl='triton' cannot route E experts top-k of `dtype` logits, or None if it can."""
     if triton is None:
         return "impl='triton' needs triton installed"
     if E > 256 or k > 8:
         return f"impl='triton' supports n_experts <= 256 and top_k <= 8, got {E} and {k}"
+    if dtype not in TRITON_DTYPES:  # fp64 would be selected on values rounded to fp32
+        return f"impl='triton' takes float32, bfloat16 or float16 logits, got {dtype}"
     return None
 
 
-def resolve_impl(impl, E, k, device):
+def resolve_impl(impl, E, k, device, dtype=torch.float32):
     """'auto' -> the Triton kernel on CUDA where it supports the shape, else the PyTorch reference."""
     if impl == "auto":
-        return "triton" if device.type == "cuda" and triton_unsupported(E, k) is None else "torch"
+        return "triton" if device.type == "cuda" and triton_unsupported(E, k, dtype) is None else "torch"
     return impl
 
 
-def _check(impl, E, k):
+def _check(impl, E, k, dtype):
     if not 1 <= k <= E:
         raise ValueError(f"need 1 <= k <= E, got k={k}, E={E}")
     if impl not in IMPLS:
         raise ValueError(f"unknown impl '{impl}' ({'|'.join(IMPLS)})")
-    if impl == "triton" and triton_unsupported(E, k):
-        raise ValueError(triton_unsupported(E, k))
+    if impl == "triton" and triton_unsupported(E, k, dtype):
+        raise ValueError(triton_unsupported(E, k, dtype))
 
 
 def topk_route(logits, k, impl="triton", renormalize=True):
     """logits (T, E) -> Route(gates, idx, lse, mass, counts, psum); the same for every impl."""
-    _check(impl, logits.shape[1], k)
+    _check(impl, logits.shape[1], k, logits.dtype)
     if impl == "torch":
         return route_reference(logits, k, renormalize)
     if impl == "compile":
@@ -425,7 +485,9 @@ def topk_route(logits, k, impl="triton", renormalize=True):
 
 def eigen_route(u, xnorm, beta, k, r, impl="triton", renormalize=True):
     """ERMoE: coordinates u (T, E*r), ||x|| (T,), beta () -> (logits (T, E), Route)."""
-    _check(impl, u.shape[1] // r, k)
+    if r < 1 or u.shape[1] % r != 0:
+        raise ValueError(f"u has {u.shape[1]} coordinates per token, not a multiple of the rank r={r}")
+    _check(impl, u.shape[1] // r, k, u.dtype)
     if impl == "triton":
         logits, *rest = _eigen_op(u, xnorm, beta, k, r, renormalize)
         return logits, Route(*rest)

@@ -1,5 +1,5 @@
 """
-MoE auxiliary losses: pure functions of the routing the dispatcher actually used (SPEC section 3).
+MoE auxiliary losses: pure functions of the routing the dispatcher actually used (docs/design.md §3).
 
 Notation: T tokens, E routed experts, k experts per token, f expert hidden width, L MoE layers.
 
@@ -25,7 +25,7 @@ import torch
 
 from router import expert_counts
 
-# Each loss has two forms: the SPEC section 6 function of the full probabilities (the reference,
+# Each loss has two forms: the public function of the full probabilities (the reference,
 # tested against brute force), and the form of the per-layer statistics the fused routing pass
 # (kernels.py) already produced, which training uses so that p is never materialised.
 
@@ -54,8 +54,8 @@ def specialization_loss(z, eps=1e-8):
         return z.new_zeros((), dtype=torch.float32)
     zn = z.float() / z.float().norm(dim=-1, keepdim=True).clamp_min(eps)  # (T, k, f) unit rows
     cos = zn @ zn.transpose(1, 2)                                          # (T, k, k)
-    off = ~torch.eye(k, dtype=torch.bool, device=z.device)                  # ordered pairs i != j
-    return cos.pow(2)[:, off].sum(dim=-1).mean()
+    off = 1.0 - torch.eye(k, device=z.device)                               # ordered pairs i != j
+    return (cos.pow(2) * off).sum(dim=(1, 2)).mean()  # a mask multiply, not boolean indexing: compiles
 
 
 def topk_mass(probs, k):

@@ -8,7 +8,7 @@ k experts per token, f expert hidden width, r ERMoE basis rank, nh heads, hs hea
   embeddings (Su et al. 2021), SwiGLU feed-forward (Shazeer 2020), tied input/output embeddings,
   attention through F.scaled_dot_product_attention.
 - MoE block (Shazeer et al. 2017; Switch, Fedus et al. 2021; DeepSeekMoE shared experts, Dai et al.
-  2024): E routed SwiGLU experts with stacked weights (E, ., .), top-k routing per SPEC section 1
+  2024): E routed SwiGLU experts with stacked weights (E, ., .), top-k routing as in docs/design.md §1
   (router.py), optional always-on shared experts, dropless (no capacity factor).
 - Two dispatch paths with one semantics, tested against each other in output and every gradient:
   `naive`: loop over experts, gather each expert's tokens, run it, scatter back (the lecture one);
@@ -43,17 +43,17 @@ class GPTConfig:
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.0
-    ffn_hidden: int = 0         # dense SwiGLU width; 0 = 8/3 * n_embd rounded up to a multiple of 64
+    ffn_hidden: int = 0         # dense SwiGLU width; 0 = derived: 8/3 * n_embd rounded up to a multiple of 64
     n_experts: int = 8          # routed experts E per MoE block; 0 = the dense model
     top_k: int = 2              # experts per token k
     n_shared: int = 0           # always-on shared experts (DeepSeekMoE), each of width expert_hidden
-    expert_hidden: int = 0      # f; 0 = ffn_hidden // (top_k + n_shared), the iso-compute rule
+    expert_hidden: int = 0      # expert width f; 0 = derived: ffn_hidden // (top_k + n_shared), iso-compute
     router: str = "softmax"     # 'softmax' (linear) | 'ermoe' (eigenbasis, router.py)
     gate_renorm: bool = True    # gates = softmax over the k selected logits (else: full-softmax p)
     dispatch: str = "sorted"    # 'sorted' (grouped matmul) | 'naive' (per-expert loop, reference)
     router_impl: str = "auto"   # 'auto' (triton on CUDA where it fits, else torch) | torch | compile | triton
     ermoe_basis: str = "independent"  # 'independent' | 'partitioned' | 'penalty'
-    ermoe_rank: int = 0         # r; 0 = n_embd // n_experts (the E bases can tile R^d)
+    ermoe_rank: int = 0         # ERMoE basis rank r; 0 = derived: n_embd // n_experts (the bases tile R^d)
 
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:
@@ -156,13 +156,22 @@ def grouped_matmul(h, w, offs):
         h, w = h.to(dtype), w.to(dtype)
     # The grouped GEMM (F.grouped_mm, torch._grouped_mm before it was public) needs rows aligned
     # to 16 bytes. Its CUDA kernel and its meta function (what torch.compile traces) take bf16
-    # only; eager CPU also runs fp32. Elsewhere: one matmul per expert, with a host sync.
+    # only; eager CPU also runs fp32.
     gmm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
     aligned = all(n * h.element_size() % 16 == 0 for n in w.shape[1:])
-    eager_cpu = h.device.type == "cpu" and not torch.compiler.is_compiling()
-    if gmm is not None and aligned and (h.dtype == torch.bfloat16 or eager_cpu):
+    compiling = torch.compiler.is_compiling()
+    if gmm is not None and aligned and (h.dtype == torch.bfloat16 or (h.device.type == "cpu" and not compiling)):
         return gmm(h.contiguous(), w, offs=offs)
-    ends = offs.tolist()
+    if compiling:
+        # Under torch.compile the segment lengths cannot become Python ints (a graph needs static
+        # shapes), so every expert multiplies every row and a mask keeps its own: E times the
+        # FLOPs of the grouped GEMM. Correct and compilable; use bf16 for the real thing.
+        seg = torch.searchsorted(offs, torch.arange(h.shape[0], device=h.device, dtype=offs.dtype), right=True)
+        out = h.new_zeros(h.shape[0], w.shape[2])
+        for i in range(w.shape[0]):
+            out = torch.where((seg == i)[:, None], h @ w[i], out)
+        return out
+    ends = offs.tolist()  # eager: one matmul per expert segment (one host sync)
     starts = [0] + ends[:-1]
     return torch.cat([h[s:e] @ w[i] for i, (s, e) in enumerate(zip(starts, ends))])
 

@@ -9,7 +9,7 @@ and --key=value, e.g.
 Model settings (n_layer, n_experts, top_k, router, ...) are the fields of GPTConfig in model.py;
 they are overridden the same way and declared only there.
 
-Loss (SPEC section 3): CE + c_lb*L_lb + c_z*L_z + c_sp*R_sp + c_cp*R_cp (+ mu_ortho * penalty).
+Loss (docs/design.md §3): CE + c_lb*L_lb + c_z*L_z + c_sp*R_sp + c_cp*R_cp (+ mu_ortho * penalty).
 Every `eval_interval` steps: val loss and per-layer routing metrics (metrics.py) are printed and
 appended to out_dir/log.jsonl, and out_dir/ckpt.pt is written atomically. At the end: samples and
 PNG plots (analyze.py).
@@ -76,7 +76,7 @@ seed = 1337
 CPU_PRESET = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, n_experts=4, top_k=2,
                   batch_size=16, max_iters=500, eval_interval=100, eval_iters=10, log_interval=20,
                   warmup_iters=50, learning_rate=2e-3, min_lr=2e-4, compile=False, sample_tokens=60)
-# Router-specific defaults: ERMoE is claimed not to need a balancing loss (SPEC section 2).
+# Router-specific defaults: ERMoE is claimed not to need a balancing loss (docs/design.md §2).
 ERMOE_DEFAULTS = dict(c_lb=0.0, c_z=0.0)
 # ------------------------------------------------------------------------------------------------
 
@@ -149,10 +149,21 @@ def load_checkpoint(path):
 
 
 def default_settings():
-    """The globals above (training) and the GPTConfig fields (model): every key --key=value accepts."""
+    """The globals above (training) and the GPTConfig fields (model): every key --key=value accepts.
+    Model fields come as declared, so derived widths stay 0 ("derive from the final settings") until
+    GPTConfig is built from the final values; an instance would carry the default model's widths."""
     train = {k: v for k, v in globals().items()
              if not k.startswith("_") and k.islower() and isinstance(v, (bool, int, float, str))}
-    return {**train, **asdict(GPTConfig())}
+    return {**train, **{f.name: f.default for f in fields(GPTConfig)}}
+
+
+def setting_notes():
+    """Each setting's trailing comment where it is declared (the globals above, GPTConfig's fields)."""
+    import inspect
+    import re
+    import model
+    text = inspect.getsource(sys.modules[__name__]) + inspect.getsource(model.GPTConfig)
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\s*(\w+)(?:\s*:\s*\w+)?\s*=[^#\n]*#\s*(.*)$", text, re.M)}
 
 
 def setup(argv):
@@ -189,8 +200,9 @@ def setup(argv):
 def main(argv):
     sys.stdout.reconfigure(line_buffering=True)  # progress lines show up at once in a log file too
     if {"-h", "--help"} & set(argv):
-        print(__doc__ + "\nsettings (defaults):\n" +
-              "\n".join(f"  --{k}={v!r}" for k, v in default_settings().items()))
+        notes = setting_notes()
+        print(__doc__ + "\nsettings (--key=default  what it is):\n" +
+              "\n".join(f"  {f'--{k}={v!r}':<32} {notes.get(k, '')}" for k, v in default_settings().items()))
         return
     try:
         cfg, model_cfg, ckpt = setup(argv)
@@ -257,8 +269,9 @@ def main(argv):
                     if r["iter"] < iter_num or (r["iter"] == iter_num and "val_loss" not in r)]
         with open(log_path, "w") as fh:
             fh.writelines(kept)
+        widths = f"expert width f={model_cfg.expert_hidden}" if model_cfg.n_experts else f"MLP width {model_cfg.ffn_hidden}"
         print(f"parameters: {total / 1e6:.2f}M total, {active / 1e6:.2f}M active per token "
-              f"({model_cfg.n_experts} experts, top-{model_cfg.top_k}, router={model_cfg.router})")
+              f"({model_cfg.n_experts} experts, top-{model_cfg.top_k}, {widths}, router={model_cfg.router})")
     raw_model = model
     if cfg["compile"]:
         model = torch.compile(model)
