@@ -29,8 +29,8 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 
 VARIANTS = {  # name -> train.py overrides; the defaults are c_lb=0.01, c_z=1e-3, c_sp=2e-3, c_cp=1e-3
     "dense": ["--n_experts=0"],
-    "softmax, no L_lb": ["--c_lb=0.0", "--c_sp=0.0", "--c_cp=0.0"],
-    "softmax + L_lb": ["--c_sp=0.0", "--c_cp=0.0"],
+    "softmax + L_z, no L_lb": ["--c_lb=0.0", "--c_sp=0.0", "--c_cp=0.0"],
+    "softmax + L_lb + L_z": ["--c_sp=0.0", "--c_cp=0.0"],
     "+ R_sp": ["--c_cp=0.0"],
     "+ R_cp": ["--c_sp=0.0"],
     "+ R_sp + R_cp": [],
@@ -40,7 +40,8 @@ VARIANTS = {  # name -> train.py overrides; the defaults are c_lb=0.01, c_z=1e-3
 QUICK = ["--max_iters=300", "--eval_interval=50", "--eval_iters=4", "--batch_size=8", "--block_size=64",
          "--n_layer=3", "--log_interval=50"]
 COLUMNS = [("val_loss", "val loss", "{:.3f}"), ("cv", "load CV", "{:.3f}"), ("dead", "dead", "{:.1f}"),
-           ("entropy_norm", "entropy/logE", "{:.3f}"), ("coact_cos2", "co-act cos²", "{:.3f}"),
+           ("entropy_norm", "entropy/logE", "{:.3f}"), ("coact_cos2", "co-act cos²", "{:.4f}"),
+           ("coact_floor", "co-act cos² × f", "{:.2f}"),
            ("next_nmi", "NMI l→l+1", "{:.3f}"), ("source_nmi", "NMI(expert, source)", "{:.3f}")]
 
 

@@ -1,5 +1,5 @@
 """
-Routing metrics of SPEC section 5, accumulated over evaluation batches.
+Routing metrics (the glossary of docs/design.md §5), accumulated over evaluation batches.
 
 Notation: T tokens, E routed experts, k experts per token, L MoE layers.
 
@@ -10,6 +10,7 @@ Reference values (asserted in test_all.py):
   dead experts (<0.1/E load)  0                      E-1
   routing entropy / log E     1 (uniform p)          0 (one-hot p)
   top-k mass M                k/E (uniform p)        1 (one-hot p)
+  co-activation cos^2         ~1/f (independent)     1 (identical experts); also given times f
   NMI(layer l, layer l+1)     0 if independent       1 if one is a relabelling of the other
 """
 
@@ -86,6 +87,7 @@ class RoutingStats:
             acc["entropy"] += entropy(r.probs).sum().item()
             acc["mass"] += r.mass.double().sum().item()
             acc["cos2"] += coactivation_cos2(r.z) * T
+            acc["f"] = r.z.shape[-1]
         top1 = [r.idx[:, 0].cpu() for r in routes]                     # (T,) per layer
         ones = torch.ones(T, dtype=torch.float64)
         for joint, a, b in zip(self.pairs, top1[:-1], top1[1:]):
@@ -107,6 +109,7 @@ class RoutingStats:
             m["entropy_norm"] = m["entropy"] / math.log(E) if E > 1 else 0.0
             m["topk_mass"] = acc["mass"] / self.n
             m["coact_cos2"] = acc["cos2"] / self.n
+            m["coact_floor"] = m["coact_cos2"] * acc["f"]    # in units of the random floor 1/f
             m["load"] = (acc["counts"] / acc["counts"].sum()).tolist()
             if self.n_labels:
                 m["source_nmi"] = nmi(acc["source"])

@@ -4,12 +4,12 @@ Routers: from a token's hidden state to router logits over the experts, and the 
 Notation: T tokens (batch x sequence, flattened), d model width, E routed experts, k experts per
 token, r basis rank of an ERMoE expert.
 
-Two routers, one selection rule (SPEC section 1):
+Two routers, one selection rule (docs/design.md §1):
 - `SoftmaxRouter`: the usual learned linear map, a = x W_r^T (Switch / GShard / Mixtral).
 - `EigenRouter`: the ERMoE eigenbasis router (Cheng et al. 2025, arXiv 2511.10971). Expert e owns
   an orthonormal basis P_e (d, r); the score s_{t,e} = ||P_e^T x_t|| / ||x_t|| is the cosine
   between the token and the expert's subspace, the logits are beta * s. The paper is about vision
-  and does not spell out its method for language models; the formulation here (SPEC section 2) is
+  and does not spell out its method for language models; the formulation here (docs/design.md §2) is
   this project's reading of it: the coordinates u_e = P_e^T x used for routing are also the
   expert's input, scaled per direction by a learnable lambda.
 - `select_topk`: the k largest logits, ties to the lower expert index, gates = softmax over the
@@ -37,7 +37,7 @@ from einops import rearrange
 
 
 def select_topk(logits, k, renormalize=True):
-    """Top-k selection of SPEC section 1. logits (T, E) fp32 -> gates (T, k) fp32, idx (T, k) int64."""
+    """Top-k selection (docs/design.md §1). logits (T, E) fp32 -> gates (T, k) fp32, idx (T, k) int64."""
     order = torch.sort(logits, dim=-1, descending=True, stable=True).indices  # (T, E), ties: lower first
     idx = order[:, :k]                                                          # (T, k)
     top = logits.gather(-1, idx)                                                # (T, k)
@@ -148,7 +148,7 @@ class EigenRouter(nn.Module):
 
     @torch.no_grad()
     def geometry(self):
-        """SPEC section 5 geometry: max_e ||P_e^T P_e - I||_F, mean_{i!=j} overlap, beta."""
+        """ERMoE geometry metrics: max_e ||P_e^T P_e - I||_F, mean_{i!=j} overlap, beta."""
         P, overlap = self.bases(), self.overlaps()
         eye = torch.eye(self.r, device=P.device)
         ortho = max((P[e].T @ P[e] - eye).norm().item() for e in range(self.E))

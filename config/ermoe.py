@@ -1,4 +1,4 @@
-# The default ERMoE run: the eigenbasis router (router.py, SPEC section 2) in place of the linear
+# The default ERMoE run: the eigenbasis router (router.py, docs/design.md §2) in place of the linear
 # softmax router, no load-balancing loss and no z-loss (the paper's claim: balance comes from the
 # geometry, not from an auxiliary loss). Everything else as in the default run.
 out_dir = "out-ermoe"
