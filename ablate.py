@@ -13,7 +13,6 @@ stopped. Writes out_dir/ablation.md and out_dir/ablation.png.
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -24,6 +23,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+
+from rundir import UserError, read_log
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -54,7 +55,7 @@ def final_eval(run_dir):
     path = os.path.join(run_dir, "log.jsonl")
     if not os.path.exists(path):
         return None
-    evals = [r for r in map(json.loads, open(path)) if "val_loss" in r]
+    evals = [r for r in read_log(path) if "val_loss" in r]
     return evals[-1] if evals and evals[-1].get("final") else None
 
 
@@ -94,7 +95,7 @@ def overlay(out_dir, names, seeds, path):
     runs = {}
     for name in names:
         logs = [os.path.join(out_dir, f"{slug(name)}-s{seed}", "log.jsonl") for seed in seeds]
-        runs[name] = [[(r["iter"], summarise(r)) for r in map(json.loads, open(log)) if "val_loss" in r]
+        runs[name] = [[(r["iter"], summarise(r)) for r in read_log(log) if "val_loss" in r]
                       for log in logs if os.path.exists(log)]
     keys = [(k, t) for k, t in (("val_loss", "val loss"), ("cv", "load CV"), ("entropy_norm", "routing entropy / log E"),
                                 ("next_nmi", "NMI(layer l, l+1)"), ("source_nmi", "NMI(expert, source)"))
@@ -115,7 +116,7 @@ def overlay(out_dir, names, seeds, path):
     plt.close(fig)
 
 
-def main():
+def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short runs of a smaller model (< 15 min on 2 cores)")
     parser.add_argument("--dry", action="store_true", help="print the commands, run nothing")
@@ -123,10 +124,17 @@ def main():
     parser.add_argument("--dataset", default="synthetic", help="synthetic (config/synthetic.py) or a text dataset")
     parser.add_argument("--out_dir", default=None)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help="a subset of the variant names")
-    args, extra = parser.parse_known_args()  # anything else goes to every train.py run
+    args, extra = parser.parse_known_args(argv)  # anything else goes to every train.py run
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
-        sys.exit(f"error: unknown variant(s) {unknown}; known: {list(VARIANTS)}")
+        raise UserError(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
+    if min(args.seeds) < 0:
+        raise UserError(f"seeds must be >= 0, got {args.seeds}")
+    if args.dataset != "synthetic" and not os.path.isfile(os.path.join(REPO, "data", args.dataset, "input.txt")):
+        raise UserError(f"dataset '{args.dataset}': no data/{args.dataset}/input.txt")
+    bad = [a for a in extra if not a.startswith("--") or "=" not in a]
+    if bad:
+        raise UserError(f"arguments for train.py must be --key=value, got {bad}")
     out_dir = args.out_dir or f"out-ablation-{args.dataset}{'-quick' if args.quick else ''}"
     base = ["config/synthetic.py"] if args.dataset == "synthetic" else [f"--dataset={args.dataset}"]
     base += (QUICK if args.quick else []) + ["--num_samples=0"] + extra
@@ -142,9 +150,10 @@ def main():
         if final_eval(run_dir):
             print(f"[{i + 1}/{len(jobs)}] {name}, seed {seed}: already done")
             continue
-        res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        res = subprocess.run(cmd + ["--overwrite=True"], cwd=REPO, capture_output=True, text=True)  # an unfinished run starts over
         if res.returncode != 0:
-            sys.exit(f"error: run '{name}' seed {seed} failed:\n{res.stderr[-2000:]}")
+            last = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise UserError(f"run '{name}' seed {seed} failed ({' '.join(cmd[1:])}): {last}")
         done += 1
         eta = (time.time() - t0) / done * (len(jobs) - i - 1)
         print(f"[{i + 1}/{len(jobs)}] {name}, seed {seed}: val loss {final_eval(run_dir)['val_loss']:.4f} "
@@ -163,4 +172,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from rundir import cli
+    sys.exit(cli(main, sys.argv[1:]))

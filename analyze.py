@@ -18,7 +18,6 @@ From the checkpoint, on a probe batch of validation data:
 - ermoe.png            (ERMoE) eigenbasis-score histograms and subspace-overlap matrices
 """
 
-import json
 import os
 import sys
 
@@ -32,11 +31,8 @@ import torch.nn.functional as F
 
 
 def read_log(out_dir):
-    path = os.path.join(out_dir, "log.jsonl")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no log at {path}: run train.py with out_dir={out_dir} first")
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    from rundir import read_log as read
+    return read(os.path.join(out_dir, "log.jsonl"))
 
 
 def save(fig, path):
@@ -231,8 +227,8 @@ def probe_batch(cfg, n_tokens=48):
 
 def plot_checkpoint(out_dir):
     from model import GPT, GPTConfig
-    from train import load_checkpoint
-    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    from rundir import load_checkpoint
+    ckpt = load_checkpoint(out_dir)
     model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
     model.eval()
@@ -266,14 +262,27 @@ def write_index(out_dir, paths):
     return path
 
 
-def main(out_dir):
-    paths = plot_run(out_dir) + plot_checkpoint(out_dir)
+def main(argv):
+    from rundir import UserError, check_writable_dir
+    if len(argv) > 1 or (argv and argv[0].startswith("-")):
+        raise UserError("usage: python analyze.py [OUT_DIR]  (a train.py run directory; default: out)")
+    out_dir = argv[0] if argv else "out"
+    if not os.path.isdir(out_dir):
+        raise UserError(f"no run directory {out_dir} (run train.py with --out_dir={out_dir} first)")
+    check_writable_dir(out_dir, "run directory")  # the plots go next to the log
+    try:
+        paths = plot_run(out_dir)
+    except (KeyError, TypeError, IndexError, ValueError) as err:
+        raise UserError(f"{out_dir}/log.jsonl has records without the fields train.py writes "
+                        f"({type(err).__name__}: {err})") from None
+    if os.path.exists(os.path.join(out_dir, "ckpt.pt")):
+        paths += plot_checkpoint(out_dir)
+    else:
+        print(f"note: no checkpoint in {out_dir}: the plots that probe the model are skipped")
     for p in paths + [write_index(out_dir, paths)]:
         print(f"wrote {p}")
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1] if len(sys.argv) > 1 else "out")
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+    from rundir import cli
+    sys.exit(cli(main, sys.argv[1:]))

@@ -16,6 +16,7 @@ with wall-clock timing (Triton then runs in its interpreter, so its number means
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -236,15 +237,23 @@ def losses_bench(args):
           f"-> overhead {100 * (med['with'] / med['without'] - 1):+.1f}% (median of {args.steps})")
 
 
-if __name__ == "__main__":
+def main(argv):
+    from rundir import UserError
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--losses", action="store_true", help="overhead of the two regularisers")
-    parser.add_argument("--model", action="store_true", help="whole-model training steps, dense vs MoE")
-    parser.add_argument("--resources", action="store_true", help="registers and spills of the kernels on sm_90 (no GPU)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--losses", action="store_true", help="overhead of the two regularisers")
+    mode.add_argument("--model", action="store_true", help="whole-model training steps, dense vs MoE")
+    mode.add_argument("--resources", action="store_true", help="registers and spills of the kernels on sm_90 (no GPU)")
     parser.add_argument("--reps", type=int, default=100, help="do_bench time budget per measurement (ms)")
-    parser.add_argument("--steps", type=int, default=20, help="timed train steps per setting (--losses)")
+    parser.add_argument("--steps", type=int, default=20, help="timed train steps per setting (--losses, --model)")
     parser.add_argument("--bw", type=float, default=None, help="peak memory bandwidth of the device, GB/s")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.reps < 1 or args.steps < 1:
+        raise UserError(f"--reps and --steps must be >= 1, got {args.reps} and {args.steps}")
+    if args.bw is not None and not 0 < args.bw < float("inf"):
+        raise UserError(f"--bw must be a positive bandwidth in GB/s, got {args.bw}")
+    if args.resources and os.environ.get("TRITON_INTERPRET") == "1":
+        raise UserError("--resources compiles real kernels: run it with TRITON_INTERPRET=0")
     if args.resources:
         resources(args)
     elif args.model:
@@ -253,3 +262,8 @@ if __name__ == "__main__":
         losses_bench(args)
     else:
         routing_bench(args)
+
+
+if __name__ == "__main__":
+    from rundir import cli
+    sys.exit(cli(main, sys.argv[1:]))

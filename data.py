@@ -20,6 +20,8 @@ import tiktoken
 import tiktoken.load
 import torch
 
+from rundir import UserError
+
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 # The GPT-2 (r50k) pre-tokenisation regex: contractions, letter runs, digit runs, punctuation runs,
@@ -30,32 +32,39 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 def gpt2_encoding():
     path = os.path.join(DATA_DIR, "gpt2.tiktoken")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"tokenizer ranks not found: {path}")
+        raise UserError(f"tokenizer ranks not found: {path} (the repository ships them)")
     ranks = tiktoken.load.load_tiktoken_bpe(path)
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": 50256})
 
 
-def prepare(name):
+def prepare(name, verbose=True):
     """Tokenise data/<name>/input.txt into train.bin/val.bin (re-done when the text is newer)."""
     folder = os.path.join(DATA_DIR, name)
     src = os.path.join(folder, "input.txt")
-    if not os.path.exists(src):
-        raise FileNotFoundError(f"dataset '{name}': no text file at {src} "
-                                f"(put an input.txt there, or use --dataset=shakespeare)")
+    if not os.path.isfile(src):
+        raise UserError(f"dataset '{name}': no text file at {src} (put an input.txt there, or use "
+                        f"--dataset=shakespeare or --dataset=synthetic)")
     bins = [os.path.join(folder, f"{split}.bin") for split in ("train", "val")]
     if all(os.path.exists(b) and os.path.getmtime(b) >= os.path.getmtime(src) for b in bins):
         return folder
-    with open(src, encoding="utf-8") as fh:
-        text = fh.read()
+    try:
+        with open(src, encoding="utf-8") as fh:
+            text = fh.read()
+    except UnicodeDecodeError as err:
+        raise UserError(f"dataset '{name}': {src} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     n = int(0.9 * len(text))
     enc = gpt2_encoding()
-    for b, part in zip(bins, (text[:n], text[n:])):
-        ids = np.array(enc.encode_ordinary(part), dtype=np.uint16)  # GPT-2 ids < 2**16
-        tmp = b + ".tmp"
-        ids.tofile(tmp)
+    parts = [enc.encode_ordinary(part) for part in (text[:n], text[n:])]
+    if not all(parts):
+        raise UserError(f"dataset '{name}': {src} holds {len(text)} characters, too little text for a train and "
+                        f"a val split")
+    for b, ids in zip(bins, parts):
+        tmp = f"{b}.tmp.{os.getpid()}"
+        np.array(ids, dtype=np.uint16).tofile(tmp)  # GPT-2 ids < 2**16
         os.replace(tmp, b)  # atomic: a crash never leaves half a bin behind
-        print(f"prepared {b}: {len(ids):,} tokens")
+        if verbose:
+            print(f"prepared {b}: {len(ids):,} tokens")
     return folder
 
 

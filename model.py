@@ -39,10 +39,10 @@ from router import EigenRouter, SoftmaxRouter
 class GPTConfig:
     block_size: int = 256       # context length S
     vocab_size: int = 50304     # GPT-2's 50257 padded up to a multiple of 64 (faster matmuls)
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    dropout: float = 0.0
+    n_layer: int = 6            # transformer blocks
+    n_head: int = 6             # attention heads (n_embd / n_head must be even: rotary)
+    n_embd: int = 384           # model width d
+    dropout: float = 0.0        # dropout probability in [0, 1)
     ffn_hidden: int = 0         # dense SwiGLU width; 0 = derived: 8/3 * n_embd rounded up to a multiple of 64
     n_experts: int = 8          # routed experts E per MoE block; 0 = the dense model
     top_k: int = 2              # experts per token k
@@ -56,28 +56,54 @@ class GPTConfig:
     ermoe_rank: int = 0         # ERMoE basis rank r; 0 = derived: n_embd // n_experts (the bases tile R^d)
 
     def __post_init__(self):
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if (self.n_embd // self.n_head) % 2 != 0:
-            raise ValueError(f"head size n_embd/n_head = {self.n_embd // self.n_head} must be even (rotary)")
-        if self.n_experts < 0 or self.n_shared < 0:
-            raise ValueError("n_experts and n_shared must be >= 0")
-        if self.n_experts > 0 and not 1 <= self.top_k <= self.n_experts:
-            raise ValueError(f"top_k must be in [1, n_experts={self.n_experts}], got {self.top_k}")
-        if self.router not in ("softmax", "ermoe"):
-            raise ValueError(f"unknown router '{self.router}' (softmax|ermoe)")
-        if self.dispatch not in ("sorted", "naive"):
-            raise ValueError(f"unknown dispatch '{self.dispatch}' (sorted|naive)")
-        if self.router_impl not in ("auto", "torch", "compile", "triton"):
-            raise ValueError(f"unknown router_impl '{self.router_impl}' (auto|torch|compile|triton)")
-        if self.router_impl == "triton" and self.n_experts > 0 and triton_unsupported(self.n_experts, self.top_k):
-            raise ValueError(triton_unsupported(self.n_experts, self.top_k))
+        """Check every field, then derive the widths left at 0. Raises ValueError naming the field."""
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("ffn_hidden", "n_experts", "n_shared", "expert_hidden", "ermoe_rank"):
+            _require(getattr(self, name) >= 0, f"{name} must be >= 0 (0 = derived/off), got {getattr(self, name)}")
+        _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        _require(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        _require((self.n_embd // self.n_head) % 2 == 0,
+                 f"head size n_embd/n_head = {self.n_embd // self.n_head} must be even (rotary)")
+        _require(self.n_experts == 0 or 1 <= self.top_k <= self.n_experts,
+                 f"top_k must be in [1, n_experts={self.n_experts}], got {self.top_k}")
+        for name, choices in (("router", ("softmax", "ermoe")), ("dispatch", ("sorted", "naive")),
+                              ("router_impl", ("auto", "torch", "compile", "triton")),
+                              ("ermoe_basis", ("independent", "partitioned", "penalty"))):
+            _require(getattr(self, name) in choices, f"unknown {name} '{getattr(self, name)}' ({'|'.join(choices)})")
+        if self.router_impl == "triton" and self.n_experts > 0:
+            _require(triton_unsupported(self.n_experts, self.top_k) is None, triton_unsupported(self.n_experts, self.top_k))
         if self.ffn_hidden == 0:
             self.ffn_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
         if self.n_experts > 0 and self.expert_hidden == 0:
             self.expert_hidden = max(1, self.ffn_hidden // (self.top_k + self.n_shared))
-        if self.n_experts > 0 and self.router == "ermoe" and self.ermoe_rank == 0:
-            self.ermoe_rank = max(1, self.n_embd // self.n_experts)
+        if self.n_experts > 0 and self.router == "ermoe":
+            if self.ermoe_rank == 0:
+                self.ermoe_rank = max(1, self.n_embd // self.n_experts)
+            _require(self.ermoe_rank <= self.n_embd, f"ermoe_rank must be <= n_embd={self.n_embd} (an orthonormal "
+                     f"basis of R^d has at most d vectors), got {self.ermoe_rank}")
+            _require(self.ermoe_basis != "partitioned" or self.n_experts * self.ermoe_rank <= self.n_embd,
+                     f"ermoe_basis=partitioned needs n_experts*ermoe_rank <= n_embd, got "
+                     f"{self.n_experts}*{self.ermoe_rank} > {self.n_embd}")
+
+
+    def param_count(self):
+        """Parameters of the model this config describes, counted without building it (tested
+        against GPT.num_params): lets train.py refuse a model that cannot fit before allocating."""
+        d, E, f = self.n_embd, self.n_experts, self.expert_hidden
+        if E == 0:
+            ffn = 3 * d * self.ffn_hidden
+        else:
+            ermoe = self.router == "ermoe"
+            d_in = self.ermoe_rank if ermoe else d
+            router = (d * d if self.ermoe_basis == "partitioned" else E * d * d_in) + E * d_in + 1 if ermoe else E * d
+            ffn = E * (2 * d_in + d) * f + 3 * d * self.n_shared * f + router
+        return self.vocab_size * d + self.n_layer * (4 * d * d + ffn + 2 * d) + d
+
+
+def _require(ok, message):
+    if not ok:
+        raise ValueError(message)
 
 
 class Routing(NamedTuple):
@@ -316,13 +342,18 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None):
-        """Sample continuations of idx (B, S); n_vocab cuts the padded ids. No KV cache: kept simple."""
+        """Sample continuations of idx (B, S); temperature 0 = greedy; n_vocab cuts the padded ids.
+        No KV cache: kept simple."""
         for _ in range(max_new_tokens):
             ctx = idx[:, -self.config.block_size:]
-            logits = self.forward(ctx)[0][:, -1, :n_vocab] / temperature  # (B, n_vocab)
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+            logits = self.forward(ctx)[0][:, -1, :n_vocab]                 # (B, n_vocab)
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)                  # (B, 1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
             idx = torch.cat((idx, nxt), dim=1)
         return idx

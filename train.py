@@ -1,75 +1,107 @@
 """
-Train a GPT-MoE. nanoGPT layout: settings are the globals below; override them with config files
-and --key=value, e.g.
+Train a GPT-MoE. nanoGPT layout: the settings are declared once, below (training) and in GPTConfig
+(model.py); override them with config files and --key=value, e.g.
 
     python train.py                                   # the teaching run (CPU preset without a GPU)
     python train.py config/ermoe.py --max_iters=500   # a config file, then overrides
+    python train.py --init_from=resume --max_iters=2000   # continue out/ckpt.pt with its own settings
     torchrun --standalone --nproc_per_node=2 train.py # DDP, one process per GPU (gloo on CPU)
-
-Model settings (n_layer, n_experts, top_k, router, ...) are the fields of GPTConfig in model.py;
-they are overridden the same way and declared only there.
 
 Loss (docs/design.md §3): CE + c_lb*L_lb + c_z*L_z + c_sp*R_sp + c_cp*R_cp (+ mu_ortho * penalty).
 Every `eval_interval` steps: val loss and per-layer routing metrics (metrics.py) are printed and
 appended to out_dir/log.jsonl, and out_dir/ckpt.pt is written atomically. At the end: samples and
 PNG plots (analyze.py).
+
+Nothing is lost (rundir.py): every setting, the data and the model size are checked before any
+file is touched, and a mistake ends in one `error:` line; a new run refuses an out_dir that holds
+another run (unless overwrite=True); one run per out_dir (a lock); the NaN guard runs before every
+checkpoint, so a checkpoint on disk is always finite; Ctrl-C stops cleanly at the last checkpoint.
 """
 
 import ast
 import hashlib
-import json
 import math
 import os
 import sys
 import time
+import types
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from analyze import plot_run
-from data import SyntheticMixture, get_batch, gpt2_encoding, load_split, prepare
 from losses import aux_losses
 from metrics import RoutingStats
 from model import GPT, GPTConfig
+from rundir import (Interrupted, RunLock, UserError, all_finite, append_log, check_writable_dir, cli,
+                    describe_run, load_checkpoint, read_log, remove_stale_temp_files, rewrite_log, save_checkpoint)
 
-# ------------------------------------------------------------------------------------------------
-# settings: the default is the GPU teaching run (a 6-layer, 8-expert GPT on tiny Shakespeare)
-# I/O
-out_dir = "out"
-eval_interval = 100         # evaluate, log routing metrics and checkpoint every this many steps
-log_interval = 10           # print a train line every this many steps
-eval_iters = 40             # batches per evaluation (the same batches every time)
-init_from = "scratch"       # 'scratch' or 'resume' (from out_dir/ckpt.pt)
-num_samples = 2             # text samples printed at the end
-sample_tokens = 120
-# data
-dataset = "shakespeare"     # data/<dataset>/input.txt (GPT-2 BPE), or 'synthetic' (data.SyntheticMixture)
-batch_size = 32
-gradient_accumulation_steps = 1
-# MoE losses (coefficients; each term is also logged unscaled)
-c_lb = 0.01                 # load balancing (0 by default for router=ermoe)
-c_z = 1e-3                  # router z-loss (0 by default for router=ermoe)
-c_sp = 2e-3                 # specialization loss (Hu et al. 2026, Eq. 4); 0 = off
-c_cp = 1e-3                 # cross-layer coupling loss (Hu et al. 2026, Eq. 7); 0 = off
-mu_ortho = 1e-2             # soft orthogonality penalty, only with ermoe_basis='penalty'
-# optimizer: AdamW, linear warmup then cosine decay to min_lr
-learning_rate = 1e-3
-max_iters = 1000
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0             # 0 = off
-warmup_iters = 100
-lr_decay_iters = 0          # 0 = max_iters
-min_lr = 1e-4
-# system
-device = "auto"             # 'auto' (cuda if present, else cpu with the CPU preset) | 'cpu' | 'cuda'
-dtype = "auto"              # 'auto' (bfloat16 autocast on CUDA, else float32) | 'bfloat16' | 'float32'
-compile = True              # torch.compile the model (ignored by the CPU preset unless set)
-seed = 1337
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"                 # where ckpt.pt, log.jsonl and the plots go
+    init_from: str = "scratch"           # 'scratch' or 'resume' (continue out_dir/ckpt.pt with its settings)
+    overwrite: bool = False              # let a new run replace the run already in out_dir (else refused)
+    eval_interval: int = 100             # evaluate, log routing metrics and checkpoint every this many steps
+    log_interval: int = 10               # print and log a train line every this many steps
+    eval_iters: int = 40                 # batches per evaluation (the same batches every time)
+    num_samples: int = 2                 # text samples printed at the end (0 = none)
+    sample_tokens: int = 120             # tokens per sample
+    # data
+    dataset: str = "shakespeare"         # data/<dataset>/input.txt (GPT-2 BPE), or 'synthetic' (data.SyntheticMixture)
+    batch_size: int = 32                 # sequences per micro-step and process
+    gradient_accumulation_steps: int = 0  # micro-steps per update over all processes; 0 = one per process
+    # MoE losses (coefficients; each term is also logged unscaled)
+    c_lb: float = 0.01                   # load balancing (0 by default for router=ermoe)
+    c_z: float = 1e-3                    # router z-loss (0 by default for router=ermoe)
+    c_sp: float = 2e-3                   # specialization loss (Hu et al. 2026, Eq. 4); 0 = off
+    c_cp: float = 1e-3                   # cross-layer coupling loss (Hu et al. 2026, Eq. 7); 0 = off
+    mu_ortho: float = 1e-2               # soft orthogonality penalty, only with ermoe_basis='penalty'
+    # optimizer: AdamW, linear warmup then cosine decay to min_lr
+    learning_rate: float = 1e-3          # peak learning rate
+    max_iters: int = 1000                # optimizer steps in all (0 = evaluate only)
+    weight_decay: float = 0.1            # AdamW decay on matrices (not on norms and routers)
+    beta1: float = 0.9                   # AdamW beta1, in [0, 1)
+    beta2: float = 0.95                  # AdamW beta2, in [0, 1)
+    grad_clip: float = 1.0               # clip the gradient norm to this; 0 = off
+    warmup_iters: int = 100              # linear warmup steps
+    lr_decay_iters: int = 0              # cosine decay length; 0 = max_iters
+    min_lr: float = 1e-4                 # learning rate at the end of the decay, <= learning_rate
+    # system
+    device: str = "auto"                 # 'auto' (cuda if present, else cpu with the CPU preset) | 'cpu' | 'cuda[:N]'
+    dtype: str = "auto"                  # 'auto' (bfloat16 autocast on CUDA, else float32) | 'bfloat16' | 'float32'
+    compile: bool = True                 # torch.compile the model (off in the CPU preset unless set)
+    seed: int = 1337                     # seed of the initialisation and the training batches
+
+    def __post_init__(self):
+        ints = {"eval_interval": 1, "log_interval": 1, "eval_iters": 1, "sample_tokens": 1, "batch_size": 1,
+                "num_samples": 0, "gradient_accumulation_steps": 0, "max_iters": 0, "warmup_iters": 0,
+                "lr_decay_iters": 0, "seed": 0}
+        for name, low in ints.items():
+            _require(getattr(self, name) >= low, f"{name} must be >= {low}, got {getattr(self, name)}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float):
+                _require(math.isfinite(value) and value >= 0, f"{f.name} must be a finite number >= 0, got {value}")
+        _require(self.beta1 < 1 and self.beta2 < 1, f"beta1 and beta2 must be < 1, got {self.beta1}, {self.beta2}")
+        _require(self.min_lr <= self.learning_rate, f"min_lr ({self.min_lr}) must be <= learning_rate ({self.learning_rate})")
+        _require(self.learning_rate / (1 - self.beta1) < torch.finfo(torch.float32).max,  # AdamW's first step size
+                 f"learning_rate={self.learning_rate} overflows float32 in AdamW's first step (lr / (1 - beta1))")
+        _require(self.init_from in ("scratch", "resume"), f"init_from must be scratch or resume, got '{self.init_from}'")
+        _require(self.dtype in ("auto", "bfloat16", "float32"), f"dtype must be auto, bfloat16 or float32, got '{self.dtype}'")
+        _require(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
+                 f"device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
+        _require(self.dataset != "", "dataset is empty: give a name under data/, or synthetic")
+        _require(self.out_dir != "", "out_dir is empty: give a directory, e.g. --out_dir=out")
+
+
+def _require(ok, message):
+    if not ok:
+        raise UserError(message)
+
 
 # Without a GPU, `python train.py` runs this small model instead (< 10 min on 2 CPU cores).
 # Keys set explicitly in a config file or on the command line still win.
@@ -77,54 +109,211 @@ CPU_PRESET = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, n_experts=4, t
                   batch_size=16, max_iters=500, eval_interval=100, eval_iters=10, log_interval=20,
                   warmup_iters=50, learning_rate=2e-3, min_lr=2e-4, compile=False, sample_tokens=60)
 # Router-specific defaults: ERMoE is claimed not to need a balancing loss (docs/design.md §2).
-ERMOE_DEFAULTS = dict(c_lb=0.0, c_z=0.0)
+ROUTER_DEFAULTS = {"ermoe": dict(c_lb=0.0, c_z=0.0)}
+# What a resumed run may change; any other setting comes from the checkpoint, and a different value
+# on the command line is refused (it would silently continue another experiment).
+RESUMABLE = ("init_from", "out_dir", "overwrite", "max_iters", "lr_decay_iters", "eval_interval", "log_interval",
+             "eval_iters", "num_samples", "sample_tokens", "device", "dtype", "compile", "router_impl", "dispatch")
+
 # ------------------------------------------------------------------------------------------------
+# settings: defaults <- preset <- config files <- --key=value (or <- the checkpoint, on resume)
 
 
-def parse_config(defaults, argv):
-    """Apply config files, then --key=value, over `defaults`; returns (config, explicitly set keys)."""
-    config, explicit = dict(defaults), set()
+def default_settings():
+    """Every key --key=value accepts, with its declared default. Model widths stay 0 ("derive
+    from the final settings") until GPTConfig is built from the final values."""
+    return {f.name: f.default for cls in (TrainConfig, GPTConfig) for f in fields(cls)}
 
-    def assign(key, value, origin):
-        if key not in config:
-            raise ValueError(f"unknown setting '{key}' ({origin}); known: {', '.join(sorted(config))}")
-        want = type(defaults[key])
-        if want is float and type(value) is int:
-            value = float(value)
-        if type(value) is not want:
-            raise ValueError(f"setting '{key}' expects {want.__name__}, got {value!r} ({origin})")
-        config[key] = value
-        explicit.add(key)
 
-    for arg in sorted(argv, key=lambda a: a.startswith("--")):  # config files first, then --key=value
+def setting_notes():
+    """Each setting's trailing comment where it is declared (TrainConfig above, GPTConfig)."""
+    import inspect
+    import re
+    text = inspect.getsource(TrainConfig) + inspect.getsource(GPTConfig)
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\s*(\w+)\s*:\s*\w+\s*=[^#\n]*#\s*(.*)$", text, re.M)}
+
+
+def read_config_file(path):
+    """The settings a config file assigns (a Python file of `key = value` lines)."""
+    if not os.path.exists(path):
+        raise UserError(f"config file not found: {path}")
+    if os.path.isdir(path):
+        raise UserError(f"config file {path} is a directory")
+    try:
+        code = compile(open(path, encoding="utf-8").read(), path, "exec")
+    except SyntaxError as err:
+        raise UserError(f"config file {path} line {err.lineno}: {err.msg}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read config file {path} ({err})") from None
+    scope = {}
+    try:
+        exec(code, {}, scope)
+    except Exception as err:  # the user's code: report its line, not our traceback
+        tb, line = err.__traceback__, "?"
+        while tb is not None:
+            line = tb.tb_lineno if tb.tb_frame.f_code.co_filename == path else line
+            tb = tb.tb_next
+        raise UserError(f"config file {path} line {line} raised {type(err).__name__}: {err}") from None
+    return {k: v for k, v in scope.items() if not k.startswith("_")
+            and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
+
+
+def coerce(key, value, defaults, origin):
+    """value as the type of the setting's default (an int is accepted for a float)."""
+    if key not in defaults:
+        import difflib
+        close = difflib.get_close_matches(key, defaults, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "see python train.py --help"
+        raise UserError(f"unknown setting '{key}' ({origin}); {hint}")
+    want = type(defaults[key])
+    if want is float and type(value) is int:
+        value = float(value)
+    if type(value) is not want:
+        raise UserError(f"setting '{key}' expects {want.__name__}, got {value!r} ({origin})")
+    return value
+
+
+def parse_args(argv, defaults):
+    """Config files first, then --key=value, over `defaults` -> (values, explicitly set keys)."""
+    values, explicit = dict(defaults), set()
+    bare = [a for a in argv if a.startswith("--") and "=" not in a]
+    if bare:  # checked first: `--n_layer 4` would otherwise read 4 as a config file
+        raise UserError(f"expected --key=value, got '{bare[0]}'")
+    for arg in sorted(argv, key=lambda a: a.startswith("--")):
         if arg.startswith("--"):
-            key, sep, raw = arg[2:].partition("=")
-            if not sep:
-                raise ValueError(f"expected --key=value, got '{arg}'")
+            key, _, raw = arg[2:].partition("=")
             try:
                 value = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
                 value = raw  # a bare word is a string
-            assign(key, value, "command line")
+            pairs, origin = [(key, value)], "command line"
         else:
-            if not os.path.exists(arg):
-                raise FileNotFoundError(f"config file not found: {arg}")
-            scope = {}
-            exec(open(arg).read(), {}, scope)
-            for key, value in scope.items():
-                if not key.startswith("_"):
-                    assign(key, value, arg)
-    return config, explicit
+            pairs, origin = read_config_file(arg).items(), arg
+        for key, value in pairs:
+            values[key] = coerce(key, value, defaults, origin)
+            explicit.add(key)
+    return values, explicit
 
+
+def saved_settings(ckpt, defaults, path):
+    """The settings stored in a checkpoint, checked like the command line (model_args wins)."""
+    config, model_args = ckpt["config"], ckpt["model_args"]
+    if not isinstance(config, dict) or not isinstance(model_args, dict):
+        raise UserError(f"checkpoint {path} has no settings (config/model_args are not dicts)")
+    unknown = sorted(set(model_args) - {f.name for f in fields(GPTConfig)})
+    if unknown:
+        raise UserError(f"checkpoint {path} has model settings this version does not know: {', '.join(unknown)}")
+    merged = {k: v for k, v in config.items() if k in defaults}  # settings retired since are ignored
+    merged.update(model_args)
+    return {**defaults, **{k: coerce(k, v, defaults, path) for k, v in merged.items()}}
+
+
+def resolve(values):
+    """Checked TrainConfig and GPTConfig from flat settings (GPTConfig derives the widths)."""
+    try:
+        model_cfg = GPTConfig(**{f.name: values[f.name] for f in fields(GPTConfig)})
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    return TrainConfig(**{f.name: values[f.name] for f in fields(TrainConfig)}), model_cfg
+
+
+def setup(argv):
+    """Settings of this run -> (TrainConfig, GPTConfig, checkpoint or None). Touches no file."""
+    defaults = default_settings()
+    values, explicit = parse_args(argv, defaults)
+    if values["init_from"] == "resume":
+        ckpt = load_checkpoint(values["out_dir"], hint="nothing to resume; drop --init_from=resume to start a run")
+        saved = saved_settings(ckpt, defaults, os.path.join(values["out_dir"], "ckpt.pt"))
+        wanted = {**saved, **{k: values[k] for k in explicit}}
+        cfg, model_cfg = resolve(wanted)
+        final = {**asdict(cfg), **asdict(model_cfg)}
+        conflicts = [k for k in sorted(explicit) if k not in RESUMABLE and final[k] != saved[k]]
+        if conflicts:
+            raise UserError(f"resuming keeps the checkpoint's settings, but {', '.join(f'--{k}={values[k]!r}' for k in conflicts)} "
+                            f"differ from it ({', '.join(f'{k}={saved[k]!r}' for k in conflicts)}); settings that may "
+                            f"change on resume: {', '.join(RESUMABLE)}")
+        if cfg.max_iters <= ckpt["iter_num"]:
+            raise UserError(f"the checkpoint is at iter {ckpt['iter_num']} and max_iters={cfg.max_iters}: nothing to "
+                            f"train (give a larger --max_iters)")
+        return cfg, model_cfg, ckpt
+    if values["device"] == "auto" and not torch.cuda.is_available():
+        preset = {k: v for k, v in CPU_PRESET.items() if k not in explicit}
+        values.update(preset)
+        print(f"no GPU found: running the CPU preset ({', '.join(f'{k}={v}' for k, v in preset.items())})")
+    values.update({k: v for k, v in ROUTER_DEFAULTS.get(values["router"], {}).items() if k not in explicit})
+    cfg, model_cfg = resolve(values)
+    if model_cfg.top_k == 1 and model_cfg.gate_renorm and model_cfg.n_experts > 0:
+        print("note: top_k=1 with gate_renorm=True makes every gate 1: the router then learns only "
+              "from the auxiliary losses (set gate_renorm=False for Switch-style gates = p)")
+    return cfg, model_cfg, None
+
+
+# ------------------------------------------------------------------------------------------------
+# what the settings need from this machine: a device, the data, enough memory
+
+def pick_device(cfg, model_cfg):
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device={device} but no CUDA device is available (use --device=cpu)")
+        if ":" in device and int(device[5:]) >= torch.cuda.device_count():
+            raise UserError(f"device={device} but there are {torch.cuda.device_count()} CUDA devices")
+    if model_cfg.router_impl == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError("router_impl=triton needs a CUDA device (on a CPU, TRITON_INTERPRET=1 runs the kernel in "
+                        "Triton's interpreter, slowly; or use router_impl=torch)")
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    return device, dtype
+
+
+def check_memory(model_cfg, device):
+    """Refuse a model that cannot fit, before allocating it."""
+    n = model_cfg.param_count()
+    need = 16 * n  # fp32 weights, gradients and AdamW's two moments
+    if device.startswith("cuda"):
+        have, where = torch.cuda.get_device_properties(torch.device(device)).total_memory, device
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+    if need > have:
+        raise UserError(f"the model has {n / 1e6:,.0f}M parameters: about {need / 2**30:,.1f} GiB for weights, "
+                        f"gradients and AdamW state, more than the {have / 2**30:,.1f} GiB of {where}")
+
+
+def open_data(cfg, model_cfg, master):
+    """-> batch(split, generator, device) -> (x, y, source labels or None), and the mixture if synthetic."""
+    from data import SyntheticMixture, get_batch, load_split, prepare
+    B, S = cfg.batch_size, model_cfg.block_size
+    if cfg.dataset == "synthetic":  # generated on the fly; the mixture itself is fixed (seed 0)
+        if model_cfg.vocab_size < 16:
+            raise UserError(f"dataset=synthetic needs vocab_size >= 16, got {model_cfg.vocab_size}")
+        mixture = SyntheticMixture(vocab=min(256, model_cfg.vocab_size))
+        return (lambda split, gen, device: mixture.batch(B, S, gen, device)), mixture
+    folder = prepare(cfg.dataset, verbose=master)
+    splits = {split: load_split(folder, split) for split in ("train", "val")}
+    for split, data in splits.items():
+        if len(data) <= S:
+            raise UserError(f"dataset '{cfg.dataset}': the {split} split has {len(data):,} tokens, fewer than "
+                            f"block_size+1 = {S + 1} (use a smaller --block_size or more text)")
+        top = int(data.max())
+        if top >= model_cfg.vocab_size:
+            raise UserError(f"dataset '{cfg.dataset}' has token id {top}, outside vocab_size={model_cfg.vocab_size}")
+    return (lambda split, gen, device: (*get_batch(splits[split], B, S, gen, device), None)), None
+
+
+# ------------------------------------------------------------------------------------------------
+# optimisation
 
 def get_lr(it, cfg):
-    decay_iters = cfg["lr_decay_iters"] or cfg["max_iters"]
-    if it < cfg["warmup_iters"]:
-        return cfg["learning_rate"] * (it + 1) / (cfg["warmup_iters"] + 1)
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
     if it > decay_iters:
-        return cfg["min_lr"]
-    ratio = (it - cfg["warmup_iters"]) / max(1, decay_iters - cfg["warmup_iters"])
-    return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] - cfg["min_lr"])
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
 def make_optimizer(model, cfg, device_type):
@@ -132,275 +321,287 @@ def make_optimizer(model, cfg, device_type):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.dim() < 2 or "router" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
-                             fused=device_type == "cuda")
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
 
 
-def load_checkpoint(path):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint to resume from at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        _ = ckpt["model"], ckpt["model_args"], ckpt["iter_num"]
-    except Exception as err:
-        raise ValueError(f"checkpoint {path} is unreadable or incomplete ({type(err).__name__}: {err})".split("\n")[0])
-    return ckpt
+class Diverged(UserError):
+    """The loss or the weights became NaN/inf."""
 
 
-def default_settings():
-    """The globals above (training) and the GPTConfig fields (model): every key --key=value accepts.
-    Model fields come as declared, so derived widths stay 0 ("derive from the final settings") until
-    GPTConfig is built from the final values; an instance would carry the default model's widths."""
-    train = {k: v for k, v in globals().items()
-             if not k.startswith("_") and k.islower() and isinstance(v, (bool, int, float, str))}
-    return {**train, **{f.name: f.default for f in fields(GPTConfig)}}
+def train_step(model, optimizer, next_batch, accum, coefs, grad_clip, autocast, log_terms, ddp):
+    """One optimizer step: `accum` micro-batches of forward + losses + backward, then the NaN/inf
+    guard (before the update, so the weights stay finite), clipping and the AdamW update.
+    Returns (CE loss, unscaled auxiliary terms) averaged over the micro-batches (and processes)."""
+    ce_sum, total_sum, terms_sum = 0.0, 0.0, {}
+    for micro in range(accum):
+        X, Y, _ = next_batch()
+        if ddp:  # all-reduce gradients only on the last micro-step
+            model.require_backward_grad_sync = micro == accum - 1
+        with autocast:
+            _, ce, routes = model(X, Y)
+            aux, terms = aux_losses(routes, **coefs, all_terms=log_terms)  # zero-coefficient terms: log steps only
+            loss = (ce + aux) / accum
+        loss.backward()
+        ce_sum = ce_sum + ce.detach() / accum
+        total_sum = total_sum + loss.detach()
+        for name, value in terms.items():
+            terms_sum[name] = terms_sum.get(name, 0.0) + value.detach() / accum
+    stats = torch.stack([ce_sum, total_sum]).float()
+    if ddp:  # a NaN on any process stops every process
+        dist.all_reduce(stats)
+        stats /= dist.get_world_size()
+    ce_f, total_f = stats.tolist()  # the one host sync of a step: needed to stop before the update
+    if not math.isfinite(total_f):
+        raise Diverged(f"loss is {total_f}")
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return ce_f, terms_sum
 
 
-def setting_notes():
-    """Each setting's trailing comment where it is declared (the globals above, GPTConfig's fields)."""
-    import inspect
-    import re
-    import model
-    text = inspect.getsource(sys.modules[__name__]) + inspect.getsource(model.GPTConfig)
-    return {m.group(1): m.group(2) for m in re.finditer(r"^\s*(\w+)(?:\s*:\s*\w+)?\s*=[^#\n]*#\s*(.*)$", text, re.M)}
+@torch.no_grad()
+def evaluate(model, batch, cfg, autocast, device, mixture):
+    """Mean loss on the same eval_iters batches of each split, and routing metrics on val."""
+    model.eval()
+    result, stats = {}, RoutingStats(n_labels=mixture.n_sources if mixture else 0)
+    for split in ("train", "val"):
+        gen = torch.Generator().manual_seed(1 if split == "train" else 2)  # same batches for every seed
+        losses = []
+        for _ in range(cfg.eval_iters):
+            X, Y, labels = batch(split, gen, device)
+            with autocast:
+                _, loss, routes = model(X, Y)
+            losses.append(loss.float())
+            if split == "val":
+                stats.update(routes, labels)
+        result[f"{split}_loss"] = torch.stack(losses).mean().item()
+    model.train()
+    layers = stats.summary()
+    routers = [b.mlp.router for b in model.blocks if hasattr(b.mlp, "router")]
+    for m, router in zip(layers, routers):
+        if hasattr(router, "geometry"):  # ERMoE: orthonormality error, subspace overlap, beta
+            m.update(router.geometry())
+    return result, layers
 
 
-def setup(argv):
-    """Everything that can fail on bad input, before any training: config, device, data, model."""
-    cfg, explicit = parse_config(default_settings(), argv)
-    if cfg["device"] == "auto":
-        cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-        if cfg["device"] == "cpu":
-            preset = {k: v for k, v in CPU_PRESET.items() if k not in explicit}
-            cfg.update(preset)
-            print(f"no GPU found: running the CPU preset ({', '.join(f'{k}={v}' for k, v in preset.items())})")
-    if cfg["device"] not in ("cpu", "cuda") and not cfg["device"].startswith("cuda:"):
-        raise ValueError(f"device must be auto, cpu or cuda, got '{cfg['device']}'")
-    if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device=cuda but no CUDA device is available")
-    if cfg["router"] == "ermoe":
-        cfg.update({k: v for k, v in ERMOE_DEFAULTS.items() if k not in explicit})
-    if cfg["top_k"] == 1 and cfg["gate_renorm"] and cfg["n_experts"] > 0:
-        print("note: top_k=1 with gate_renorm=True makes every gate 1: the router then learns only "
-              "from the auxiliary losses (set gate_renorm=False for Switch-style gates = p)")
-    if cfg["init_from"] not in ("scratch", "resume"):
-        raise ValueError(f"init_from must be scratch or resume, got '{cfg['init_from']}'")
-    if cfg["dtype"] == "auto":
-        cfg["dtype"] = "bfloat16" if cfg["device"].startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-    if cfg["dtype"] not in ("bfloat16", "float32"):
-        raise ValueError(f"dtype must be auto, bfloat16 or float32, got '{cfg['dtype']}'")
-    ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt")) if cfg["init_from"] == "resume" else None
-    model_args = ckpt["model_args"] if ckpt else {f.name: cfg[f.name] for f in fields(GPTConfig)}
-    model_cfg = GPTConfig(**model_args)  # validates: n_embd % n_head, top_k <= n_experts, ...
-    cfg.update(asdict(model_cfg))
-    return cfg, model_cfg, ckpt
+# ------------------------------------------------------------------------------------------------
+# the run
+
+def share(fn, ddp, *args):
+    """Run fn on rank 0 only; under DDP every rank raises the same UserError if rank 0 failed."""
+    value, message = None, None
+    if not ddp or dist.get_rank() == 0:
+        try:
+            value = fn(*args)
+        except UserError as err:
+            message = str(err)
+    if ddp:
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message is not None:
+        raise UserError(message)
+    return value
+
+
+def prepare_out_dir(cfg, ckpt):
+    """Lock out_dir, refuse to replace another run, then cut the log back to the checkpoint."""
+    check_writable_dir(cfg.out_dir)
+    lock = RunLock(cfg.out_dir).acquire()
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    if ckpt:
+        kept = []
+        if os.path.exists(log_path):  # keep the log up to the checkpoint; the rest is redone
+            kept = [r for r in read_log(log_path) if r["iter"] < ckpt["iter_num"]
+                    or (r["iter"] == ckpt["iter_num"] and "val_loss" not in r)]
+    else:
+        existing = describe_run(cfg.out_dir)
+        if existing and not cfg.overwrite:
+            raise UserError(f"{cfg.out_dir} already holds a run ({existing}); resume it with --init_from=resume, "
+                            f"choose another --out_dir, or pass --overwrite=True to replace it")
+        kept = []
+        if os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt")):
+            os.remove(os.path.join(cfg.out_dir, "ckpt.pt"))
+    lock.mark()
+    remove_stale_temp_files(cfg.out_dir)
+    rewrite_log(log_path, kept)
+    return lock, log_path
 
 
 def main(argv):
-    sys.stdout.reconfigure(line_buffering=True)  # progress lines show up at once in a log file too
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress lines show up at once in a log file too
     if {"-h", "--help"} & set(argv):
         notes = setting_notes()
         print(__doc__ + "\nsettings (--key=default  what it is):\n" +
-              "\n".join(f"  {f'--{k}={v!r}':<32} {notes.get(k, '')}" for k, v in default_settings().items()))
+              "\n".join(f"  {f'--{k}={v!r}':<34} {notes.get(k, '')}" for k, v in default_settings().items()))
         return
+    ddp = "RANK" in os.environ
     try:
-        cfg, model_cfg, ckpt = setup(argv)
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+        run(argv, ddp, int(os.environ.get("RANK", 0)))
+    except KeyboardInterrupt:  # outside the training loop, which says where it stopped
+        raise Interrupted("interrupted (the checkpoint in out_dir, if any, is intact)") from None
 
-    # distributed data parallel: one process per device, launched by torchrun
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    device = cfg["device"]
+
+def run(argv, ddp, rank):
+    cfg, model_cfg, ckpt = setup(argv)
+    device, dtype = pick_device(cfg, model_cfg)
+    check_memory(model_cfg, device)
+    world = int(os.environ.get("WORLD_SIZE", 1)) if ddp else 1
+    accum = cfg.gradient_accumulation_steps or world
+    if accum % world != 0:
+        raise UserError(f"gradient_accumulation_steps={accum} must be a multiple of the {world} processes "
+                        f"(or 0 = one micro-step per process)")
+    accum //= world
     if ddp:
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
-        if cfg["gradient_accumulation_steps"] % world != 0:
-            sys.exit(f"error: gradient_accumulation_steps must be divisible by the {world} processes")
-        cfg["gradient_accumulation_steps"] //= world
+    master = rank == 0
+    share(open_data, ddp, cfg, model_cfg, master)  # rank 0 checks the data and tokenises it once
+    batch, mixture = open_data(cfg, model_cfg, master)  # then every process opens it (cached bins)
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_cfg).to(device)
+    optimizer = make_optimizer(model, cfg, "cuda" if device.startswith("cuda") else "cpu")
+    if ckpt:  # checked before the out_dir is touched
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise UserError(f"checkpoint weights do not match its model_args ({str(err).splitlines()[0]})") from None
+    lock, log_path = share(prepare_out_dir, ddp, cfg, ckpt) or (None, os.path.join(cfg.out_dir, "log.jsonl"))
+    try:
+        loop(cfg, model_cfg, ckpt, model, optimizer, device, dtype, accum, world, rank, ddp, batch, mixture, log_path)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def loop(cfg, model_cfg, ckpt, model, optimizer, device, dtype, accum, world, rank, ddp, batch, mixture, log_path):
     master = rank == 0
     device_type = "cuda" if device.startswith("cuda") else "cpu"
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if cfg["dtype"] == "bfloat16" else nullcontext()
-    out_dir, log_path = cfg["out_dir"], os.path.join(cfg["out_dir"], "log.jsonl")
-
-    B, S = cfg["batch_size"], cfg["block_size"]
-    if cfg["dataset"] == "synthetic":  # generated on the fly; the mixture itself is fixed (seed 0)
-        mixture = SyntheticMixture(vocab=min(256, model_cfg.vocab_size))
-        splits = {"train": None, "val": None}
-    else:
-        mixture = None
-        try:
-            folder = prepare(cfg["dataset"]) if master else None
-            if ddp:
-                dist.barrier()  # rank 0 tokenises, the others wait for the bins
-            folder = folder or prepare(cfg["dataset"])
-            splits = {split: load_split(folder, split) for split in ("train", "val")}
-        except (ValueError, FileNotFoundError) as err:
-            sys.exit(f"error: {err}")
-
-    def batch(split, gen):
-        """(x, y, source labels or None) for one batch of the split."""
-        if mixture:
-            return mixture.batch(B, S, gen, device)
-        return (*get_batch(splits[split], B, S, gen, device), None)
-
-    torch.manual_seed(cfg["seed"])
-    model = GPT(model_cfg).to(device)
-    optimizer = make_optimizer(model, cfg, device_type)
-    batch_gen = torch.Generator().manual_seed(cfg["seed"] + rank)  # training batches, checkpointed
-    iter_num, best_val = 0, float("inf")
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    batch_gen = torch.Generator().manual_seed(cfg.seed + rank)  # training batches, checkpointed
+    iter_num, best_val, saved_iter = 0, float("inf"), None
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        batch_gen.set_state(ckpt["batch_rng"][rank % len(ckpt["batch_rng"])])
+        if len(ckpt["batch_rng"]) == world:
+            batch_gen.set_state(ckpt["batch_rng"][rank])
+        else:  # another number of processes: a fresh sampler per process, reproducible from the seed
+            batch_gen.manual_seed(hash((cfg.seed, rank, ckpt["iter_num"])) % 2**63)
+            if master:
+                print(f"note: the checkpoint has batch samplers for {len(ckpt['batch_rng'])} processes, this run has "
+                      f"{world}: the batches differ from an uninterrupted run")
         torch.set_rng_state(ckpt["torch_rng"])
-        iter_num, best_val = ckpt["iter_num"], ckpt["best_val"]
-        print(f"resumed from {out_dir}/ckpt.pt at iter {iter_num}")
+        iter_num, best_val, saved_iter = ckpt["iter_num"], ckpt["best_val"], ckpt["iter_num"]
+        if master:
+            print(f"resumed from {cfg.out_dir}/ckpt.pt at iter {iter_num}")
     total, active = model.num_params()
     if master:
-        os.makedirs(out_dir, exist_ok=True)
-        kept = []
-        if ckpt and os.path.exists(log_path):  # keep the log up to the checkpoint; the rest is redone
-            recs = [json.loads(line) for line in open(log_path)]
-            kept = [json.dumps(r) + "\n" for r in recs
-                    if r["iter"] < iter_num or (r["iter"] == iter_num and "val_loss" not in r)]
-        with open(log_path, "w") as fh:
-            fh.writelines(kept)
         widths = f"expert width f={model_cfg.expert_hidden}" if model_cfg.n_experts else f"MLP width {model_cfg.ffn_hidden}"
         print(f"parameters: {total / 1e6:.2f}M total, {active / 1e6:.2f}M active per token "
               f"({model_cfg.n_experts} experts, top-{model_cfg.top_k}, {widths}, router={model_cfg.router})")
-    raw_model = model
-    if cfg["compile"]:
-        model = torch.compile(model)
+    fwd = torch.compile(model) if cfg.compile else model
     if ddp:
-        model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
-    coefs = {k: cfg[k] for k in ("c_lb", "c_z", "c_sp", "c_cp", "mu_ortho")}
+        fwd = DDP(fwd, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
+    coefs = {k: getattr(cfg, k) for k in ("c_lb", "c_z", "c_sp", "c_cp", "mu_ortho")}
+    settings = {**asdict(cfg), **asdict(model_cfg)}
 
-    def log(record):
-        with open(log_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-
-    @torch.no_grad()
-    def evaluate():
-        """Mean loss on the same eval_iters batches of each split, and routing metrics on val."""
-        model.eval()
-        result, stats = {}, RoutingStats(n_labels=mixture.n_sources if mixture else 0)
-        for split in ("train", "val"):
-            gen = torch.Generator().manual_seed(1 if split == "train" else 2)  # same batches for every seed
-            losses = []
-            for _ in range(cfg["eval_iters"]):
-                X, Y, labels = batch(split, gen)
-                with autocast:
-                    _, loss, routes = raw_model(X, Y)
-                losses.append(loss.item())
-                if split == "val":
-                    stats.update(routes, labels)
-            result[f"{split}_loss"] = sum(losses) / len(losses)
-        model.train()
-        layers = stats.summary()
-        routers = [b.mlp.router for b in raw_model.blocks if hasattr(b.mlp, "router")]
-        for m, router in zip(layers, routers):
-            if hasattr(router, "geometry"):  # ERMoE: orthonormality error, subspace overlap, beta
-                m.update(router.geometry())
-        return result, layers
-
-    def save_checkpoint():
-        ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "model_args": asdict(model_cfg), "config": cfg, "iter_num": iter_num, "best_val": best_val,
-                "batch_rng": [batch_gen.get_state()], "torch_rng": torch.get_rng_state()}
-        if ddp:  # every rank draws its own batches: keep all sampler states
+    def checkpoint():
+        states = [batch_gen.get_state()]
+        if ddp:  # every process draws its own batches: keep all sampler states
             states = [None] * world
             dist.all_gather_object(states, batch_gen.get_state())
-            ckpt["batch_rng"] = states
         if master:
-            tmp = os.path.join(out_dir, "ckpt.pt.tmp")
-            torch.save(ckpt, tmp)
-            os.replace(tmp, os.path.join(out_dir, "ckpt.pt"))  # atomic: a crash keeps the old file
+            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "model_args": asdict(model_cfg), "config": settings, "iter_num": iter_num,
+                             "best_val": best_val, "batch_rng": states, "torch_rng": torch.get_rng_state()},
+                            cfg.out_dir)
 
-    tokens_per_iter = B * S * cfg["gradient_accumulation_steps"] * world
-    t_start, t_last, start_iter = time.time(), time.time(), iter_num
-    while True:
-        lr = get_lr(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        if iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]:
-            result, layers = evaluate()
-            best_val = min(best_val, result["val_loss"])
-            if iter_num > start_iter or not ckpt:
-                save_checkpoint()
-            if master:
-                print(f"eval {iter_num}: train {result['train_loss']:.4f}, val {result['val_loss']:.4f}")
-                for i, m in enumerate(layers):
-                    extra = f" source NMI {m['source_nmi']:.3f}" if "source_nmi" in m else ""
-                    print(f"  moe layer {i}: load cv {m['cv']:.3f} max/mean {m['max_mean']:.2f} "
-                          f"dead {m['dead']} entropy {m['entropy_norm']:.3f} top-k mass {m['topk_mass']:.3f}{extra}")
-                log({"iter": iter_num, **result, "layers": layers, "final": iter_num >= cfg["max_iters"]})
-        if iter_num >= cfg["max_iters"]:
-            break
+    def stop(why):
+        kept = f"the last good checkpoint is {cfg.out_dir}/ckpt.pt (iter {saved_iter})" if saved_iter is not None \
+            else "no checkpoint was written"
+        return f"{why} at iter {iter_num}; stopped without saving: {kept}"
 
-        loss_sum, total_sum, terms_sum = 0.0, 0.0, {}
-        for micro in range(cfg["gradient_accumulation_steps"]):
-            X, Y, _ = batch("train", batch_gen)
-            if ddp:  # all-reduce gradients only on the last micro-step
-                model.require_backward_grad_sync = micro == cfg["gradient_accumulation_steps"] - 1
-            with autocast:
-                _, ce, routes = model(X, Y)
-                logged = (iter_num + 1) % cfg["log_interval"] == 0  # zero-coefficient terms: log steps only
-                aux, terms = aux_losses(routes, **coefs, all_terms=logged)
-                loss = (ce + aux) / cfg["gradient_accumulation_steps"]
-            loss.backward()
-            loss_sum = loss_sum + ce.detach() / cfg["gradient_accumulation_steps"]
-            total_sum = total_sum + loss.detach()
-            for name, value in terms.items():
-                terms_sum[name] = terms_sum.get(name, 0.0) + value.detach() / cfg["gradient_accumulation_steps"]
-        # one host sync per step: needed to stop on a NaN/inf (CE or auxiliary) before the update
-        lossf, totalf = torch.stack([loss_sum, total_sum]).tolist()
-        if not math.isfinite(totalf):
-            if master:
-                print(f"error: loss is {totalf} at iter {iter_num}; stopped before the update. "
-                      f"The last good checkpoint is {out_dir}/ckpt.pt")
-            sys.exit(1)
-        if cfg["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
-
-        if master and iter_num % cfg["log_interval"] == 0:
-            now = time.time()
-            dt = (now - t_last) / cfg["log_interval"]
-            t_last = now
-            eta = (cfg["max_iters"] - iter_num) * (now - t_start) / (iter_num - start_iter)
-            terms_f = {f"{k}": round(float(v), 6) for k, v in terms_sum.items()}
-            scaled = " ".join(f"{k} {v:.3f}" for k, v in terms_f.items())
-            print(f"iter {iter_num}: loss {lossf:.4f} | {scaled} | {dt * 1000:.0f} ms, "
-                  f"{tokens_per_iter / dt:,.0f} tok/s, eta {eta / 60:.1f} min")
-            log({"iter": iter_num, "train_loss": lossf, "lr": lr, **terms_f,
-                 **{f"{k}_scaled": round(coefs[f"c_{k}" if k != "ortho" else "mu_ortho"] * v, 6)
-                    for k, v in terms_f.items()}})
+    tokens_per_iter = cfg.batch_size * model_cfg.block_size * accum * world
+    t_start = t_last = time.time()
+    start_iter = iter_num
+    try:
+        while True:
+            lr = get_lr(iter_num, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
+                result, layers = evaluate(model, batch, cfg, autocast, device, mixture)
+                if not (math.isfinite(result["train_loss"]) and math.isfinite(result["val_loss"])
+                        and all_finite(model.parameters())):  # never checkpoint a diverged model
+                    raise Diverged(stop(f"evaluation loss is train {result['train_loss']}, val {result['val_loss']} "
+                                        f"or the weights are not finite"))
+                best_val = min(best_val, result["val_loss"])
+                if iter_num != saved_iter:
+                    checkpoint()
+                    saved_iter = iter_num
+                if master:
+                    print(f"eval {iter_num}: train {result['train_loss']:.4f}, val {result['val_loss']:.4f}")
+                    for i, m in enumerate(layers):
+                        extra = f" source NMI {m['source_nmi']:.3f}" if "source_nmi" in m else ""
+                        print(f"  moe layer {i}: load cv {m['cv']:.3f} max/mean {m['max_mean']:.2f} dead {m['dead']} "
+                              f"entropy {m['entropy_norm']:.3f} top-k mass {m['topk_mass']:.3f}{extra}")
+                    append_log(log_path, {"iter": iter_num, **result, "layers": layers,
+                                          "final": iter_num >= cfg.max_iters})
+            if iter_num >= cfg.max_iters:
+                break
+            log_step = (iter_num + 1) % cfg.log_interval == 0
+            try:
+                lossf, terms = train_step(fwd, optimizer, lambda: batch("train", batch_gen, device), accum, coefs,
+                                          cfg.grad_clip, autocast, log_step, ddp)
+            except Diverged as err:
+                raise Diverged(stop(str(err))) from None
+            iter_num += 1
+            if master and log_step:
+                now = time.time()
+                dt = (now - t_last) / cfg.log_interval
+                t_last = now
+                eta = (cfg.max_iters - iter_num) * (now - t_start) / (iter_num - start_iter)
+                terms_f = {k: round(float(v), 6) for k, v in terms.items()}
+                scaled = " ".join(f"{k} {v:.3f}" for k, v in terms_f.items())
+                print(f"iter {iter_num}: loss {lossf:.4f} | {scaled} | {dt * 1000:.0f} ms, "
+                      f"{tokens_per_iter / dt:,.0f} tok/s, eta {eta / 60:.1f} min")
+                append_log(log_path, {"iter": iter_num, "train_loss": lossf, "lr": lr, **terms_f,
+                                      **{f"{k}_scaled": round(coefs[f"c_{k}" if k != "ortho" else "mu_ortho"] * v, 6)
+                                         for k, v in terms_f.items()}})
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted at iter {iter_num}; "
+                        + (f"the last checkpoint is {cfg.out_dir}/ckpt.pt (iter {saved_iter})" if saved_iter is not None
+                           else "no checkpoint was written")) from None
 
     if master:
-        print(f"done: {iter_num - start_iter} steps in {(time.time() - t_start) / 60:.1f} min, "
-              f"best val loss {best_val:.4f}")
-        enc = gpt2_encoding()
-        start = torch.tensor([enc.encode_ordinary("\n")], device=device)
-        for _ in range(cfg["num_samples"] if not mixture else 0):  # synthetic tokens are not text
-            out = raw_model.generate(start, cfg["sample_tokens"], temperature=0.8, top_k=200, n_vocab=enc.n_vocab)
-            print("---------------\n" + enc.decode(out[0].tolist()))
-        for path in plot_run(out_dir):
-            print(f"wrote {path}")
+        print(f"done: {iter_num - start_iter} steps in {(time.time() - t_start) / 60:.1f} min, best val loss {best_val:.4f}")
+        finish(model, cfg, device, mixture)
     if ddp:  # a check that DDP kept every replica identical: hash of all weights per rank
-        digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in raw_model.parameters()))
+        digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters()))
         hashes = [None] * world
         dist.all_gather_object(hashes, digest.hexdigest())
         if master:
             print(f"ranks hold identical weights: {len(set(hashes)) == 1}")
-            log({"iter": iter_num, "param_hashes": hashes})
-        dist.destroy_process_group()
+            append_log(log_path, {"iter": iter_num, "param_hashes": hashes})
+
+
+def finish(model, cfg, device, mixture):
+    """Samples and plots at the end (the checkpoint is already safe on disk)."""
+    from analyze import plot_run
+    from data import gpt2_encoding
+    if not mixture and cfg.num_samples > 0:  # synthetic tokens are not text
+        enc = gpt2_encoding()
+        start = torch.tensor([enc.encode_ordinary("\n")], device=device)
+        for _ in range(cfg.num_samples):
+            out = model.generate(start, cfg.sample_tokens, temperature=0.8, top_k=200, n_vocab=enc.n_vocab)
+            print("---------------\n" + enc.decode(out[0].tolist()))
+    for path in plot_run(cfg.out_dir):
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli(main, sys.argv[1:], quiet=int(os.environ.get("RANK", 0)) != 0))

@@ -1,0 +1,204 @@
+"""
+What a training run keeps in its out_dir, and how nothing in it gets lost.
+
+    out_dir/ckpt.pt     model, optimizer, settings and RNG states at the last evaluation
+    out_dir/log.jsonl   one JSON object per line: train steps and evaluations
+    out_dir/.lock       held (flock) by the one train.py that writes this out_dir
+
+- A checkpoint is written to a temp file named after the process and renamed over ckpt.pt: the
+  rename is atomic, so a crash or kill -9 at any moment leaves the previous checkpoint or the new
+  one, never half of one. A temp file left by a killed process is removed by the next run.
+- The log is append-only while training. On resume it is cut back to the checkpoint's iteration
+  by writing a temp file and renaming it, so it too is either the old or the new log.
+- One run per out_dir: an exclusive flock on out_dir/.lock. The kernel releases it when the
+  process ends, however it ends, so a crashed run never leaves a stale lock behind.
+- Everything a user can get wrong is reported as a `UserError` with one line naming the file or
+  setting; the entry points print it as `error: ...` and exit non-zero, without a traceback.
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the lock is skipped there
+    fcntl = None
+
+CKPT_KEYS = ("model", "optimizer", "model_args", "config", "iter_num", "best_val", "batch_rng", "torch_rng")
+
+
+class UserError(Exception):
+    """Something the user can fix: printed as one `error:` line, never as a traceback."""
+    exit_status = 1
+
+
+class Interrupted(UserError):
+    """Ctrl-C, reported in one line; exit status 130 like a shell's."""
+    exit_status = 130
+
+
+def cli(main, argv, quiet=False):
+    """Run an entry point's main(argv): a UserError (or Ctrl-C) becomes one `error:` line on stderr
+    and a non-zero exit status, returned; `quiet` (DDP ranks but the first) prints nothing."""
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        err = Interrupted("interrupted")
+    except UserError as caught:
+        err = caught
+    else:
+        return 0
+    if not quiet:
+        print(f"error: {err}", file=sys.stderr)
+    return err.exit_status
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoint
+
+def load_checkpoint(out_dir, hint="run train.py with this out_dir first"):
+    """out_dir/ckpt.pt, checked for every key a run needs."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path} ({hint})")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unpickling failure means the file is not a checkpoint of ours
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"checkpoint {path} is unreadable ({first})") from None
+    missing = [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UserError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    return ckpt
+
+
+def save_checkpoint(ckpt, out_dir):
+    """Atomic: a temp file of this process, then a rename over ckpt.pt. An interrupt or an error
+    during the write removes the temp file and leaves the previous checkpoint in place."""
+    tmp = os.path.join(out_dir, f"ckpt.pt.tmp.{os.getpid()}")
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, os.path.join(out_dir, "ckpt.pt"))
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def all_finite(tensors):
+    """True if every floating-point tensor holds only finite values (one pass, one host sync)."""
+    flags = [torch.isfinite(t).all() for t in tensors if torch.is_tensor(t) and t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+# ------------------------------------------------------------------------------------------------
+# log
+
+def read_log(path):
+    """The records of a log.jsonl. A line that is not a JSON object with an `iter` is an error that
+    names the file and line, except a last line cut short by a crash (no newline), which is dropped."""
+    if not os.path.isfile(path):
+        raise UserError(f"no log at {path} (run train.py with this out_dir first)")
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        lines = fh.read().split("\n")
+    torn = lines[-1] != ""            # the file does not end with a newline: the last write was cut
+    records = []
+    for n, line in enumerate(lines[:-1] if not torn else lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if torn and n == len(lines):
+                break
+            raise UserError(f"{path} line {n} is not JSON ({err.msg}); fix or delete that line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("iter"), int):
+            raise UserError(f"{path} line {n} is not a log record (a JSON object with an integer 'iter')")
+        records.append(record)
+    return records
+
+
+def append_log(path, record):
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def rewrite_log(path, records):
+    """Replace the log by `records`, atomically (temp file + rename)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in records)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ------------------------------------------------------------------------------------------------
+# the out_dir itself
+
+def check_writable_dir(out_dir, setting="out_dir"):
+    """The directory exists or can be created, and a file can be written in it."""
+    if not out_dir:
+        raise UserError(f"{setting} is empty: give a directory, e.g. --{setting}=out")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"{setting}={out_dir} is a file, not a directory")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".write-probe.{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        raise UserError(f"cannot write to {setting}={out_dir} ({err.strerror or err})") from None
+
+
+class RunLock:
+    """An exclusive flock on out_dir/.lock for the life of this process."""
+
+    def __init__(self, out_dir):
+        self.path = os.path.join(out_dir, ".lock")
+        self.fh = None
+
+    def acquire(self):
+        if fcntl is None:
+            return self
+        self.fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.fh.seek(0)
+            holder = self.fh.read().strip() or "another process"
+            self.fh.close()
+            raise UserError(f"{os.path.dirname(self.path)} is in use by another train.py ({holder}); "
+                            "wait for it to finish or use another --out_dir") from None
+        return self
+
+    def mark(self):
+        """Write who holds the lock (only once the run is sure to start: a refused run changes nothing)."""
+        if self.fh is not None:
+            self.fh.seek(0)
+            self.fh.truncate()
+            self.fh.write(f"pid {os.getpid()}\n")
+            self.fh.flush()
+
+
+def describe_run(out_dir):
+    """A short description of the run already in out_dir, or None if there is none."""
+    ckpt, log = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
+    parts = []
+    if os.path.isfile(ckpt):
+        parts.append("ckpt.pt")
+    if os.path.isfile(log) and os.path.getsize(log) > 0:
+        parts.append("log.jsonl")
+    return " and ".join(parts) or None
+
+
+def remove_stale_temp_files(out_dir):
+    """Temp files of a killed run (only called while holding the lock, so none is in use)."""
+    for name in os.listdir(out_dir):
+        if ".tmp." in name and name.split(".tmp.")[0] in ("ckpt.pt", "log.jsonl"):
+            os.remove(os.path.join(out_dir, name))
