@@ -24,6 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from router import ROUTERS
 from rundir import UserError, read_log
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -35,8 +36,9 @@ VARIANTS = {  # name -> train.py overrides; the defaults are c_lb=0.01, c_z=1e-3
     "+ R_sp": ["--c_cp=0.0"],
     "+ R_cp": ["--c_sp=0.0"],
     "+ R_sp + R_cp": [],
-    "ERMoE": ["--router=ermoe", "--c_sp=0.0", "--c_cp=0.0"],
-    "ERMoE + R_sp + R_cp": ["--router=ermoe"],
+    # every other router of the registry, with its own default coefficients and no regulariser
+    **{name: [f"--router={name}", "--c_sp=0.0", "--c_cp=0.0"] for name in ROUTERS if name != "softmax"},
+    "ermoe + R_sp + R_cp": ["--router=ermoe"],
 }
 QUICK = ["--max_iters=300", "--eval_interval=50", "--eval_iters=4", "--batch_size=8", "--block_size=64",
          "--n_layer=3", "--log_interval=50"]
@@ -44,6 +46,7 @@ COLUMNS = [("val_loss", "val loss", "{:.3f}"), ("cv", "load CV", "{:.3f}"), ("de
            ("entropy_norm", "entropy/logE", "{:.3f}"), ("coact_cos2", "co-act cos²", "{:.4f}"),
            ("coact_floor", "co-act cos² × f", "{:.2f}"),
            ("next_nmi", "NMI l→l+1", "{:.3f}"), ("source_nmi", "NMI(expert, source)", "{:.3f}")]
+SKIP = {"load", "entropy", "max_mean", "next_cond_entropy", "topk_mass"}  # lists, or shown another way
 
 
 def slug(name):
@@ -60,19 +63,25 @@ def final_eval(run_dir):
 
 
 def summarise(record):
-    """Per-run numbers: val loss, layer means of the routing metrics (dead experts summed)."""
+    """Per-run numbers: val loss, layer means of every numeric routing metric (dead experts summed),
+    so a router's own metrics (ERMoE's beta, the sigmoid router's bias range, ...) come along."""
     out = {"val_loss": record["val_loss"]}
     layers = record.get("layers") or []
-    for key, _, _ in COLUMNS[1:]:
+    keys = {k for m in layers for k, v in m.items() if isinstance(v, (int, float)) and k not in SKIP}
+    for key in sorted(keys):
         vals = [m[key] for m in layers if key in m]
-        if vals:
-            out[key] = float(np.sum(vals) if key == "dead" else np.mean(vals))
+        out[key] = float(np.sum(vals) if key == "dead" else np.mean(vals))
+    if not out.get("dropped"):  # dropless runs: no column of zeros
+        out.pop("dropped", None)
     return out
 
 
 def table(results, seeds):
     """Markdown: mean over seeds, and +- half the range between seeds (the seed noise to compare with)."""
+    known = {key for key, _, _ in COLUMNS}
+    extra = sorted({k for runs in results.values() for r in runs for k in r} - known)
     cols = [c for c in COLUMNS if any(c[0] in r for runs in results.values() for r in runs)]
+    cols += [(k, k, "{:.3g}") for k in extra]  # the routers' own metrics
     lines = ["| variant | " + " | ".join(title for _, title, _ in cols) + " |",
              "|---|" + "---|" * len(cols)]
     for name, runs in results.items():

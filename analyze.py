@@ -7,15 +7,18 @@ From the log (train.py also draws these at the end of a run):
 - loss.png             train/val loss and the auxiliary terms over training
 - expert_load.png      layer x expert load at the last evaluation, and load CV over training
 - load_history.png     per layer: expert load at every evaluation (collapse and recovery show up)
-- routing_curves.png   per layer over training: routing entropy, top-k mass, co-activation cos^2,
-                       NMI between consecutive layers, NMI(expert, source) on the synthetic task,
-                       and beta for ERMoE
+- routing_curves.png   per layer over training: every routing metric in the log (entropy, top-k
+                       mass, co-activation cos^2, NMI between consecutive layers, NMI(expert,
+                       source) on the synthetic task, and each router's own: ERMoE's beta, the
+                       sigmoid router's bias range, ...)
 From the checkpoint, on a probe batch of validation data:
 - expert_cosine.png    expert x expert mean cos^2 of the SwiGLU intermediates, every expert run
                        on the same tokens (what the specialization loss pushes apart)
 - transitions.png      top-1 transition matrices P(expert at layer l+1 | expert at layer l)
 - tokens.png           a passage with each token coloured by its top-1 expert, per layer
-- ermoe.png            (ERMoE) eigenbasis-score histograms and subspace-overlap matrices
+- router.png           per layer: the router's probability p of selected vs other experts, and its
+                       (E, E) expert similarity (ERMoE: subspace overlaps; linear routers: cosine
+                       of the router rows)
 """
 
 import os
@@ -99,18 +102,25 @@ def plot_load_history(evals, path):
     return save(fig, path)
 
 
+TITLES = {"entropy_norm": "routing entropy / log E", "topk_mass": "top-k mass", "coact_cos2": "co-activation cos^2",
+          "coact_floor": "co-activation cos^2 x f (1 = random)", "next_nmi": "NMI(layer l, l+1)",
+          "source_nmi": "NMI(expert, source)", "dropped": "dropped pairs (capacity)"}
+NOT_CURVES = {"load", "cv", "max_mean", "dead", "entropy", "next_cond_entropy"}  # in expert_load.png or redundant
+
+
 def plot_routing_curves(evals, path):
-    keys = [("entropy_norm", "routing entropy / log E"), ("topk_mass", "top-k mass"),
-            ("coact_cos2", "co-activation cos^2"), ("next_nmi", "NMI(layer l, l+1)"),
-            ("source_nmi", "NMI(expert, source)"), ("beta", "ERMoE beta")]
-    keys = [(k, t) for k, t in keys if any(k in m for m in evals[-1]["layers"])]
+    """One panel per numeric metric of the layers (a router's own metrics included)."""
+    keys = []
+    for m in evals[-1]["layers"]:
+        keys += [k for k, v in m.items() if k not in NOT_CURVES and k not in keys and isinstance(v, (int, float))]
+    keys = [k for k in keys if k != "dropped" or any(m.get(k) for r in evals for m in r["layers"])]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.4), squeeze=False)
     iters = [r["iter"] for r in evals]
-    for (key, title), ax in zip(keys, axes[0]):
+    for key, ax in zip(keys, axes[0]):
         for layer in range(len(evals[-1]["layers"])):
             if key in evals[-1]["layers"][layer]:
                 ax.plot(iters, [r["layers"][layer].get(key, np.nan) for r in evals], "o-", ms=3, label=f"layer {layer}")
-        ax.set(title=title, xlabel="iter")
+        ax.set(title=TITLES.get(key, key), xlabel="iter")
     axes[0, 0].legend(fontsize=7)
     return save(fig, path)
 
@@ -144,13 +154,10 @@ def probe(model, idx):
 
 
 @torch.no_grad()
-def expert_cos2(moe, x):
+def expert_cos2(moe, x, ids):
     """(E, E) mean over tokens of cos^2 between experts' intermediates when all run on the same x."""
     T = x.shape[0]
-    coords = None
-    if hasattr(moe.router, "lam"):  # ERMoE experts read lambda * P_e^T x
-        u, _ = moe.router(x)
-        coords = u * moe.router.lam
+    coords = moe.router(x, ids).inputs  # the experts' inputs where the router makes them (ERMoE)
     tok = torch.arange(T)
     z = torch.stack([F.silu(h @ moe.w_gate[e]) * (h @ moe.w_up[e])
                      for e in range(moe.w_up.shape[0])
@@ -192,20 +199,25 @@ def plot_tokens(pieces, top1, path, source=None):
     return save(fig, path)
 
 
-def plot_ermoe(moes, routes, path):
+def plot_router(moes, routes, path):
+    """Per layer: p of the selected vs the other experts, and the router's expert similarity."""
     L = len(moes)
-    fig, axes = plt.subplots(2, L, figsize=(3.4 * L, 6.4), squeeze=False)
-    for layer, (moe, r) in enumerate(zip(moes, routes)):
-        s = (r.logits / moe.router.beta()).detach().cpu()                        # (T, E) scores in [0, 1]
-        chosen = torch.zeros_like(s, dtype=torch.bool).scatter_(1, r.idx.cpu(), True)
+    sims = [m.router.similarity() for m in moes]
+    rows = 2 if any(s is not None for s in sims) else 1
+    fig, axes = plt.subplots(rows, L, figsize=(3.4 * L, 3.2 * rows), squeeze=False)
+    for layer, (r, sim) in enumerate(zip(routes, sims)):
+        p = r.probs.detach().cpu()                                               # (T, E)
+        chosen = torch.zeros_like(p, dtype=torch.bool).scatter_(1, r.idx.cpu(), True)
         ax = axes[0, layer]
-        ax.hist([s[~chosen].numpy(), s[chosen].numpy()], bins=30, range=(0, 1), stacked=True,
+        ax.hist([p[~chosen].numpy(), p[chosen].numpy()], bins=30, range=(0, 1), stacked=True,
                 label=["not selected", "selected"])
-        ax.set(title=f"layer {layer}: eigenbasis scores", xlabel="s = ||P^T x|| / ||x||")
+        ax.set(title=f"layer {layer}: router p", xlabel="p", yscale="log")
         ax.legend(fontsize=7)
-        im = axes[1, layer].imshow(moe.router.overlaps().cpu(), cmap="viridis", vmin=0, vmax=1)
-        axes[1, layer].set(title=f"layer {layer}: subspace overlap")
-    fig.colorbar(im, ax=list(axes[1]), label="||P_i^T P_j||^2 / r")
+        if rows == 2 and sim is not None:
+            im = axes[1, layer].imshow(sim.cpu(), cmap="viridis", vmin=0, vmax=1)
+            axes[1, layer].set(title=f"layer {layer}: expert similarity")
+    if rows == 2:
+        fig.colorbar(im, ax=list(axes[1]), label="router's similarity of experts")
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -238,7 +250,7 @@ def plot_checkpoint(out_dir):
     x, pieces, source = probe_batch(ckpt["config"])
     moes, inputs, routes = probe(model, x)
     L = len(moes)
-    cos2 = [expert_cos2(m, h).fill_diagonal_(float("nan")) for m, h in zip(moes, inputs)]  # diagonal is 1
+    cos2 = [expert_cos2(m, h, x.reshape(-1)).fill_diagonal_(float("nan")) for m, h in zip(moes, inputs)]  # diagonal is 1
     written = [plot_matrices(cos2, [f"layer {i}" for i in range(L)], os.path.join(out_dir, "expert_cosine.png"),
                              "mean cos^2 between experts (diagonal hidden)")]
     stats = RoutingStats()
@@ -248,8 +260,7 @@ def plot_checkpoint(out_dir):
                                      os.path.join(out_dir, "transitions.png"), "P(next expert | expert)", vmax=1))
     top1 = torch.stack([r.idx[:, 0].view(x.shape)[0, :len(pieces)] for r in routes]).numpy()  # (L, N)
     written.append(plot_tokens(pieces, top1, os.path.join(out_dir, "tokens.png"), source))
-    if model.config.router == "ermoe":
-        written.append(plot_ermoe(moes, routes, os.path.join(out_dir, "ermoe.png")))
+    written.append(plot_router(moes, routes, os.path.join(out_dir, "router.png")))
     return written
 
 

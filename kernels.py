@@ -9,11 +9,13 @@ the router-side losses need. Three implementations of one function, `topk_route`
 Notation: T tokens, E experts, k experts per token, r ERMoE basis rank; BT/BE/BK block sizes
 (rows, experts, k padded to powers of two), RC a chunk of ERMoE coordinates.
 
-Outputs (`Route`): gates (T, k) fp32, idx (T, k) int64 (ties -> lower index), and the statistics
-of the losses in losses.py: lse (T,) = logsumexp_e a (z-loss), mass (T,) = top-k mass of the full
-softmax (coupling loss), counts (E,) int32 and psum (E,) = sum_t p_{t,e} (load balancing).
+Outputs (a router.Routing): gates (T, k) fp32, idx (T, k) int64 (ties -> lower index), and the
+statistics of the losses in losses.py: lse (T,) = logsumexp_e a (z-loss), mass (T,) = top-k mass of
+the full softmax (coupling loss), counts (E,) int32 and psum (E,) = sum_t p_{t,e} (load balancing).
 An ERMoE variant (`eigen_route`) also fuses the eigenbasis score s = ||u_e|| / ||x|| and a = beta*s
 into the same pass (u = x P: the basis coordinates, which the experts reuse as their input).
+This file holds only the accelerators; the PyTorch routing path is router.route_reference, and a
+router uses a kernel here where its selection is the top-k of its logits (router.Router.kernel).
 
 Design notes
 - One program handles BT rows; the row of E logits (padded to a power of two BE <= 256) sits in
@@ -47,44 +49,15 @@ Design notes
   chosen for registers, not tuned for bandwidth.
 """
 
-from typing import NamedTuple
-
 import torch
 
-from router import expert_counts, select_topk
+from router import Routing, eigen_logits, route_reference
 
 try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU-only installs without triton still get impl="torch" / "compile"
     triton = None
-
-
-class Route(NamedTuple):
-    gates: torch.Tensor   # (T, k) fp32 mixing weights
-    idx: torch.Tensor     # (T, k) int64 selected experts, best first
-    lse: torch.Tensor     # (T,) logsumexp of the logits
-    mass: torch.Tensor    # (T,) sum of the full-softmax probabilities of the selected experts
-    counts: torch.Tensor  # (E,) int32 tokens per expert
-    psum: torch.Tensor    # (E,) sum over tokens of the full-softmax probabilities
-
-
-# ------------------------------------------------------------------------------------------------
-# the PyTorch reference
-
-def route_reference(logits, k, renormalize=True):
-    a = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (T, E) fp32 (fp64 kept for gradcheck)
-    lse = a.logsumexp(dim=-1)                                       # (T,)
-    p = (a - lse[:, None]).exp()                                    # (T, E) full softmax
-    gates, idx = select_topk(a, k, renormalize)                     # (T, k), (T, k)
-    mass = p.gather(1, idx).sum(dim=-1)                             # (T,)
-    return Route(gates, idx, lse, mass, expert_counts(idx, a.shape[1]), p.sum(dim=0))
-
-
-def eigen_logits_reference(u, xnorm, beta, r):
-    """a = beta * ||u_e|| / ||x||, u (T, E*r) coordinates, xnorm (T,) -> (T, E) fp32."""
-    s = u.float().unflatten(1, (-1, r)).norm(dim=-1) / xnorm.float().clamp_min(1e-6)[:, None]
-    return beta.float() * s
 
 
 _compiled_reference = None
@@ -457,13 +430,6 @@ def triton_unsupported(E, k, dtype=torch.float32):
     return None
 
 
-def resolve_impl(impl, E, k, device, dtype=torch.float32):
-    """'auto' -> the Triton kernel on CUDA where it supports the shape, else the PyTorch reference."""
-    if impl == "auto":
-        return "triton" if device.type == "cuda" and triton_unsupported(E, k, dtype) is None else "torch"
-    return impl
-
-
 def _check(impl, E, k, dtype):
     if not 1 <= k <= E:
         raise ValueError(f"need 1 <= k <= E, got k={k}, E={E}")
@@ -474,22 +440,22 @@ def _check(impl, E, k, dtype):
 
 
 def topk_route(logits, k, impl="triton", renormalize=True):
-    """logits (T, E) -> Route(gates, idx, lse, mass, counts, psum); the same for every impl."""
+    """logits (T, E) -> Routing(gates, idx, counts, lse, mass, psum, logits); the same for every impl."""
     _check(impl, logits.shape[1], k, logits.dtype)
     if impl == "torch":
         return route_reference(logits, k, renormalize)
     if impl == "compile":
-        return Route(*_compiled(logits, k, renormalize))
-    return Route(*_route_op(logits, k, renormalize))
+        return _compiled(logits, k, renormalize)
+    gates, idx, lse, mass, counts, psum = _route_op(logits, k, renormalize)
+    return Routing(gates, idx, counts, lse, mass, psum, logits)
 
 
 def eigen_route(u, xnorm, beta, k, r, impl="triton", renormalize=True):
-    """ERMoE: coordinates u (T, E*r), ||x|| (T,), beta () -> (logits (T, E), Route)."""
+    """ERMoE: coordinates u (T, E*r), ||x|| (T,), beta () -> Routing whose logits are beta * s (T, E)."""
     if r < 1 or u.shape[1] % r != 0:
         raise ValueError(f"u has {u.shape[1]} coordinates per token, not a multiple of the rank r={r}")
     _check(impl, u.shape[1] // r, k, u.dtype)
     if impl == "triton":
-        logits, *rest = _eigen_op(u, xnorm, beta, k, r, renormalize)
-        return logits, Route(*rest)
-    logits = eigen_logits_reference(u, xnorm, beta, r)
-    return logits, topk_route(logits, k, impl, renormalize)
+        logits, gates, idx, lse, mass, counts, psum = _eigen_op(u, xnorm, beta, k, r, renormalize)
+        return Routing(gates, idx, counts, lse, mass, psum, logits)
+    return topk_route(eigen_logits(u, xnorm, beta, r), k, impl, renormalize)

@@ -11,8 +11,9 @@ Notation: T tokens, E routed experts, k experts per token, f expert hidden width
   cosine between the SwiGLU intermediates z = silu(x W_gate) * (x W_up) of its k routed experts,
   summed over ordered pairs i != j, mean over tokens. Our reading, where the equation leaves a
   choice: ordered pairs (each unordered pair counts twice), mean over tokens, sum over layers.
-- coupling_loss: Hu et al. 2026, Eq. 7. With M^l_t the top-k mass of the *full* softmax of layer l
-  (before renormalisation: the renormalised gates sum to 1 and would carry no gradient),
+- coupling_loss: Hu et al. 2026, Eq. 7. With M^l_t the mass of the *full* softmax of layer l on the
+  experts it selected (before renormalisation: the renormalised gates sum to 1 and would carry no
+  gradient; for most routers the selection is the top-k of p),
   R_cp = - mean_t sum_{l=1}^{L-1} M^l_t * M^{l+1}_t. Our reading: mean over tokens, sum over the
   L-1 consecutive pairs.
 - aux_losses: all of the above for every MoE layer of a forward pass, unscaled and combined with
@@ -70,14 +71,19 @@ def coupling_from_mass(masses):
     return -sum(a * b for a, b in zip(masses[:-1], masses[1:])).mean()
 
 
-def coupling_loss(probs_list, k):
-    """probs_list: full softmax (T, E) of consecutive MoE layers -> -mean_t sum_l M^l_t M^{l+1}_t."""
-    return coupling_from_mass([topk_mass(p, k) for p in probs_list])
+def coupling_loss(probs_list, k=None, idx_list=None):
+    """probs_list: full softmax (T, E) of consecutive MoE layers -> -mean_t sum_l M^l_t M^{l+1}_t.
+    M is the mass of the experts each layer selected: give idx_list (T, k) per layer for a router
+    whose selection is not the top-k of its probabilities (sigmoid + bias, hash); with k alone the
+    selection is taken to be the top-k of p."""
+    if idx_list is None:
+        return coupling_from_mass([topk_mass(p, k) for p in probs_list])
+    return coupling_from_mass([p.float().gather(1, i).sum(dim=-1) for p, i in zip(probs_list, idx_list)])
 
 
 def aux_losses(routes, c_lb=0.0, c_z=0.0, c_sp=0.0, c_cp=0.0, mu_ortho=0.0, all_terms=True):
     """
-    routes: one `Routing` per MoE layer (model.py). Returns (total, terms): total is the scalar
+    routes: one router.Routing per MoE layer. Returns (total, terms): total is the scalar
     sum of coefficient * term; terms maps each name to its unscaled value (a tensor). A term whose
     coefficient is 0 is computed only if all_terms (for the log), and then without autograd graph.
     """

@@ -11,6 +11,7 @@ Reference values (asserted in test_all.py):
   routing entropy / log E     1 (uniform p)          0 (one-hot p)
   top-k mass M                k/E (uniform p)        1 (one-hot p)
   co-activation cos^2         ~1/f (independent)     1 (identical experts); also given times f
+  dropped pairs (capacity)    0 (dropless)           1 - capacity*E/(T k) (one expert)
   NMI(layer l, layer l+1)     0 if independent       1 if one is a relabelling of the other
 """
 
@@ -78,7 +79,8 @@ class RoutingStats:
         E = routes[0].logits.shape[1]
         if self.layers is None:
             self.layers = [{"counts": torch.zeros(E, dtype=torch.float64), "entropy": 0.0, "mass": 0.0,
-                            "cos2": 0.0, "source": torch.zeros(E, max(self.n_labels, 1), dtype=torch.float64)}
+                            "cos2": 0.0, "dropped": 0.0,
+                            "source": torch.zeros(E, max(self.n_labels, 1), dtype=torch.float64)}
                            for _ in routes]
             self.pairs = [torch.zeros(E, E, dtype=torch.float64) for _ in routes[1:]]
         T = routes[0].idx.shape[0]
@@ -88,6 +90,8 @@ class RoutingStats:
             acc["mass"] += r.mass.double().sum().item()
             acc["cos2"] += coactivation_cos2(r.z) * T
             acc["f"] = r.z.shape[-1]
+            if r.kept is not None:  # capacity factor: the (token, expert) pairs that were dropped
+                acc["dropped"] += (~r.kept).double().mean().item() * T
         top1 = [r.idx[:, 0].cpu() for r in routes]                     # (T,) per layer
         ones = torch.ones(T, dtype=torch.float64)
         for joint, a, b in zip(self.pairs, top1[:-1], top1[1:]):
@@ -111,6 +115,7 @@ class RoutingStats:
             m["coact_cos2"] = acc["cos2"] / self.n
             m["coact_floor"] = m["coact_cos2"] * acc["f"]    # in units of the random floor 1/f
             m["load"] = (acc["counts"] / acc["counts"].sum()).tolist()
+            m["dropped"] = acc["dropped"] / self.n
             if self.n_labels:
                 m["source_nmi"] = nmi(acc["source"])
             if i < len(self.pairs):

@@ -8,14 +8,17 @@ k experts per token, f expert hidden width, r ERMoE basis rank, nh heads, hs hea
   embeddings (Su et al. 2021), SwiGLU feed-forward (Shazeer 2020), tied input/output embeddings,
   attention through F.scaled_dot_product_attention.
 - MoE block (Shazeer et al. 2017; Switch, Fedus et al. 2021; DeepSeekMoE shared experts, Dai et al.
-  2024): E routed SwiGLU experts with stacked weights (E, ., .), top-k routing as in docs/design.md §1
-  (router.py), optional always-on shared experts, dropless (no capacity factor).
+  2024): E routed SwiGLU experts with stacked weights (E, ., .), a router from router.py's registry
+  (the block never asks which one), optional always-on shared experts. Dropless by default; with
+  capacity_factor c > 0 each expert takes at most ceil(c*T*k/E) pairs per batch, first come first
+  served in token order (Switch, GShard), and a dropped pair adds nothing (the residual carries
+  the token).
 - Two dispatch paths with one semantics, tested against each other in output and every gradient:
   `naive`: loop over experts, gather each expert's tokens, run it, scatter back (the lecture one);
   `sorted`: sort the T*k (token, expert) pairs by expert once, run all experts as one grouped
   matmul over the contiguous segments, un-sort. With n_experts=0 the block is the dense SwiGLU MLP.
-- The forward returns the routing of every MoE layer (`Routing`) explicitly; losses.py turns it
-  into auxiliary losses and metrics.py into routing metrics. No module keeps losses in globals.
+- The forward returns the routing of every MoE layer (router.Routing) explicitly; losses.py turns
+  it into auxiliary losses and metrics.py into routing metrics. No module keeps losses in globals.
 
 Iso-compute rule: the dense MLP has width ffn_hidden (default 8/3*d rounded up to a multiple of
 64, which gives the 8d^2 parameters of GPT-2's 4d GELU MLP); each expert gets width
@@ -24,15 +27,14 @@ ffn_hidden // (top_k + n_shared), so a token's active expert compute equals the 
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from kernels import eigen_route, resolve_impl, topk_route, triton_unsupported
-from router import EigenRouter, SoftmaxRouter
+from kernels import triton_unsupported
+from router import ROUTERS
 
 
 @dataclass
@@ -48,12 +50,14 @@ class GPTConfig:
     top_k: int = 2              # experts per token k
     n_shared: int = 0           # always-on shared experts (DeepSeekMoE), each of width expert_hidden
     expert_hidden: int = 0      # expert width f; 0 = derived: ffn_hidden // (top_k + n_shared), iso-compute
-    router: str = "softmax"     # 'softmax' (linear) | 'ermoe' (eigenbasis, router.py)
-    gate_renorm: bool = True    # gates = softmax over the k selected logits (else: full-softmax p)
+    router: str = "softmax"     # a name in router.ROUTERS: softmax | ermoe | sigmoid | hash | ...
+    gate_renorm: bool = True    # gates = p renormalised over the k selected (else: p at the selected)
     dispatch: str = "sorted"    # 'sorted' (grouped matmul) | 'naive' (per-expert loop, reference)
-    router_impl: str = "auto"   # 'auto' (triton on CUDA where it fits, else torch) | torch | compile | triton
-    ermoe_basis: str = "independent"  # 'independent' | 'partitioned' | 'penalty'
+    router_impl: str = "auto"   # 'auto' (triton on CUDA where the router has a kernel) | torch | compile | triton
+    capacity_factor: float = 0.0  # 0 = dropless; c > 0: each expert takes at most ceil(c*T*k/E) pairs
+    ermoe_basis: str = "independent"  # ERMoE: 'independent' | 'partitioned' | 'penalty'
     ermoe_rank: int = 0         # ERMoE basis rank r; 0 = derived: n_embd // n_experts (the bases tile R^d)
+    bias_update_rate: float = 1e-3  # sigmoid router: balancing bias step per optimizer step (DeepSeek-V3)
 
     def __post_init__(self):
         """Check every field, then derive the widths left at 0. Raises ValueError naming the field."""
@@ -67,25 +71,24 @@ class GPTConfig:
                  f"head size n_embd/n_head = {self.n_embd // self.n_head} must be even (rotary)")
         _require(self.n_experts == 0 or 1 <= self.top_k <= self.n_experts,
                  f"top_k must be in [1, n_experts={self.n_experts}], got {self.top_k}")
-        for name, choices in (("router", ("softmax", "ermoe")), ("dispatch", ("sorted", "naive")),
-                              ("router_impl", ("auto", "torch", "compile", "triton")),
-                              ("ermoe_basis", ("independent", "partitioned", "penalty"))):
+        _require(self.capacity_factor >= 0 and math.isfinite(self.capacity_factor),
+                 f"capacity_factor must be >= 0 (0 = dropless), got {self.capacity_factor}")
+        _require(self.bias_update_rate >= 0 and math.isfinite(self.bias_update_rate),
+                 f"bias_update_rate must be >= 0, got {self.bias_update_rate}")
+        for name, choices in (("router", tuple(ROUTERS)), ("dispatch", ("sorted", "naive")),
+                              ("router_impl", ("auto", "torch", "compile", "triton"))):
             _require(getattr(self, name) in choices, f"unknown {name} '{getattr(self, name)}' ({'|'.join(choices)})")
+        if self.n_experts > 0 and self.router_impl in ("compile", "triton"):
+            _require(ROUTERS[self.router].kernel is not None, f"router={self.router} has no fused routing pass: "
+                     f"router_impl={self.router_impl} does not apply to it (use auto or torch)")
         if self.router_impl == "triton" and self.n_experts > 0:
             _require(triton_unsupported(self.n_experts, self.top_k) is None, triton_unsupported(self.n_experts, self.top_k))
         if self.ffn_hidden == 0:
             self.ffn_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
         if self.n_experts > 0 and self.expert_hidden == 0:
             self.expert_hidden = max(1, self.ffn_hidden // (self.top_k + self.n_shared))
-        if self.n_experts > 0 and self.router == "ermoe":
-            if self.ermoe_rank == 0:
-                self.ermoe_rank = max(1, self.n_embd // self.n_experts)
-            _require(self.ermoe_rank <= self.n_embd, f"ermoe_rank must be <= n_embd={self.n_embd} (an orthonormal "
-                     f"basis of R^d has at most d vectors), got {self.ermoe_rank}")
-            _require(self.ermoe_basis != "partitioned" or self.n_experts * self.ermoe_rank <= self.n_embd,
-                     f"ermoe_basis=partitioned needs n_experts*ermoe_rank <= n_embd, got "
-                     f"{self.n_experts}*{self.ermoe_rank} > {self.n_embd}")
-
+        if self.n_experts > 0:
+            ROUTERS[self.router].configure(self)  # the router derives and checks its own settings
 
     def param_count(self):
         """Parameters of the model this config describes, counted without building it (tested
@@ -94,34 +97,16 @@ class GPTConfig:
         if E == 0:
             ffn = 3 * d * self.ffn_hidden
         else:
-            ermoe = self.router == "ermoe"
-            d_in = self.ermoe_rank if ermoe else d
-            router = (d * d if self.ermoe_basis == "partitioned" else E * d * d_in) + E * d_in + 1 if ermoe else E * d
-            ffn = E * (2 * d_in + d) * f + 3 * d * self.n_shared * f + router
+            with torch.random.fork_rng(devices=[]):  # the router is small: build it to count it
+                router = ROUTERS[self.router](self)
+            ffn = E * (2 * router.expert_dim + d) * f + 3 * d * self.n_shared * f + \
+                sum(p.numel() for p in router.parameters())
         return self.vocab_size * d + self.n_layer * (4 * d * d + ffn + 2 * d) + d
 
 
 def _require(ok, message):
     if not ok:
         raise ValueError(message)
-
-
-class Routing(NamedTuple):
-    """What one MoE layer decided, for the losses and metrics (fp32 except z)."""
-    logits: torch.Tensor                    # (T, E) router logits
-    idx: torch.Tensor                       # (T, k) selected experts, best first
-    gates: torch.Tensor                     # (T, k) mixing weights
-    counts: torch.Tensor                    # (E,) int32 tokens routed to each expert
-    lse: torch.Tensor                       # (T,) logsumexp of the logits (z-loss)
-    mass: torch.Tensor                      # (T,) top-k mass of the full softmax (coupling loss)
-    psum: torch.Tensor                      # (E,) sum over tokens of the full softmax (balancing loss)
-    z: torch.Tensor                         # (T, k, f) SwiGLU intermediates of the selected experts
-    penalty: Optional[torch.Tensor] = None  # ERMoE soft-orthogonality penalty ('penalty' basis mode)
-
-    @property
-    def probs(self):
-        """(T, E) full softmax p, materialised only when asked for (metrics, reference losses)."""
-        return self.logits.softmax(dim=-1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,7 +156,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(hidden, n_embd, bias=False)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x):
+    def forward(self, x, ids=None):
         return self.dropout(self.c_proj(F.silu(self.c_gate(x)) * self.c_up(x))), None
 
 
@@ -205,58 +190,52 @@ def grouped_matmul(h, w, offs):
 class MoE(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        E, d, f = cfg.n_experts, cfg.n_embd, cfg.expert_hidden
-        self.k, self.renorm, self.dispatch = cfg.top_k, cfg.gate_renorm, cfg.dispatch
-        self.impl = cfg.router_impl
-        if cfg.router == "ermoe":  # experts read the r basis coordinates, not x (router.py)
-            self.router, d_in = EigenRouter(d, E, cfg.ermoe_rank, cfg.ermoe_basis), cfg.ermoe_rank
-        else:
-            self.router, d_in = SoftmaxRouter(d, E), d
+        self.router = ROUTERS[cfg.router](cfg)   # first: keeps the parameter initialisation order
+        E, d, f, d_in = cfg.n_experts, cfg.n_embd, cfg.expert_hidden, self.router.expert_dim
+        self.k, self.dispatch, self.capacity_factor = cfg.top_k, cfg.dispatch, cfg.capacity_factor
         self.w_gate = nn.Parameter(torch.randn(E, d_in, f) * 0.02)   # (E, d_in, f)
         self.w_up = nn.Parameter(torch.randn(E, d_in, f) * 0.02)     # (E, d_in, f)
         self.w_down = nn.Parameter(torch.randn(E, f, d) * 0.02)      # (E, f, d)
         self.shared = MLP(d, cfg.n_shared * f) if cfg.n_shared > 0 else None  # n_shared experts of
         self.dropout = nn.Dropout(cfg.dropout)  # width f side by side = one SwiGLU of width n_shared*f
 
-    def forward(self, x):
+    def forward(self, x, ids=None):
+        """x (B, S, d), token ids (B, S) -> (y (B, S, d), Routing)."""
         B, S, d = x.shape
         x = x.reshape(B * S, d)                                     # (T, d)
-        impl = resolve_impl(self.impl, self.w_up.shape[0], self.k, x.device)
-        if isinstance(self.router, EigenRouter):
-            u, xnorm = self.router(x)                               # (T, E, r), (T,) fp32
-            logits, r = eigen_route(u.flatten(1), xnorm, self.router.beta(), self.k, u.shape[2],
-                                    impl, self.renorm)              # (T, E) = beta * s, Route
-            coords = u * self.router.lam                            # the experts' inputs
-        else:
-            logits, coords = self.router(x), None                   # (T, E) fp32
-            r = topk_route(logits, self.k, impl, self.renorm)       # kernels.py
+        r = self.router(x, None if ids is None else ids.reshape(-1))  # router.py: the decision
+        capacity = None
+        if self.capacity_factor > 0:
+            capacity = math.ceil(self.capacity_factor * B * S * self.k / self.w_up.shape[0])
         run = self.forward_naive if self.dispatch == "naive" else self.forward_sorted
-        y, z = run(x, coords, r.idx, r.gates, r.counts)             # (T, d), (T, k, f)
+        y, z, kept = run(x, r.inputs, r.idx, r.gates, r.counts, capacity)  # (T, d), (T, k, f), (T, k) or None
         if self.shared is not None:
             y = y + self.shared(x)[0]
-        penalty = self.router.penalty() if getattr(self.router, "basis", None) == "penalty" else None
-        route = Routing(logits, r.idx, r.gates, r.counts, r.lse, r.mass, r.psum, z, penalty)
-        return self.dropout(y.view(B, S, d)), route
+        return self.dropout(y.view(B, S, d)), r._replace(z=z, kept=kept)
 
     def expert_inputs(self, x, coords, tok, e):
         """Input rows of (token, expert) pairs: x_t for the linear router, lambda_e*P_e^T x_t for ERMoE."""
         return x[tok] if coords is None else coords[tok, e]        # (N, d_in)
 
-    def forward_naive(self, x, coords, idx, gates, counts):
+    def forward_naive(self, x, coords, idx, gates, counts, capacity=None):
         """The lecture version: for each expert, find its tokens, run it, add the gated output."""
         T, k = idx.shape
         y = torch.zeros_like(x)                                     # (T, d)
         z = x.new_zeros(T, k, self.w_up.shape[2])                   # (T, k, f)
+        kept = None if capacity is None else torch.zeros(T, k, dtype=torch.bool, device=x.device)
         for e in range(self.w_up.shape[0]):
-            tok, slot = torch.where(idx == e)                       # (n_e,), (n_e,)
+            tok, slot = torch.where(idx == e)                       # (n_e,), (n_e,) in token order
+            if capacity is not None:                                # first come, first served
+                tok, slot = tok[:capacity], slot[:capacity]
+                kept[tok, slot] = True
             h = self.expert_inputs(x, coords, tok, e).to(x.dtype)   # (n_e, d_in)
             a = F.silu(h @ self.w_gate[e]) * (h @ self.w_up[e])     # (n_e, f)
             out = a @ self.w_down[e]                                # (n_e, d)
             y = y.index_add(0, tok, (out * gates[tok, slot, None]).to(y.dtype))
             z = z.index_put((tok, slot), a.to(z.dtype))
-        return y, z
+        return y, z, kept
 
-    def forward_sorted(self, x, coords, idx, gates, counts):
+    def forward_sorted(self, x, coords, idx, gates, counts, capacity=None):
         """Sort the T*k (token, expert) pairs by expert, run all experts as grouped matmuls, un-sort."""
         T, k = idx.shape
         flat = idx.reshape(-1)                                      # (T*k,) expert of each pair
@@ -268,9 +247,15 @@ class MoE(nn.Module):
         a = F.silu(grouped_matmul(h, self.w_gate, offs)) * grouped_matmul(h, self.w_up, offs)  # (T*k, f)
         out = grouped_matmul(a, self.w_down, offs)                  # (T*k, d)
         out = out * gates.reshape(-1)[order, None].to(out.dtype)    # gate after the expert
+        kept = None
+        if capacity is not None:  # a row's place in its expert's segment decides (the same order as naive)
+            rank = torch.arange(T * k, device=x.device) - (offs - counts)[e]  # (T*k,)
+            keep = rank < capacity
+            out, a = out * keep[:, None], a * keep[:, None]         # computed, then discarded: the semantics
+            kept = keep[inverse].view(T, k)                         # of dropping, not its savings
         y = torch.zeros(T, x.shape[1], dtype=out.dtype, device=x.device).index_add(0, tok, out)
         z = a[inverse].view(T, k, -1)                               # (T, k, f) back in token order
-        return y.to(x.dtype), z
+        return y.to(x.dtype), z, kept
 
 
 # ------------------------------------------------------------------------------------------------
@@ -284,9 +269,9 @@ class Block(nn.Module):
         self.ln_2 = nn.RMSNorm(cfg.n_embd)
         self.mlp = MoE(cfg) if cfg.n_experts > 0 else MLP(cfg.n_embd, cfg.ffn_hidden, cfg.dropout)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, ids):
         x = x + self.attn(self.ln_1(x), cos, sin)
-        h, route = self.mlp(self.ln_2(x))
+        h, route = self.mlp(self.ln_2(x), ids)
         return x + h, route
 
 
@@ -312,6 +297,10 @@ class GPT(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def routers(self):
+        """The router of every MoE block, in order."""
+        return [b.mlp.router for b in self.blocks if isinstance(b.mlp, MoE)]
+
     def num_params(self):
         """(total, active per token). Active counts k of the E routed experts of each MoE block."""
         total = sum(p.numel() for p in self.parameters())
@@ -330,7 +319,7 @@ class GPT(nn.Module):
         cos, sin = self.cos[:S], self.sin[:S]                       # (S, hs/2)
         routes = []
         for block in self.blocks:
-            x, route = block(x, cos, sin)
+            x, route = block(x, cos, sin, idx)
             if route is not None:
                 routes.append(route)
         x = self.ln_f(x)

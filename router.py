@@ -1,34 +1,42 @@
 """
-Routers: from a token's hidden state to router logits over the experts, and the shared top-k rule.
+Routers: from a token's hidden state to its routing decision. One interface, one registry.
 
 Notation: T tokens (batch x sequence, flattened), d model width, E routed experts, k experts per
-token, r basis rank of an ERMoE expert.
+token, f expert width, r the ERMoE basis rank.
 
-Two routers, one selection rule (docs/design.md §1):
-- `SoftmaxRouter`: the usual learned linear map, a = x W_r^T (Switch / GShard / Mixtral).
-- `EigenRouter`: the ERMoE eigenbasis router (Cheng et al. 2025, arXiv 2511.10971). Expert e owns
-  an orthonormal basis P_e (d, r); the score s_{t,e} = ||P_e^T x_t|| / ||x_t|| is the cosine
-  between the token and the expert's subspace, the logits are beta * s. The paper is about vision
-  and does not spell out its method for language models; the formulation here (docs/design.md §2) is
-  this project's reading of it: the coordinates u_e = P_e^T x used for routing are also the
-  expert's input, scaled per direction by a learnable lambda.
-- `select_topk`: the k largest logits, ties to the lower expert index, gates = softmax over the
-  selected logits (= the full softmax renormalised over the top k).
+The interface (docs/design.md §1). `router(x, ids)` maps the block input x (T, d) and the token ids
+(T,) to a `Routing`: the selected experts idx (T, k), the gates (T, k), the counts (E,), and the
+statistics the losses need, computed from the router's own probabilities. Every router defines
+logits a (T, E) such that p = softmax(a) is its routing distribution:
+
+  router    logits a                          p                        selection
+  softmax   x W^T                             softmax(x W^T)           top-k of a
+  ermoe     beta * ||P_e^T x|| / ||x||        softmax(beta s)          top-k of a
+  sigmoid   log sigmoid(x W^T)                sigmoid / sum sigmoid    top-k of sigmoid + bias
+  hash      0 at the token's k experts, -inf  uniform over them        a fixed table
+
+Gates are p renormalised over the selection (= softmax of the selected logits), or p at the
+selection with gate_renorm=False. Top-k: the k largest values, ties to the lower expert index, a
+NaN counts as the largest value (the order of torch.sort). A router also declares its default
+loss coefficients (`defaults`), which fused pass of kernels.py computes its routing (`kernel`:
+'topk' wherever the selection is the top-k of the logits), a derivation/check of its settings
+(`configure`), its own evaluation metrics (`metrics`), an (E, E) similarity of its experts for the
+plots (`similarity`), and an optional hook after every optimizer step (`update`, given the step's
+load summed over micro-batches and processes). Adding a router: a class here + one entry in ROUTERS.
 
 Design notes
 - Router math is fp32 on purpose, also under bf16 autocast: logits are small, tie-prone and feed
   a discrete choice; bf16 rounding would flip selections between otherwise identical runs.
-- Ties: torch.topk does not promise which index wins a tie; a stable descending sort does (the
-  lower index comes first). Sorting E values per token is cheap next to the experts; the fused
-  kernel in kernels.py gives the same answer in one pass.
-- Orthonormality of P_e is kept exact by a QR map: the free parameter is any d x r matrix, P_e is
-  the Q factor (signs fixed so that diag(R) > 0, which makes the map smooth and unique). A penalty
-  alone would only keep P_e near-orthonormal; it exists as the ablation mode 'penalty'.
-- The router has no weight decay (see train.py): decay pulls router weights to zero, i.e. the
-  routing towards uniform; for ERMoE it would fight the basis parametrisation.
+- Ties: torch.topk does not promise which index wins a tie; a stable descending sort does.
+- A balancing bias changes which experts are chosen, never the gates (DeepSeek-V3).
+- Routers get no weight decay (train.py): decay pulls router weights to zero, i.e. the routing
+  towards uniform; for ERMoE it would also fight the basis parametrisation.
+- ERMoE's orthonormality is exact by a QR map (signs fixed so that diag(R) > 0, which makes the
+  map smooth and unique); a penalty alone would keep P_e only near-orthonormal ('penalty' mode).
 """
 
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -36,35 +44,188 @@ import torch.nn.functional as F
 from einops import rearrange
 
 
-def select_topk(logits, k, renormalize=True):
-    """Top-k selection (docs/design.md §1). logits (T, E) fp32 -> gates (T, k) fp32, idx (T, k) int64."""
-    order = torch.sort(logits, dim=-1, descending=True, stable=True).indices  # (T, E), ties: lower first
+class Routing(NamedTuple):
+    """What one MoE layer decided, for the dispatch, the losses and the metrics."""
+    gates: torch.Tensor                     # (T, k) fp32 mixing weights
+    idx: torch.Tensor                       # (T, k) int64 selected experts, best first
+    counts: torch.Tensor                    # (E,) int32 (token, expert) pairs per expert
+    lse: torch.Tensor                       # (T,) logsumexp of the logits (z-loss)
+    mass: torch.Tensor                      # (T,) p summed over the selected experts (coupling loss)
+    psum: torch.Tensor                      # (E,) p summed over the tokens (load balancing)
+    logits: Optional[torch.Tensor] = None   # (T, E) fp32, p = softmax(logits)
+    inputs: Optional[torch.Tensor] = None   # (T, E, r) the experts' inputs, where the router makes them
+    z: Optional[torch.Tensor] = None        # (T, k, f) SwiGLU intermediates of the selected experts
+    penalty: Optional[torch.Tensor] = None  # ERMoE soft-orthogonality penalty ('penalty' basis mode)
+    kept: Optional[torch.Tensor] = None     # (T, k) bool, pairs within the experts' capacity (None: all)
+
+    @property
+    def probs(self):
+        """(T, E) the router's routing distribution p, materialised only when asked for."""
+        return self.logits.softmax(dim=-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# the PyTorch routing path: the reference of kernels.py and the version to read
+
+def select_topk(scores, k, renormalize=True):
+    """Top-k of scores (T, E) fp32, ties to the lower index -> gates (T, k), idx (T, k) int64."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # (T, E), ties: lower first
     idx = order[:, :k]                                                          # (T, k)
+    return gates_of(scores, idx, renormalize), idx
+
+
+def gates_of(logits, idx, renormalize=True):
     top = logits.gather(-1, idx)                                                # (T, k)
     if renormalize:
-        gates = top.softmax(dim=-1)                       # = p renormalised over the k selected
-    else:
-        gates = (top - logits.logsumexp(dim=-1, keepdim=True)).exp()  # = p at the selected experts
-    return gates, idx
+        return top.softmax(dim=-1)                        # = p renormalised over the k selected
+    return (top - logits.logsumexp(dim=-1, keepdim=True)).exp()  # = p at the selected experts
 
 
 def expert_counts(idx, n_experts):
-    """Tokens routed to each expert: idx (T, k) -> (E,) int32. scatter_add, not bincount: no host sync."""
+    """Pairs routed to each expert: idx (T, k) -> (E,) int32. scatter_add, not bincount: no host sync."""
     flat = idx.reshape(-1)
     return torch.zeros(n_experts, dtype=torch.int32, device=idx.device).scatter_add_(
         0, flat, torch.ones_like(flat, dtype=torch.int32))
 
 
-class SoftmaxRouter(nn.Module):
-    """a = x W^T, computed in fp32: logits (T, E)."""
+def route_reference(logits, k, renormalize=True, idx=None):
+    """The routing pass in plain PyTorch: logits (T, E) -> Routing. The selection is the top-k of
+    the logits unless a router gives its own `idx` (T, k)."""
+    a = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (T, E) fp32 (fp64 kept for gradcheck)
+    lse = a.logsumexp(dim=-1)                                       # (T,)
+    p = (a - lse[:, None]).exp()                                    # (T, E) full softmax
+    if idx is None:
+        gates, idx = select_topk(a, k, renormalize)                 # (T, k), (T, k)
+    else:
+        gates = gates_of(a, idx, renormalize)
+    mass = p.gather(1, idx).sum(dim=-1)                             # (T,)
+    return Routing(gates, idx, expert_counts(idx, a.shape[1]), lse, mass, p.sum(dim=0), a)
 
-    def __init__(self, n_embd, n_experts):
+
+def route(logits, k, impl="torch", renormalize=True):
+    """The routing pass by `impl`: the reference above, or a fused version of it (kernels.py)."""
+    if impl == "torch":
+        return route_reference(logits, k, renormalize)
+    import kernels  # imported here: kernels.py builds on this module
+    return kernels.topk_route(logits, k, impl, renormalize)
+
+
+# ------------------------------------------------------------------------------------------------
+# the interface
+
+class Router(nn.Module):
+    """Base of every router: fp32 logits -> Routing. Subclasses define logits() (or forward())."""
+    defaults = {}        # default loss coefficients of this router (train.py applies them unless set)
+    kernel = "topk"      # the fused pass of kernels.py that computes this routing, or None
+    per_step = False     # has an update() to call after every optimizer step
+
+    def __init__(self, cfg):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(n_experts, n_embd) * 0.02)
+        self.n_experts, self.k, self.renorm, self.impl = cfg.n_experts, cfg.top_k, cfg.gate_renorm, cfg.router_impl
+        self.expert_dim = cfg.n_embd  # the width of the experts' inputs
 
-    def forward(self, x):
+    @classmethod
+    def configure(cls, cfg):
+        """Derive and check this router's settings in a GPTConfig (raise ValueError naming the field)."""
+
+    def impl_for(self, x):
+        """'auto' -> the Triton kernel on CUDA where this router has one and it fits, else PyTorch."""
+        if self.impl != "auto":
+            return self.impl
+        from kernels import triton_unsupported
+        fits = self.kernel is not None and triton_unsupported(self.n_experts, self.k) is None
+        return "triton" if x.device.type == "cuda" and fits else "torch"
+
+    def forward(self, x, ids=None):
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return F.linear(x.float(), self.weight.float())  # (T, E) fp32
+            return route(self.logits(x.float(), ids), self.k, self.impl_for(x), self.renorm)
+
+    def metrics(self):
+        return {}
+
+    def similarity(self):
+        return None
+
+    def update(self, counts):
+        pass
+
+
+def _cosine_matrix(rows):
+    """(E, E) cosine similarity between the rows of a matrix."""
+    unit = F.normalize(rows.detach().float(), dim=-1)
+    return unit @ unit.T
+
+
+class SoftmaxRouter(Router):
+    """The linear router of Switch / GShard / Mixtral: a = x W^T."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.weight = nn.Parameter(torch.randn(cfg.n_experts, cfg.n_embd) * 0.02)
+
+    def logits(self, x, ids):
+        return F.linear(x, self.weight.float())                          # (T, E)
+
+    def similarity(self):
+        return _cosine_matrix(self.weight)
+
+
+class SigmoidRouter(Router):
+    """
+    DeepSeek-V3 (DeepSeek-AI 2024, arXiv 2412.19437, §2.1): sigmoid scores s = sigmoid(x W^T), the k
+    experts of largest s + b selected, gates = s renormalised over the selection; the bias b only
+    selects. Auxiliary-loss-free balancing (Wang et al. 2024, arXiv 2408.15664): after every step,
+    b_e += rate * sign(mean load - load_e), so overloaded experts get chosen less.
+    """
+    defaults = dict(c_lb=0.0, c_z=0.0)  # balanced by the bias instead
+    kernel = None                       # the selection is not the top-k of the logits
+    per_step = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.weight = nn.Parameter(torch.randn(cfg.n_experts, cfg.n_embd) * 0.02)
+        self.register_buffer("bias", torch.zeros(cfg.n_experts))      # (E,) in the checkpoint, no gradient
+        self.rate = cfg.bias_update_rate
+
+    def forward(self, x, ids=None):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            a = F.linear(x.float(), self.weight.float())                 # (T, E)
+            _, idx = select_topk(torch.sigmoid(a) + self.bias, self.k)  # DeepSeek-V3 Eq. 16: bias to select
+            return route_reference(F.logsigmoid(a), self.k, self.renorm, idx=idx)  # p = s / sum s
+
+    @torch.no_grad()
+    def update(self, counts):
+        load = counts.float()
+        self.bias += self.rate * torch.sign(load.mean() - load)         # Wang et al. 2024, Algorithm 1
+
+    def metrics(self):
+        return {"bias_range": (self.bias.max() - self.bias.min()).item()}
+
+    def similarity(self):
+        return _cosine_matrix(self.weight)
+
+
+class HashRouter(Router):
+    """
+    Hash layers (Roller et al. 2021, arXiv 2106.04426): every token id goes to k fixed experts,
+    drawn at random once (a table in the checkpoint), gates 1/k. Nothing is learned: the baseline
+    that shows what learned routing adds.
+    """
+    defaults = dict(c_lb=0.0, c_z=0.0, c_cp=0.0)  # constants here: no router parameter to move
+    kernel = None
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        table = torch.rand(cfg.vocab_size, cfg.n_experts).argsort(dim=1)[:, :cfg.top_k]  # (V, k) distinct
+        self.register_buffer("table", table)
+
+    def forward(self, x, ids=None):
+        if ids is None:
+            raise ValueError("router=hash needs the token ids")
+        idx = self.table[ids]                                            # (T, k)
+        logits = torch.full((x.shape[0], self.n_experts), -math.inf, device=x.device)
+        logits = logits.scatter(1, idx, 0.0)                             # p uniform over the k experts
+        return route_reference(logits, self.k, self.renorm, idx=idx)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -76,6 +237,12 @@ def eigenbasis_scores(x, P, eps=1e-6):
     return u.norm(dim=-1) / x.norm(dim=-1, keepdim=True).clamp_min(eps)  # (T, E)
 
 
+def eigen_logits(u, xnorm, beta, r):
+    """a = beta * ||u_e|| / ||x||: u (T, E*r) coordinates, xnorm (T,) -> (T, E) fp32."""
+    s = u.float().unflatten(1, (-1, r)).norm(dim=-1) / xnorm.float().clamp_min(1e-6)[:, None]
+    return beta.float() * s
+
+
 def orthonormal(raw):
     """Q factor of the QR decomposition with diag(R) > 0: (..., d, r) -> orthonormal columns."""
     q, r = torch.linalg.qr(raw)
@@ -83,27 +250,43 @@ def orthonormal(raw):
     return q * torch.where(sign == 0, torch.ones_like(sign), sign).unsqueeze(-2)
 
 
-class EigenRouter(nn.Module):
+class EigenRouter(Router):
     """
-    ERMoE router. forward(x) returns the basis coordinates u (T, E, r) = P_e^T x and ||x|| (T,);
-    the logits beta * ||u_e|| / ||x|| and the top-k are computed from them in one fused pass
-    (kernels.eigen_route; its reference is eigenbasis_scores above). The experts take lambda * u.
+    ERMoE (Cheng et al. 2025, arXiv 2511.10971), in this project's language-model reading
+    (docs/design.md §2). Expert e owns an orthonormal basis P_e (d, r); the score
+    s_{t,e} = ||P_e^T x_t|| / ||x_t|| is the cosine between the token and the expert's subspace and
+    the logits are beta * s. The coordinates u_e = P_e^T x used for routing are also the expert's
+    input, scaled per direction by a learnable lambda. The score is fused into the routing pass
+    (kernels.eigen_route; its reference is eigen_logits above).
 
     basis modes:
       'independent': each expert its own orthonormal P_e (subspaces may overlap)
       'partitioned': P_e are column blocks of one orthogonal d x d matrix (disjoint subspaces; with
                      E*r = d every token satisfies sum_e s_{t,e}^2 = 1)
       'penalty'    : P_e free, pulled towards orthonormality by mu * sum_e ||P_e^T P_e - I||_F^2
-                     (the soft ablation; the penalty is returned by `penalty()`)
+                     (the soft ablation; the penalty is returned in the Routing)
     """
+    defaults = dict(c_lb=0.0, c_z=0.0)  # the paper's claim: balance from the geometry
+    kernel = "eigen"
 
-    def __init__(self, n_embd, n_experts, rank, basis="independent", beta_init=10.0, beta_max=100.0):
-        super().__init__()
-        d, E, r = n_embd, n_experts, rank
-        self.E, self.r, self.basis, self.beta_max = E, r, basis, beta_max
+    @classmethod
+    def configure(cls, cfg):
+        if cfg.ermoe_basis not in ("independent", "partitioned", "penalty"):
+            raise ValueError(f"unknown ermoe_basis '{cfg.ermoe_basis}' (independent|partitioned|penalty)")
+        if cfg.ermoe_rank == 0:
+            cfg.ermoe_rank = max(1, cfg.n_embd // cfg.n_experts)
+        if cfg.ermoe_rank > cfg.n_embd:
+            raise ValueError(f"ermoe_rank must be <= n_embd={cfg.n_embd} (an orthonormal basis of R^d has at most "
+                             f"d vectors), got {cfg.ermoe_rank}")
+        if cfg.ermoe_basis == "partitioned" and cfg.n_experts * cfg.ermoe_rank > cfg.n_embd:
+            raise ValueError(f"ermoe_basis=partitioned needs n_experts*ermoe_rank <= n_embd, got "
+                             f"{cfg.n_experts}*{cfg.ermoe_rank} > {cfg.n_embd}")
+
+    def __init__(self, cfg, beta_init=10.0, beta_max=100.0):
+        super().__init__(cfg)
+        d, E, r, basis = cfg.n_embd, cfg.n_experts, cfg.ermoe_rank, cfg.ermoe_basis
+        self.E, self.r, self.basis, self.beta_max, self.expert_dim = E, r, basis, beta_max, r
         if basis == "partitioned":
-            if E * r > d:
-                raise ValueError(f"partitioned ERMoE needs n_experts*rank <= n_embd, got {E}*{r} > {d}")
             self.raw = nn.Parameter(torch.randn(d, d) / math.sqrt(d))
         elif basis in ("independent", "penalty"):
             init = torch.randn(E, d, r) / math.sqrt(d)
@@ -126,11 +309,20 @@ class EigenRouter(nn.Module):
     def beta(self):
         return self.log_beta.exp().clamp(max=self.beta_max)
 
-    def forward(self, x):
+    def forward(self, x, ids=None):
         with torch.autocast(device_type=x.device.type, enabled=False):  # QR and coordinates in fp32
             x = x.float()
             u = torch.einsum("td,edr->ter", x, self.bases())                 # (T, E, r)
-            return u, x.norm(dim=-1)                                         # (T, E, r), (T,)
+            impl = self.impl_for(x)
+            if impl == "torch":
+                logits = eigen_logits(u.flatten(1), x.norm(dim=-1), self.beta(), self.r)
+                routing = route_reference(logits, self.k, self.renorm)
+            else:
+                import kernels  # imported here: kernels.py builds on this module
+                routing = kernels.eigen_route(u.flatten(1), x.norm(dim=-1), self.beta(), self.k, self.r, impl,
+                                              self.renorm)
+        penalty = self.penalty() if self.basis == "penalty" else None
+        return routing._replace(inputs=u * self.lam, penalty=penalty)
 
     def penalty(self):
         """sum_e ||P_e^T P_e - I||_F^2 (0 in the exact modes, up to rounding)."""
@@ -139,7 +331,7 @@ class EigenRouter(nn.Module):
         return (gram - torch.eye(self.r, device=P.device)).pow(2).sum()
 
     @torch.no_grad()
-    def overlaps(self):
+    def similarity(self):
         """(E, E) subspace overlaps ||P_i^T P_j||_F^2 / r: 1 on the diagonal, 0 for disjoint subspaces."""
         P = self.bases()
         flat = P.transpose(1, 2).reshape(self.E * self.r, -1)               # (E*r, d)
@@ -147,11 +339,14 @@ class EigenRouter(nn.Module):
         return cross.pow(2).sum(dim=(1, 3)) / self.r
 
     @torch.no_grad()
-    def geometry(self):
-        """ERMoE geometry metrics: max_e ||P_e^T P_e - I||_F, mean_{i!=j} overlap, beta."""
-        P, overlap = self.bases(), self.overlaps()
+    def metrics(self):
+        """Geometry: max_e ||P_e^T P_e - I||_F, mean_{i!=j} subspace overlap, beta."""
+        P, overlap = self.bases(), self.similarity()
         eye = torch.eye(self.r, device=P.device)
         ortho = max((P[e].T @ P[e] - eye).norm().item() for e in range(self.E))
         off = overlap.sum() - overlap.diagonal().sum()
         mean_overlap = (off / max(self.E * (self.E - 1), 1)).item()
         return {"ortho_err": ortho, "overlap": mean_overlap, "beta": self.beta().item()}
+
+
+ROUTERS = {"softmax": SoftmaxRouter, "ermoe": EigenRouter, "sigmoid": SigmoidRouter, "hash": HashRouter}

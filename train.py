@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from losses import aux_losses
 from metrics import RoutingStats
 from model import GPT, GPTConfig
+from router import ROUTERS
 from rundir import (Interrupted, RunLock, UserError, all_finite, append_log, check_writable_dir, cli,
                     describe_run, load_checkpoint, read_log, remove_stale_temp_files, rewrite_log, save_checkpoint)
 
@@ -55,8 +56,8 @@ class TrainConfig:
     batch_size: int = 32                 # sequences per micro-step and process
     gradient_accumulation_steps: int = 0  # micro-steps per update over all processes; 0 = one per process
     # MoE losses (coefficients; each term is also logged unscaled)
-    c_lb: float = 0.01                   # load balancing (0 by default for router=ermoe)
-    c_z: float = 1e-3                    # router z-loss (0 by default for router=ermoe)
+    c_lb: float = 0.01                   # load balancing (routers may default to 0: ermoe, sigmoid, hash)
+    c_z: float = 1e-3                    # router z-loss (routers may default to 0: ermoe, sigmoid, hash)
     c_sp: float = 2e-3                   # specialization loss (Hu et al. 2026, Eq. 4); 0 = off
     c_cp: float = 1e-3                   # cross-layer coupling loss (Hu et al. 2026, Eq. 7); 0 = off
     mu_ortho: float = 1e-2               # soft orthogonality penalty, only with ermoe_basis='penalty'
@@ -108,8 +109,6 @@ def _require(ok, message):
 CPU_PRESET = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, n_experts=4, top_k=2,
                   batch_size=16, max_iters=500, eval_interval=100, eval_iters=10, log_interval=20,
                   warmup_iters=50, learning_rate=2e-3, min_lr=2e-4, compile=False, sample_tokens=60)
-# Router-specific defaults: ERMoE is claimed not to need a balancing loss (docs/design.md §2).
-ROUTER_DEFAULTS = {"ermoe": dict(c_lb=0.0, c_z=0.0)}
 # What a resumed run may change; any other setting comes from the checkpoint, and a different value
 # on the command line is refused (it would silently continue another experiment).
 RESUMABLE = ("init_from", "out_dir", "overwrite", "max_iters", "lr_decay_iters", "eval_interval", "log_interval",
@@ -240,7 +239,8 @@ def setup(argv):
         preset = {k: v for k, v in CPU_PRESET.items() if k not in explicit}
         values.update(preset)
         print(f"no GPU found: running the CPU preset ({', '.join(f'{k}={v}' for k, v in preset.items())})")
-    values.update({k: v for k, v in ROUTER_DEFAULTS.get(values["router"], {}).items() if k not in explicit})
+    if values["router"] in ROUTERS:  # the router's own default coefficients (e.g. no L_lb for ERMoE)
+        values.update({k: v for k, v in ROUTERS[values["router"]].defaults.items() if k not in explicit})
     cfg, model_cfg = resolve(values)
     if model_cfg.top_k == 1 and model_cfg.gate_renorm and model_cfg.n_experts > 0:
         print("note: top_k=1 with gate_renorm=True makes every gate 1: the router then learns only "
@@ -329,11 +329,13 @@ class Diverged(UserError):
     """The loss or the weights became NaN/inf."""
 
 
-def train_step(model, optimizer, next_batch, accum, coefs, grad_clip, autocast, log_terms, ddp):
+def train_step(model, optimizer, next_batch, accum, coefs, grad_clip, autocast, log_terms, ddp, routers):
     """One optimizer step: `accum` micro-batches of forward + losses + backward, then the NaN/inf
-    guard (before the update, so the weights stay finite), clipping and the AdamW update.
+    guard (before the update, so the weights stay finite), clipping, the AdamW update, and the
+    routers' per-step hooks (e.g. the sigmoid router's bias) with the step's load of every process.
     Returns (CE loss, unscaled auxiliary terms) averaged over the micro-batches (and processes)."""
-    ce_sum, total_sum, terms_sum = 0.0, 0.0, {}
+    ce_sum, total_sum, terms_sum, counts = 0.0, 0.0, {}, 0
+    hooked = any(r.per_step for r in routers)
     for micro in range(accum):
         X, Y, _ = next_batch()
         if ddp:  # all-reduce gradients only on the last micro-step
@@ -347,6 +349,8 @@ def train_step(model, optimizer, next_batch, accum, coefs, grad_clip, autocast, 
         total_sum = total_sum + loss.detach()
         for name, value in terms.items():
             terms_sum[name] = terms_sum.get(name, 0.0) + value.detach() / accum
+        if hooked:
+            counts = counts + torch.stack([r.counts for r in routes])    # (L, E) load of the step
     stats = torch.stack([ce_sum, total_sum]).float()
     if ddp:  # a NaN on any process stops every process
         dist.all_reduce(stats)
@@ -358,6 +362,11 @@ def train_step(model, optimizer, next_batch, accum, coefs, grad_clip, autocast, 
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if hooked:
+        if ddp:  # every process applies the same update from the global load
+            dist.all_reduce(counts)
+        for router, c in zip(routers, counts):
+            router.update(c)
     return ce_f, terms_sum
 
 
@@ -379,10 +388,8 @@ def evaluate(model, batch, cfg, autocast, device, mixture):
         result[f"{split}_loss"] = torch.stack(losses).mean().item()
     model.train()
     layers = stats.summary()
-    routers = [b.mlp.router for b in model.blocks if hasattr(b.mlp, "router")]
-    for m, router in zip(layers, routers):
-        if hasattr(router, "geometry"):  # ERMoE: orthonormality error, subspace overlap, beta
-            m.update(router.geometry())
+    for m, router in zip(layers, model.routers()):
+        m.update(router.metrics())  # each router's own: ERMoE geometry, the sigmoid router's bias, ...
     return result, layers
 
 
@@ -556,7 +563,7 @@ def loop(cfg, model_cfg, ckpt, model, optimizer, device, dtype, accum, world, ra
             log_step = (iter_num + 1) % cfg.log_interval == 0
             try:
                 lossf, terms = train_step(fwd, optimizer, lambda: batch("train", batch_gen, device), accum, coefs,
-                                          cfg.grad_clip, autocast, log_step, ddp)
+                                          cfg.grad_clip, autocast, log_step, ddp, model.routers())
             except Diverged as err:
                 raise Diverged(stop(str(err))) from None
             iter_num += 1
