@@ -202,12 +202,22 @@ def test_single_expert_equals_dense_mlp(dispatch):
     assert cfg.expert_hidden == GPTConfig(n_layer=2, n_head=2, n_embd=32, n_experts=0).ffn_hidden
 
 
-def test_param_count_from_the_config_equals_the_model():
+@pytest.mark.parametrize("router", ROUTERS)
+def test_param_count_from_the_config_equals_the_model(router):
     for kw in (dict(n_experts=0), dict(n_experts=4, top_k=2), dict(n_experts=6, top_k=1, n_shared=2),
-               dict(n_experts=4, router="ermoe"), dict(n_experts=4, router="ermoe", ermoe_basis="partitioned"),
-               dict(n_experts=4, router="ermoe", ermoe_basis="penalty", ermoe_rank=3)):
-        cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, **kw)
+               dict(n_experts=4, ermoe_basis="partitioned"), dict(n_experts=4, ermoe_basis="penalty", ermoe_rank=3)):
+        cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, router=router, **kw)
         assert cfg.param_count() == GPT(cfg).num_params()[0], kw
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_bad_input_for_every_router_is_one_error_line(router, tmp_path):
+    for args, message in ((["--top_k=5"], "top_k must be in [1, n_experts=4]"),
+                          (["--n_embd=30", "--n_head=4"], "must be divisible by n_head"),
+                          (["--capacity_factor=-1.0"], "capacity_factor must be >= 0")):
+        code, out, err = cli("train", f"--out_dir={tmp_path}", *TINY, f"--router={router}", *args)
+        assert code == 1 and err.strip().splitlines() == [err.strip()] and message in err, (args, err)
+    assert not os.listdir(tmp_path)
 
 
 def test_dense_model_has_no_routing():
