@@ -14,6 +14,7 @@ logits a (T, E) such that p = softmax(a) is its routing distribution:
   ermoe     beta * ||P_e^T x|| / ||x||        softmax(beta s)          top-k of a
   sigmoid   log sigmoid(x W^T)                sigmoid / sum sigmoid    top-k of sigmoid + bias
   hash      0 at the token's k experts, -inf  uniform over them        a fixed table
+  cosine    cos(x W_p, e_i) / tau             softmax(cos / tau)       top-k of a
 
 Gates are p renormalised over the selection (= softmax of the selected logits), or p at the
 selection with gate_renorm=False. Top-k: the k largest values, ties to the lower expert index, a
@@ -228,6 +229,38 @@ class HashRouter(Router):
         return route_reference(logits, self.k, self.renorm, idx=idx)
 
 
+class CosineRouter(Router):
+    """
+    X-MoE (Chi et al. 2022, "On the Representation Collapse of Sparse Mixture of Experts", §3):
+    project x to a low dimension (16 here), score each expert by the cosine to its embedding e_i,
+    divide by a learned temperature: a = cos(x W_p, e_i) / tau. The natural comparison for ERMoE's
+    cosine-to-subspace score. Our choices: 1/tau starts at 10 (ERMoE's beta here) and is at most
+    100; embeddings start orthogonal.
+    """
+    dim = 16
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        d_low = min(self.dim, cfg.n_embd)
+        self.proj = nn.Parameter(torch.randn(d_low, cfg.n_embd) * 0.02)  # (d_low, d)
+        self.centroids = nn.Parameter(nn.init.orthogonal_(torch.empty(cfg.n_experts, d_low)))
+        self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))      # log(1/tau)
+
+    def scale(self):
+        return self.log_scale.exp().clamp(max=100.0)
+
+    def logits(self, x, ids):
+        h = F.normalize(F.linear(x, self.proj.float()), dim=-1)         # (T, d_low) on the unit sphere
+        e = F.normalize(self.centroids.float(), dim=-1)                  # (E, d_low)
+        return self.scale() * (h @ e.T)                                  # (T, E) cosines / tau
+
+    def metrics(self):
+        return {"scale": self.scale().item()}
+
+    def similarity(self):
+        return _cosine_matrix(self.centroids)
+
+
 # ------------------------------------------------------------------------------------------------
 # ERMoE eigenbasis router
 
@@ -349,4 +382,5 @@ class EigenRouter(Router):
         return {"ortho_err": ortho, "overlap": mean_overlap, "beta": self.beta().item()}
 
 
-ROUTERS = {"softmax": SoftmaxRouter, "ermoe": EigenRouter, "sigmoid": SigmoidRouter, "hash": HashRouter}
+ROUTERS = {"softmax": SoftmaxRouter, "ermoe": EigenRouter, "sigmoid": SigmoidRouter, "hash": HashRouter,
+           "cosine": CosineRouter}

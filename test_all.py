@@ -29,7 +29,7 @@ from router import EigenRouter, eigenbasis_scores, select_topk
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 # The conformance list: every router here passes every test parametrised by ROUTERS.
-ROUTERS = ["softmax", "ermoe", "sigmoid", "hash"]
+ROUTERS = ["softmax", "ermoe", "sigmoid", "hash", "cosine"]
 KERNEL_ROUTERS = [name for name in ROUTERS if ROUTER_CLASSES[name].kernel is not None]  # fused Triton pass
 
 
