@@ -125,6 +125,34 @@ def overlay(out_dir, names, seeds, path):
     plt.close(fig)
 
 
+def run_variants(variants, base, seeds, out_dir, dry=False):
+    """Run `train.py *base *overrides` for every variant and seed in out_dir/<variant>-s<seed>;
+    a finished run is kept. -> {variant: [summarise(final evaluation) per seed]}"""
+    jobs = [(name, seed) for name in variants for seed in seeds]
+    t0, done = time.time(), 0
+    for i, (name, seed) in enumerate(jobs):
+        run_dir = os.path.join(out_dir, f"{slug(name)}-s{seed}")
+        cmd = [sys.executable, "train.py", *base, f"--out_dir={run_dir}", f"--seed={seed}", *variants[name]]
+        if dry:
+            print(" ".join(cmd))
+            continue
+        if final_eval(run_dir):
+            print(f"[{i + 1}/{len(jobs)}] {name}, seed {seed}: already done")
+            continue
+        res = subprocess.run(cmd + ["--overwrite=True"], cwd=REPO, capture_output=True, text=True)  # an unfinished run starts over
+        if res.returncode != 0:
+            last = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise UserError(f"run '{name}' seed {seed} failed ({' '.join(cmd[1:])}): {last}")
+        done += 1
+        eta = (time.time() - t0) / done * (len(jobs) - i - 1)
+        print(f"[{i + 1}/{len(jobs)}] {name}, seed {seed}: val loss {final_eval(run_dir)['val_loss']:.4f} "
+              f"({time.time() - t0:.0f} s so far, eta {eta / 60:.1f} min)", flush=True)
+    if dry:
+        return None
+    return {name: [summarise(final_eval(os.path.join(out_dir, f"{slug(name)}-s{s}"))) for s in seeds]
+            for name in variants}
+
+
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short runs of a smaller model (< 15 min on 2 cores)")
@@ -148,29 +176,9 @@ def main(argv):
     base = ["config/synthetic.py"] if args.dataset == "synthetic" else [f"--dataset={args.dataset}"]
     base += (QUICK if args.quick else []) + ["--num_samples=0"] + extra
 
-    jobs = [(name, seed) for name in args.variants for seed in args.seeds]
-    t0, done = time.time(), 0
-    for i, (name, seed) in enumerate(jobs):
-        run_dir = os.path.join(out_dir, f"{slug(name)}-s{seed}")
-        cmd = [sys.executable, "train.py", *base, f"--out_dir={run_dir}", f"--seed={seed}", *VARIANTS[name]]
-        if args.dry:
-            print(" ".join(cmd))
-            continue
-        if final_eval(run_dir):
-            print(f"[{i + 1}/{len(jobs)}] {name}, seed {seed}: already done")
-            continue
-        res = subprocess.run(cmd + ["--overwrite=True"], cwd=REPO, capture_output=True, text=True)  # an unfinished run starts over
-        if res.returncode != 0:
-            last = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise UserError(f"run '{name}' seed {seed} failed ({' '.join(cmd[1:])}): {last}")
-        done += 1
-        eta = (time.time() - t0) / done * (len(jobs) - i - 1)
-        print(f"[{i + 1}/{len(jobs)}] {name}, seed {seed}: val loss {final_eval(run_dir)['val_loss']:.4f} "
-              f"({time.time() - t0:.0f} s so far, eta {eta / 60:.1f} min)", flush=True)
+    results = run_variants({name: VARIANTS[name] for name in args.variants}, base, args.seeds, out_dir, args.dry)
     if args.dry:
         return
-    results = {name: [summarise(final_eval(os.path.join(out_dir, f"{slug(name)}-s{s}"))) for s in args.seeds]
-               for name in args.variants}
     md = table(results, args.seeds)
     header = f"Ablation on `{args.dataset}`{' (quick)' if args.quick else ''}: train.py {' '.join(base)}\n\n"
     with open(os.path.join(out_dir, "ablation.md"), "w") as fh:

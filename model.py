@@ -55,6 +55,7 @@ class GPTConfig:
     dispatch: str = "sorted"    # 'sorted' (grouped matmul) | 'naive' (per-expert loop, reference)
     router_impl: str = "auto"   # 'auto' (triton on CUDA where the router has a kernel) | torch | compile | triton
     capacity_factor: float = 0.0  # 0 = dropless; c > 0: each expert takes at most ceil(c*T*k/E) pairs
+    expert_init: str = "random"  # 'random' | 'upcycle': every expert a copy of one MLP + 1% noise
     ermoe_basis: str = "independent"  # ERMoE: 'independent' | 'partitioned' | 'penalty'
     ermoe_rank: int = 0         # ERMoE basis rank r; 0 = derived: n_embd // n_experts (the bases tile R^d)
     bias_update_rate: float = 1e-3  # sigmoid router: balancing bias step per optimizer step (DeepSeek-V3)
@@ -76,7 +77,8 @@ class GPTConfig:
         _require(self.bias_update_rate >= 0 and math.isfinite(self.bias_update_rate),
                  f"bias_update_rate must be >= 0, got {self.bias_update_rate}")
         for name, choices in (("router", tuple(ROUTERS)), ("dispatch", ("sorted", "naive")),
-                              ("router_impl", ("auto", "torch", "compile", "triton"))):
+                              ("router_impl", ("auto", "torch", "compile", "triton")),
+                              ("expert_init", ("random", "upcycle"))):
             _require(getattr(self, name) in choices, f"unknown {name} '{getattr(self, name)}' ({'|'.join(choices)})")
         if self.n_experts > 0 and self.router_impl in ("compile", "triton"):
             _require(ROUTERS[self.router].kernel is not None, f"router={self.router} has no fused routing pass: "
@@ -213,6 +215,13 @@ class MoE(nn.Module):
             y = y + self.shared(x)[0]
         return self.dropout(y.view(B, S, d)), r._replace(z=z, kept=kept)
 
+    @torch.no_grad()
+    def upcycle(self, noise=0.01):
+        """Sparse upcycling (Komatsuzaki et al. 2023): every expert starts as a copy of expert 0 plus
+        noise of `noise` times the weights' std, so the experts start nearly identical."""
+        for w in (self.w_gate, self.w_up, self.w_down):
+            w.copy_(w[:1] + noise * w[:1].std() * torch.randn_like(w))
+
     def expert_inputs(self, x, coords, tok, e):
         """Input rows of (token, expert) pairs: x_t for the linear router, lambda_e*P_e^T x_t for ERMoE."""
         return x[tok] if coords is None else coords[tok, e]        # (N, d_in)
@@ -292,6 +301,10 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2L)
             if name.endswith("c_proj.weight") or name.endswith("w_down"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if cfg.expert_init == "upcycle":
+            for moe in self.blocks:
+                if isinstance(moe.mlp, MoE):
+                    moe.mlp.upcycle()
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -220,6 +220,21 @@ def test_bad_input_for_every_router_is_one_error_line(router, tmp_path):
     assert not os.listdir(tmp_path)
 
 
+def test_upcycled_experts_start_as_near_copies():
+    cfg = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, n_experts=4, top_k=2)
+    torch.manual_seed(0)
+    up = GPT(GPTConfig(**cfg, expert_init="upcycle"))
+    torch.manual_seed(0)
+    rand = GPT(GPTConfig(**cfg))
+    for a, b in ((up, 0.01), (rand, 0.9)):
+        w = a.blocks[0].mlp.w_up
+        rel = (w - w[:1]).norm(dim=(1, 2))[1:] / w[0].norm()
+        assert (rel < 2 * b).all() and (rel > b / 2).all(), rel  # ~1% apart upcycled, ~100% apart at random
+    _, r = up.blocks[0].mlp(torch.randn(1, 16, 32))
+    from metrics import coactivation_cos2
+    assert coactivation_cos2(r.z) > 0.99      # co-activated experts compute nearly the same thing
+
+
 def test_dense_model_has_no_routing():
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, n_experts=0))
@@ -1281,3 +1296,37 @@ def test_specialization_gradient_reaches_ermoe_bases_and_lambda():
     specialization_loss(r.z).backward()
     assert moe.router.raw.grad.abs().sum() > 0 and moe.router.lam.grad.abs().sum() > 0
     assert moe.router.log_beta.grad is None or moe.router.log_beta.grad.abs().sum() == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# the course kit: the lecture runs, the grader grades
+
+def test_walkthrough_runs_as_a_plain_script():
+    res = subprocess.run([sys.executable, "walkthrough.py"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "DIFFER" not in res.stdout and "checks agree" in res.stdout
+    cells = open(os.path.join(REPO, "walkthrough.py")).read().count("# %%")
+    assert cells >= 15  # opens as a notebook of cells
+
+
+def grade(package=None, env_extra=None):
+    env = {**os.environ, **({"EXERCISES": package} if package else {}), **(env_extra or {})}
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run([sys.executable, "-m", "pytest", "exercises", "-q", "-p", "no:cacheprovider"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_exercise_grader_accepts_the_key_rejects_the_stubs_and_explains_a_wrong_answer(tmp_path):
+    key = grade("solutions")
+    assert key.returncode == 0 and "8 passed" in key.stdout, key.stdout[-3000:]
+    stubs = grade()
+    assert stubs.returncode == 1 and "8 failed" in stubs.stdout
+    assert stubs.stdout.count("is not written yet") == 8, stubs.stdout[-3000:]
+    wrong = tmp_path / "wrong"  # the key with one bug: ties to the higher index
+    import shutil
+    shutil.copytree(os.path.join(REPO, "exercises", "solutions"), wrong)
+    src = (wrong / "ex1_topk.py").read_text()
+    (wrong / "ex1_topk.py").write_text(src.replace("(-row[e], e)", "(-row[e], -e)"))
+    res = grade("wrong", {"PYTHONPATH": str(tmp_path)})
+    assert res.returncode == 1 and "1 failed, 7 passed" in res.stdout, res.stdout[-3000:]
+    assert "ties go to the lower expert index" in res.stdout

@@ -1,0 +1,205 @@
+"""
+The grader: every exercise against the project's own implementation on random inputs, forward and
+backward (run from the repository root).
+
+    python -m pytest exercises                      # grade your answers (the ex*.py files)
+    python -m pytest exercises -k ex4               # one exercise
+    EXERCISES=solutions python -m pytest exercises  # grade the instructor's key instead
+    EXERCISES=mywork python -m pytest exercises     # grade the package mywork (mywork/ex1_topk.py, ...)
+
+A failure says which function, on what input, and how far it is from the expected answer.
+"""
+
+import importlib
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import losses
+import router as project_router
+from model import GPT, GPTConfig, MoE
+from router import SigmoidRouter, eigenbasis_scores, select_topk
+
+PACKAGE = {"solutions": "exercises.solutions", None: "exercises"}.get(os.environ.get("EXERCISES"),
+                                                                     os.environ.get("EXERCISES"))
+
+
+def load(name):
+    return importlib.import_module(f"{PACKAGE}.{name}")
+
+
+def attempt(fn, *args, **kwargs):
+    """Call the student's function; a stub that is not written yet fails with a readable line."""
+    try:
+        return fn(*args, **kwargs)
+    except NotImplementedError:
+        pass  # fail outside the except block: one readable line, no chained traceback
+    pytest.fail(f"{fn.__module__.split('.')[-1]}.{fn.__qualname__} is not written yet (its docstring says what "
+                f"to do)", pytrace=False)
+
+
+def same(what, got, want, atol=1e-5, rtol=1e-4):
+    """Compare with the project's answer; fail with what differs and by how much."""
+    if not torch.is_tensor(got):
+        pytest.fail(f"{what}: returned {type(got).__name__}, expected a tensor", pytrace=False)
+    if tuple(got.shape) != tuple(want.shape):
+        pytest.fail(f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}", pytrace=False)
+    if got.dtype.is_floating_point != want.dtype.is_floating_point:
+        pytest.fail(f"{what}: dtype {got.dtype}, expected {want.dtype}", pytrace=False)
+    got, want = got.detach().double(), want.detach().double()
+    if not torch.allclose(got, want, atol=atol, rtol=rtol):
+        err = (got - want).abs().max().item()
+        where = tuple(int(i) for i in torch.nonzero((got - want).abs() == (got - want).abs().max())[0])
+        pytest.fail(f"{what}: differs from the expected answer by up to {err:.3g} (first at index {where}: "
+                    f"got {got[where].item():.6g}, expected {want[where].item():.6g})", pytrace=False)
+
+
+def grads(fn, *tensors):
+    """Gradients of sum(fn(...) * fixed random weights) w.r.t. every tensor (a random backward pass)."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    out = fn(*leaves)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    (out * w).sum().backward()
+    return out, [leaf.grad for leaf in leaves]
+
+
+# ------------------------------------------------------------------------------------------------
+
+def test_ex1_topk_with_ties_and_gates():
+    ex = load("ex1_topk")
+    torch.manual_seed(0)
+    logits = torch.randn(12, 6)
+    logits[0] = 1.0                                  # all equal
+    logits[1, [1, 2, 4]] = 5.0                       # a tie at the top
+    logits[2] = torch.tensor([0.0, 2.0, 1.0, 2.0, 0.0, 1.0])
+    for k in (1, 2, 3, 6):
+        want = select_topk(logits, k)[1]
+        got = attempt(ex.topk, logits, k)
+        if torch.is_tensor(got) and got.shape == want.shape and not torch.equal(got.long(), want):
+            t = int(torch.nonzero((got.long() != want).any(1))[0])
+            pytest.fail(f"topk(k={k}): row {t} = {logits[t].tolist()} gives {got[t].tolist()}, expected "
+                        f"{want[t].tolist()} (best first; ties go to the lower expert index)", pytrace=False)
+        same(f"topk(k={k})", got, want)
+    idx = select_topk(logits, 3)[1]
+    for renorm in (True, False):
+        got, g1 = grads(lambda a: attempt(ex.gates, a, idx, renorm), logits)
+        want, g2 = grads(lambda a: project_router.gates_of(a, idx, renorm), logits)
+        same(f"gates(renormalize={renorm})", got, want)
+        same(f"d gates / d logits (renormalize={renorm})", g1[0], g2[0])
+
+
+def test_ex2_load_balancing_and_z_loss():
+    ex = load("ex2_balance")
+    torch.manual_seed(1)
+    probs = torch.softmax(torch.randn(40, 5), dim=-1)
+    idx = select_topk(probs.log(), 2)[1]
+    got, g1 = grads(lambda p: attempt(ex.load_balancing, p, idx), probs)
+    want, g2 = grads(lambda p: losses.load_balancing_loss(p, idx), probs)
+    same("load_balancing", got, want)
+    same("d load_balancing / d probs", g1[0], g2[0])
+    onehot = F.one_hot(torch.zeros(40, dtype=torch.long), 5).float()
+    same("load_balancing at collapse (E/k)", attempt(ex.load_balancing, onehot, torch.stack([torch.arange(2)] * 40)),
+         torch.tensor(5 / 2))
+    logits = torch.randn(40, 5) * 3
+    got, g1 = grads(lambda a: attempt(ex.z_loss, a), logits)
+    want, g2 = grads(losses.z_loss, logits)
+    same("z_loss", got, want)
+    same("d z_loss / d logits", g1[0], g2[0])
+
+
+def dispatch_case(seed=2):
+    """A MoE block of the project and random routing: its dispatch is the expected answer."""
+    torch.manual_seed(seed)
+    moe = MoE(GPTConfig(n_layer=1, n_head=2, n_embd=16, n_experts=5, top_k=2, expert_hidden=8))
+    x = torch.randn(20, 16)
+    idx = select_topk(torch.randn(20, 5), 2)[1]
+    idx[:6] = torch.tensor([0, 1])                   # expert 0 and 1 crowded, some experts maybe empty
+    gates = torch.softmax(torch.randn(20, 2), dim=-1)
+    return moe, x, idx, gates
+
+
+@pytest.mark.parametrize("exercise, fn, path", [("ex3_naive_dispatch", "naive_dispatch", "forward_naive"),
+                                                 ("ex4_sorted_dispatch", "sorted_dispatch", "forward_sorted")])
+def test_ex3_ex4_dispatch(exercise, fn, path):
+    student = getattr(load(exercise), fn)
+    moe, x, idx, gates = dispatch_case()
+    weights = (moe.w_gate, moe.w_up, moe.w_down)
+    got, g1 = grads(lambda x_, g, a, b, c: attempt(student, x_, idx, g, a, b, c), x, gates, *weights)
+    # the expected answer: the project's MoE block, its gradients read from its own parameters
+    xi, gi = x.clone().requires_grad_(True), gates.clone().requires_grad_(True)
+    want = getattr(moe, path)(xi, None, idx, gi, project_router.expert_counts(idx, 5))[0]
+    (want * torch.randn(want.shape, generator=torch.Generator().manual_seed(5))).sum().backward()
+    same(fn, got, want)
+    for name, a, b in zip(("x", "gates", "w_gate", "w_up", "w_down"), g1, (xi.grad, gi.grad, *(w.grad for w in weights))):
+        same(f"d {fn} / d {name}", a, b)
+
+
+def test_ex5_specialization_and_coupling():
+    ex = load("ex5_regularisers")
+    torch.manual_seed(3)
+    z = torch.randn(10, 3, 7)
+    z[0, 1] = z[0, 0]                                # a parallel pair
+    got, g1 = grads(lambda t: attempt(ex.specialization, t).reshape(()), z)
+    want, g2 = grads(losses.specialization_loss, z)
+    same("specialization", got, want)
+    same("d specialization / d z", g1[0], g2[0])
+    same("specialization for k = 1", attempt(ex.specialization, torch.randn(4, 1, 7)).reshape(()), torch.tensor(0.0))
+    probs = [torch.softmax(torch.randn(10, 6), -1) for _ in range(3)]
+    idx = [torch.randperm(6)[:2].expand(10, 2).clone() for _ in range(3)]   # not always the top-2 of p
+    got, g1 = grads(lambda a, b, c: attempt(ex.coupling, [a, b, c], idx), *probs)
+    want, g2 = grads(lambda a, b, c: losses.coupling_loss([a, b, c], idx_list=idx), *probs)
+    same("coupling", got, want)
+    for layer, (a, b) in enumerate(zip(g1, g2)):
+        same(f"d coupling / d probs of layer {layer}", a, b)
+
+
+def test_ex6_eigenbasis_score():
+    ex = load("ex6_eigenbasis")
+    torch.manual_seed(4)
+    x = torch.randn(9, 12)
+    x[0] = 0.0                                       # a zero token: the 1e-6 guard
+    P = project_router.orthonormal(torch.randn(3, 12, 4))
+    got, g1 = grads(lambda a, b: attempt(ex.eigenbasis_score, a, b), x, P)
+    want, g2 = grads(eigenbasis_scores, x, P)
+    same("eigenbasis_score", got, want)
+    same("d score / d x", g1[0], g2[0])
+    same("d score / d P", g1[1], g2[1])
+
+
+def test_ex7_bias_update():
+    ex = load("ex7_bias_update")
+    r = SigmoidRouter(GPTConfig(n_layer=1, n_head=2, n_embd=8, n_experts=6, router="sigmoid", bias_update_rate=0.05))
+    bias = torch.randn(6)
+    counts = torch.tensor([10, 3, 7, 7, 0, 15])     # mean 7: two experts exactly at the mean
+    r.bias.copy_(bias)
+    r.update(counts)
+    same("bias_update", attempt(ex.bias_update, bias.clone(), counts, 0.05), r.bias)
+
+
+def test_ex8_a_new_router_through_the_interface(monkeypatch):
+    cls = load("ex8_new_router").CentroidRouter
+    monkeypatch.setitem(project_router.ROUTERS, "centroid", cls)
+    cfg = dict(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=32, n_experts=4, top_k=2, router="centroid")
+    torch.manual_seed(0)
+    attempt(cls, GPTConfig(**cfg))                   # the student's constructor, named in a failure
+    model = GPT(GPTConfig(**cfg))
+    router = model.blocks[0].mlp.router
+    x = torch.randn(5, 16)
+    centroids = [p for p in router.parameters()]
+    if len(centroids) != 1 or tuple(centroids[0].shape) != (4, 16):
+        pytest.fail(f"CentroidRouter should have one parameter of shape (E, d) = (4, 16), has "
+                    f"{[tuple(p.shape) for p in centroids]}", pytrace=False)
+    want = -((x[:, None, :] - centroids[0][None]) ** 2).sum(-1)
+    same("CentroidRouter.logits", attempt(router.logits, x, None), want, atol=1e-4)
+    idx = torch.randint(0, 32, (2, 8))
+    _, ce, routes = model(idx, idx)
+    aux, _ = losses.aux_losses(routes, c_lb=0.01, c_z=1e-3, c_sp=2e-3, c_cp=1e-3)
+    (ce + aux).backward()
+    r = routes[0]
+    if not (r.idx.shape == (16, 2) and int(r.counts.sum()) == 32 and torch.allclose(r.gates.sum(-1), torch.ones(16))):
+        pytest.fail("routing through CentroidRouter breaks an invariant (k experts per token, gates sum to 1)",
+                    pytrace=False)
+    if centroids[0].grad is None or centroids[0].grad.abs().sum() == 0:
+        pytest.fail("no gradient reaches the centroids: are the logits computed from them?", pytrace=False)
