@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from router import ROUTERS
-from rundir import UserError, read_log
+from rundir import ArgParser, UserError, read_log
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -154,7 +154,7 @@ def run_variants(variants, base, seeds, out_dir, dry=False):
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgParser(prog="python ablate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short runs of a smaller model (< 15 min on 2 cores)")
     parser.add_argument("--dry", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])

@@ -2,6 +2,8 @@
 Make routing visible: PNG plots of a run, from its out_dir/log.jsonl and out_dir/ckpt.pt.
 
     python analyze.py out          # every plot below + out/index.html that shows them all
+    python analyze.py OUT_DIR --text="The quick brown fox"   # an imported model routing any text
+                                   # (prints each token's experts and gates per layer too)
 
 From the log (train.py also draws these at the end of a run):
 - loss.png             train/val loss and the auxiliary terms over training
@@ -31,6 +33,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from rundir import ArgParser, UserError, check_writable_dir
 
 
 def read_log(out_dir):
@@ -223,21 +227,41 @@ def plot_router(moes, routes, path):
     return path
 
 
-def probe_batch(cfg, n_tokens=48):
-    """A probe batch of validation data: ids (B, S), the first n_tokens as strings, their sources."""
-    from data import SyntheticMixture, get_batch, gpt2_encoding, load_split, prepare
+def probe_batch(cfg, n_tokens=48, text=None, out_dir=None):
+    """A probe batch: ids (B, S), the first n_tokens as strings, their sources (synthetic task).
+    With `text`: that text, tokenised by the checkpoint's own tokenizer (or GPT-2's)."""
+    from data import SyntheticMixture, get_batch, load_split, load_tokenizer, prepare
     gen = torch.Generator().manual_seed(0)
     B, S = 8, cfg["block_size"]
+    if text is not None:
+        enc = load_tokenizer(out_dir)
+        ids = enc.encode_ordinary(text)[:S]
+        if not ids:
+            raise UserError("--text gives no tokens")
+        if max(ids) >= cfg["vocab_size"]:
+            raise UserError(f"the text has token id {max(ids)}, outside the model's vocabulary of {cfg['vocab_size']}")
+        return torch.tensor([ids]), [enc.decode([t]) for t in ids[:n_tokens]], None
     if cfg["dataset"] == "synthetic":
         x, _, labels = SyntheticMixture(vocab=min(256, cfg["vocab_size"])).batch(B, S, gen, "cpu")
         return x, [f"{int(t)}" for t in x[0, :n_tokens]], labels[0, :n_tokens].numpy()
     val = load_split(prepare(cfg["dataset"]), "val")
-    enc = gpt2_encoding()
+    enc = load_tokenizer(out_dir)
     x, _ = get_batch(val, B, S, gen, "cpu")
     return x, [enc.decode([int(t)]) for t in x[0, :n_tokens]], None
 
 
-def plot_checkpoint(out_dir):
+def trace(pieces, routes, n=24):
+    """The walkthrough's table for real text: each token's experts and gates, layer by layer."""
+    lines = ["token              " + " ".join(f"layer {i:<9}" for i in range(len(routes)))]
+    for t, piece in enumerate(pieces[:n]):
+        cells = []
+        for r in routes:
+            cells.append(",".join(f"{int(e)}:{float(g):.2f}" for e, g in zip(r.idx[t], r.gates[t]))[:15].ljust(15))
+        lines.append(f"{repr(piece)[1:-1][:18]:<18} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def plot_checkpoint(out_dir, text=None):
     from model import GPT, GPTConfig
     from rundir import load_checkpoint
     ckpt = load_checkpoint(out_dir)
@@ -246,9 +270,13 @@ def plot_checkpoint(out_dir):
     model.eval()
     if model.config.n_experts == 0:
         return []
+    if text is None and "source" in ckpt:
+        raise UserError(f"{out_dir} holds an imported model: give the text to route with --text=... or --text_file=...")
     from metrics import RoutingStats
-    x, pieces, source = probe_batch(ckpt["config"])
+    x, pieces, source = probe_batch(ckpt["config"], text=text, out_dir=out_dir)
     moes, inputs, routes = probe(model, x)
+    if text is not None:
+        print(trace(pieces, routes))
     L = len(moes)
     cos2 = [expert_cos2(m, h, x.reshape(-1)).fill_diagonal_(float("nan")) for m, h in zip(moes, inputs)]  # diagonal is 1
     written = [plot_matrices(cos2, [f"layer {i}" for i in range(L)], os.path.join(out_dir, "expert_cosine.png"),
@@ -274,22 +302,34 @@ def write_index(out_dir, paths):
 
 
 def main(argv):
-    from rundir import UserError, check_writable_dir
-    if len(argv) > 1 or (argv and argv[0].startswith("-")):
-        raise UserError("usage: python analyze.py [OUT_DIR]  (a train.py run directory; default: out)")
-    out_dir = argv[0] if argv else "out"
+    parser = ArgParser(prog="python analyze.py", description="routing plots of a run (or of an imported model on any text)")
+    parser.add_argument("out_dir", nargs="?", default="out", help="a train.py run directory, or convert.py's OUT_DIR")
+    parser.add_argument("--text", default=None, help="route this text instead of a batch of the run's data")
+    parser.add_argument("--text_file", default=None, help="route the text of this file")
+    args = parser.parse_args(argv)
+    out_dir, text = args.out_dir, args.text
+    if args.text_file is not None:
+        if not os.path.isfile(args.text_file):
+            raise UserError(f"--text_file={args.text_file} does not exist")
+        text = open(args.text_file, encoding="utf-8", errors="replace").read()
     if not os.path.isdir(out_dir):
         raise UserError(f"no run directory {out_dir} (run train.py with --out_dir={out_dir} first)")
     check_writable_dir(out_dir, "run directory")  # the plots go next to the log
-    try:
-        paths = plot_run(out_dir)
-    except (KeyError, TypeError, IndexError, ValueError) as err:
-        raise UserError(f"{out_dir}/log.jsonl has records without the fields train.py writes "
-                        f"({type(err).__name__}: {err})") from None
+    paths = []
+    if os.path.exists(os.path.join(out_dir, "log.jsonl")):
+        try:
+            paths = plot_run(out_dir)
+        except (KeyError, TypeError, IndexError, ValueError) as err:
+            raise UserError(f"{out_dir}/log.jsonl has records without the fields train.py writes "
+                            f"({type(err).__name__}: {err})") from None
+    else:
+        print(f"note: no log.jsonl in {out_dir}: only the plots that probe the model")
     if os.path.exists(os.path.join(out_dir, "ckpt.pt")):
-        paths += plot_checkpoint(out_dir)
+        paths += plot_checkpoint(out_dir, text)
     else:
         print(f"note: no checkpoint in {out_dir}: the plots that probe the model are skipped")
+    if not paths:
+        raise UserError(f"{out_dir} has neither a log.jsonl nor a ckpt.pt")
     for p in paths + [write_index(out_dir, paths)]:
         print(f"wrote {p}")
 

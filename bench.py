@@ -238,8 +238,8 @@ def losses_bench(args):
 
 
 def main(argv):
-    from rundir import UserError
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from rundir import ArgParser, UserError
+    parser = ArgParser(prog="python bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--losses", action="store_true", help="overhead of the two regularisers")
     mode.add_argument("--model", action="store_true", help="whole-model training steps, dense vs MoE")

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from ablate import QUICK, REPO, run_variants, slug
-from rundir import UserError, read_log
+from rundir import ArgParser, UserError, read_log
 
 BASE_SYNTHETIC = ["config/synthetic.py", *QUICK, "--num_samples=0", "--c_lb=0.01"]
 
@@ -164,7 +164,7 @@ SHOW = {"collapse": show_collapse, "coupling": show_coupling, "specialization": 
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgParser(prog="python demos.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("demo", choices=list(DEMOS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out_dir", default="out-demos")

@@ -6,7 +6,10 @@ k experts per token, f expert hidden width, r ERMoE basis rank, nh heads, hs hea
 
 - GPT backbone as in nanoGPT (Radford et al. 2019), modernised like Llama: RMSNorm, rotary position
   embeddings (Su et al. 2021), SwiGLU feed-forward (Shazeer 2020), tied input/output embeddings,
-  attention through F.scaled_dot_product_attention.
+  attention through F.scaled_dot_product_attention. The settings that real MoEs differ in
+  (rope_theta, norm_eps, grouped-query attention, untied embeddings, QK-norm, q/k/v biases, a
+  gated shared expert) are options, so that Mixtral, OLMoE and Qwen2-MoE checkpoints map onto this
+  network exactly (convert.py).
 - MoE block (Shazeer et al. 2017; Switch, Fedus et al. 2021; DeepSeekMoE shared experts, Dai et al.
   2024): E routed SwiGLU experts with stacked weights (E, ., .), a router from router.py's registry
   (the block never asks which one), optional always-on shared experts. Dropless by default; with
@@ -43,12 +46,19 @@ class GPTConfig:
     vocab_size: int = 50304     # GPT-2's 50257 padded up to a multiple of 64 (faster matmuls)
     n_layer: int = 6            # transformer blocks
     n_head: int = 6             # attention heads (n_embd / n_head must be even: rotary)
+    n_kv_head: int = 0          # key/value heads (grouped-query attention, divides n_head); 0 = n_head
     n_embd: int = 384           # model width d
     dropout: float = 0.0        # dropout probability in [0, 1)
+    rope_theta: float = 10000.0  # rotary base (Mixtral: 1e6)
+    norm_eps: float = 0.0       # RMSNorm epsilon; 0 = the dtype's machine epsilon (torch's default)
+    tie_embeddings: bool = True  # the output layer reuses the input embedding (Press & Wolf 2017)
+    qk_norm: bool = False       # RMSNorm on the whole q and k projections (OLMoE)
+    qkv_bias: bool = False      # biases on the q, k, v projections (Qwen2-MoE)
     ffn_hidden: int = 0         # dense SwiGLU width; 0 = derived: 8/3 * n_embd rounded up to a multiple of 64
     n_experts: int = 8          # routed experts E per MoE block; 0 = the dense model
     top_k: int = 2              # experts per token k
     n_shared: int = 0           # always-on shared experts (DeepSeekMoE), each of width expert_hidden
+    shared_gate: bool = False   # scale the shared experts' output by sigmoid(x w) per token (Qwen2-MoE)
     expert_hidden: int = 0      # expert width f; 0 = derived: ffn_hidden // (top_k + n_shared), iso-compute
     router: str = "softmax"     # a name in router.ROUTERS: softmax | ermoe | sigmoid | hash | ...
     gate_renorm: bool = True    # gates = p renormalised over the k selected (else: p at the selected)
@@ -64,8 +74,14 @@ class GPTConfig:
         """Check every field, then derive the widths left at 0. Raises ValueError naming the field."""
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("ffn_hidden", "n_experts", "n_shared", "expert_hidden", "ermoe_rank"):
+        for name in ("ffn_hidden", "n_experts", "n_shared", "expert_hidden", "ermoe_rank", "n_kv_head"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0 (0 = derived/off), got {getattr(self, name)}")
+        _require(self.rope_theta > 0 and math.isfinite(self.rope_theta), f"rope_theta must be > 0, got {self.rope_theta}")
+        _require(0 <= self.norm_eps < 1, f"norm_eps must be in [0, 1) (0 = the dtype's epsilon), got {self.norm_eps}")
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head
+        _require(self.n_head % self.n_kv_head == 0, f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+        _require(not self.shared_gate or self.n_shared > 0, "shared_gate needs shared experts (n_shared > 0)")
         _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         _require(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         _require((self.n_embd // self.n_head) % 2 == 0,
@@ -96,14 +112,17 @@ class GPTConfig:
         """Parameters of the model this config describes, counted without building it (tested
         against GPT.num_params): lets train.py refuse a model that cannot fit before allocating."""
         d, E, f = self.n_embd, self.n_experts, self.expert_hidden
+        kv = self.n_kv_head * (d // self.n_head)                    # width of k and of v
+        attn = d * (d + 2 * kv) + d * d + self.qkv_bias * (d + 2 * kv) + self.qk_norm * (d + kv)
         if E == 0:
             ffn = 3 * d * self.ffn_hidden
         else:
             with torch.random.fork_rng(devices=[]):  # the router is small: build it to count it
                 router = ROUTERS[self.router](self)
-            ffn = E * (2 * router.expert_dim + d) * f + 3 * d * self.n_shared * f + \
+            ffn = E * (2 * router.expert_dim + d) * f + 3 * d * self.n_shared * f + self.shared_gate * d + \
                 sum(p.numel() for p in router.parameters())
-        return self.vocab_size * d + self.n_layer * (4 * d * d + ffn + 2 * d) + d
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        return self.vocab_size * d + head + self.n_layer * (attn + ffn + 2 * d) + d
 
 
 def _require(ok, message):
@@ -127,20 +146,30 @@ def apply_rotary(x, cos, sin):
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with rotary positions; grouped-query attention when
+    n_kv_head < n_head (each key/value head serves n_head / n_kv_head query heads)."""
+
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.dropout = cfg.n_head, cfg.dropout
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.n_head, self.n_kv_head, self.dropout = cfg.n_head, cfg.n_kv_head, cfg.dropout
+        d, hs = cfg.n_embd, cfg.n_embd // cfg.n_head
+        self.widths = (d, cfg.n_kv_head * hs, cfg.n_kv_head * hs)       # q, k, v
+        self.c_attn = nn.Linear(d, sum(self.widths), bias=cfg.qkv_bias)  # the three projections in one
+        self.c_proj = nn.Linear(d, d, bias=False)
+        eps = cfg.norm_eps or None
+        self.q_norm = nn.RMSNorm(self.widths[0], eps=eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.widths[1], eps=eps) if cfg.qk_norm else None
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin):
-        B, S, d = x.shape
-        q, k, v = self.c_attn(x).split(d, dim=2)
-        q, k, v = (rearrange(t, "b s (nh hs) -> b nh s hs", nh=self.n_head) for t in (q, k, v))
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, nh, S, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        q, k, v = self.c_attn(x).split(self.widths, dim=2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = rearrange(q, "b s (nh hs) -> b nh s hs", nh=self.n_head)
+        k, v = (rearrange(t, "b s (nh hs) -> b nh s hs", nh=self.n_kv_head) for t in (k, v))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, nh, S, hs), (B, nkv, S, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv_head != self.n_head)
         y = rearrange(y, "b nh s hs -> b s (nh hs)")
         return self.resid_dropout(self.c_proj(y))
 
@@ -199,7 +228,8 @@ class MoE(nn.Module):
         self.w_up = nn.Parameter(torch.randn(E, d_in, f) * 0.02)     # (E, d_in, f)
         self.w_down = nn.Parameter(torch.randn(E, f, d) * 0.02)      # (E, f, d)
         self.shared = MLP(d, cfg.n_shared * f) if cfg.n_shared > 0 else None  # n_shared experts of
-        self.dropout = nn.Dropout(cfg.dropout)  # width f side by side = one SwiGLU of width n_shared*f
+        self.shared_gate = nn.Linear(d, 1, bias=False) if cfg.shared_gate else None  # width f side by side
+        self.dropout = nn.Dropout(cfg.dropout)  # = one SwiGLU of width n_shared*f
 
     def forward(self, x, ids=None):
         """x (B, S, d), token ids (B, S) -> (y (B, S, d), Routing)."""
@@ -212,7 +242,10 @@ class MoE(nn.Module):
         run = self.forward_naive if self.dispatch == "naive" else self.forward_sorted
         y, z, kept = run(x, r.inputs, r.idx, r.gates, r.counts, capacity)  # (T, d), (T, k, f), (T, k) or None
         if self.shared is not None:
-            y = y + self.shared(x)[0]
+            shared = self.shared(x)[0]                              # (T, d)
+            if self.shared_gate is not None:                        # Qwen2-MoE: sigmoid(x w) per token
+                shared = shared * torch.sigmoid(self.shared_gate(x))
+            y = y + shared
         return self.dropout(y.view(B, S, d)), r._replace(z=z, kept=kept)
 
     @torch.no_grad()
@@ -273,9 +306,9 @@ class MoE(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.ln_1 = nn.RMSNorm(cfg.n_embd)
+        self.ln_1 = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps or None)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.RMSNorm(cfg.n_embd)
+        self.ln_2 = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps or None)
         self.mlp = MoE(cfg) if cfg.n_experts > 0 else MLP(cfg.n_embd, cfg.ffn_hidden, cfg.dropout)
 
     def forward(self, x, cos, sin, ids):
@@ -291,10 +324,11 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
-        self.ln_f = nn.RMSNorm(cfg.n_embd)
+        self.ln_f = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps or None)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017)
-        cos, sin = rotary_cache(cfg.block_size, cfg.n_embd // cfg.n_head)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017)
+        cos, sin = rotary_cache(cfg.block_size, cfg.n_embd // cfg.n_head, cfg.rope_theta)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -309,6 +343,8 @@ class GPT(nn.Module):
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                torch.nn.init.zeros_(module.bias)
 
     def routers(self):
         """The router of every MoE block, in order."""

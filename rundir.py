@@ -16,6 +16,7 @@ What a training run keeps in its out_dir, and how nothing in it gets lost.
   setting; the entry points print it as `error: ...` and exit non-zero, without a traceback.
 """
 
+import argparse
 import json
 import os
 import sys
@@ -38,6 +39,13 @@ class UserError(Exception):
 class Interrupted(UserError):
     """Ctrl-C, reported in one line; exit status 130 like a shell's."""
     exit_status = 130
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse, with a mistake on the command line reported as a UserError (one `error:` line)."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def cli(main, argv, quiet=False):

@@ -5,19 +5,17 @@ Sample text from a checkpoint written by train.py.
     python sample.py --temperature=0            # greedy: always the most likely next token
 """
 
-import argparse
-import os
 import sys
 
 import torch
 
-from data import gpt2_encoding
+from data import load_tokenizer
 from model import GPT, GPTConfig
-from rundir import UserError, load_checkpoint
+from rundir import ArgParser, UserError, load_checkpoint
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(description="sample from a train.py checkpoint")
+    parser = ArgParser(prog="python sample.py", description="sample from a train.py checkpoint")
     parser.add_argument("--out_dir", default="out", help="the run's directory (holds ckpt.pt)")
     parser.add_argument("--start", default="\n", help="prompt text (at least one token)")
     parser.add_argument("--num_samples", type=int, default=3, help="samples to print (>= 1)")
@@ -54,11 +52,11 @@ def main(argv):
         raise UserError(f"checkpoint in {args.out_dir} does not describe a model of this version "
                         f"({str(err).splitlines()[0]})") from None
     model.eval().to(args.device)
-    enc = gpt2_encoding()
+    enc = load_tokenizer(args.out_dir)  # the checkpoint's own tokenizer.json (imported models), else GPT-2's
     ids = enc.encode_ordinary(args.start)
     vocab = model.config.vocab_size
     if max(ids) >= vocab:
-        raise UserError(f"the prompt has GPT-2 token id {max(ids)}, outside this model's vocabulary of {vocab} "
+        raise UserError(f"the prompt has token id {max(ids)}, outside this model's vocabulary of {vocab} "
                         f"(a model of the synthetic task does not read text)")
     torch.manual_seed(args.seed)
     start = torch.tensor([ids], device=args.device)

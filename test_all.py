@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -205,7 +206,9 @@ def test_single_expert_equals_dense_mlp(dispatch):
 @pytest.mark.parametrize("router", ROUTERS)
 def test_param_count_from_the_config_equals_the_model(router):
     for kw in (dict(n_experts=0), dict(n_experts=4, top_k=2), dict(n_experts=6, top_k=1, n_shared=2),
-               dict(n_experts=4, ermoe_basis="partitioned"), dict(n_experts=4, ermoe_basis="penalty", ermoe_rank=3)):
+               dict(n_experts=4, ermoe_basis="partitioned"), dict(n_experts=4, ermoe_basis="penalty", ermoe_rank=3),
+               dict(n_experts=4, n_kv_head=1, tie_embeddings=False, qk_norm=True, qkv_bias=True, n_shared=1,
+                    shared_gate=True)):
         cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, router=router, **kw)
         assert cfg.param_count() == GPT(cfg).num_params()[0], kw
 
@@ -431,6 +434,12 @@ BAD_INPUTS = [  # (entry point, arguments; RUN = a finished run, R = the fixture
     ("train", ["--device=tpu"], "device must be auto, cpu, cuda or cuda:N"),
     ("train", ["--device=cuda"], "no CUDA device is available"),
     ("train", ["--dtype=float16"], "dtype must be auto, bfloat16 or float32"),
+    ("train", ["--n_kv_head=3"], "n_kv_head (3) must divide n_head (2)"),
+    ("train", ["--norm_eps=-1e-5"], "norm_eps must be in [0, 1)"),
+    ("train", ["--rope_theta=0.0"], "rope_theta must be > 0"),
+    ("train", ["--shared_gate=True"], "shared_gate needs shared experts"),
+    ("train", ["--expert_init=pretrained"], "unknown expert_init 'pretrained'"),
+    ("train", ["--router=hash", "--router_impl=triton"], "router=hash has no fused routing pass"),
     ("train", ["--router_impl=triton", "TRITON_INTERPRET=0"], "router_impl=triton needs a CUDA device"),
     ("train", ["--n_experts=1000000"], "more than the"),
     ("train", ["--block_size=100000"], "fewer than block_size+1"),
@@ -469,11 +478,16 @@ BAD_INPUTS = [  # (entry point, arguments; RUN = a finished run, R = the fixture
     ("analyze", ["R/keyless"], "log.jsonl line 5 is not a log record"),
     ("analyze", ["R/nowhere"], "no run directory"),
     ("analyze", ["R/a_file"], "no run directory"),
-    ("analyze", ["RUN", "extra"], "usage: python analyze.py"),
+    ("analyze", ["RUN", "extra"], "unrecognized arguments: extra"),
     ("ablate", ["--out_dir=R/ablation", "--variants", "dense", "--seeds", "0"], "dense-s0/log.jsonl line 2 is not JSON"),
     ("ablate", ["--variants", "nonsense"], "unknown variant(s) ['nonsense']"),
     ("ablate", ["--seeds", "-1", "--dry"], "seeds must be >= 0"),
     ("ablate", ["--dataset=no_such_corpus"], "no data/no_such_corpus/input.txt"),
+    ("data", ["prepare", "R/nowhere.txt", "x"], "nowhere.txt does not exist"),
+    ("data", ["prepare", "R/syntax.py", "a/b"], "NAME must be a plain folder name"),
+    ("data", ["prepare", "R/syntax.py", "x", "--val_fraction=1.5"], "--val_fraction must be in (0, 1)"),
+    ("data", ["prepare", "R/syntax.py", "x", "--tokenizer=R/none.json"], "tokenizer R/none.json not found"),
+    ("convert", ["to-hf", "RUN", "R/a_file"], "is a file, not a directory"),
     ("bench", ["--steps=0"], "--reps and --steps must be >= 1"),
     ("bench", ["--reps=0"], "--reps and --steps must be >= 1"),
     ("bench", ["--bw=-1"], "--bw must be a positive bandwidth"),
@@ -491,6 +505,7 @@ def test_every_bad_input_gives_one_error_line_and_changes_nothing(finished_runs,
             argv = [a.replace("R/", f"{root}/").replace("EMPTY", os.path.basename(empty)) for a in args
                     if not a.startswith("TRITON_INTERPRET")]
             argv = [str(root / "run") if a == "RUN" else a for a in argv]
+            message = message.replace("R/", f"{root}/")
             if entry in ("train", "sample") and not any(a.startswith("--out_dir") for a in argv):
                 argv.append(f"--out_dir={root / 'run'}")
             if entry == "train" and "--init_from=resume" not in argv:  # a resumed run takes the saved settings
@@ -1330,3 +1345,177 @@ def test_exercise_grader_accepts_the_key_rejects_the_stubs_and_explains_a_wrong_
     res = grade("wrong", {"PYTHONPATH": str(tmp_path)})
     assert res.returncode == 1 and "1 failed, 7 passed" in res.stdout, res.stdout[-3000:]
     assert "ties go to the lower expert index" in res.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# real models in and out (transformers is a test-only dependency: these skip without it)
+
+def hf_models():
+    """Small Hugging Face MoE models with random weights, built offline from configs."""
+    transformers = pytest.importorskip("transformers", reason="the interop tests compare against transformers")
+    common = dict(vocab_size=96, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    models = {
+        "mixtral": transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            **common, num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6)),
+        "olmoe": transformers.OlmoeForCausalLM(transformers.OlmoeConfig(**common, num_experts=4, num_experts_per_tok=2)),
+        "qwen2_moe": transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+            **common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, shared_expert_intermediate_size=16,
+            norm_topk_prob=True)),
+    }
+    for m in models.values():  # larger than the default init, so that every path matters
+        with torch.no_grad():
+            for p in m.parameters():
+                p.normal_(0, 0.1)
+        m.eval()
+    return transformers, models
+
+
+def ours(out_dir):
+    from rundir import load_checkpoint
+    ckpt = load_checkpoint(str(out_dir))
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+def close(a, b, rel=1e-5):
+    return ((a - b).abs().max() / b.abs().max()).item() < rel
+
+
+@pytest.mark.parametrize("family", ["mixtral", "olmoe", "qwen2_moe"])
+def test_hf_import_gives_the_same_logits_and_gradients(tmp_path, family):
+    transformers, models = hf_models()
+    hf = models[family]
+    hf.save_pretrained(tmp_path / "hf")
+    code, out, err = cli("convert", "from-hf", tmp_path / "hf", tmp_path / "ours")
+    assert code == 0, err
+    model = ours(tmp_path / "ours")
+    ids = torch.randint(0, 96, (2, 24))
+    a, logits = hf(ids, labels=ids), model(ids, ids)[0]
+    assert close(logits, a.logits), family
+    a.loss.backward()                                     # the same loss on both sides (HF shifts the labels)
+    torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 96), ids[:, 1:].reshape(-1)).backward()
+    pairs = {"model.embed_tokens.weight": model.wte.weight, "lm_head.weight": model.lm_head.weight,
+             "model.layers.0.mlp.gate.weight": model.blocks[0].mlp.router.weight,  # (in memory; on disk Mixtral's
+                                                                                    # router is block_sparse_moe.gate)
+             "model.layers.1.self_attn.o_proj.weight": model.blocks[1].attn.c_proj.weight}
+    grads = dict(hf.named_parameters())
+    pad = hf.config.pad_token_id  # HF's embedding gives its padding row no gradient; ours has no padding row
+    for name, p in pairs.items():
+        ours_g, hf_g = p.grad.clone(), grads[name].grad.clone()
+        if name == "model.embed_tokens.weight" and pad is not None and pad < 96:
+            assert hf_g[pad].abs().sum() == 0
+            ours_g[pad] = hf_g[pad] = 0
+        assert close(ours_g, hf_g, rel=1e-5), (family, name)
+
+
+def test_hf_mixtral_round_trip_is_identical_and_our_export_loads_in_transformers(tmp_path):
+    transformers, models = hf_models()
+    from safetensors.torch import load_file
+    models["mixtral"].save_pretrained(tmp_path / "hf")
+    assert cli("convert", "from-hf", tmp_path / "hf", tmp_path / "ours")[0] == 0
+    code, out, err = cli("convert", "to-hf", tmp_path / "ours", tmp_path / "back")
+    assert code == 0, err
+    a, b = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)  # HF -> ours -> HF: the same tensors
+    # ours (trained, tied embeddings, the default eps and rope) -> HF Mixtral -> transformers
+    train(tmp_path / "run", "--max_iters=2", "--eval_interval=2", "--n_kv_head=1")
+    code, out, err = cli("convert", "to-hf", tmp_path / "run", tmp_path / "exported")
+    assert code == 0, err
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    model = ours(tmp_path / "run")
+    ids = torch.randint(0, 50304, (2, 16))
+    assert close(model(ids, ids)[0], hf(ids).logits)
+
+
+def test_convert_refuses_what_does_not_map(tmp_path):
+    train(tmp_path / "ermoe", "--max_iters=1", "--eval_interval=1", "--router=ermoe")
+    train(tmp_path / "shared", "--max_iters=1", "--eval_interval=1", "--n_shared=1")
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 8,
+                                                                "num_attention_heads": 2}))
+    for args, message in ((["to-hf", tmp_path / "ermoe", tmp_path / "x"], "router=ermoe: Mixtral routes with a linear"),
+                          (["to-hf", tmp_path / "shared", tmp_path / "x"], "n_shared=1: Mixtral has no shared experts"),
+                          (["from-hf", tmp_path / "llama", tmp_path / "x"], "architecture 'LlamaForCausalLM' is not one of"),
+                          (["from-hf", tmp_path / "nowhere", tmp_path / "x"], "is not a directory"),
+                          (["sideways", tmp_path, tmp_path], "usage: python convert.py")):
+        code, out, err = cli("convert", *args)
+        assert code == 1 and err.count("\n") == 1 and message in err, (args, err)
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_imported_model_samples_and_is_analyzed_with_its_own_tokenizer(tmp_path):
+    transformers, models = hf_models()
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.train_from_iterator([open(os.path.join(REPO, "data", "shakespeare", "input.txt")).read()[:20000]],
+                            tokenizers.trainers.BpeTrainer(vocab_size=96, special_tokens=["<unk>", "</s>"]))
+    models["olmoe"].save_pretrained(tmp_path / "hf")
+    tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    assert cli("convert", "from-hf", tmp_path / "hf", tmp_path / "ours")[0] == 0
+    assert (tmp_path / "ours" / "tokenizer.json").exists()
+    code, out, err = cli("sample", f"--out_dir={tmp_path / 'ours'}", "--start=The king", "--num_samples=1",
+                         "--max_new_tokens=5", "--temperature=0")
+    prompt = tok.decode(tok.encode("The king").ids)       # the checkpoint's tokenizer, not GPT-2's
+    assert code == 0 and out.startswith(prompt) and len(out.split("---")[0]) > len(prompt), err
+    code, out, err = cli("analyze", tmp_path / "ours", "--text=The king is dead, long live the king")
+    assert code == 0, err
+    table = [line for line in out.splitlines() if line.startswith(("token ", "T "))]
+    assert len(table) == 2 and "layer 1" in table[0] and "router.png" in out and "tokens.png" in out, out
+    code, out, err = cli("analyze", tmp_path / "ours")
+    assert code == 1 and "give the text to route with --text" in err
+
+
+def stream_corpus(path, megabytes):
+    """A generated corpus: Shakespeare's text repeated with a counter, `megabytes` MB."""
+    base = open(os.path.join(REPO, "data", "shakespeare", "input.txt")).read()
+    with open(path, "w") as fh:
+        for i in range(int(megabytes * 1e6 / len(base)) + 1):
+            fh.write(f"Part {i}.\n" + base)
+
+
+PEAK_RSS = """
+import resource, sys
+sys.argv = ["data.py", *sys.argv[1:]]
+import runpy
+try:
+    runpy.run_path("data.py", run_name="__main__")
+except SystemExit:
+    pass
+print("peak", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def test_prepare_streams_equals_a_one_shot_encoding_with_flat_memory_and_is_atomic(tmp_path):
+    from data import gpt2_encoding, load_split, prepare
+    names = [f"stream-test-{os.getpid()}-{i}" for i in range(3)]
+    try:
+        stream_corpus(tmp_path / "small.txt", 2)
+        stream_corpus(tmp_path / "large.txt", 10)
+        peaks = []
+        for name, src in zip(names, ("small.txt", "large.txt")):
+            res = subprocess.run([sys.executable, "-c", PEAK_RSS, "prepare", str(tmp_path / src), name, "--workers=2"],
+                                 cwd=REPO, capture_output=True, text=True, timeout=300)
+            assert res.returncode == 0 and "peak" in res.stdout, res.stderr[-2000:]
+            peaks.append([int(v) for v in res.stdout.split("peak")[1].split()])
+        text = open(tmp_path / "small.txt").read()
+        folder = prepare(names[0])
+        stream = np.concatenate([load_split(folder, "train"), load_split(folder, "val")])
+        assert stream[-1] == 50256 and np.array_equal(stream[:-1], np.array(gpt2_encoding().encode_ordinary(text)))
+        (main_small, worker_small), (main_large, worker_large) = peaks   # KiB: 5x the corpus, the same memory
+        assert main_large - main_small < 30_000 and worker_large - worker_small < 30_000, peaks
+        # kill -9 in the middle: nothing that loads is left behind
+        proc = subprocess.Popen([sys.executable, "data.py", "prepare", str(tmp_path / "large.txt"), names[2],
+                                 "--workers=2"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+        proc.stderr.read(20)                                # it has started writing progress
+        proc.kill()
+        proc.wait()
+        code, _, err = cli("train", *TINY, f"--dataset={names[2]}", f"--out_dir={tmp_path / 'run'}")
+        assert code == 1 and "no prepared bins" in err and not (tmp_path / "run").exists()
+    finally:
+        import shutil
+        for name in names:
+            shutil.rmtree(os.path.join(REPO, "data", name), ignore_errors=True)

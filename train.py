@@ -284,7 +284,7 @@ def check_memory(model_cfg, device):
 
 def open_data(cfg, model_cfg, master):
     """-> batch(split, generator, device) -> (x, y, source labels or None), and the mixture if synthetic."""
-    from data import SyntheticMixture, get_batch, load_split, prepare
+    from data import SyntheticMixture, get_batch, load_split, max_token_id, prepare
     B, S = cfg.batch_size, model_cfg.block_size
     if cfg.dataset == "synthetic":  # generated on the fly; the mixture itself is fixed (seed 0)
         if model_cfg.vocab_size < 16:
@@ -297,9 +297,9 @@ def open_data(cfg, model_cfg, master):
         if len(data) <= S:
             raise UserError(f"dataset '{cfg.dataset}': the {split} split has {len(data):,} tokens, fewer than "
                             f"block_size+1 = {S + 1} (use a smaller --block_size or more text)")
-        top = int(data.max())
-        if top >= model_cfg.vocab_size:
-            raise UserError(f"dataset '{cfg.dataset}' has token id {top}, outside vocab_size={model_cfg.vocab_size}")
+    top = max_token_id(folder)
+    if top >= model_cfg.vocab_size:
+        raise UserError(f"dataset '{cfg.dataset}' has token id {top}, outside vocab_size={model_cfg.vocab_size}")
     return (lambda split, gen, device: (*get_batch(splits[split], B, S, gen, device), None)), None
 
 
@@ -476,7 +476,8 @@ def run(argv, ddp, rank):
     if ckpt:  # checked before the out_dir is touched
         try:
             model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt["optimizer"] is not None:  # None: imported weights (convert.py), a fresh optimizer
+                optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
             raise UserError(f"checkpoint weights do not match its model_args ({str(err).splitlines()[0]})") from None
     lock, log_path = share(prepare_out_dir, ddp, cfg, ckpt) or (None, os.path.join(cfg.out_dir, "log.jsonl"))
@@ -498,7 +499,7 @@ def loop(cfg, model_cfg, ckpt, model, optimizer, device, dtype, accum, world, ra
             batch_gen.set_state(ckpt["batch_rng"][rank])
         else:  # another number of processes: a fresh sampler per process, reproducible from the seed
             batch_gen.manual_seed(hash((cfg.seed, rank, ckpt["iter_num"])) % 2**63)
-            if master:
+            if master and ckpt["batch_rng"]:  # (none at all: imported weights)
                 print(f"note: the checkpoint has batch samplers for {len(ckpt['batch_rng'])} processes, this run has "
                       f"{world}: the batches differ from an uninterrupted run")
         torch.set_rng_state(ckpt["torch_rng"])
@@ -599,9 +600,9 @@ def loop(cfg, model_cfg, ckpt, model, optimizer, device, dtype, accum, world, ra
 def finish(model, cfg, device, mixture):
     """Samples and plots at the end (the checkpoint is already safe on disk)."""
     from analyze import plot_run
-    from data import gpt2_encoding
+    from data import load_tokenizer
     if not mixture and cfg.num_samples > 0:  # synthetic tokens are not text
-        enc = gpt2_encoding()
+        enc = load_tokenizer(cfg.out_dir)  # an imported model's own tokenizer.json, else GPT-2's
         start = torch.tensor([enc.encode_ordinary("\n")], device=device)
         for _ in range(cfg.num_samples):
             out = model.generate(start, cfg.sample_tokens, temperature=0.8, top_k=200, n_vocab=enc.n_vocab)

@@ -12,8 +12,6 @@
 #           multiply by the gate, add back to the token:  y (T, d)
 
 # %%
-import math
-
 import torch
 import torch.nn.functional as F
 

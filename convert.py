@@ -1,0 +1,253 @@
+"""
+Checkpoints in and out: Hugging Face MoE folders <-> this project's out_dir/ckpt.pt.
+
+    python convert.py from-hf HF_DIR OUT_DIR   # Mixtral, OLMoE or Qwen2-MoE -> OUT_DIR/ckpt.pt (+ its tokenizer)
+    python convert.py to-hf OUT_DIR HF_DIR     # our ckpt.pt -> a Mixtral folder transformers loads
+    add --overwrite to replace an existing OUT_DIR/ckpt.pt or a non-empty HF_DIR
+
+After from-hf, OUT_DIR works like a run's directory: `python sample.py --out_dir=OUT_DIR`,
+`python analyze.py OUT_DIR --text="..."`, or fine-tuning with `train.py --init_from=resume`.
+
+The two networks line up tensor by tensor (the same function then; the tests check it against
+transformers with random weights):
+
+    Hugging Face                              ours (model.py)
+    embed_tokens, lm_head, norm               wte, lm_head (tied or not), ln_f
+    input_layernorm, post_attention_layernorm ln_1, ln_2  (eps = rms_norm_eps)
+    q_proj, k_proj, v_proj (+ biases)         attn.c_attn: the three stacked by rows
+    q_norm, k_norm (OLMoE)                    attn.q_norm, attn.k_norm
+    o_proj                                    attn.c_proj
+    gate (the router)                         mlp.router.weight
+    experts.e.{w1|gate_proj} (f, d)           mlp.w_gate[e] (d, f): transposed, we compute x @ w
+    experts.e.{w3|up_proj}, {w2|down_proj}    mlp.w_up[e], mlp.w_down[e]: transposed
+    shared_expert, shared_expert_gate         mlp.shared, mlp.shared_gate (Qwen2-MoE)
+
+Routing: Mixtral renormalises the top-k gates (gate_renorm=True); OLMoE and Qwen2-MoE do so only
+with norm_topk_prob. Files are read and written with the safetensors package alone; transformers
+is not needed (the tests use it as the reference). What does not map is refused, naming the field.
+"""
+
+import json
+import os
+import shutil
+import sys
+
+import torch
+
+from model import GPT, GPTConfig
+from rundir import UserError, load_checkpoint, save_checkpoint
+
+FAMILIES = {  # architecture -> where its MoE lives and what it needs from our model
+    "MixtralForCausalLM": dict(moe="block_sparse_moe", experts=("w1", "w3", "w2"), width="intermediate_size",
+                               n_experts="num_local_experts"),
+    "OlmoeForCausalLM": dict(moe="mlp", experts=("gate_proj", "up_proj", "down_proj"), width="intermediate_size",
+                             n_experts="num_experts", qk_norm=True),
+    "Qwen2MoeForCausalLM": dict(moe="mlp", experts=("gate_proj", "up_proj", "down_proj"), width="moe_intermediate_size",
+                                n_experts="num_experts", qkv_bias=True, shared="shared_expert"),
+}
+
+
+def rope_theta_of(hf):
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise UserError(f"config.json: rope type '{rope.get('rope_type', rope.get('type'))}' (scaled rotary "
+                        f"positions) has no counterpart here")
+    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def model_args_from_hf(hf):
+    """GPTConfig fields from a Hugging Face config.json; refuse, naming the field, what does not map."""
+    arch = (hf.get("architectures") or ["?"])[0]
+    if arch not in FAMILIES:
+        raise UserError(f"config.json: architecture '{arch}' is not one of {', '.join(FAMILIES)}")
+    fam = FAMILIES[arch]
+    d, heads = hf["hidden_size"], hf["num_attention_heads"]
+    checks = [
+        (hf.get("hidden_act", "silu") == "silu", f"hidden_act={hf.get('hidden_act')} (the experts here are SwiGLU)"),
+        (hf.get("head_dim") in (None, d // heads), f"head_dim={hf.get('head_dim')} != hidden_size/num_attention_heads"),
+        (not hf.get("use_sliding_window", False) and hf.get("sliding_window") in (None, 0) or
+         hf.get("sliding_window", 0) >= hf.get("max_position_embeddings", 0),
+         f"sliding_window={hf.get('sliding_window')} (attention here sees the whole context)"),
+        (not hf.get("attention_bias", False), "attention_bias=true (only q/k/v biases map, as in Qwen2-MoE)"),
+        (hf.get("clip_qkv") is None, f"clip_qkv={hf.get('clip_qkv')}"),
+        (not hf.get("mlp_only_layers") and hf.get("decoder_sparse_step", 1) == 1,
+         "dense layers between the MoE layers (mlp_only_layers / decoder_sparse_step)"),
+    ]
+    for ok, what in checks:
+        if not ok:
+            raise UserError(f"config.json ({arch}): {what} has no counterpart in this model")
+    args = dict(vocab_size=hf["vocab_size"], n_embd=d, n_layer=hf["num_hidden_layers"], n_head=heads,
+                n_kv_head=hf.get("num_key_value_heads") or heads, block_size=hf.get("max_position_embeddings", 4096),
+                norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta_of(hf),
+                tie_embeddings=bool(hf.get("tie_word_embeddings", False)), n_experts=hf[fam["n_experts"]],
+                top_k=hf["num_experts_per_tok"], expert_hidden=hf[fam["width"]], router="softmax",
+                gate_renorm=arch == "MixtralForCausalLM" or bool(hf.get("norm_topk_prob", False)),
+                qk_norm=fam.get("qk_norm", False), qkv_bias=fam.get("qkv_bias", False), dropout=0.0)
+    if fam.get("shared") and hf.get("shared_expert_intermediate_size", 0):
+        width = hf["shared_expert_intermediate_size"]
+        if width % args["expert_hidden"]:
+            raise UserError(f"config.json: shared_expert_intermediate_size={width} is not a multiple of the expert "
+                            f"width {args['expert_hidden']} (shared experts here are n_shared experts of that width)")
+        args.update(n_shared=width // args["expert_hidden"], shared_gate=True)
+    return arch, args
+
+
+class SafeTensors:
+    """The tensors of a folder's *.safetensors files (one file or an index), read one at a time."""
+
+    def __init__(self, folder):
+        from safetensors import safe_open
+        index = os.path.join(folder, "model.safetensors.index.json")
+        if os.path.exists(index):
+            files = sorted(set(json.load(open(index))["weight_map"].values()))
+        else:
+            files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+        if not files:
+            raise UserError(f"{folder} has no .safetensors weights (model.safetensors or an index)")
+        self.handles = [safe_open(os.path.join(folder, f), framework="pt") for f in files]
+        self.where = {k: h for h in self.handles for k in h.keys()}
+
+    def __contains__(self, name):
+        return name in self.where
+
+    def __getitem__(self, name):
+        if name not in self.where:
+            raise UserError(f"the checkpoint has no tensor '{name}'")
+        return self.where[name].get_tensor(name)
+
+
+def from_hf(hf_dir, out_dir, overwrite=False):
+    """HF folder -> out_dir/ckpt.pt (and tokenizer.json, if the folder has one)."""
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"no config.json in {hf_dir} (a Hugging Face model folder)")
+    if os.path.exists(os.path.join(out_dir, "ckpt.pt")) and not overwrite:
+        raise UserError(f"{out_dir}/ckpt.pt exists; pass --overwrite to replace it")
+    arch, args = model_args_from_hf(json.load(open(path)))
+    fam = FAMILIES[arch]
+    cfg = GPTConfig(**args)
+    w = SafeTensors(hf_dir)
+    sd = {"wte.weight": w["model.embed_tokens.weight"], "ln_f.weight": w["model.norm.weight"]}
+    sd["lm_head.weight"] = sd["wte.weight"] if cfg.tie_embeddings else w["lm_head.weight"]
+    for i in range(cfg.n_layer):
+        hf, ours = f"model.layers.{i}", f"blocks.{i}"
+        a = f"{hf}.self_attn"
+        sd[f"{ours}.ln_1.weight"] = w[f"{hf}.input_layernorm.weight"]
+        sd[f"{ours}.ln_2.weight"] = w[f"{hf}.post_attention_layernorm.weight"]
+        sd[f"{ours}.attn.c_attn.weight"] = torch.cat([w[f"{a}.{p}_proj.weight"] for p in "qkv"])
+        if cfg.qkv_bias:
+            sd[f"{ours}.attn.c_attn.bias"] = torch.cat([w[f"{a}.{p}_proj.bias"] for p in "qkv"])
+        sd[f"{ours}.attn.c_proj.weight"] = w[f"{a}.o_proj.weight"]
+        if cfg.qk_norm:
+            sd[f"{ours}.attn.q_norm.weight"], sd[f"{ours}.attn.k_norm.weight"] = w[f"{a}.q_norm.weight"], w[f"{a}.k_norm.weight"]
+        m = f"{hf}.{fam['moe']}"
+        sd[f"{ours}.mlp.router.weight"] = w[f"{m}.gate.weight"]
+        if f"{m}.experts.gate_up_proj" in w:  # the fused layout of newer transformers: (E, 2f, d), (E, d, f)
+            gate, up = w[f"{m}.experts.gate_up_proj"].chunk(2, dim=1)
+            down = w[f"{m}.experts.down_proj"]
+        else:                                  # one tensor per expert: (f, d), (f, d), (d, f)
+            gate, up, down = (torch.stack([w[f"{m}.experts.{e}.{name}.weight"] for e in range(cfg.n_experts)])
+                              for name in fam["experts"])
+        sd[f"{ours}.mlp.w_gate"], sd[f"{ours}.mlp.w_up"] = gate.transpose(1, 2), up.transpose(1, 2)   # (E, d, f)
+        sd[f"{ours}.mlp.w_down"] = down.transpose(1, 2)                                              # (E, f, d)
+        if cfg.n_shared:
+            s = f"{m}.{fam['shared']}"
+            for ours_name, hf_name in (("c_gate", "gate_proj"), ("c_up", "up_proj"), ("c_proj", "down_proj")):
+                sd[f"{ours}.mlp.shared.{ours_name}.weight"] = w[f"{s}.{hf_name}.weight"]
+            sd[f"{ours}.mlp.shared_gate.weight"] = w[f"{m}.{fam['shared']}_gate.weight"]
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    with torch.device("meta"):  # the names and shapes must be exactly the model's
+        expected = {k: v.shape for k, v in GPT(cfg).state_dict().items()}
+    wrong = sorted(k for k in expected if k not in sd or sd[k].shape != expected[k])
+    if wrong or set(sd) - set(expected):
+        raise UserError(f"converted weights do not fit the model: {(wrong or sorted(set(sd) - set(expected)))[:3]}")
+    from dataclasses import asdict
+    from train import TrainConfig
+    settings = {**asdict(TrainConfig()), **asdict(cfg), "out_dir": out_dir}  # train.py resume fine-tunes from here
+    os.makedirs(out_dir, exist_ok=True)
+    save_checkpoint({"model": sd, "optimizer": None, "model_args": asdict(cfg), "config": settings,
+                     "iter_num": 0, "best_val": float("inf"), "batch_rng": [], "torch_rng": torch.get_rng_state(),
+                     "source": {"from": os.path.abspath(hf_dir), "architecture": arch}}, out_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if os.path.exists(os.path.join(hf_dir, name)):
+            shutil.copy(os.path.join(hf_dir, name), os.path.join(out_dir, name))
+    n = sum(v.numel() for k, v in sd.items() if k != "lm_head.weight" or not cfg.tie_embeddings)
+    print(f"{arch} -> {out_dir}/ckpt.pt: {cfg.n_layer} layers, d={cfg.n_embd}, {cfg.n_experts} experts top-{cfg.top_k} "
+          f"(f={cfg.expert_hidden}{f', {cfg.n_shared} shared' if cfg.n_shared else ''}), {n / 1e6:.2f}M parameters")
+
+
+def to_hf(out_dir, hf_dir, overwrite=False):
+    """out_dir/ckpt.pt -> hf_dir/{config.json, model.safetensors} in Mixtral's format."""
+    from safetensors.torch import save_file
+    ckpt = load_checkpoint(out_dir)
+    cfg = GPTConfig(**ckpt["model_args"])
+    refusals = [(cfg.n_experts > 0, "n_experts=0: a dense model is not a Mixtral"),
+                (cfg.router == "softmax", f"router={cfg.router}: Mixtral routes with a linear softmax router"),
+                (cfg.gate_renorm, "gate_renorm=False: Mixtral renormalises the top-k gates (OLMoE-style gates)"),
+                (cfg.n_shared == 0, f"n_shared={cfg.n_shared}: Mixtral has no shared experts"),
+                (not cfg.qk_norm, "qk_norm=True: Mixtral has no QK-norm"),
+                (not cfg.qkv_bias, "qkv_bias=True: Mixtral has no attention biases")]
+    for ok, what in refusals:
+        if not ok:
+            raise UserError(f"{out_dir}/ckpt.pt cannot be exported to Mixtral: {what}")
+    if os.path.isdir(hf_dir) and os.listdir(hf_dir) and not overwrite:
+        raise UserError(f"{hf_dir} is not empty; pass --overwrite to write into it")
+    if cfg.capacity_factor > 0:
+        print(f"note: capacity_factor={cfg.capacity_factor} is a dispatch setting, not a weight: transformers runs "
+              f"the model dropless")
+    sd, kv = ckpt["model"], cfg.n_kv_head * (cfg.n_embd // cfg.n_head)
+    out = {"model.embed_tokens.weight": sd["wte.weight"], "model.norm.weight": sd["ln_f.weight"]}
+    if not cfg.tie_embeddings:  # tied: transformers ties lm_head to embed_tokens on load
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.n_layer):
+        hf, ours = f"model.layers.{i}", f"blocks.{i}"
+        q, k, v = sd[f"{ours}.attn.c_attn.weight"].split([cfg.n_embd, kv, kv])
+        out.update({f"{hf}.input_layernorm.weight": sd[f"{ours}.ln_1.weight"],
+                    f"{hf}.post_attention_layernorm.weight": sd[f"{ours}.ln_2.weight"],
+                    f"{hf}.self_attn.q_proj.weight": q, f"{hf}.self_attn.k_proj.weight": k,
+                    f"{hf}.self_attn.v_proj.weight": v, f"{hf}.self_attn.o_proj.weight": sd[f"{ours}.attn.c_proj.weight"],
+                    f"{hf}.block_sparse_moe.gate.weight": sd[f"{ours}.mlp.router.weight"]})
+        for e in range(cfg.n_experts):
+            x = f"{hf}.block_sparse_moe.experts.{e}"
+            out[f"{x}.w1.weight"] = sd[f"{ours}.mlp.w_gate"][e].T
+            out[f"{x}.w3.weight"] = sd[f"{ours}.mlp.w_up"][e].T
+            out[f"{x}.w2.weight"] = sd[f"{ours}.mlp.w_down"][e].T
+    eps = cfg.norm_eps or torch.finfo(torch.float32).eps  # 0 = the dtype's epsilon: say which, for fp32
+    config = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": cfg.vocab_size,
+              "hidden_size": cfg.n_embd, "intermediate_size": cfg.expert_hidden, "num_hidden_layers": cfg.n_layer,
+              "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.n_embd // cfg.n_head,
+              "max_position_embeddings": cfg.block_size, "rms_norm_eps": eps, "rope_theta": cfg.rope_theta,
+              "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+              "tie_word_embeddings": cfg.tie_embeddings, "num_local_experts": cfg.n_experts,
+              "num_experts_per_tok": cfg.top_k, "hidden_act": "silu", "sliding_window": None,
+              "attention_dropout": 0.0, "router_jitter_noise": 0.0, "torch_dtype": "float32"}
+    os.makedirs(hf_dir, exist_ok=True)
+    save_file({k: t.contiguous().float() for k, t in out.items()}, os.path.join(hf_dir, "model.safetensors"),
+              metadata={"format": "pt"})
+    with open(os.path.join(hf_dir, "config.json"), "w") as fh:
+        json.dump(config, fh, indent=2)
+    shipped = [n for n in ("tokenizer.json", "tokenizer_config.json") if os.path.exists(os.path.join(out_dir, n))]
+    for name in shipped:  # an imported model's own tokenizer goes back with it
+        shutil.copy(os.path.join(out_dir, name), os.path.join(hf_dir, name))
+    tok = "its tokenizer.json" if shipped else ("GPT-2's tokenizer, not written: transformers' AutoTokenizer 'gpt2' or "
+                                                 "tiktoken's 'gpt2' read its ids")
+    print(f"{out_dir}/ckpt.pt -> {hf_dir}: MixtralForCausalLM, {len(out)} tensors ({tok})")
+
+
+def main(argv):
+    usage = "usage: python convert.py from-hf HF_DIR OUT_DIR | to-hf OUT_DIR HF_DIR [--overwrite]"
+    overwrite = "--overwrite" in argv
+    args = [a for a in argv if a != "--overwrite"]
+    if len(args) != 3 or args[0] not in ("from-hf", "to-hf") or any(a.startswith("-") for a in args):
+        raise UserError(usage)
+    cmd, src, dst = args
+    if not os.path.isdir(src):
+        raise UserError(f"{src} is not a directory")
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise UserError(f"{dst} is a file, not a directory")
+    (from_hf if cmd == "from-hf" else to_hf)(src, dst, overwrite)
+
+
+if __name__ == "__main__":
+    from rundir import cli
+    sys.exit(cli(main, sys.argv[1:]))
