@@ -5,6 +5,7 @@ Benchmarks (speed is measured here, never in tests). All ratios come from one pr
     python bench.py --losses     # training-step overhead of the specialization + coupling losses
     python bench.py --model      # whole-model training step: dense vs MoE, naive vs sorted dispatch
     TRITON_INTERPRET=0 python bench.py --resources   # registers/spills of every kernel on an H100, no GPU needed
+    python bench.py --parallel   # expert parallelism: memory and traffic per rank (computed), CPU step times
 
 On CUDA: timings by triton.testing.do_bench (CUDA events, warm-up, L2 cache cleared before every
 call, median). Achieved bandwidth counts the bytes the op must move at least: forward reads the
@@ -237,6 +238,89 @@ def losses_bench(args):
           f"-> overhead {100 * (med['with'] / med['without'] - 1):+.1f}% (median of {args.steps})")
 
 
+def parallel_table(args):
+    """Parameters, optimizer memory and bytes moved per rank for N = 1, 2, 4, 8 (computed from the
+    configs; the per-rank parameter count is also read off an actually sharded model), then CPU
+    step times of one global batch over 2 processes: N = 1 (plain DDP) beside N = 2."""
+    import parallel
+    B, S = 32, 256  # the default GPU run's batch: tokens T = B*S per rank
+    models = {"default GPU model (E=8, k=2)": GPTConfig(),
+              "64 experts (E=64, k=8)": GPTConfig(n_experts=64, top_k=8)}
+    print(f"per rank, fp32 weights + gradients + AdamW (16 B/param), {B}x{S} tokens per rank, balanced routing")
+    print(f"{'model':>30} {'N':>2} | {'params M':>8} {'of which experts':>16} {'weights+opt GiB':>15} | "
+          f"{'expert activations MiB/layer':>28} | {'exchanged MiB/layer/step':>24}")
+    for label, cfg in models.items():
+        with torch.device("meta"):
+            model = GPT(cfg)
+        expert = sum(p.numel() for n, p in model.named_parameters() if parallel.is_expert(n))
+        total = sum(p.numel() for p in model.parameters())
+        T, k, d, f = B * S, cfg.top_k, cfg.n_embd, cfg.expert_hidden
+        act = T * k * (d + 3 * f + d) * 4 / 2**20          # rows in, gate/up/z, rows out (fp32)
+        for N in (1, 2, 4, 8):
+            per_rank = total - expert + expert // N
+            moved = 2 * T * k * (d + d + f) * 4 * (1 - 1 / N) / 2**20  # forward + backward, pairs that leave
+            print(f"{label:>30} {N:>2} | {per_rank / 1e6:8.2f} {expert // N / 1e6:16.2f} {16 * per_rank / 2**30:15.2f} | "
+                  f"{act:28.1f} | {moved:24.1f}")
+    print()
+    import torch.multiprocessing as mp
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    times = mp.Manager().dict()
+    cfg = dict(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=256, n_experts=8, top_k=2)
+    for n in (1, 2):
+        mp.spawn(_parallel_steps, args=(2, n, port + n, cfg, args.steps, times), nprocs=2)
+    print(f"CPU, 2 processes (gloo), {cfg}, 8 sequences per process, median of {args.steps} steps:")
+    with torch.device("meta"):
+        small = GPT(GPTConfig(**cfg))
+    expert = sum(p.numel() for n, p in small.named_parameters() if parallel.is_expert(n))
+    for n in (1, 2):
+        step, params, rss = times[n]
+        assert params == sum(p.numel() for p in small.parameters()) - expert + expert // n  # = the table's formula
+        print(f"  expert_parallel={n}: {step * 1e3:.1f} ms per step, {params / 1e6:.3f}M parameters on rank 0 "
+              f"(measured), peak RSS {rss / 1024:.0f} MiB "
+              f"({'DDP: every rank holds all 8 experts' if n == 1 else 'each rank holds 4 experts, all_to_all'})")
+
+
+def _parallel_steps(rank, world, n, port, cfg, steps, times):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from parallel import ExpertParallel
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**cfg))
+    ep = ExpertParallel(n) if n > 1 else None
+    if ep:
+        ep.shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    fwd = model if ep else DDP(model)
+    idx = torch.randint(0, cfg["vocab_size"], (8, cfg["block_size"]))
+
+    def step():
+        _, ce, routes = fwd(idx, idx)
+        aux, _ = aux_losses(routes, c_lb=0.01, c_z=1e-3, c_sp=2e-3, c_cp=1e-3, balance_group=dist.group.WORLD)
+        (ce + aux).backward()
+        if ep:
+            ep.sync_grads(model)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    measured = []
+    for i in range(steps + 2):
+        dist.barrier()
+        t0 = time.perf_counter()
+        step()
+        dist.barrier()
+        if i >= 2:
+            measured.append(time.perf_counter() - t0)
+    if rank == 0:
+        import resource
+        times[n] = (statistics.median(measured), sum(p.numel() for p in model.parameters()),
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+    dist.destroy_process_group()
+
+
 def main(argv):
     from rundir import ArgParser, UserError
     parser = ArgParser(prog="python bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -244,8 +328,9 @@ def main(argv):
     mode.add_argument("--losses", action="store_true", help="overhead of the two regularisers")
     mode.add_argument("--model", action="store_true", help="whole-model training steps, dense vs MoE")
     mode.add_argument("--resources", action="store_true", help="registers and spills of the kernels on sm_90 (no GPU)")
+    mode.add_argument("--parallel", action="store_true", help="expert parallelism: memory, traffic, CPU step times")
     parser.add_argument("--reps", type=int, default=100, help="do_bench time budget per measurement (ms)")
-    parser.add_argument("--steps", type=int, default=20, help="timed train steps per setting (--losses, --model)")
+    parser.add_argument("--steps", type=int, default=20, help="timed train steps per setting (--losses, --model, --parallel)")
     parser.add_argument("--bw", type=float, default=None, help="peak memory bandwidth of the device, GB/s")
     args = parser.parse_args(argv)
     if args.reps < 1 or args.steps < 1:
@@ -256,6 +341,8 @@ def main(argv):
         raise UserError("--resources compiles real kernels: run it with TRITON_INTERPRET=0")
     if args.resources:
         resources(args)
+    elif args.parallel:
+        parallel_table(args)
     elif args.model:
         model_bench(args)
     elif args.losses:

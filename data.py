@@ -294,11 +294,15 @@ def prepare_stream(src, name, tokenizer=None, workers=None, val_fraction=0.01, p
 # ------------------------------------------------------------------------------------------------
 # batches and the synthetic task
 
-def get_batch(data, batch_size, block_size, generator, device):
-    """Random windows of `block_size` tokens: inputs x and next-token targets y, each (B, S)."""
+def get_batch(data, batch_size, block_size, generator, device, rank=0, world=1):
+    """Random windows of `block_size` tokens: inputs x and next-token targets y, each (B, S).
+    With `world` processes, one global batch of world*B windows is drawn (the same generator state on
+    every process) and this rank takes its B: the processes together see exactly the batch one
+    process with batch world*B would, and one sampler state resumes any number of processes."""
     if len(data) <= block_size:
         raise ValueError(f"split has {len(data)} tokens, fewer than block_size+1={block_size + 1}")
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+    ix = torch.randint(len(data) - block_size, (batch_size * world,), generator=generator)
+    ix = ix[rank * batch_size:(rank + 1) * batch_size].tolist()
     x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])
     y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
     if device.startswith("cuda"):

@@ -224,6 +224,7 @@ class MoE(nn.Module):
         self.router = ROUTERS[cfg.router](cfg)   # first: keeps the parameter initialisation order
         E, d, f, d_in = cfg.n_experts, cfg.n_embd, cfg.expert_hidden, self.router.expert_dim
         self.k, self.dispatch, self.capacity_factor = cfg.top_k, cfg.dispatch, cfg.capacity_factor
+        self.ep = None  # a parallel.ExpertParallel once the experts are split over ranks
         self.w_gate = nn.Parameter(torch.randn(E, d_in, f) * 0.02)   # (E, d_in, f)
         self.w_up = nn.Parameter(torch.randn(E, d_in, f) * 0.02)     # (E, d_in, f)
         self.w_down = nn.Parameter(torch.randn(E, f, d) * 0.02)      # (E, f, d)
@@ -239,8 +240,11 @@ class MoE(nn.Module):
         capacity = None
         if self.capacity_factor > 0:
             capacity = math.ceil(self.capacity_factor * B * S * self.k / self.w_up.shape[0])
-        run = self.forward_naive if self.dispatch == "naive" else self.forward_sorted
-        y, z, kept = run(x, r.inputs, r.idx, r.gates, r.counts, capacity)  # (T, d), (T, k, f), (T, k) or None
+        if self.ep is not None:  # experts on other ranks too: the pairs travel (parallel.py)
+            (y, z), kept = self.ep.dispatch(self, x, r.inputs, r.idx, r.gates, r.counts), None
+        else:
+            run = self.forward_naive if self.dispatch == "naive" else self.forward_sorted
+            y, z, kept = run(x, r.inputs, r.idx, r.gates, r.counts, capacity)  # (T, d), (T, k, f), (T, k) or None
         if self.shared is not None:
             shared = self.shared(x)[0]                              # (T, d)
             if self.shared_gate is not None:                        # Qwen2-MoE: sigmoid(x w) per token

@@ -76,6 +76,8 @@ class TrainConfig:
     dtype: str = "auto"                  # 'auto' (bfloat16 autocast on CUDA, else float32) | 'bfloat16' | 'float32'
     compile: bool = True                 # torch.compile the model (off in the CPU preset unless set)
     seed: int = 1337                     # seed of the initialisation and the training batches
+    expert_parallel: int = 1             # N > 1: each MoE layer's experts split over N processes (torchrun; parallel.py)
+    balance_stats: str = "global"        # L_lb's statistics over all processes' batches ('global') or each one's ('local')
 
     def __post_init__(self):
         ints = {"eval_interval": 1, "log_interval": 1, "eval_iters": 1, "sample_tokens": 1, "batch_size": 1,
@@ -96,6 +98,8 @@ class TrainConfig:
         _require(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
                  f"device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
         _require(self.dataset != "", "dataset is empty: give a name under data/, or synthetic")
+        _require(self.expert_parallel >= 1, f"expert_parallel must be >= 1 (1 = off), got {self.expert_parallel}")
+        _require(self.balance_stats in ("global", "local"), f"balance_stats must be global or local, got '{self.balance_stats}'")
         _require(self.out_dir != "", "out_dir is empty: give a directory, e.g. --out_dir=out")
 
 
@@ -112,7 +116,8 @@ CPU_PRESET = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, n_experts=4, t
 # What a resumed run may change; any other setting comes from the checkpoint, and a different value
 # on the command line is refused (it would silently continue another experiment).
 RESUMABLE = ("init_from", "out_dir", "overwrite", "max_iters", "lr_decay_iters", "eval_interval", "log_interval",
-             "eval_iters", "num_samples", "sample_tokens", "device", "dtype", "compile", "router_impl", "dispatch")
+             "eval_iters", "num_samples", "sample_tokens", "device", "dtype", "compile", "router_impl", "dispatch",
+             "expert_parallel")
 
 # ------------------------------------------------------------------------------------------------
 # settings: defaults <- preset <- config files <- --key=value (or <- the checkpoint, on resume)
@@ -282,15 +287,19 @@ def check_memory(model_cfg, device):
                         f"gradients and AdamW state, more than the {have / 2**30:,.1f} GiB of {where}")
 
 
-def open_data(cfg, model_cfg, master):
-    """-> batch(split, generator, device) -> (x, y, source labels or None), and the mixture if synthetic."""
+def open_data(cfg, model_cfg, master, rank=0, world=1):
+    """-> batch(split, generator, device, rank=0, world=1) -> (x, y, source labels or None), and the
+    mixture if synthetic. With world > 1 each process gets its slice of one global batch."""
     from data import SyntheticMixture, get_batch, load_split, max_token_id, prepare
     B, S = cfg.batch_size, model_cfg.block_size
     if cfg.dataset == "synthetic":  # generated on the fly; the mixture itself is fixed (seed 0)
         if model_cfg.vocab_size < 16:
             raise UserError(f"dataset=synthetic needs vocab_size >= 16, got {model_cfg.vocab_size}")
         mixture = SyntheticMixture(vocab=min(256, model_cfg.vocab_size))
-        return (lambda split, gen, device: mixture.batch(B, S, gen, device)), mixture
+
+        def synthetic(split, gen, device, rank=0, world=1):
+            return tuple(t[rank * B:(rank + 1) * B] for t in mixture.batch(B * world, S, gen, device))
+        return synthetic, mixture
     folder = prepare(cfg.dataset, verbose=master)
     splits = {split: load_split(folder, split) for split in ("train", "val")}
     for split, data in splits.items():
@@ -300,7 +309,8 @@ def open_data(cfg, model_cfg, master):
     top = max_token_id(folder)
     if top >= model_cfg.vocab_size:
         raise UserError(f"dataset '{cfg.dataset}' has token id {top}, outside vocab_size={model_cfg.vocab_size}")
-    return (lambda split, gen, device: (*get_batch(splits[split], B, S, gen, device), None)), None
+    return (lambda split, gen, device, rank=0, world=1:
+            (*get_batch(splits[split], B, S, gen, device, rank, world), None)), None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -329,20 +339,23 @@ class Diverged(UserError):
     """The loss or the weights became NaN/inf."""
 
 
-def train_step(model, optimizer, next_batch, accum, coefs, grad_clip, autocast, log_terms, ddp, routers):
+def train_step(model, optimizer, next_batch, accum, coefs, grad_clip, autocast, log_terms, ddp, routers,
+               ep=None, balance_group=None):
     """One optimizer step: `accum` micro-batches of forward + losses + backward, then the NaN/inf
     guard (before the update, so the weights stay finite), clipping, the AdamW update, and the
     routers' per-step hooks (e.g. the sigmoid router's bias) with the step's load of every process.
+    ep: an expert-parallel layout (parallel.py), which syncs and clips its gradients itself.
     Returns (CE loss, unscaled auxiliary terms) averaged over the micro-batches (and processes)."""
     ce_sum, total_sum, terms_sum, counts = 0.0, 0.0, {}, 0
     hooked = any(r.per_step for r in routers)
     for micro in range(accum):
         X, Y, _ = next_batch()
-        if ddp:  # all-reduce gradients only on the last micro-step
+        if isinstance(model, DDP):  # all-reduce gradients only on the last micro-step
             model.require_backward_grad_sync = micro == accum - 1
         with autocast:
             _, ce, routes = model(X, Y)
-            aux, terms = aux_losses(routes, **coefs, all_terms=log_terms)  # zero-coefficient terms: log steps only
+            aux, terms = aux_losses(routes, **coefs, all_terms=log_terms,  # zero-coefficient terms: log steps only
+                                    balance_group=balance_group)
             loss = (ce + aux) / accum
         loss.backward()
         ce_sum = ce_sum + ce.detach() / accum
@@ -351,14 +364,18 @@ def train_step(model, optimizer, next_batch, accum, coefs, grad_clip, autocast, 
             terms_sum[name] = terms_sum.get(name, 0.0) + value.detach() / accum
         if hooked:
             counts = counts + torch.stack([r.counts for r in routes])    # (L, E) load of the step
-    stats = torch.stack([ce_sum, total_sum]).float()
-    if ddp:  # a NaN on any process stops every process
+    if ep is not None:
+        ep.sync_grads(model)
+    stats = torch.stack([ce_sum, total_sum, *terms_sum.values()]).float()
+    if ddp:  # a NaN on any process stops every process; the logged terms are means over processes
         dist.all_reduce(stats)
         stats /= dist.get_world_size()
-    ce_f, total_f = stats.tolist()  # the one host sync of a step: needed to stop before the update
+    ce_f, total_f, *terms_f = stats.tolist()  # the one host sync of a step: needed to stop before the update
     if not math.isfinite(total_f):
         raise Diverged(f"loss is {total_f}")
-    if grad_clip > 0:
+    if grad_clip > 0 and ep is not None:
+        ep.clip_grad_norm(model, grad_clip)
+    elif grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -367,7 +384,7 @@ def train_step(model, optimizer, next_batch, accum, coefs, grad_clip, autocast, 
             dist.all_reduce(counts)
         for router, c in zip(routers, counts):
             router.update(c)
-    return ce_f, terms_sum
+    return ce_f, dict(zip(terms_sum, terms_f))
 
 
 @torch.no_grad()
@@ -462,6 +479,15 @@ def run(argv, ddp, rank):
         raise UserError(f"gradient_accumulation_steps={accum} must be a multiple of the {world} processes "
                         f"(or 0 = one micro-step per process)")
     accum //= world
+    N = cfg.expert_parallel
+    if N > 1:  # parallel.py: the experts of every layer split over N processes
+        for ok, why in ((ddp, "needs several processes: torchrun --nproc_per_node=N train.py ..."),
+                        (world % N == 0, f"must divide the number of processes ({world})"),
+                        (model_cfg.n_experts % N == 0, f"must divide n_experts ({model_cfg.n_experts})"),
+                        (model_cfg.dispatch == "sorted", "needs dispatch=sorted"),
+                        (model_cfg.capacity_factor == 0, "needs capacity_factor=0 (dropless)")):
+            if not ok:
+                raise UserError(f"expert_parallel={N} {why}")
     if ddp:
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
         if device.startswith("cuda"):
@@ -472,36 +498,42 @@ def run(argv, ddp, rank):
     batch, mixture = open_data(cfg, model_cfg, master)  # then every process opens it (cached bins)
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg).to(device)
-    optimizer = make_optimizer(model, cfg, "cuda" if device.startswith("cuda") else "cpu")
-    if ckpt:  # checked before the out_dir is touched
+    if ckpt:  # checked before the out_dir is touched; a checkpoint always holds the whole model
         try:
             model.load_state_dict(ckpt["model"])
-            if ckpt["optimizer"] is not None:  # None: imported weights (convert.py), a fresh optimizer
-                optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
             raise UserError(f"checkpoint weights do not match its model_args ({str(err).splitlines()[0]})") from None
+    ep = None
+    if N > 1:
+        from parallel import ExpertParallel
+        ep = ExpertParallel(N)
+        ep.shard(model)  # keep this rank's E/N experts of every layer
+    optimizer = make_optimizer(model, cfg, "cuda" if device.startswith("cuda") else "cpu")
+    if ckpt and ckpt["optimizer"] is not None:  # None: imported weights (convert.py), a fresh optimizer
+        try:
+            optimizer.load_state_dict(ep.shard_optimizer_state(ckpt["optimizer"], optimizer, model) if ep
+                                      else ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise UserError(f"checkpoint optimizer state does not match the model ({str(err).splitlines()[0]})") from None
     lock, log_path = share(prepare_out_dir, ddp, cfg, ckpt) or (None, os.path.join(cfg.out_dir, "log.jsonl"))
     try:
-        loop(cfg, model_cfg, ckpt, model, optimizer, device, dtype, accum, world, rank, ddp, batch, mixture, log_path)
+        loop(cfg, model_cfg, ckpt, model, optimizer, device, dtype, accum, world, rank, ddp, ep, batch, mixture,
+             log_path)
     finally:
         if ddp:
             dist.destroy_process_group()
 
 
-def loop(cfg, model_cfg, ckpt, model, optimizer, device, dtype, accum, world, rank, ddp, batch, mixture, log_path):
+def loop(cfg, model_cfg, ckpt, model, optimizer, device, dtype, accum, world, rank, ddp, ep, batch, mixture,
+         log_path):
     master = rank == 0
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-    batch_gen = torch.Generator().manual_seed(cfg.seed + rank)  # training batches, checkpointed
+    batch_gen = torch.Generator().manual_seed(cfg.seed)  # one global batch per step, sliced per process
     iter_num, best_val, saved_iter = 0, float("inf"), None
     if ckpt:
-        if len(ckpt["batch_rng"]) == world:
-            batch_gen.set_state(ckpt["batch_rng"][rank])
-        else:  # another number of processes: a fresh sampler per process, reproducible from the seed
-            batch_gen.manual_seed(hash((cfg.seed, rank, ckpt["iter_num"])) % 2**63)
-            if master and ckpt["batch_rng"]:  # (none at all: imported weights)
-                print(f"note: the checkpoint has batch samplers for {len(ckpt['batch_rng'])} processes, this run has "
-                      f"{world}: the batches differ from an uninterrupted run")
+        if ckpt["batch_rng"]:  # (none: imported weights) one state resumes any number of processes
+            batch_gen.set_state(ckpt["batch_rng"][0])
         torch.set_rng_state(ckpt["torch_rng"])
         iter_num, best_val, saved_iter = ckpt["iter_num"], ckpt["best_val"], ckpt["iter_num"]
         if master:
@@ -512,21 +544,18 @@ def loop(cfg, model_cfg, ckpt, model, optimizer, device, dtype, accum, world, ra
         print(f"parameters: {total / 1e6:.2f}M total, {active / 1e6:.2f}M active per token "
               f"({model_cfg.n_experts} experts, top-{model_cfg.top_k}, {widths}, router={model_cfg.router})")
     fwd = torch.compile(model) if cfg.compile else model
-    if ddp:
+    if ddp and ep is None:  # plain data parallel; expert parallel syncs its gradients itself (parallel.py)
         fwd = DDP(fwd, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
+    balance_group = dist.group.WORLD if ddp and cfg.balance_stats == "global" else None
     coefs = {k: getattr(cfg, k) for k in ("c_lb", "c_z", "c_sp", "c_cp", "mu_ortho")}
     settings = {**asdict(cfg), **asdict(model_cfg)}
 
     def checkpoint():
-        states = [batch_gen.get_state()]
-        if ddp:  # every process draws its own batches: keep all sampler states
-            states = [None] * world
-            dist.all_gather_object(states, batch_gen.get_state())
+        state, opt = ep.full_state(model, optimizer) if ep else (model.state_dict(), optimizer.state_dict())
         if master:
-            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "model_args": asdict(model_cfg), "config": settings, "iter_num": iter_num,
-                             "best_val": best_val, "batch_rng": states, "torch_rng": torch.get_rng_state()},
-                            cfg.out_dir)
+            save_checkpoint({"model": state, "optimizer": opt, "model_args": asdict(model_cfg), "config": settings,
+                             "iter_num": iter_num, "best_val": best_val, "batch_rng": [batch_gen.get_state()],
+                             "torch_rng": torch.get_rng_state()}, cfg.out_dir)
 
     def stop(why):
         kept = f"the last good checkpoint is {cfg.out_dir}/ckpt.pt (iter {saved_iter})" if saved_iter is not None \
@@ -543,8 +572,10 @@ def loop(cfg, model_cfg, ckpt, model, optimizer, device, dtype, accum, world, ra
                 group["lr"] = lr
             if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
                 result, layers = evaluate(model, batch, cfg, autocast, device, mixture)
-                if not (math.isfinite(result["train_loss"]) and math.isfinite(result["val_loss"])
-                        and all_finite(model.parameters())):  # never checkpoint a diverged model
+                finite = torch.tensor(float(all_finite(model.parameters())))
+                if ddp:  # every process decides alike (an expert-parallel rank holds only its experts)
+                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                if not (math.isfinite(result["train_loss"]) and math.isfinite(result["val_loss"]) and finite.item()):
                     raise Diverged(stop(f"evaluation loss is train {result['train_loss']}, val {result['val_loss']} "
                                         f"or the weights are not finite"))
                 best_val = min(best_val, result["val_loss"])
@@ -563,8 +594,9 @@ def loop(cfg, model_cfg, ckpt, model, optimizer, device, dtype, accum, world, ra
                 break
             log_step = (iter_num + 1) % cfg.log_interval == 0
             try:
-                lossf, terms = train_step(fwd, optimizer, lambda: batch("train", batch_gen, device), accum, coefs,
-                                          cfg.grad_clip, autocast, log_step, ddp, model.routers())
+                lossf, terms = train_step(fwd, optimizer, lambda: batch("train", batch_gen, device, rank, world), accum,
+                                          coefs, cfg.grad_clip, autocast, log_step, ddp, model.routers(), ep,
+                                          balance_group)
             except Diverged as err:
                 raise Diverged(stop(str(err))) from None
             iter_num += 1
@@ -587,9 +619,12 @@ def loop(cfg, model_cfg, ckpt, model, optimizer, device, dtype, accum, world, ra
 
     if master:
         print(f"done: {iter_num - start_iter} steps in {(time.time() - t_start) / 60:.1f} min, best val loss {best_val:.4f}")
-        finish(model, cfg, device, mixture)
-    if ddp:  # a check that DDP kept every replica identical: hash of all weights per rank
-        digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters()))
+        if ep:  # generation would need every process in step: sample from the checkpoint instead
+            print(f"note: no samples with expert_parallel; python sample.py --out_dir={cfg.out_dir} reads the checkpoint")
+        finish(model, cfg, device, samples=not mixture and not ep)  # synthetic tokens are not text
+    if ddp:  # a check that every replica holds the same weights: a hash of the whole model per rank
+        state = ep.full_state(model, optimizer)[0] if ep else model.state_dict()
+        digest = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in state.values()))
         hashes = [None] * world
         dist.all_gather_object(hashes, digest.hexdigest())
         if master:
@@ -597,11 +632,11 @@ def loop(cfg, model_cfg, ckpt, model, optimizer, device, dtype, accum, world, ra
             append_log(log_path, {"iter": iter_num, "param_hashes": hashes})
 
 
-def finish(model, cfg, device, mixture):
+def finish(model, cfg, device, samples):
     """Samples and plots at the end (the checkpoint is already safe on disk)."""
     from analyze import plot_run
     from data import load_tokenizer
-    if not mixture and cfg.num_samples > 0:  # synthetic tokens are not text
+    if samples and cfg.num_samples > 0:
         enc = load_tokenizer(cfg.out_dir)  # an imported model's own tokenizer.json, else GPT-2's
         start = torch.tensor([enc.encode_ordinary("\n")], device=device)
         for _ in range(cfg.num_samples):
