@@ -162,7 +162,7 @@ def from_hf(hf_dir, out_dir, overwrite=False):
     if wrong or set(sd) - set(expected):
         raise UserError(f"converted weights do not fit the model: {(wrong or sorted(set(sd) - set(expected)))[:3]}")
     from dataclasses import asdict
-    from train import TrainConfig
+    from settings import TrainConfig
     settings = {**asdict(TrainConfig()), **asdict(cfg), "out_dir": out_dir}  # train.py resume fine-tunes from here
     os.makedirs(out_dir, exist_ok=True)
     save_checkpoint({"model": sd, "optimizer": None, "model_args": asdict(cfg), "config": settings,

@@ -1083,8 +1083,8 @@ def test_ablation_harness_dry_run_has_every_router():
 
 def settings_of(*argv):
     """train.py's resolved settings for a command line, without training."""
-    import train
-    cfg, model_cfg, _ = train.setup(["--device=cpu", *argv])
+    import settings
+    cfg, model_cfg, _ = settings.setup(["--device=cpu", *argv])
     return cfg, model_cfg
 
 
