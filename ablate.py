@@ -117,7 +117,7 @@ def overlay(out_dir, names, seeds, path):
             pts = [(it, np.mean([c[i][1][key] for c in curves if i < len(c) and key in c[i][1]]))
                    for i, (it, m) in enumerate(curves[0]) if key in m]
             if pts:
-                ax.plot(*zip(*pts), "o-", ms=3, color=f"C{i}", label=name)
+                ax.plot(*zip(*pts), "o-", ms=3, color=plt.get_cmap("tab20")(i % 20), label=name)  # > 10 variants
             ax.set(title=title, xlabel="iter")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(names), fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
