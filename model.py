@@ -259,6 +259,12 @@ class MoE(nn.Module):
         for w in (self.w_gate, self.w_up, self.w_down):
             w.copy_(w[:1] + noise * w[:1].std() * torch.randn_like(w))
 
+    def experts(self, h, offs):
+        """Every expert on its segment of rows h (N, d_in), segments ending at offs (E,) -> the SwiGLU
+        intermediates a (N, f) and the outputs (N, d). One grouped matmul per projection."""
+        a = F.silu(grouped_matmul(h, self.w_gate, offs)) * grouped_matmul(h, self.w_up, offs)  # (N, f)
+        return a, grouped_matmul(a, self.w_down, offs)                                        # (N, d)
+
     def expert_inputs(self, x, coords, tok, e):
         """Input rows of (token, expert) pairs: x_t for the linear router, lambda_e*P_e^T x_t for ERMoE."""
         return x[tok] if coords is None else coords[tok, e]        # (N, d_in)
@@ -290,8 +296,7 @@ class MoE(nn.Module):
         tok, e = order // k, flat[order]                            # (T*k,) token and expert per row
         offs = counts.cumsum(0, dtype=torch.int32)                  # (E,) segment ends
         h = self.expert_inputs(x, coords, tok, e).to(x.dtype)       # (T*k, d_in)
-        a = F.silu(grouped_matmul(h, self.w_gate, offs)) * grouped_matmul(h, self.w_up, offs)  # (T*k, f)
-        out = grouped_matmul(a, self.w_down, offs)                  # (T*k, d)
+        a, out = self.experts(h, offs)                              # (T*k, f), (T*k, d)
         out = out * gates.reshape(-1)[order, None].to(out.dtype)    # gate after the expert
         kept = None
         if capacity is not None:  # a row's place in its expert's segment decides (the same order as naive)

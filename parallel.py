@@ -38,7 +38,6 @@ saved with expert_parallel=2 resumes with 1 and the other way round.
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 EXPERT_PARAMS = ("w_gate", "w_up", "w_down")  # the per-expert weights of model.MoE, stacked on dim 0
 
@@ -114,7 +113,6 @@ class ExpertParallel:
 
     def dispatch(self, moe, x, coords, idx, gates, counts):
         """The expert-parallel MoE.forward_sorted: -> y (T, d), z (T, k, f)."""
-        from model import grouped_matmul
         T, k = idx.shape
         n, E = self.n, counts.numel()
         flat = idx.reshape(-1)                                      # (T*k,) expert of each pair
@@ -131,9 +129,7 @@ class ExpertParallel:
         local_e = torch.arange(E // n, device=x.device).repeat(n).repeat_interleave(recv.flatten())  # (R,)
         perm = torch.sort(local_e, stable=True).indices             # regroup by local expert
         offs = recv.sum(0).cumsum(0, dtype=torch.int32)             # (E/n,) segment ends
-        hl = rows[perm]
-        a = F.silu(grouped_matmul(hl, moe.w_gate, offs)) * grouped_matmul(hl, moe.w_up, offs)  # (R, f)
-        out = grouped_matmul(a, moe.w_down, offs)                   # (R, d)
+        a, out = moe.experts(rows[perm], offs)                      # (R, f), (R, d): my experts only
         back = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=x.device))
         out = Exchange.apply(out[back], recv_sizes, send_sizes, self.ep_group)  # (T*k, d) my pairs' outputs
         a = Exchange.apply(a[back], recv_sizes, send_sizes, self.ep_group)      # (T*k, f) for the R_sp loss

@@ -19,6 +19,9 @@ import torch
 
 if not torch.cuda.is_available():  # run the Triton kernels in the interpreter, on CPU tensors
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: one thread per worker (and the processes it starts),
+    os.environ["OMP_NUM_THREADS"] = "1"     # or the workers' thread pools spin-wait on each other
+    torch.set_num_threads(1)
 
 from data import gpt2_encoding
 from kernels import eigen_route, topk_route
