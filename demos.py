@@ -72,7 +72,7 @@ def show_collapse(out_dir, variants, seeds, path):
     """Load history of every layer for seed 0 of each variant, and dead experts / imbalance per variant."""
     names = list(variants)
     L = None
-    fig, axes = plt.subplots(len(names), 1, figsize=(11, 2.3 * len(names)), squeeze=False)
+    fig, axes = plt.subplots(len(names), 1, figsize=(11, 2.1 * len(names) + 0.8), squeeze=False, layout="constrained")
     rows = []
     for i, name in enumerate(names):
         evals = [r for r in read_log(os.path.join(out_dir, f"{slug(name)}-s{seeds[0]}", "log.jsonl")) if r.get("layers")]
@@ -80,8 +80,10 @@ def show_collapse(out_dir, variants, seeds, path):
         hist = np.concatenate([np.array([r["layers"][layer]["load"] for r in evals]) * E for layer in range(L)], axis=1)
         ax = axes[i, 0]
         im = ax.imshow(hist, cmap="RdBu_r", vmin=0, vmax=2, aspect="auto")
-        ax.set(title=f"{name}: expert load x E per layer (seed {seeds[0]}; 1 = uniform)", ylabel="eval")
-        ax.set_xticks([layer * E + E / 2 - 0.5 for layer in range(L)], [f"layer {layer}" for layer in range(L)])
+        ax.set_title(name, loc="left")
+        ax.set_ylabel("evaluation")
+        ax.set_xticks([layer * E + E / 2 - 0.5 for layer in range(L)],
+                      [f"layer {layer}" for layer in range(L)] if i == len(names) - 1 else [])
         for layer in range(1, L):
             ax.axvline(layer * E - 0.5, color="k", lw=1)
         final = final_layers(out_dir, name, seeds)
@@ -90,7 +92,8 @@ def show_collapse(out_dir, variants, seeds, path):
         worst = [max(m["max_mean"] for m in r["layers"]) for r in final]
         rows.append((name, [fmt([r["val_loss"] for r in final]), fmt(dead, 1), f"{max(dead)}",
                             fmt(cv0), fmt(worst, 2)]))
-    fig.colorbar(im, ax=axes[:, 0], label="load x E")
+    fig.colorbar(im, ax=axes[:, 0], label="load x E (1 = uniform, 0 = dead)")
+    fig.suptitle(f"expert load at every evaluation, the {E} experts of each layer side by side (seed {seeds[0]})")
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return table(rows, ["val loss", f"dead experts (of {L}x{E})", "worst seed", "layer-0 load CV",
