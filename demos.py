@@ -129,7 +129,7 @@ def metric_table(out_dir, variants, seeds, keys):
         final = final_layers(out_dir, name, seeds)
         cells = []
         for key, _ in keys:
-            vals = [r[key] if key == "val_loss" else np.mean([m[key] for m in r["layers"]]) for r in final]
+            vals = [r[key] if key == "val_loss" else np.mean([m[key] for m in r["layers"] if key in m]) for r in final]
             cells.append(fmt(vals, 2 if key == "coact_floor" else 3))
         rows.append((name, cells))
     return table(rows, [title for _, title in keys])
@@ -147,7 +147,7 @@ def show_specialization(out_dir, variants, seeds, path):
     for (key, title), ax in zip(keys, axes[0]):
         for j, init in enumerate(("random", "upcycle")):
             names = [n for n in variants if n.startswith(init)]
-            ys = [spread([r[key] if key == "val_loss" else np.mean([m[key] for m in r["layers"]])
+            ys = [spread([r[key] if key == "val_loss" else np.mean([m[key] for m in r["layers"] if key in m])
                           for r in final_layers(out_dir, n, seeds)]) for n in names]
             xs = np.arange(len(names)) + 0.38 * (j - 0.5)
             ax.bar(xs, [m for m, _ in ys], width=0.36, yerr=[h for _, h in ys], capsize=3, label=f"{init} experts")
