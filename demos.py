@@ -155,6 +155,8 @@ def show_specialization(out_dir, variants, seeds, path):
         if key == "coact_floor":
             ax.axhline(1.0, color="k", ls="--", lw=1)
             ax.set_yscale("log")
+        if key == "val_loss":  # the differences are small: no bar from zero
+            ax.set_ylim(min(p.get_height() for p in ax.patches) - 0.01, max(p.get_height() for p in ax.patches) + 0.01)
         ax.set(title=title)
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
