@@ -11,7 +11,7 @@ Reference values (asserted in test_all.py):
   routing entropy / log E     1 (uniform p)          0 (one-hot p)
   top-k mass M                k/E (uniform p)        1 (one-hot p)
   co-activation cos^2         ~1/f (independent)     1 (identical experts); also given times f
-  dropped pairs (capacity)    0 (dropless)           1 - capacity*E/(T k) (one expert)
+  dropped pairs (capacity c)  0 (dropless)           1 - c/E (k=1, one expert takes every pair)
   NMI(layer l, layer l+1)     0 if independent       1 if one is a relabelling of the other
 """
 

@@ -189,6 +189,11 @@ def test_dropped_pairs_pass_through_the_residual_only():
     stats = RoutingStats()
     stats.update([r])
     assert math.isclose(stats.summary()[0]["dropped"], 1 - int(r.kept.sum()) / 32, rel_tol=1e-6)
+    with torch.no_grad():  # collapse: a zero router sends every token to expert 0 -> 1 - c/E dropped
+        moe.router.weight.zero_()
+    stats = RoutingStats()
+    stats.update([moe(x, ids)[1]])
+    assert math.isclose(stats.summary()[0]["dropped"], 1 - 0.5 / 4, rel_tol=1e-9)
 
 
 @pytest.mark.parametrize("dispatch", ["naive", "sorted"])
