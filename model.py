@@ -218,6 +218,16 @@ def grouped_matmul(h, w, offs):
     return torch.cat([h[s:e] @ w[i] for i, (s, e) in enumerate(zip(starts, ends))])
 
 
+def sort_pairs(idx):
+    """The T*k (token, expert) pairs of idx (T, k), grouped by expert (stable: token order within an
+    expert) -> order (pair of each row), inverse (row of each pair), tok and e (token, expert per row)."""
+    T, k = idx.shape
+    flat = idx.reshape(-1)                                          # (T*k,) expert of each pair
+    order = torch.sort(flat, stable=True).indices                   # (T*k,) pairs grouped by expert
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(T * k, device=idx.device))
+    return order, inverse, order // k, flat[order]
+
+
 class MoE(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -228,9 +238,10 @@ class MoE(nn.Module):
         self.w_gate = nn.Parameter(torch.randn(E, d_in, f) * 0.02)   # (E, d_in, f)
         self.w_up = nn.Parameter(torch.randn(E, d_in, f) * 0.02)     # (E, d_in, f)
         self.w_down = nn.Parameter(torch.randn(E, f, d) * 0.02)      # (E, f, d)
-        self.shared = MLP(d, cfg.n_shared * f) if cfg.n_shared > 0 else None  # n_shared experts of
-        self.shared_gate = nn.Linear(d, 1, bias=False) if cfg.shared_gate else None  # width f side by side
-        self.dropout = nn.Dropout(cfg.dropout)  # = one SwiGLU of width n_shared*f
+        # n_shared experts of width f side by side = one SwiGLU of width n_shared*f
+        self.shared = MLP(d, cfg.n_shared * f) if cfg.n_shared > 0 else None
+        self.shared_gate = nn.Linear(d, 1, bias=False) if cfg.shared_gate else None
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, ids=None):
         """x (B, S, d), token ids (B, S) -> (y (B, S, d), Routing)."""
@@ -290,10 +301,7 @@ class MoE(nn.Module):
     def forward_sorted(self, x, coords, idx, gates, counts, capacity=None):
         """Sort the T*k (token, expert) pairs by expert, run all experts as grouped matmuls, un-sort."""
         T, k = idx.shape
-        flat = idx.reshape(-1)                                      # (T*k,) expert of each pair
-        order = torch.sort(flat, stable=True).indices               # (T*k,) pairs grouped by expert
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(T * k, device=x.device))
-        tok, e = order // k, flat[order]                            # (T*k,) token and expert per row
+        order, inverse, tok, e = sort_pairs(idx)                    # (T*k,) each
         offs = counts.cumsum(0, dtype=torch.int32)                  # (E,) segment ends
         h = self.expert_inputs(x, coords, tok, e).to(x.dtype)       # (T*k, d_in)
         a, out = self.experts(h, offs)                              # (T*k, f), (T*k, d)

@@ -39,6 +39,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from model import MoE, sort_pairs
+
 EXPERT_PARAMS = ("w_gate", "w_up", "w_down")  # the per-expert weights of model.MoE, stacked on dim 0
 
 
@@ -115,16 +117,13 @@ class ExpertParallel:
         """The expert-parallel MoE.forward_sorted: -> y (T, d), z (T, k, f)."""
         T, k = idx.shape
         n, E = self.n, counts.numel()
-        flat = idx.reshape(-1)                                      # (T*k,) expert of each pair
-        order = torch.sort(flat, stable=True).indices               # (T*k,) grouped by expert, hence by rank
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(T * k, device=x.device))
-        tok, e = order // k, flat[order]
+        order, inverse, tok, e = sort_pairs(idx)                    # (T*k,) grouped by expert, hence by rank
         h = moe.expert_inputs(x, coords, tok, e).to(x.dtype)        # (T*k, d_in) rows to send
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=self.ep_group)  # counts first: (n, E/n) per source
         recv = recv_counts.view(n, E // n)                          # rows from each source, per local expert
-        send_sizes = counts.view(n, E // n).sum(1).tolist()         # (the host sync every EP layer needs)
-        recv_sizes = recv.sum(1).tolist()
+        sizes = torch.stack([counts.view(n, E // n).sum(1), recv.sum(1)])  # (2, n) rows to and from each rank
+        send_sizes, recv_sizes = sizes.tolist()                     # the one host sync an EP layer needs
         rows = Exchange.apply(h, send_sizes, recv_sizes, self.ep_group)          # (R, d_in) by source
         local_e = torch.arange(E // n, device=x.device).repeat(n).repeat_interleave(recv.flatten())  # (R,)
         perm = torch.sort(local_e, stable=True).indices             # regroup by local expert
@@ -139,8 +138,7 @@ class ExpertParallel:
 
     def sync_grads(self, model):
         """Average the gradients of one step: dense over all W ranks, experts over their D replicas."""
-        dense = [p for n, p in model.named_parameters() if not is_expert(n) and p.grad is not None]
-        experts = [p for n, p in model.named_parameters() if is_expert(n) and p.grad is not None]
+        dense, experts = params_with_grads(model)
         for params, group in ((dense, None), (experts, self.edp_group)):
             if params:
                 flat = torch.cat([p.grad.reshape(-1) for p in params])  # one all-reduce per kind
@@ -152,14 +150,13 @@ class ExpertParallel:
     def clip_grad_norm(self, model, max_norm):
         """torch's clip_grad_norm_ on the norm of the whole model's gradient: every expert of the EP group
         counted once (each rank's own norm would clip by different factors, and the replicas would drift)."""
-        dense = [p.grad for n, p in model.named_parameters() if not is_expert(n) and p.grad is not None]
-        experts = [p.grad for n, p in model.named_parameters() if is_expert(n) and p.grad is not None]
-        sq = torch.stack([g.pow(2).sum() for g in experts]).sum()
+        dense, experts = params_with_grads(model)
+        sq = torch.stack([p.grad.pow(2).sum() for p in experts]).sum()
         dist.all_reduce(sq, group=self.ep_group)
-        total = (torch.stack([g.pow(2).sum() for g in dense]).sum() + sq).sqrt()
+        total = (torch.stack([p.grad.pow(2).sum() for p in dense]).sum() + sq).sqrt()
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for g in dense + experts:
-            g.mul_(coef)
+        for p in dense + experts:
+            p.grad.mul_(coef)
         return total
 
     def gather(self, local):
@@ -198,9 +195,18 @@ def optimizer_names(optimizer, model):
     return [name[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
+def params_with_grads(model):
+    """(replicated parameters, expert parameters) that have a gradient."""
+    dense, experts = [], []
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            (experts if is_expert(name) else dense).append(p)
+    return dense, experts
+
+
 def is_expert(name):
     return name.rsplit(".", 1)[-1] in EXPERT_PARAMS
 
 
 def moe_blocks(model):
-    return [b.mlp for b in model.blocks if hasattr(b.mlp, "router")]
+    return [b.mlp for b in model.blocks if isinstance(b.mlp, MoE)]
