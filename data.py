@@ -140,13 +140,17 @@ def prepare(name, verbose=True):
     return folder
 
 
+def read_meta(folder):
+    with open(os.path.join(folder, "meta.json"), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
 def load_split(folder, split):
-    meta = json.load(open(os.path.join(folder, "meta.json")))
-    return np.memmap(os.path.join(folder, f"{split}.bin"), dtype=meta["dtype"], mode="r")
+    return np.memmap(os.path.join(folder, f"{split}.bin"), dtype=read_meta(folder)["dtype"], mode="r")
 
 
 def max_token_id(folder):
-    return json.load(open(os.path.join(folder, "meta.json")))["max_id"]
+    return read_meta(folder)["max_id"]
 
 
 CHUNK = 1 << 20  # characters per chunk: a unit of work for one process

@@ -91,6 +91,10 @@ def global_balance(r, group):
     return counts, all_reduce_sum(r.psum, group), r.idx.shape[0] * dist.get_world_size(group)
 
 
+# each term's name (in the log) -> the setting that scales it
+COEFFICIENTS = {"lb": "c_lb", "z": "c_z", "sp": "c_sp", "cp": "c_cp", "ortho": "mu_ortho"}
+
+
 def aux_losses(routes, c_lb=0.0, c_z=0.0, c_sp=0.0, c_cp=0.0, mu_ortho=0.0, all_terms=True, balance_group=None):
     """
     routes: one router.Routing per MoE layer. Returns (total, terms): total is the scalar

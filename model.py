@@ -100,7 +100,8 @@ class GPTConfig:
             _require(ROUTERS[self.router].kernel is not None, f"router={self.router} has no fused routing pass: "
                      f"router_impl={self.router_impl} does not apply to it (use auto or torch)")
         if self.router_impl == "triton" and self.n_experts > 0:
-            _require(triton_unsupported(self.n_experts, self.top_k) is None, triton_unsupported(self.n_experts, self.top_k))
+            why = triton_unsupported(self.n_experts, self.top_k)
+            _require(why is None, why)
         if self.ffn_hidden == 0:
             self.ffn_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
         if self.n_experts > 0 and self.expert_hidden == 0:

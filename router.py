@@ -319,13 +319,11 @@ class EigenRouter(Router):
         super().__init__(cfg)
         d, E, r, basis = cfg.n_embd, cfg.n_experts, cfg.ermoe_rank, cfg.ermoe_basis
         self.E, self.r, self.basis, self.beta_max, self.expert_dim = E, r, basis, beta_max, r
-        if basis == "partitioned":
+        if basis == "partitioned":  # (configure() has checked the mode)
             self.raw = nn.Parameter(torch.randn(d, d) / math.sqrt(d))
-        elif basis in ("independent", "penalty"):
+        else:
             init = torch.randn(E, d, r) / math.sqrt(d)
             self.raw = nn.Parameter(orthonormal(init) if basis == "penalty" else init)
-        else:
-            raise ValueError(f"unknown ermoe_basis '{basis}' (independent|partitioned|penalty)")
         self.log_beta = nn.Parameter(torch.tensor(math.log(beta_init)))
         self.lam = nn.Parameter(torch.ones(E, r))  # per-direction scales of the expert inputs
 

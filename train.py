@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from losses import aux_losses
+from losses import COEFFICIENTS, aux_losses
 from metrics import RoutingStats
 from model import GPT
 from rundir import (Interrupted, RunLock, UserError, all_finite, append_log, check_writable_dir, cli,
@@ -279,8 +279,8 @@ def run(argv, ddp, rank):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
     master = rank == 0
-    share(open_data, ddp, cfg, model_cfg, master)  # rank 0 checks the data and tokenises it once
-    batch, mixture = open_data(cfg, model_cfg, master)  # then every process opens it (cached bins)
+    # rank 0 checks the data and tokenises it once; then the other processes open it (cached bins)
+    batch, mixture = share(open_data, ddp, cfg, model_cfg, master) or open_data(cfg, model_cfg, master)
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg).to(device)
     if ckpt:  # checked before the out_dir is touched; a checkpoint always holds the whole model
@@ -332,7 +332,7 @@ def loop(cfg, model_cfg, ckpt, model, optimizer, device, dtype, accum, world, ra
     if ddp and ep is None:  # plain data parallel; expert parallel syncs its gradients itself (parallel.py)
         fwd = DDP(fwd, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
     balance_group = dist.group.WORLD if ddp and cfg.balance_stats == "global" else None
-    coefs = {k: getattr(cfg, k) for k in ("c_lb", "c_z", "c_sp", "c_cp", "mu_ortho")}
+    coefs = {c: getattr(cfg, c) for c in COEFFICIENTS.values()}
     settings = {**asdict(cfg), **asdict(model_cfg)}
 
     def checkpoint():
@@ -342,10 +342,12 @@ def loop(cfg, model_cfg, ckpt, model, optimizer, device, dtype, accum, world, ra
                              "iter_num": iter_num, "best_val": best_val, "batch_rng": [batch_gen.get_state()],
                              "torch_rng": torch.get_rng_state()}, cfg.out_dir)
 
-    def stop(why):
-        kept = f"the last good checkpoint is {cfg.out_dir}/ckpt.pt (iter {saved_iter})" if saved_iter is not None \
+    def last_checkpoint():
+        return f"the last good checkpoint is {cfg.out_dir}/ckpt.pt (iter {saved_iter})" if saved_iter is not None \
             else "no checkpoint was written"
-        return f"{why} at iter {iter_num}; stopped without saving: {kept}"
+
+    def stop(why):
+        return f"{why} at iter {iter_num}; stopped without saving: {last_checkpoint()}"
 
     tokens_per_iter = cfg.batch_size * model_cfg.block_size * accum * world
     t_start = t_last = time.time()
@@ -395,12 +397,10 @@ def loop(cfg, model_cfg, ckpt, model, optimizer, device, dtype, accum, world, ra
                 print(f"iter {iter_num}: loss {lossf:.4f} | {scaled} | {dt * 1000:.0f} ms, "
                       f"{tokens_per_iter / dt:,.0f} tok/s, eta {eta / 60:.1f} min")
                 append_log(log_path, {"iter": iter_num, "train_loss": lossf, "lr": lr, **terms_f,
-                                      **{f"{k}_scaled": round(coefs[f"c_{k}" if k != "ortho" else "mu_ortho"] * v, 6)
+                                      **{f"{k}_scaled": round(coefs[COEFFICIENTS[k]] * v, 6)
                                          for k, v in terms_f.items()}})
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted at iter {iter_num}; "
-                        + (f"the last checkpoint is {cfg.out_dir}/ckpt.pt (iter {saved_iter})" if saved_iter is not None
-                           else "no checkpoint was written")) from None
+        raise Interrupted(f"interrupted at iter {iter_num}; {last_checkpoint()}") from None
 
     if master:
         print(f"done: {iter_num - start_iter} steps in {(time.time() - t_start) / 60:.1f} min, best val loss {best_val:.4f}")
