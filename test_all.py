@@ -1,9 +1,18 @@
 """
-Tests: routing invariants (docs/design.md §1), dispatch paths against each other, losses and metrics
-against brute force and known values, the ERMoE router's geometry, and train.py end to end
-(falling loss, exact resume, clear errors, DDP), and the fused routing kernels against their PyTorch
-reference (Triton runs in its CPU interpreter when there is no GPU).
-Run: python -m pytest test_all.py
+The test suite, one section per concern, in this order:
+
+  routing semantics           the invariants of every router (docs/design.md §1), naive == sorted dispatch
+  losses                      brute force, known values and other papers' normalisations
+  data and training           tokenizer, CLI end to end: derived widths, falling loss, exact resume,
+                              crashes and bad input (one `error:` line, files untouched), DDP
+  ERMoE, R_sp and R_cp        the eigenbasis router's geometry; the two regularisers of Hu et al. 2026
+  metrics                     the reference values of docs/design.md §5
+  fused routing kernels       Triton and torch.compile == the PyTorch reference, forward and backward,
+                              edge rows, opcheck, registers (Triton runs in its CPU interpreter without a GPU)
+  making routing visible      synthetic task, plots, ablation harness
+  course kit, interop, EP     walkthrough and grader; Hugging Face round trips; expert parallelism (gloo)
+
+Run: python -m pytest test_all.py -n 2
 """
 
 import itertools
@@ -284,6 +293,35 @@ def test_z_loss():
     a = torch.randn(9, E)
     brute = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in a.tolist()) / 9
     assert math.isclose(z_loss(a).item(), brute, rel_tol=1e-5)
+
+
+def hf_mixtral_balancing_loss(probs_per_layer, idx_per_layer, E):
+    """Hugging Face Mixtral's formula, written out: all layers' tokens pooled, the fraction of tokens
+    whose j-th choice is e (per slot j), times the mean probability, summed, times E."""
+    probs, idx = torch.cat(probs_per_layer), torch.cat(idx_per_layer)
+    slot_fraction = torch.nn.functional.one_hot(idx, E).float().mean(dim=0)     # (k, E)
+    return E * (slot_fraction * probs.mean(dim=0)[None, :]).sum()
+
+
+def test_load_balancing_reference_values_and_other_normalisations():
+    T, E = 24, 6
+    for k in (1, 2, 3):
+        onehot = torch.zeros(T, E)
+        onehot[:, 0] = 1.0
+        idx = torch.stack([torch.arange(k)] * T)          # expert 0 first, then k-1 others
+        assert torch.isclose(load_balancing_loss(onehot, idx), torch.tensor(E / k))  # collapse: E/k
+    torch.manual_seed(0)
+    k = 2
+    layers = [(torch.softmax(3 * torch.randn(T, E), -1), torch.stack([torch.randperm(E)[:k] for _ in range(T)]))
+              for _ in range(2)]
+    ours = [load_balancing_loss(p, i) for p, i in layers]
+    for (p, i), mine in zip(layers, ours):  # per layer, HF's value is k times ours
+        assert torch.isclose(hf_mixtral_balancing_loss([p], [i], E), k * mine)
+    pooled = load_balancing_loss(torch.cat([p for p, _ in layers]), torch.cat([i for _, i in layers]))
+    assert torch.isclose(hf_mixtral_balancing_loss(*zip(*layers), E), k * pooled)   # pooled over layers
+    assert not torch.isclose(pooled, sum(ours))           # ... which is not our sum over layers
+    switch = E * sum((i[:, 0] == e).float().mean() * p[:, e].mean() for e in range(E) for p, i in layers[:1])
+    assert torch.isclose(load_balancing_loss(layers[0][0], layers[0][1][:, :1]), switch)  # = Switch at k=1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -655,6 +693,34 @@ def test_ddp_command_as_written_then_resume_with_another_world_size(tmp_path):
     assert code == 0 and "resumed from" in out and sorted(train_losses(tmp_path)) == [1, 2, 3], err
 
 
+def settings_of(*argv):
+    """train.py's resolved settings for a command line, without training."""
+    import settings
+    cfg, model_cfg, _ = settings.setup(["--device=cpu", *argv])
+    return cfg, model_cfg
+
+
+def test_derived_widths_follow_the_final_settings(tmp_path):
+    def widths(*argv):
+        _, m = settings_of(*argv)
+        return m.ffn_hidden, m.expert_hidden
+    assert widths("--n_embd=128", "--n_head=4", "--top_k=2") == (384, 192)   # 8/3*128 -> 384, / k
+    assert widths("--n_embd=128", "--n_head=4", "--top_k=1") == (384, 384)
+    assert widths("--n_embd=128", "--n_head=4", "--top_k=2", "--n_shared=1") == (384, 128)  # / (k + shared)
+    assert widths("--n_embd=64", "--n_head=4") == (192, 96)
+    assert widths("--n_embd=128", "--n_head=4", "--expert_hidden=64")[1] == 64    # explicit wins
+    assert widths("--n_embd=128", "--n_head=4", "--ffn_hidden=300")[1] == 150     # derived from ffn_hidden
+    _, m = settings_of("--n_embd=128", "--n_head=4", "--n_experts=4", "--router=ermoe")
+    assert m.ermoe_rank == 32
+    config = tmp_path / "wide.py"
+    config.write_text("n_embd = 128\nn_head = 4\ntop_k = 1\n")
+    assert widths(str(config)) == widths("--n_embd=128", "--n_head=4", "--top_k=1")
+    helptext = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True).stdout
+    for key in ("ffn_hidden", "expert_hidden", "ermoe_rank"):
+        line = next(l for l in helptext.splitlines() if f"--{key}=" in l)
+        assert f"--{key}=0" in line and "derived" in line.lower(), line
+
+
 # ------------------------------------------------------------------------------------------------
 # ERMoE eigenbasis router
 
@@ -843,6 +909,14 @@ def test_sigmoid_bias_selects_without_touching_gates_and_the_losses_follow_the_s
     moe.router.update(torch.tensor([10, 10, 10, 10, 10, 70]))  # expert 5 overloaded: its bias goes down
     step = moe.router.bias - before
     assert torch.allclose(step, torch.tensor([0.1] * 5 + [-0.1]))
+
+
+def test_specialization_gradient_reaches_ermoe_bases_and_lambda():
+    moe = moe_block("ermoe")
+    _, r = moe(torch.randn(1, 16, 32))
+    specialization_loss(r.z).backward()
+    assert moe.router.raw.grad.abs().sum() > 0 and moe.router.lam.grad.abs().sum() > 0
+    assert moe.router.log_beta.grad is None or moe.router.log_beta.grad.abs().sum() == 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1035,91 +1109,6 @@ def test_bench_smoke_runs(args):
     assert {"": "vs compile", "--losses": "overhead", "--model": "MFU"}[args[0] if args else ""] in out
 
 
-# ------------------------------------------------------------------------------------------------
-# making routing visible: synthetic task, analysis plots, ablation harness
-
-def test_synthetic_mixture_follows_its_definition():
-    from data import SyntheticMixture
-    mix = SyntheticMixture(vocab=64, n_sources=3, seg_len=16, branching=3, seed=0)
-    x, y, labels = mix.batch(256, 64, torch.Generator().manual_seed(0), "cpu")
-    assert torch.equal(x[:, 1:], y[:, :-1])
-    assert torch.equal(labels, labels[:, ::16].repeat_interleave(16, dim=1))  # one source per segment
-    counts = torch.zeros(3, 64, 64)
-    for s, (lo, hi) in enumerate(mix.ranges):
-        tokens = x[labels == s]
-        assert tokens.min() >= lo and tokens.max() < hi                        # tokens stay in the range
-        same = (labels[:, 1:] == s) & (torch.arange(1, 64) % 16 != 0)          # pairs inside a segment
-        counts[s].index_put_((x[:, :-1][same], x[:, 1:][same]), torch.ones(int(same.sum())), accumulate=True)
-    rows = counts.sum(-1) > 200                                                # well-sampled states
-    emp = counts[rows] / counts[rows].sum(-1, keepdim=True)
-    assert rows.sum() > 20 and (emp - mix.trans[rows]).abs().max() < 0.12
-    assert ((counts > 0) <= (mix.trans > 0)).all()                             # never an undefined move
-    assert all(len(set(range(*a)) & set(range(*b))) > 0 for a, b in zip(mix.ranges, mix.ranges[1:]))
-
-
-@pytest.mark.parametrize("router", ROUTERS)
-def test_analyze_writes_every_plot_for_every_router(tmp_path, router):
-    import matplotlib.image
-    from rundir import read_log
-    out = tmp_path / router
-    train(out, "config/synthetic.py", "--vocab_size=256", "--max_iters=2", "--eval_interval=2", f"--router={router}")
-    code, stdout, err = cli("analyze", out)
-    assert code == 0, err
-    for name in ("loss", "expert_load", "load_history", "routing_curves", "expert_cosine", "transitions", "tokens",
-                 "router"):
-        assert f"{name}.png" in stdout
-        image = matplotlib.image.imread(out / f"{name}.png")
-        assert image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 0, name
-    assert "tokens.png" in (out / "index.html").read_text()
-    layers = read_log(out / "log.jsonl")[-1]["layers"]
-    assert all("source_nmi" in m for m in layers)
-    own = set(ROUTER_CLASSES[router](GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_experts=4,
-                                               router=router)).metrics())
-    assert own <= set(layers[0])  # the router's own metrics reach the log (and the curves)
-
-
-def test_ablation_harness_dry_run_has_every_router():
-    code, out, err = cli("ablate", "--quick", "--dry")
-    assert code == 0, err
-    cmds = out.strip().splitlines()
-    from ablate import VARIANTS
-    assert len(cmds) == len(VARIANTS) * 2 and all("train.py config/synthetic.py" in c for c in cmds)
-    for name in ROUTERS[1:]:  # every router of the registry is a row (hash: the no-learning baseline)
-        assert sum(f"--router={name}" in c for c in cmds) >= 2, name
-    assert sum("--n_experts=0" in c for c in cmds) == 2
-
-
-# ------------------------------------------------------------------------------------------------
-# the truth pass: what the project says is what it does
-
-def settings_of(*argv):
-    """train.py's resolved settings for a command line, without training."""
-    import settings
-    cfg, model_cfg, _ = settings.setup(["--device=cpu", *argv])
-    return cfg, model_cfg
-
-
-def test_derived_widths_follow_the_final_settings(tmp_path):
-    def widths(*argv):
-        _, m = settings_of(*argv)
-        return m.ffn_hidden, m.expert_hidden
-    assert widths("--n_embd=128", "--n_head=4", "--top_k=2") == (384, 192)   # 8/3*128 -> 384, / k
-    assert widths("--n_embd=128", "--n_head=4", "--top_k=1") == (384, 384)
-    assert widths("--n_embd=128", "--n_head=4", "--top_k=2", "--n_shared=1") == (384, 128)  # / (k + shared)
-    assert widths("--n_embd=64", "--n_head=4") == (192, 96)
-    assert widths("--n_embd=128", "--n_head=4", "--expert_hidden=64")[1] == 64    # explicit wins
-    assert widths("--n_embd=128", "--n_head=4", "--ffn_hidden=300")[1] == 150     # derived from ffn_hidden
-    _, m = settings_of("--n_embd=128", "--n_head=4", "--n_experts=4", "--router=ermoe")
-    assert m.ermoe_rank == 32
-    config = tmp_path / "wide.py"
-    config.write_text("n_embd = 128\nn_head = 4\ntop_k = 1\n")
-    assert widths(str(config)) == widths("--n_embd=128", "--n_head=4", "--top_k=1")
-    helptext = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True).stdout
-    for key in ("ffn_hidden", "expert_hidden", "ermoe_rank"):
-        line = next(l for l in helptext.splitlines() if f"--{key}=" in l)
-        assert f"--{key}=0" in line and "derived" in line.lower(), line
-
-
 def test_compile_impl_survives_many_shapes_and_generate():
     torch.manual_seed(0)
     for T in range(1, 13):  # static shapes used to recompile per T and die at the 9th
@@ -1287,41 +1276,58 @@ def test_compiled_train_step_with_inductor(dtype):
     assert all(torch.allclose(a, p.grad, **tol) for a, p in zip(grads, model.parameters()))
 
 
-def hf_mixtral_balancing_loss(probs_per_layer, idx_per_layer, E):
-    """Hugging Face Mixtral's formula, written out: all layers' tokens pooled, the fraction of tokens
-    whose j-th choice is e (per slot j), times the mean probability, summed, times E."""
-    probs, idx = torch.cat(probs_per_layer), torch.cat(idx_per_layer)
-    slot_fraction = torch.nn.functional.one_hot(idx, E).float().mean(dim=0)     # (k, E)
-    return E * (slot_fraction * probs.mean(dim=0)[None, :]).sum()
+# ------------------------------------------------------------------------------------------------
+# making routing visible: synthetic task, analysis plots, ablation harness
+
+def test_synthetic_mixture_follows_its_definition():
+    from data import SyntheticMixture
+    mix = SyntheticMixture(vocab=64, n_sources=3, seg_len=16, branching=3, seed=0)
+    x, y, labels = mix.batch(256, 64, torch.Generator().manual_seed(0), "cpu")
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert torch.equal(labels, labels[:, ::16].repeat_interleave(16, dim=1))  # one source per segment
+    counts = torch.zeros(3, 64, 64)
+    for s, (lo, hi) in enumerate(mix.ranges):
+        tokens = x[labels == s]
+        assert tokens.min() >= lo and tokens.max() < hi                        # tokens stay in the range
+        same = (labels[:, 1:] == s) & (torch.arange(1, 64) % 16 != 0)          # pairs inside a segment
+        counts[s].index_put_((x[:, :-1][same], x[:, 1:][same]), torch.ones(int(same.sum())), accumulate=True)
+    rows = counts.sum(-1) > 200                                                # well-sampled states
+    emp = counts[rows] / counts[rows].sum(-1, keepdim=True)
+    assert rows.sum() > 20 and (emp - mix.trans[rows]).abs().max() < 0.12
+    assert ((counts > 0) <= (mix.trans > 0)).all()                             # never an undefined move
+    assert all(len(set(range(*a)) & set(range(*b))) > 0 for a, b in zip(mix.ranges, mix.ranges[1:]))
 
 
-def test_load_balancing_reference_values_and_other_normalisations():
-    T, E = 24, 6
-    for k in (1, 2, 3):
-        onehot = torch.zeros(T, E)
-        onehot[:, 0] = 1.0
-        idx = torch.stack([torch.arange(k)] * T)          # expert 0 first, then k-1 others
-        assert torch.isclose(load_balancing_loss(onehot, idx), torch.tensor(E / k))  # collapse: E/k
-    torch.manual_seed(0)
-    k = 2
-    layers = [(torch.softmax(3 * torch.randn(T, E), -1), torch.stack([torch.randperm(E)[:k] for _ in range(T)]))
-              for _ in range(2)]
-    ours = [load_balancing_loss(p, i) for p, i in layers]
-    for (p, i), mine in zip(layers, ours):  # per layer, HF's value is k times ours
-        assert torch.isclose(hf_mixtral_balancing_loss([p], [i], E), k * mine)
-    pooled = load_balancing_loss(torch.cat([p for p, _ in layers]), torch.cat([i for _, i in layers]))
-    assert torch.isclose(hf_mixtral_balancing_loss(*zip(*layers), E), k * pooled)   # pooled over layers
-    assert not torch.isclose(pooled, sum(ours))           # ... which is not our sum over layers
-    switch = E * sum((i[:, 0] == e).float().mean() * p[:, e].mean() for e in range(E) for p, i in layers[:1])
-    assert torch.isclose(load_balancing_loss(layers[0][0], layers[0][1][:, :1]), switch)  # = Switch at k=1
+@pytest.mark.parametrize("router", ROUTERS)
+def test_analyze_writes_every_plot_for_every_router(tmp_path, router):
+    import matplotlib.image
+    from rundir import read_log
+    out = tmp_path / router
+    train(out, "config/synthetic.py", "--vocab_size=256", "--max_iters=2", "--eval_interval=2", f"--router={router}")
+    code, stdout, err = cli("analyze", out)
+    assert code == 0, err
+    for name in ("loss", "expert_load", "load_history", "routing_curves", "expert_cosine", "transitions", "tokens",
+                 "router"):
+        assert f"{name}.png" in stdout
+        image = matplotlib.image.imread(out / f"{name}.png")
+        assert image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 0, name
+    assert "tokens.png" in (out / "index.html").read_text()
+    layers = read_log(out / "log.jsonl")[-1]["layers"]
+    assert all("source_nmi" in m for m in layers)
+    own = set(ROUTER_CLASSES[router](GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_experts=4,
+                                               router=router)).metrics())
+    assert own <= set(layers[0])  # the router's own metrics reach the log (and the curves)
 
 
-def test_specialization_gradient_reaches_ermoe_bases_and_lambda():
-    moe = moe_block("ermoe")
-    _, r = moe(torch.randn(1, 16, 32))
-    specialization_loss(r.z).backward()
-    assert moe.router.raw.grad.abs().sum() > 0 and moe.router.lam.grad.abs().sum() > 0
-    assert moe.router.log_beta.grad is None or moe.router.log_beta.grad.abs().sum() == 0
+def test_ablation_harness_dry_run_has_every_router():
+    code, out, err = cli("ablate", "--quick", "--dry")
+    assert code == 0, err
+    cmds = out.strip().splitlines()
+    from ablate import VARIANTS
+    assert len(cmds) == len(VARIANTS) * 2 and all("train.py config/synthetic.py" in c for c in cmds)
+    for name in ROUTERS[1:]:  # every router of the registry is a row (hash: the no-learning baseline)
+        assert sum(f"--router={name}" in c for c in cmds) >= 2, name
+    assert sum("--n_experts=0" in c for c in cmds) == 2
 
 
 # ------------------------------------------------------------------------------------------------
