@@ -53,6 +53,11 @@ def slug(name):
     return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
 
 
+def run_dir(out_dir, name, seed):
+    """Where the run of one variant and seed lives."""
+    return os.path.join(out_dir, f"{slug(name)}-s{seed}")
+
+
 def final_eval(run_dir):
     """The last evaluation record of a finished run, or None."""
     path = os.path.join(run_dir, "log.jsonl")
@@ -103,7 +108,7 @@ def table(results, seeds):
 def overlay(out_dir, names, seeds, path):
     runs = {}
     for name in names:
-        logs = [os.path.join(out_dir, f"{slug(name)}-s{seed}", "log.jsonl") for seed in seeds]
+        logs = [os.path.join(run_dir(out_dir, name, seed), "log.jsonl") for seed in seeds]
         runs[name] = [[(r["iter"], summarise(r)) for r in read_log(log) if "val_loss" in r]
                       for log in logs if os.path.exists(log)]
     keys = [(k, t) for k, t in (("val_loss", "val loss"), ("cv", "load CV"), ("entropy_norm", "routing entropy / log E"),
@@ -131,12 +136,12 @@ def run_variants(variants, base, seeds, out_dir, dry=False):
     jobs = [(name, seed) for name in variants for seed in seeds]
     t0, done = time.time(), 0
     for i, (name, seed) in enumerate(jobs):
-        run_dir = os.path.join(out_dir, f"{slug(name)}-s{seed}")
-        cmd = [sys.executable, "train.py", *base, f"--out_dir={run_dir}", f"--seed={seed}", *variants[name]]
+        where = run_dir(out_dir, name, seed)
+        cmd = [sys.executable, "train.py", *base, f"--out_dir={where}", f"--seed={seed}", *variants[name]]
         if dry:
             print(" ".join(cmd))
             continue
-        if final_eval(run_dir):
+        if final_eval(where):
             print(f"[{i + 1}/{len(jobs)}] {name}, seed {seed}: already done")
             continue
         res = subprocess.run(cmd + ["--overwrite=True"], cwd=REPO, capture_output=True, text=True)  # an unfinished run starts over
@@ -145,12 +150,11 @@ def run_variants(variants, base, seeds, out_dir, dry=False):
             raise UserError(f"run '{name}' seed {seed} failed ({' '.join(cmd[1:])}): {last}")
         done += 1
         eta = (time.time() - t0) / done * (len(jobs) - i - 1)
-        print(f"[{i + 1}/{len(jobs)}] {name}, seed {seed}: val loss {final_eval(run_dir)['val_loss']:.4f} "
+        print(f"[{i + 1}/{len(jobs)}] {name}, seed {seed}: val loss {final_eval(where)['val_loss']:.4f} "
               f"({time.time() - t0:.0f} s so far, eta {eta / 60:.1f} min)", flush=True)
     if dry:
         return None
-    return {name: [summarise(final_eval(os.path.join(out_dir, f"{slug(name)}-s{s}"))) for s in seeds]
-            for name in variants}
+    return {name: [summarise(final_eval(run_dir(out_dir, name, s))) for s in seeds] for name in variants}
 
 
 def main(argv):

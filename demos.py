@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ablate import QUICK, REPO, run_variants, slug
+from ablate import QUICK, REPO, final_eval, run_dir, run_variants
 from rundir import ArgParser, UserError, read_log
 
 BASE_SYNTHETIC = ["config/synthetic.py", *QUICK, "--num_samples=0", "--c_lb=0.01"]
@@ -51,8 +51,12 @@ def spread(values):
 
 def final_layers(out_dir, name, seeds):
     """Per seed: the final evaluation record of the run."""
-    return [[r for r in read_log(os.path.join(out_dir, f"{slug(name)}-s{s}", "log.jsonl")) if "val_loss" in r][-1]
-            for s in seeds]
+    return [final_eval(run_dir(out_dir, name, s)) for s in seeds]
+
+
+def value(record, key):
+    """A metric of an evaluation record: the val loss, or the mean over its MoE layers."""
+    return record[key] if key == "val_loss" else np.mean([m[key] for m in record["layers"] if key in m])
 
 
 def table(rows, columns):
@@ -75,7 +79,7 @@ def show_collapse(out_dir, variants, seeds, path):
     fig, axes = plt.subplots(len(names), 1, figsize=(11, 2.1 * len(names) + 0.8), squeeze=False, layout="constrained")
     rows = []
     for i, name in enumerate(names):
-        evals = [r for r in read_log(os.path.join(out_dir, f"{slug(name)}-s{seeds[0]}", "log.jsonl")) if r.get("layers")]
+        evals = [r for r in read_log(os.path.join(run_dir(out_dir, name, seeds[0]), "log.jsonl")) if r.get("layers")]
         L, E = len(evals[-1]["layers"]), len(evals[-1]["layers"][0]["load"])
         hist = np.concatenate([np.array([r["layers"][layer]["load"] for r in evals]) * E for layer in range(L)], axis=1)
         ax = axes[i, 0]
@@ -107,7 +111,7 @@ def dose_panels(out_dir, variants, seeds, keys, path, xs, xlabel):
         ys = []
         for name in variants:
             final = final_layers(out_dir, name, seeds)
-            vals = [r[key] if key == "val_loss" else np.mean([m[key] for m in r["layers"] if key in m]) for r in final]
+            vals = [value(r, key) for r in final]
             ys.append(spread(vals))
         ax.errorbar(xs, [m for m, _ in ys], yerr=[h for _, h in ys], fmt="o-", capsize=3)
         ax.set(title=title, xlabel=xlabel)
@@ -129,7 +133,7 @@ def metric_table(out_dir, variants, seeds, keys):
         final = final_layers(out_dir, name, seeds)
         cells = []
         for key, _ in keys:
-            vals = [r[key] if key == "val_loss" else np.mean([m[key] for m in r["layers"] if key in m]) for r in final]
+            vals = [value(r, key) for r in final]
             cells.append(fmt(vals, 2 if key == "coact_floor" else 3))
         rows.append((name, cells))
     return table(rows, [title for _, title in keys])
@@ -147,8 +151,7 @@ def show_specialization(out_dir, variants, seeds, path):
     for (key, title), ax in zip(keys, axes[0]):
         for j, init in enumerate(("random", "upcycle")):
             names = [n for n in variants if n.startswith(init)]
-            ys = [spread([r[key] if key == "val_loss" else np.mean([m[key] for m in r["layers"] if key in m])
-                          for r in final_layers(out_dir, n, seeds)]) for n in names]
+            ys = [spread([value(r, key) for r in final_layers(out_dir, n, seeds)]) for n in names]
             xs = np.arange(len(names)) + 0.38 * (j - 0.5)
             ax.bar(xs, [m for m, _ in ys], width=0.36, yerr=[h for _, h in ys], capsize=3, label=f"{init} experts")
             ax.set_xticks(np.arange(len(names)), [n.split(", ")[1] for n in names])

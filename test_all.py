@@ -1319,6 +1319,36 @@ def test_analyze_writes_every_plot_for_every_router(tmp_path, router):
     assert own <= set(layers[0])  # the router's own metrics reach the log (and the curves)
 
 
+@pytest.mark.parametrize("demo", ["collapse", "coupling", "specialization"])
+def test_demo_tables_and_figures_from_finished_runs(tmp_path, demo):
+    """demos.py on runs that are already finished (copies of one real tiny run's log, with known val
+    losses): it trains nothing, and its table holds each variant's mean ± half-spread over the seeds."""
+    import demos
+    from rundir import read_log
+    train(tmp_path / "real", "config/synthetic.py", "--vocab_size=256", "--max_iters=2", "--eval_interval=2")
+    records = read_log(tmp_path / "real" / "log.jsonl")
+    variants = list(demos.DEMOS[demo]["variants"])
+    for i, name in enumerate(variants):
+        for seed in (0, 1):
+            where = demos.run_dir(tmp_path / "runs" / demo, name, seed)
+            os.makedirs(where)
+            with open(os.path.join(where, "log.jsonl"), "w") as fh:
+                for r in records:
+                    fh.write(json.dumps({**r, "val_loss": 1 + 0.1 * i + 0.01 * seed} if "val_loss" in r else r) + "\n")
+    (tmp_path / "docs").mkdir()
+    code, out, err = cli("demos", demo, "--seeds", "0", "1", "--out_dir", tmp_path / "runs", "--docs", tmp_path / "docs")
+    assert code == 0, err
+    assert out.count("already done") == 2 * len(variants)
+    table = (tmp_path / "docs" / f"demo_{demo}.md").read_text()
+    for i, name in enumerate(variants):
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        assert row.split(" | ")[1] == f"{1 + 0.1 * i + 0.005:.3f} ± 0.005", row
+    assert "nan" not in table
+    import matplotlib.image
+    image = matplotlib.image.imread(tmp_path / "docs" / f"demo_{demo}.png")
+    assert image.shape[0] > 100 and image.std() > 0
+
+
 def test_ablation_harness_dry_run_has_every_router():
     code, out, err = cli("ablate", "--quick", "--dry")
     assert code == 0, err
