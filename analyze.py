@@ -34,12 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rundir import ArgParser, UserError, check_writable_dir
-
-
-def read_log(out_dir):
-    from rundir import read_log as read
-    return read(os.path.join(out_dir, "log.jsonl"))
+from rundir import ArgParser, UserError, check_writable_dir, read_log
 
 
 def save(fig, path):
@@ -131,7 +126,7 @@ def plot_routing_curves(evals, path):
 
 def plot_run(out_dir):
     """The plots that need only the log; returns the paths written."""
-    records = read_log(out_dir)
+    records = read_log(os.path.join(out_dir, "log.jsonl"))
     written = [plot_losses(records, os.path.join(out_dir, "loss.png"))]
     evals = evals_of(records)
     if evals:

@@ -19,6 +19,7 @@ import os
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -287,6 +288,7 @@ def _parallel_steps(rank, world, n, port, cfg, steps, times):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
     from parallel import ExpertParallel
+    from train import train_step
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
@@ -297,15 +299,11 @@ def _parallel_steps(rank, world, n, port, cfg, steps, times):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     fwd = model if ep else DDP(model)
     idx = torch.randint(0, cfg["vocab_size"], (8, cfg["block_size"]))
+    coefs = dict(c_lb=0.01, c_z=1e-3, c_sp=2e-3, c_cp=1e-3, mu_ortho=0.0)
 
-    def step():
-        _, ce, routes = fwd(idx, idx)
-        aux, _ = aux_losses(routes, c_lb=0.01, c_z=1e-3, c_sp=2e-3, c_cp=1e-3, balance_group=dist.group.WORLD)
-        (ce + aux).backward()
-        if ep:
-            ep.sync_grads(model)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def step():  # train.py's step as it runs under torchrun: losses, gradient sync, NaN guard, clipping
+        train_step(fwd, opt, lambda: (idx, idx, None), 1, coefs, 1.0, nullcontext(), False, True, model.routers(),
+                   ep, dist.group.WORLD)
     measured = []
     for i in range(steps + 2):
         dist.barrier()
