@@ -17,6 +17,10 @@ into the same pass (u = x P: the basis coordinates, which the experts reuse as t
 This file holds only the accelerators; the PyTorch routing path is router.route_reference, and a
 router uses a kernel here where its selection is the top-k of its logits (router.Router.kernel).
 
+The file, top to bottom: the Triton kernels (`_route_tile` routes a tile of logits, `_route_grad_tile`
+is its derivative; the ERMoE kernels compute the logits from u first and reuse both), their launch as
+custom ops with autograd, and the entry points `topk_route` / `eigen_route` that pick the impl.
+
 Design notes
 - One program handles BT rows; the row of E logits (padded to a power of two BE <= 256) sits in
   registers, so a row's max, logsumexp, softmax and k arg-max rounds never touch memory again.
@@ -58,18 +62,6 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs without triton still get impl="torch" / "compile"
     triton = None
-
-
-_compiled_reference = None
-
-
-def _compiled(logits, k, renormalize):
-    global _compiled_reference
-    if _compiled_reference is None:
-        # dynamic=True: one graph for every number of tokens (and E, k). With static shapes each new T
-        # recompiled, and the 9th shape hit torch.compile's recompile limit (generate() alone has S).
-        _compiled_reference = torch.compile(route_reference, fullgraph=True, dynamic=True)
-    return _compiled_reference(logits, k, renormalize)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -256,6 +248,9 @@ if triton is not None:
         tl.store(dbeta_ptr + pid, tl.sum(tl.sum(da * s, axis=1), axis=0))
 
 
+# ------------------------------------------------------------------------------------------------
+# launching them: block sizes, and the kernels as torch.library custom ops with autograd
+
 TILE = 1024  # values of the (BT, BE) routing tile a program holds in registers (see the design notes)
 
 
@@ -435,8 +430,21 @@ def _check(impl, E, k, dtype):
         raise ValueError(f"need 1 <= k <= E, got k={k}, E={E}")
     if impl not in IMPLS:
         raise ValueError(f"unknown impl '{impl}' ({'|'.join(IMPLS)})")
-    if impl == "triton" and triton_unsupported(E, k, dtype):
-        raise ValueError(triton_unsupported(E, k, dtype))
+    why = triton_unsupported(E, k, dtype) if impl == "triton" else None
+    if why:
+        raise ValueError(why)
+
+
+_compiled_reference = None
+
+
+def _compiled(logits, k, renormalize):
+    global _compiled_reference
+    if _compiled_reference is None:
+        # dynamic=True: one graph for every number of tokens (and E, k). With static shapes each new T
+        # recompiled, and the 9th shape hit torch.compile's recompile limit (generate() alone has S).
+        _compiled_reference = torch.compile(route_reference, fullgraph=True, dynamic=True)
+    return _compiled_reference(logits, k, renormalize)
 
 
 def topk_route(logits, k, impl="triton", renormalize=True):
