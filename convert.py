@@ -92,6 +92,14 @@ def model_args_from_hf(hf):
     return arch, args
 
 
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not JSON ({err})") from None
+
+
 class SafeTensors:
     """The tensors of a folder's *.safetensors files (one file or an index), read one at a time."""
 
@@ -99,7 +107,7 @@ class SafeTensors:
         from safetensors import safe_open
         index = os.path.join(folder, "model.safetensors.index.json")
         if os.path.exists(index):
-            files = sorted(set(json.load(open(index))["weight_map"].values()))
+            files = sorted(set(read_json(index)["weight_map"].values()))
         else:
             files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
         if not files:
@@ -123,7 +131,7 @@ def from_hf(hf_dir, out_dir, overwrite=False):
         raise UserError(f"no config.json in {hf_dir} (a Hugging Face model folder)")
     if os.path.exists(os.path.join(out_dir, "ckpt.pt")) and not overwrite:
         raise UserError(f"{out_dir}/ckpt.pt exists; pass --overwrite to replace it")
-    arch, args = model_args_from_hf(json.load(open(path)))
+    arch, args = model_args_from_hf(read_json(path))
     fam = FAMILIES[arch]
     cfg = GPTConfig(**args)
     w = SafeTensors(hf_dir)

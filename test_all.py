@@ -1485,10 +1485,13 @@ def test_convert_refuses_what_does_not_map(tmp_path):
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 8,
                                                                 "num_attention_heads": 2}))
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "config.json").write_text('{"architectures": ["MixtralForCausalLM"], "hidden_')
     for args, message in ((["to-hf", tmp_path / "ermoe", tmp_path / "x"], "router=ermoe: Mixtral routes with a linear"),
                           (["to-hf", tmp_path / "shared", tmp_path / "x"], "n_shared=1: Mixtral has no shared experts"),
                           (["from-hf", tmp_path / "llama", tmp_path / "x"], "architecture 'LlamaForCausalLM' is not one of"),
                           (["from-hf", tmp_path / "nowhere", tmp_path / "x"], "is not a directory"),
+                          (["from-hf", tmp_path / "torn", tmp_path / "x"], "config.json is not JSON"),
                           (["sideways", tmp_path, tmp_path], "usage: python convert.py")):
         code, out, err = cli("convert", *args)
         assert code == 1 and err.count("\n") == 1 and message in err, (args, err)
