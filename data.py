@@ -141,8 +141,13 @@ def prepare(name, verbose=True):
 
 
 def read_meta(folder):
-    with open(os.path.join(folder, "meta.json"), encoding="utf-8") as fh:
-        return json.load(fh)
+    path = os.path.join(folder, "meta.json")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except ValueError as err:  # edited or damaged by hand: ours are written whole (temp file + rename)
+        raise UserError(f"{path} is not JSON ({err}); delete it and prepare the data again: train.py "
+                        f"re-tokenises an input.txt, else run python data.py prepare") from None
 
 
 def load_split(folder, split):

@@ -573,6 +573,27 @@ def test_every_bad_input_gives_one_error_line_and_changes_nothing(finished_runs,
     assert len(BAD_INPUTS) >= 40
 
 
+def test_a_damaged_meta_json_is_one_error_line_and_deleting_it_prepares_again(tmp_path):
+    name = f"damaged-{os.getpid()}"
+    folder = os.path.join(REPO, "data", name)
+    os.makedirs(folder)
+    try:
+        with open(os.path.join(folder, "input.txt"), "w") as fh:
+            fh.write(open(os.path.join(REPO, "data", "shakespeare", "input.txt")).read()[:20000])
+        train(tmp_path / "first", f"--dataset={name}", "--max_iters=0")
+        with open(os.path.join(folder, "meta.json"), "r+") as fh:
+            fh.truncate(10)                              # half a file, newer than input.txt
+        before = file_hashes(folder)
+        code, out, err = cli("train", *TINY, f"--out_dir={tmp_path / 'second'}", f"--dataset={name}", "--max_iters=0")
+        assert code == 1 and err.count("\n") == 1 and "meta.json is not JSON" in err, err
+        assert file_hashes(folder) == before and not (tmp_path / "second").exists()
+        os.remove(os.path.join(folder, "meta.json"))
+        train(tmp_path / "second", f"--dataset={name}", "--max_iters=0")
+    finally:
+        import shutil
+        shutil.rmtree(folder)
+
+
 @pytest.mark.parametrize("entry, args, message", [
     ("train.py", ["--batch_size=0"], "batch_size must be >= 1"),
     ("sample.py", ["--out_dir=/nonexistent"], "no checkpoint at /nonexistent/ckpt.pt"),
