@@ -27,7 +27,7 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels import topk_route  # noqa: E402  (imports after TRITON_INTERPRET is set)
+from router import topk_route  # noqa: E402  (imports after TRITON_INTERPRET is set)
 from losses import aux_losses  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -243,7 +243,7 @@ def parallel_table(args):
     """Parameters, optimizer memory and bytes moved per rank for N = 1, 2, 4, 8 (computed from the
     configs; the per-rank parameter count is also read off an actually sharded model), then CPU
     step times of one global batch over 2 processes: N = 1 (plain DDP) beside N = 2."""
-    import parallel
+    from support import parallel
     B, S = 32, 256  # the default GPU run's batch: tokens T = B*S per rank
     models = {"default GPU model (E=8, k=2)": GPTConfig(),
               "64 experts (E=64, k=8)": GPTConfig(n_experts=64, top_k=8)}
@@ -287,7 +287,7 @@ def parallel_table(args):
 def _parallel_steps(rank, world, n, port, cfg, steps, times):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from parallel import ExpertParallel
+    from support.parallel import ExpertParallel, pooled_balance
     from train import train_step
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -303,7 +303,7 @@ def _parallel_steps(rank, world, n, port, cfg, steps, times):
 
     def step():  # train.py's step as it runs under torchrun: losses, gradient sync, NaN guard, clipping
         train_step(fwd, opt, lambda: (idx, idx, None), 1, coefs, 1.0, nullcontext(), False, True, model.routers(),
-                   ep, dist.group.WORLD)
+                   ep, pooled_balance(dist.group.WORLD))
     measured = []
     for i in range(steps + 2):
         dist.barrier()
@@ -320,7 +320,7 @@ def _parallel_steps(rank, world, n, port, cfg, steps, times):
 
 
 def main(argv):
-    from rundir import ArgParser, UserError
+    from support.rundir import ArgParser, UserError
     parser = ArgParser(prog="python bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--losses", action="store_true", help="overhead of the two regularisers")
@@ -350,5 +350,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from rundir import cli
+    from support.rundir import cli
     sys.exit(cli(main, sys.argv[1:]))

@@ -1,25 +1,22 @@
 """
-Fused top-k routing: one pass over the router logits gives everything routing and
-the router-side losses need. Three implementations of one function, `topk_route`:
-
-  impl="torch"    plain PyTorch: the test oracle and the version to read in a lecture
-  impl="compile"  the same code under torch.compile (the baseline a user gets for free)
-  impl="triton"   a Triton kernel pair (forward + backward), wrapped as torch.library custom ops
+Fused top-k routing in Triton: one pass over the router logits gives everything routing and the
+router-side losses need, and one backward pass gives the gradient of the logits. Tensors in,
+tensors out: this file imports nothing of the project. The PyTorch version of the same function,
+the one to read and the test oracle, is router.route_reference; router.topk_route chooses between
+them (impl = torch | compile | triton) and wraps the outputs in a router.Routing.
 
 Notation: T tokens, E experts, k experts per token, r ERMoE basis rank; BT/BE/BK block sizes
 (rows, experts, k padded to powers of two), RC a chunk of ERMoE coordinates.
 
-Outputs (a router.Routing): gates (T, k) fp32, idx (T, k) int64 (ties -> lower index), and the
-statistics of the losses in losses.py: lse (T,) = logsumexp_e a (z-loss), mass (T,) = top-k mass of
-the full softmax (coupling loss), counts (E,) int32 and psum (E,) = sum_t p_{t,e} (load balancing).
-An ERMoE variant (`eigen_route`) also fuses the eigenbasis score s = ||u_e|| / ||x|| and a = beta*s
-into the same pass (u = x P: the basis coordinates, which the experts reuse as their input).
-This file holds only the accelerators; the PyTorch routing path is router.route_reference, and a
-router uses a kernel here where its selection is the top-k of its logits (router.Router.kernel).
+    fused_route(a (T, E), k, renormalize) -> gates (T, k) fp32, idx (T, k) int64 (ties -> lower
+        index), lse (T,) = logsumexp_e a (z-loss), mass (T,) = top-k mass of the full softmax
+        (coupling loss), counts (E,) int32 and psum (E,) = sum_t p_{t,e} (load balancing)
+    fused_eigen_route(u (T, E*r), ||x|| (T,), beta, k, r, renormalize) -> the logits a = beta*s,
+        s = ||u_e|| / ||x|| (the ERMoE score, fused into the same pass), then the same outputs
 
 The file, top to bottom: the Triton kernels (`_route_tile` routes a tile of logits, `_route_grad_tile`
 is its derivative; the ERMoE kernels compute the logits from u first and reuse both), their launch as
-custom ops with autograd, and the entry points `topk_route` / `eigen_route` that pick the impl.
+custom ops with autograd, and the two entry points with the limits they check (`triton_unsupported`).
 
 Design notes
 - One program handles BT rows; the row of E logits (padded to a power of two BE <= 256) sits in
@@ -54,8 +51,6 @@ Design notes
 """
 
 import torch
-
-from router import Routing, eigen_logits, route_reference
 
 try:
     import triton
@@ -408,14 +403,13 @@ torch.library.register_autograd("nanomoe::eigen_route", _eigen_backward, setup_c
 
 
 # ------------------------------------------------------------------------------------------------
-# public entry points
+# entry points
 
-IMPLS = ("torch", "compile", "triton")
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # upcast to fp32 in registers, exactly
 
 
 def triton_unsupported(E, k, dtype=torch.float32):
-    """Why impl='triton' cannot route E experts top-k of `dtype` logits, or None if it can."""
+    """Why the kernels cannot route E experts top-k of `dtype` logits, or None if they can."""
     if triton is None:
         return "impl='triton' needs triton installed"
     if E > 256 or k > 8:
@@ -425,45 +419,23 @@ def triton_unsupported(E, k, dtype=torch.float32):
     return None
 
 
-def _check(impl, E, k, dtype):
+def _check(E, k, dtype):
     if not 1 <= k <= E:
         raise ValueError(f"need 1 <= k <= E, got k={k}, E={E}")
-    if impl not in IMPLS:
-        raise ValueError(f"unknown impl '{impl}' ({'|'.join(IMPLS)})")
-    why = triton_unsupported(E, k, dtype) if impl == "triton" else None
+    why = triton_unsupported(E, k, dtype)
     if why:
         raise ValueError(why)
 
 
-_compiled_reference = None
+def fused_route(logits, k, renormalize=True):
+    """logits (T, E) -> (gates, idx, lse, mass, counts, psum), differentiable in the logits."""
+    _check(logits.shape[1], k, logits.dtype)
+    return _route_op(logits, k, renormalize)
 
 
-def _compiled(logits, k, renormalize):
-    global _compiled_reference
-    if _compiled_reference is None:
-        # dynamic=True: one graph for every number of tokens (and E, k). With static shapes each new T
-        # recompiled, and the 9th shape hit torch.compile's recompile limit (generate() alone has S).
-        _compiled_reference = torch.compile(route_reference, fullgraph=True, dynamic=True)
-    return _compiled_reference(logits, k, renormalize)
-
-
-def topk_route(logits, k, impl="triton", renormalize=True):
-    """logits (T, E) -> Routing(gates, idx, counts, lse, mass, psum, logits); the same for every impl."""
-    _check(impl, logits.shape[1], k, logits.dtype)
-    if impl == "torch":
-        return route_reference(logits, k, renormalize)
-    if impl == "compile":
-        return _compiled(logits, k, renormalize)
-    gates, idx, lse, mass, counts, psum = _route_op(logits, k, renormalize)
-    return Routing(gates, idx, counts, lse, mass, psum, logits)
-
-
-def eigen_route(u, xnorm, beta, k, r, impl="triton", renormalize=True):
-    """ERMoE: coordinates u (T, E*r), ||x|| (T,), beta () -> Routing whose logits are beta * s (T, E)."""
+def fused_eigen_route(u, xnorm, beta, k, r, renormalize=True):
+    """u (T, E*r), ||x|| (T,), beta () -> (logits, gates, idx, lse, mass, counts, psum)."""
     if r < 1 or u.shape[1] % r != 0:
         raise ValueError(f"u has {u.shape[1]} coordinates per token, not a multiple of the rank r={r}")
-    _check(impl, u.shape[1] // r, k, u.dtype)
-    if impl == "triton":
-        logits, gates, idx, lse, mass, counts, psum = _eigen_op(u, xnorm, beta, k, r, renormalize)
-        return Routing(gates, idx, counts, lse, mass, psum, logits)
-    return topk_route(eigen_logits(u, xnorm, beta, r), k, impl, renormalize)
+    _check(u.shape[1] // r, k, u.dtype)
+    return _eigen_op(u, xnorm, beta, k, r, renormalize)

@@ -81,35 +81,26 @@ def coupling_loss(probs_list, k=None, idx_list=None):
     return coupling_from_mass([p.float().gather(1, i).sum(dim=-1) for p, i in zip(probs_list, idx_list)])
 
 
-def global_balance(r, group):
-    """(counts, psum, T) of the batches of every process in `group`: the statistics the single-process
-    model would see on the global batch (the psum sum is differentiable; counts carry no gradient)."""
-    import torch.distributed as dist
-    from parallel import all_reduce_sum
-    counts = r.counts.clone()
-    dist.all_reduce(counts, group=group)
-    return counts, all_reduce_sum(r.psum, group), r.idx.shape[0] * dist.get_world_size(group)
-
-
 # each term's name (in the log) -> the setting that scales it
 COEFFICIENTS = {"lb": "c_lb", "z": "c_z", "sp": "c_sp", "cp": "c_cp", "ortho": "mu_ortho"}
 
 
-def aux_losses(routes, c_lb=0.0, c_z=0.0, c_sp=0.0, c_cp=0.0, mu_ortho=0.0, all_terms=True, balance_group=None):
+def aux_losses(routes, c_lb=0.0, c_z=0.0, c_sp=0.0, c_cp=0.0, mu_ortho=0.0, all_terms=True, pool=None):
     """
     routes: one router.Routing per MoE layer. Returns (total, terms): total is the scalar
     sum of coefficient * term; terms maps each name to its unscaled value (a tensor). A term whose
     coefficient is 0 is computed only if all_terms (for the log), and then without autograd graph.
-    balance_group: a process group whose batches together are the global batch; L_lb, the one term
-    that is not a mean over tokens, then uses the global statistics (equal local batch sizes assumed).
+    pool: (counts, psum, T) -> the same statistics summed over the batches of several processes
+    (support/parallel.py), so that L_lb, the one term that is not a mean over tokens, is the loss of
+    the global batch (equal local batch sizes assumed). None: this batch alone.
     """
     if not routes:
         return torch.zeros(()), {}
     T, k = routes[0].idx.shape
 
     def balance(r):
-        return balance_from_stats(*global_balance(r, balance_group), k) if balance_group else \
-            balance_from_stats(r.counts, r.psum, T, k)
+        counts, psum, n = (pool or (lambda *stats: stats))(r.counts, r.psum, T)
+        return balance_from_stats(counts, psum, n, k)
 
     terms = {
         "lb": (c_lb, lambda: sum(balance(r) for r in routes)),

@@ -36,14 +36,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from kernels import triton_unsupported
-from router import ROUTERS
+from router import IMPLS, ROUTERS, impl_problem
 
 
 @dataclass
 class GPTConfig:
     block_size: int = 256       # context length S
-    vocab_size: int = 50304     # GPT-2's 50257 padded up to a multiple of 64 (faster matmuls)
+    vocab_size: int = 50304     # token ids; train.py takes the dataset's (GPT-2: 50257 padded to 50304)
     n_layer: int = 6            # transformer blocks
     n_head: int = 6             # attention heads (n_embd / n_head must be even: rotary)
     n_kv_head: int = 0          # key/value heads (grouped-query attention, divides n_head); 0 = n_head
@@ -92,22 +91,26 @@ class GPTConfig:
                  f"capacity_factor must be >= 0 (0 = dropless), got {self.capacity_factor}")
         _require(self.bias_update_rate >= 0 and math.isfinite(self.bias_update_rate),
                  f"bias_update_rate must be >= 0, got {self.bias_update_rate}")
-        for name, choices in (("router", tuple(ROUTERS)), ("dispatch", ("sorted", "naive")),
-                              ("router_impl", ("auto", "torch", "compile", "triton")),
-                              ("expert_init", ("random", "upcycle"))):
+        for name, choices in (("router", tuple(ROUTERS)), ("dispatch", ("sorted", "naive")), ("router_impl", IMPLS),
+                              ("expert_init", ("random", "upcycle")),
+                              ("ermoe_basis", ("independent", "partitioned", "penalty"))):
             _require(getattr(self, name) in choices, f"unknown {name} '{getattr(self, name)}' ({'|'.join(choices)})")
-        if self.n_experts > 0 and self.router_impl in ("compile", "triton"):
-            _require(ROUTERS[self.router].kernel is not None, f"router={self.router} has no fused routing pass: "
-                     f"router_impl={self.router_impl} does not apply to it (use auto or torch)")
-        if self.router_impl == "triton" and self.n_experts > 0:
-            why = triton_unsupported(self.n_experts, self.top_k)
+        if self.n_experts > 0:
+            why = impl_problem(self.router, self.router_impl, self.n_experts, self.top_k)
             _require(why is None, why)
+        # the widths left at 0, derived from the final settings
         if self.ffn_hidden == 0:
             self.ffn_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
         if self.n_experts > 0 and self.expert_hidden == 0:
             self.expert_hidden = max(1, self.ffn_hidden // (self.top_k + self.n_shared))
-        if self.n_experts > 0:
-            ROUTERS[self.router].configure(self)  # the router derives and checks its own settings
+        if self.router == "ermoe" and self.n_experts > 0:
+            if self.ermoe_rank == 0:
+                self.ermoe_rank = max(1, self.n_embd // self.n_experts)
+            _require(self.ermoe_rank <= self.n_embd, f"ermoe_rank must be <= n_embd={self.n_embd} (an orthonormal "
+                     f"basis of R^d has at most d vectors), got {self.ermoe_rank}")
+            _require(self.ermoe_basis != "partitioned" or self.n_experts * self.ermoe_rank <= self.n_embd,
+                     f"ermoe_basis=partitioned needs n_experts*ermoe_rank <= n_embd, got "
+                     f"{self.n_experts}*{self.ermoe_rank} > {self.n_embd}")
 
     def param_count(self):
         """Parameters of the model this config describes, counted without building it (tested
@@ -219,16 +222,6 @@ def grouped_matmul(h, w, offs):
     return torch.cat([h[s:e] @ w[i] for i, (s, e) in enumerate(zip(starts, ends))])
 
 
-def sort_pairs(idx):
-    """The T*k (token, expert) pairs of idx (T, k), grouped by expert (stable: token order within an
-    expert) -> order (pair of each row), inverse (row of each pair), tok and e (token, expert per row)."""
-    T, k = idx.shape
-    flat = idx.reshape(-1)                                          # (T*k,) expert of each pair
-    order = torch.sort(flat, stable=True).indices                   # (T*k,) pairs grouped by expert
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(T * k, device=idx.device))
-    return order, inverse, order // k, flat[order]
-
-
 class MoE(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -271,6 +264,16 @@ class MoE(nn.Module):
         for w in (self.w_gate, self.w_up, self.w_down):
             w.copy_(w[:1] + noise * w[:1].std() * torch.randn_like(w))
 
+    @staticmethod
+    def sort_pairs(idx):
+        """The T*k (token, expert) pairs of idx (T, k), grouped by expert (stable: token order within an
+        expert) -> order (pair of each row), inverse (row of each pair), tok and e (token, expert per row)."""
+        T, k = idx.shape
+        flat = idx.reshape(-1)                                      # (T*k,) expert of each pair
+        order = torch.sort(flat, stable=True).indices               # (T*k,) pairs grouped by expert
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(T * k, device=idx.device))
+        return order, inverse, order // k, flat[order]
+
     def experts(self, h, offs):
         """Every expert on its segment of rows h (N, d_in), segments ending at offs (E,) -> the SwiGLU
         intermediates a (N, f) and the outputs (N, d). One grouped matmul per projection."""
@@ -302,7 +305,7 @@ class MoE(nn.Module):
     def forward_sorted(self, x, coords, idx, gates, counts, capacity=None):
         """Sort the T*k (token, expert) pairs by expert, run all experts as grouped matmuls, un-sort."""
         T, k = idx.shape
-        order, inverse, tok, e = sort_pairs(idx)                    # (T*k,) each
+        order, inverse, tok, e = self.sort_pairs(idx)               # (T*k,) each
         offs = counts.cumsum(0, dtype=torch.int32)                  # (E,) segment ends
         h = self.expert_inputs(x, coords, tok, e).to(x.dtype)       # (T*k, d_in)
         a, out = self.experts(h, offs)                              # (T*k, f), (T*k, d)

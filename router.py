@@ -18,12 +18,15 @@ logits a (T, E) such that p = softmax(a) is its routing distribution:
 
 Gates are p renormalised over the selection (= softmax of the selected logits), or p at the
 selection with gate_renorm=False. Top-k: the k largest values, ties to the lower expert index, a
-NaN counts as the largest value (the order of torch.sort). A router also declares its default
-loss coefficients (`defaults`), which fused pass of kernels.py computes its routing (`kernel`:
-'topk' wherever the selection is the top-k of the logits), a derivation/check of its settings
-(`configure`), its own evaluation metrics (`metrics`), an (E, E) similarity of its experts for the
-plots (`similarity`), and an optional hook after every optimizer step (`update`, given the step's
-load summed over micro-batches and processes). Adding a router: a class here + one entry in ROUTERS.
+NaN counts as the largest value (the order of torch.sort). The routing pass (`topk_route`) is the
+one place that picks its implementation: `route_reference` below in PyTorch (read this one), the
+same under torch.compile, or the fused Triton kernel of kernels.py. A router also declares its
+default loss coefficients (`defaults`), whether its selection is the top-k of its logits (`fused`:
+then the Triton kernel can compute it), its own evaluation metrics (`metrics`), an (E, E)
+similarity of its experts for the plots (`similarity`), and an optional hook after every optimizer
+step (`update`, given the step's load summed over micro-batches and processes). Its settings are
+GPTConfig's (model.py), checked and derived there. Adding a router: a class here + one entry in
+ROUTERS.
 
 Design notes
 - Router math is fp32 on purpose, also under bf16 autocast: logits are small, tie-prone and feed
@@ -43,6 +46,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+
+import kernels
 
 
 class Routing(NamedTuple):
@@ -103,12 +108,43 @@ def route_reference(logits, k, renormalize=True, idx=None):
     return Routing(gates, idx, expert_counts(idx, a.shape[1]), lse, mass, p.sum(dim=0), a)
 
 
-def route(logits, k, impl="torch", renormalize=True):
-    """The routing pass by `impl`: the reference above, or a fused version of it (kernels.py)."""
+IMPLS = ("auto", "torch", "compile", "triton")
+_compiled_reference = None
+
+
+def impl_problem(router, impl, E, k):
+    """Why `router` cannot route E experts top-k with `impl`, or None (GPTConfig checks this early)."""
+    if impl in ("compile", "triton") and not ROUTERS[router].fused:
+        return f"router={router} has no fused routing pass: router_impl={impl} does not apply to it (use auto or torch)"
+    return kernels.triton_unsupported(E, k) if impl == "triton" else None
+
+
+def choose_impl(impl, E, k, x):
+    """'auto' -> the Triton kernel for a CUDA tensor x where it fits, else PyTorch; any other impl as given."""
+    if impl != "auto":
+        return impl
+    return "triton" if x.is_cuda and kernels.triton_unsupported(E, k, x.dtype) is None else "torch"
+
+
+def topk_route(logits, k, impl="torch", renormalize=True):
+    """The routing pass: logits (T, E) -> Routing, by `impl`; the same result for every impl."""
+    T, E = logits.shape
+    if not 1 <= k <= E:
+        raise ValueError(f"need 1 <= k <= E, got k={k}, E={E}")
+    impl = choose_impl(impl, E, k, logits)
     if impl == "torch":
         return route_reference(logits, k, renormalize)
-    import kernels  # imported here: kernels.py builds on this module
-    return kernels.topk_route(logits, k, impl, renormalize)
+    if impl == "compile":
+        global _compiled_reference
+        if _compiled_reference is None:
+            # dynamic=True: one graph for every number of tokens (and E, k). With static shapes each new T
+            # recompiled, and the 9th shape hit torch.compile's recompile limit (generate() alone has S).
+            _compiled_reference = torch.compile(route_reference, fullgraph=True, dynamic=True)
+        return _compiled_reference(logits, k, renormalize)
+    if impl == "triton":
+        gates, idx, lse, mass, counts, psum = kernels.fused_route(logits, k, renormalize)
+        return Routing(gates, idx, counts, lse, mass, psum, logits)
+    raise ValueError(f"unknown impl '{impl}' ({'|'.join(IMPLS)})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,7 +153,7 @@ def route(logits, k, impl="torch", renormalize=True):
 class Router(nn.Module):
     """Base of every router: fp32 logits -> Routing. Subclasses define logits() (or forward())."""
     defaults = {}        # default loss coefficients of this router (train.py applies them unless set)
-    kernel = "topk"      # the fused pass of kernels.py that computes this routing, or None
+    fused = True         # the selection is the top-k of the logits (so the fused Triton pass applies)
     per_step = False     # has an update() to call after every optimizer step
 
     def __init__(self, cfg):
@@ -125,21 +161,9 @@ class Router(nn.Module):
         self.n_experts, self.k, self.renorm, self.impl = cfg.n_experts, cfg.top_k, cfg.gate_renorm, cfg.router_impl
         self.expert_dim = cfg.n_embd  # the width of the experts' inputs
 
-    @classmethod
-    def configure(cls, cfg):
-        """Derive and check this router's settings in a GPTConfig (raise ValueError naming the field)."""
-
-    def impl_for(self, x):
-        """'auto' -> the Triton kernel on CUDA where this router has one and it fits, else PyTorch."""
-        if self.impl != "auto":
-            return self.impl
-        from kernels import triton_unsupported
-        fits = self.kernel is not None and triton_unsupported(self.n_experts, self.k) is None
-        return "triton" if x.device.type == "cuda" and fits else "torch"
-
     def forward(self, x, ids=None):
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return route(self.logits(x.float(), ids), self.k, self.impl_for(x), self.renorm)
+            return topk_route(self.logits(x.float(), ids), self.k, self.impl, self.renorm)
 
     def metrics(self):
         return {}
@@ -179,7 +203,7 @@ class SigmoidRouter(Router):
     b_e += rate * sign(mean load - load_e), so overloaded experts get chosen less.
     """
     defaults = dict(c_lb=0.0, c_z=0.0)  # balanced by the bias instead
-    kernel = None                       # the selection is not the top-k of the logits
+    fused = False                       # the selection is not the top-k of the logits
     per_step = True
 
     def __init__(self, cfg):
@@ -213,7 +237,7 @@ class HashRouter(Router):
     that shows what learned routing adds.
     """
     defaults = dict(c_lb=0.0, c_z=0.0, c_cp=0.0)  # constants here: no router parameter to move
-    kernel = None
+    fused = False
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -264,16 +288,28 @@ class CosineRouter(Router):
 # ------------------------------------------------------------------------------------------------
 # ERMoE eigenbasis router
 
-def eigenbasis_scores(x, P, eps=1e-6):
-    """s_{t,e} = ||P_e^T x_t|| / ||x_t||, the cosine between x_t and span(P_e). x (T, d), P (E, d, r)."""
-    u = torch.einsum("td,edr->ter", x, P)                         # (T, E, r) coordinates
-    return u.norm(dim=-1) / x.norm(dim=-1, keepdim=True).clamp_min(eps)  # (T, E)
+def eigen_score(u, xnorm):
+    """s_{t,e} = ||u_e|| / ||x_t|| from the coordinates u (T, E, r) = P_e^T x and ||x|| (T,) -> (T, E):
+    the cosine between x_t and span(P_e). ||x|| is clamped at 1e-6 (a zero token scores 0)."""
+    return u.norm(dim=-1) / xnorm.clamp_min(1e-6)[:, None]
 
 
-def eigen_logits(u, xnorm, beta, r):
-    """a = beta * ||u_e|| / ||x||: u (T, E*r) coordinates, xnorm (T,) -> (T, E) fp32."""
-    s = u.float().unflatten(1, (-1, r)).norm(dim=-1) / xnorm.float().clamp_min(1e-6)[:, None]
-    return beta.float() * s
+def eigenbasis_scores(x, P):
+    """The ERMoE score of tokens x (T, d) for orthonormal bases P (E, d, r) -> s (T, E) in [0, 1]."""
+    return eigen_score(torch.einsum("td,edr->ter", x, P), x.norm(dim=-1))
+
+
+def eigen_route(u, xnorm, beta, k, r, impl="torch", renormalize=True):
+    """The ERMoE routing pass: coordinates u (T, E*r), ||x|| (T,), beta () -> Routing with logits
+    a = beta * s. The Triton kernel fuses the score into the pass; otherwise it is eigen_score."""
+    if r < 1 or u.shape[1] % r != 0:
+        raise ValueError(f"u has {u.shape[1]} coordinates per token, not a multiple of the rank r={r}")
+    E = u.shape[1] // r
+    if choose_impl(impl, E, k, u) == "triton":
+        logits, gates, idx, lse, mass, counts, psum = kernels.fused_eigen_route(u, xnorm, beta, k, r, renormalize)
+        return Routing(gates, idx, counts, lse, mass, psum, logits)
+    logits = beta.float() * eigen_score(u.float().unflatten(1, (E, r)), xnorm.float())  # (T, E)
+    return topk_route(logits, k, impl, renormalize)
 
 
 def orthonormal(raw):
@@ -290,7 +326,7 @@ class EigenRouter(Router):
     s_{t,e} = ||P_e^T x_t|| / ||x_t|| is the cosine between the token and the expert's subspace and
     the logits are beta * s. The coordinates u_e = P_e^T x used for routing are also the expert's
     input, scaled per direction by a learnable lambda. The score is fused into the routing pass
-    (kernels.eigen_route; its reference is eigen_logits above).
+    (eigen_route above; kernels.fused_eigen_route on the GPU).
 
     basis modes:
       'independent': each expert its own orthonormal P_e (subspaces may overlap)
@@ -300,26 +336,12 @@ class EigenRouter(Router):
                      (the soft ablation; the penalty is returned in the Routing)
     """
     defaults = dict(c_lb=0.0, c_z=0.0)  # the paper's claim: balance from the geometry
-    kernel = "eigen"
-
-    @classmethod
-    def configure(cls, cfg):
-        if cfg.ermoe_basis not in ("independent", "partitioned", "penalty"):
-            raise ValueError(f"unknown ermoe_basis '{cfg.ermoe_basis}' (independent|partitioned|penalty)")
-        if cfg.ermoe_rank == 0:
-            cfg.ermoe_rank = max(1, cfg.n_embd // cfg.n_experts)
-        if cfg.ermoe_rank > cfg.n_embd:
-            raise ValueError(f"ermoe_rank must be <= n_embd={cfg.n_embd} (an orthonormal basis of R^d has at most "
-                             f"d vectors), got {cfg.ermoe_rank}")
-        if cfg.ermoe_basis == "partitioned" and cfg.n_experts * cfg.ermoe_rank > cfg.n_embd:
-            raise ValueError(f"ermoe_basis=partitioned needs n_experts*ermoe_rank <= n_embd, got "
-                             f"{cfg.n_experts}*{cfg.ermoe_rank} > {cfg.n_embd}")
 
     def __init__(self, cfg, beta_init=10.0, beta_max=100.0):
         super().__init__(cfg)
         d, E, r, basis = cfg.n_embd, cfg.n_experts, cfg.ermoe_rank, cfg.ermoe_basis
         self.E, self.r, self.basis, self.beta_max, self.expert_dim = E, r, basis, beta_max, r
-        if basis == "partitioned":  # (configure() has checked the mode)
+        if basis == "partitioned":  # (GPTConfig has checked the mode and the rank)
             self.raw = nn.Parameter(torch.randn(d, d) / math.sqrt(d))
         else:
             init = torch.randn(E, d, r) / math.sqrt(d)
@@ -344,14 +366,7 @@ class EigenRouter(Router):
         with torch.autocast(device_type=x.device.type, enabled=False):  # QR and coordinates in fp32
             x = x.float()
             u = torch.einsum("td,edr->ter", x, self.bases())                 # (T, E, r)
-            impl = self.impl_for(x)
-            if impl == "torch":
-                logits = eigen_logits(u.flatten(1), x.norm(dim=-1), self.beta(), self.r)
-                routing = route_reference(logits, self.k, self.renorm)
-            else:
-                import kernels  # imported here: kernels.py builds on this module
-                routing = kernels.eigen_route(u.flatten(1), x.norm(dim=-1), self.beta(), self.k, self.r, impl,
-                                              self.renorm)
+            routing = eigen_route(u.flatten(1), x.norm(dim=-1), self.beta(), self.k, self.r, self.impl, self.renorm)
         penalty = self.penalty() if self.basis == "penalty" else None
         return routing._replace(inputs=u * self.lam, penalty=penalty)
 

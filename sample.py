@@ -1,17 +1,19 @@
 """
-Sample text from a checkpoint written by train.py.
+Sample text from a checkpoint written by train.py (best.pt, the lowest val loss, unless --last),
+or imported by tools/convert.py.
 
     python sample.py --out_dir=out --start="ROMEO:" --num_samples=3 --max_new_tokens=200
     python sample.py --temperature=0            # greedy: always the most likely next token
 """
 
+import os
 import sys
 
 import torch
 
-from data import load_tokenizer
 from model import GPT, GPTConfig
-from rundir import ArgParser, UserError, load_checkpoint
+from support.data import load_tokenizer
+from support.rundir import ArgParser, UserError, cli, load_checkpoint
 
 
 def parse(argv):
@@ -24,6 +26,7 @@ def parse(argv):
     parser.add_argument("--top_k", type=int, default=200, help="sample among the k likeliest tokens; 0 = all")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--last", action="store_true", help="the last checkpoint (ckpt.pt), not the best (best.pt)")
     args = parser.parse_args(argv)
     checks = [(args.num_samples >= 1, f"--num_samples must be >= 1, got {args.num_samples}"),
               (args.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {args.max_new_tokens}"),
@@ -44,7 +47,8 @@ def parse(argv):
 
 def main(argv):
     args = parse(argv)
-    ckpt = load_checkpoint(args.out_dir, hint=f"train one with python train.py --out_dir={args.out_dir}")
+    name = "best.pt" if not args.last and os.path.exists(os.path.join(args.out_dir, "best.pt")) else "ckpt.pt"
+    ckpt = load_checkpoint(args.out_dir, hint=f"train one with python train.py --out_dir={args.out_dir}", name=name)
     try:
         model = GPT(GPTConfig(**ckpt["model_args"]))
         model.load_state_dict(ckpt["model"])
@@ -52,7 +56,10 @@ def main(argv):
         raise UserError(f"checkpoint in {args.out_dir} does not describe a model of this version "
                         f"({str(err).splitlines()[0]})") from None
     model.eval().to(args.device)
-    enc = load_tokenizer(args.out_dir)  # the checkpoint's own tokenizer.json (imported models), else GPT-2's
+    if "tokenizer" in ckpt and ckpt["tokenizer"] is None:
+        raise UserError(f"the model in {args.out_dir} was trained on a synthetic task ({ckpt['config']['dataset']}): "
+                        f"its tokens are not text")
+    enc = load_tokenizer(ckpt.get("tokenizer") or args.out_dir)  # the run's tokenizer, or an imported model's
     ids = enc.encode_ordinary(args.start)
     vocab = model.config.vocab_size
     if max(ids) >= vocab:
@@ -68,5 +75,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from rundir import cli
     sys.exit(cli(main, sys.argv[1:]))

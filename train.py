@@ -1,21 +1,19 @@
 """
-Train a GPT-MoE. nanoGPT layout: the settings are declared once (TrainConfig in settings.py, GPTConfig
-in model.py); override them with config files and --key=value, e.g.
+Train a GPT-MoE, nanoGPT style. Every setting is declared once, below (TrainConfig) and in model.py
+(GPTConfig); config files and --key=value override them, and --help shows the value each one will
+take and where it came from.
 
-    python train.py                                   # the teaching run (CPU preset without a GPU)
-    python train.py config/ermoe.py --max_iters=500   # a config file, then overrides
-    python train.py --init_from=resume --max_iters=2000   # continue out/ckpt.pt with its own settings
+    python train.py                                   # character-level Shakespeare (the CPU recipe without a GPU)
+    python train.py config/facts.py --n_experts=16    # a config file, then overrides
+    python train.py --init_from=resume --max_iters=4000   # continue out/ckpt.pt with its own settings
     torchrun --standalone --nproc_per_node=2 train.py # DDP, one process per GPU (gloo on CPU)
 
 Loss (docs/design.md §3): CE + c_lb*L_lb + c_z*L_z + c_sp*R_sp + c_cp*R_cp (+ mu_ortho * penalty).
-Every `eval_interval` steps: val loss and per-layer routing metrics (metrics.py) are printed and
-appended to out_dir/log.jsonl, and out_dir/ckpt.pt is written atomically. At the end: samples and
-PNG plots (analyze.py).
-
-Nothing is lost (rundir.py): every setting, the data and the model size are checked before any
-file is touched, and a mistake ends in one `error:` line; a new run refuses an out_dir that holds
-another run (unless overwrite=True); one run per out_dir (a lock); the NaN guard runs before every
-checkpoint, so a checkpoint on disk is always finite; Ctrl-C stops cleanly at the last checkpoint.
+Every `eval_interval` steps: train/val loss on fixed batches and per-layer routing metrics
+(support/metrics.py), printed and appended to out_dir/log.jsonl; out_dir/ckpt.pt is written, and
+best.pt when the val loss is the lowest so far. At the end: the loss on the whole val split, samples
+and plots. The run directory is kept safe by support/rundir.py (a lock, atomic checkpoints, a NaN
+guard, one `error:` line for any mistake); the device and the processes by support/launch.py.
 """
 
 import hashlib
@@ -23,83 +21,151 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
-import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from losses import COEFFICIENTS, aux_losses
-from metrics import RoutingStats
-from model import GPT
-from rundir import (Interrupted, RunLock, UserError, all_finite, append_log, check_writable_dir, cli,
-                    describe_run, read_log, remove_stale_temp_files, rewrite_log, save_checkpoint)
-from settings import default_settings, setting_notes, setup
+from model import GPT, GPTConfig
+from router import ROUTERS
+from support import launch
+from support.data import open_dataset, standard_error, vocab_of
+from support.metrics import RoutingStats
+from support.rundir import Diverged, Interrupted, Run, UserError, check_finite, cli, load_checkpoint
+from support.settings import Layered, declared, notes, parse_args, saved_settings
 
 
 # ------------------------------------------------------------------------------------------------
-# what the settings need from this machine: a device, the data, enough memory
+# the settings of a run (the model's own are GPTConfig's, in model.py)
 
-def pick_device(cfg, model_cfg):
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"device={device} but no CUDA device is available (use --device=cpu)")
-        if ":" in device and int(device[5:]) >= torch.cuda.device_count():
-            raise UserError(f"device={device} but there are {torch.cuda.device_count()} CUDA devices")
-    if model_cfg.router_impl == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise UserError("router_impl=triton needs a CUDA device (on a CPU, TRITON_INTERPRET=1 runs the kernel in "
-                        "Triton's interpreter, slowly; or use router_impl=torch)")
-    dtype = cfg.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-    return device, dtype
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"                 # where ckpt.pt, best.pt, log.jsonl and the plots go
+    init_from: str = "scratch"           # 'scratch' or 'resume' (continue out_dir/ckpt.pt with its settings)
+    overwrite: bool = False              # let a new run replace the run already in out_dir (else refused)
+    eval_interval: int = 250             # evaluate, log routing metrics and checkpoint every this many steps
+    log_interval: int = 10               # print and log a train line every this many steps
+    eval_iters: int = 200                # batches per evaluation (the same batches every time)
+    num_samples: int = 2                 # text samples printed at the end (0 = none)
+    sample_tokens: int = 200             # tokens per sample
+    # data
+    dataset: str = "shakespeare_char"    # a name under data/ (docs/data.md) or a task of support/tasks.py
+    batch_size: int = 64                 # sequences per micro-step and process
+    gradient_accumulation_steps: int = 0  # micro-steps per update over all processes; 0 = one per process
+    # MoE losses (coefficients; each term is also logged unscaled)
+    c_lb: float = 0.01                   # load balancing (a router may default to 0: ermoe, sigmoid, hash)
+    c_z: float = 1e-3                    # router z-loss (a router may default to 0: ermoe, sigmoid, hash)
+    c_sp: float = 2e-3                   # specialization loss (Hu et al. 2026, Eq. 4); 0 = off
+    c_cp: float = 1e-3                   # cross-layer coupling loss (Hu et al. 2026, Eq. 7); 0 = off
+    mu_ortho: float = 1e-2               # soft orthogonality penalty, only with ermoe_basis='penalty'
+    # optimizer: AdamW, linear warmup then cosine decay to min_lr
+    learning_rate: float = 1e-3          # peak learning rate
+    max_iters: int = 5000                # optimizer steps in all (0 = evaluate only)
+    weight_decay: float = 0.1            # AdamW decay on matrices (not on norms and routers)
+    beta1: float = 0.9                   # AdamW beta1, in [0, 1)
+    beta2: float = 0.95                  # AdamW beta2, in [0, 1)
+    grad_clip: float = 1.0               # clip the gradient norm to this; 0 = off
+    warmup_iters: int = 100              # linear warmup steps
+    lr_decay_iters: int = 0              # cosine decay length; 0 = max_iters
+    min_lr: float = 1e-4                 # learning rate at the end of the decay, <= learning_rate
+    # system
+    device: str = "auto"                 # 'auto' (cuda if present, else cpu with the CPU preset) | 'cpu' | 'cuda[:N]'
+    dtype: str = "auto"                  # 'auto' (bfloat16 autocast on CUDA, else float32) | 'bfloat16' | 'float32'
+    compile: bool = True                 # torch.compile the model (off in the CPU preset unless set)
+    seed: int = 1337                     # seed of the initialisation and the training batches
+    expert_parallel: int = 1             # N > 1: each MoE layer's experts split over N processes (torchrun)
+    balance_stats: str = "global"        # L_lb's statistics over all processes' batches ('global') or each one's ('local')
+
+    def __post_init__(self):
+        ints = {"eval_interval": 1, "log_interval": 1, "eval_iters": 1, "sample_tokens": 1, "batch_size": 1,
+                "num_samples": 0, "gradient_accumulation_steps": 0, "max_iters": 0, "warmup_iters": 0,
+                "lr_decay_iters": 0, "seed": 0}
+        for name, low in ints.items():
+            _require(getattr(self, name) >= low, f"{name} must be >= {low}, got {getattr(self, name)}")
+        for name, value in asdict(self).items():
+            if isinstance(value, float):
+                _require(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0, got {value}")
+        _require(self.beta1 < 1 and self.beta2 < 1, f"beta1 and beta2 must be < 1, got {self.beta1}, {self.beta2}")
+        _require(self.min_lr <= self.learning_rate, f"min_lr ({self.min_lr}) must be <= learning_rate ({self.learning_rate})")
+        _require(self.learning_rate / (1 - self.beta1) < torch.finfo(torch.float32).max,  # AdamW's first step size
+                 f"learning_rate={self.learning_rate} overflows float32 in AdamW's first step (lr / (1 - beta1))")
+        _require(self.init_from in ("scratch", "resume"), f"init_from must be scratch or resume, got '{self.init_from}'")
+        _require(self.dtype in ("auto", "bfloat16", "float32"), f"dtype must be auto, bfloat16 or float32, got '{self.dtype}'")
+        _require(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
+                 f"device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
+        _require(self.dataset != "", "dataset is empty: give a name under data/, or a task such as synthetic")
+        _require(self.expert_parallel >= 1, f"expert_parallel must be >= 1 (1 = off), got {self.expert_parallel}")
+        _require(self.balance_stats in ("global", "local"), f"balance_stats must be global or local, got '{self.balance_stats}'")
+        _require(self.out_dir != "", "out_dir is empty: give a directory, e.g. --out_dir=out")
 
 
-def check_memory(model_cfg, device):
-    """Refuse a model that cannot fit, before allocating it."""
-    n = model_cfg.param_count()
-    need = 16 * n  # fp32 weights, gradients and AdamW's two moments
-    if device.startswith("cuda"):
-        have, where = torch.cuda.get_device_properties(torch.device(device)).total_memory, device
-    else:
-        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
-    if need > have:
-        raise UserError(f"the model has {n / 1e6:,.0f}M parameters: about {need / 2**30:,.1f} GiB for weights, "
-                        f"gradients and AdamW state, more than the {have / 2**30:,.1f} GiB of {where}")
+def _require(ok, message):
+    if not ok:
+        raise UserError(message)
 
 
-def open_data(cfg, model_cfg, master, rank=0, world=1):
-    """-> batch(split, generator, device, rank=0, world=1) -> (x, y, source labels or None), and the
-    mixture if synthetic. With world > 1 each process gets its slice of one global batch."""
-    from data import SyntheticMixture, get_batch, load_split, max_token_id, prepare
-    B, S = cfg.batch_size, model_cfg.block_size
-    if cfg.dataset == "synthetic":  # generated on the fly; the mixture itself is fixed (seed 0)
-        if model_cfg.vocab_size < 16:
-            raise UserError(f"dataset=synthetic needs vocab_size >= 16, got {model_cfg.vocab_size}")
-        mixture = SyntheticMixture(vocab=min(256, model_cfg.vocab_size))
+# The declared defaults above (and GPTConfig's) are the GPU run: the shape and schedule of nanoGPT's
+# train_shakespeare_char (6 x 384, block 256, batch 64, 5000 steps; val 1.4697 on an A100), with MoE
+# layers of the same active compute. Not yet run on a GPU. Without a GPU, `python train.py` runs
+# nanoGPT's CPU recipe for the same data instead (its README: val ~1.88, 2000 steps). A preset sets
+# only what the user did not set in a config file or on the command line.
+GPU_PRESET = dict(dropout=0.2, beta2=0.99)
+CPU_PRESET = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max_iters=2000, eval_interval=250,
+                  eval_iters=20, log_interval=100, dropout=0.0, beta2=0.99, compile=False, sample_tokens=200)
+NANOGPT = {  # nanoGPT's published results on shakespeare_char, with the settings that decide them
+    "val ~1.88 (its README's CPU recipe)": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
+                                                max_iters=2000),
+    "val 1.4697 (train_shakespeare_char on an A100)": dict(n_layer=6, n_head=6, n_embd=384, block_size=256,
+                                                           batch_size=64, max_iters=5000),
+}
+# What a resumed run may change; any other setting comes from the checkpoint, and a different value
+# on the command line is refused (it would silently continue another experiment).
+RESUMABLE = ("init_from", "out_dir", "overwrite", "max_iters", "lr_decay_iters", "eval_interval", "log_interval",
+             "eval_iters", "num_samples", "sample_tokens", "device", "dtype", "compile", "router_impl", "dispatch",
+             "expert_parallel")
 
-        def synthetic(split, gen, device, rank=0, world=1):
-            return tuple(t[rank * B:(rank + 1) * B] for t in mixture.batch(B * world, S, gen, device))
-        return synthetic, mixture
-    folder = prepare(cfg.dataset, verbose=master)
-    splits = {split: load_split(folder, split) for split in ("train", "val")}
-    for split, data in splits.items():
-        if len(data) <= S:
-            raise UserError(f"dataset '{cfg.dataset}': the {split} split has {len(data):,} tokens, fewer than "
-                            f"block_size+1 = {S + 1} (use a smaller --block_size or more text)")
-    top = max_token_id(folder)
-    if top >= model_cfg.vocab_size:
-        raise UserError(f"dataset '{cfg.dataset}' has token id {top}, outside vocab_size={model_cfg.vocab_size}")
-    return (lambda split, gen, device, rank=0, world=1:
-            (*get_batch(splits[split], B, S, gen, device, rank, world), None)), None
+
+def setup(argv):
+    """The settings of this run, in layers (later ones win; the presets, the router's coefficients and
+    the dataset's vocabulary never override what a config file or the command line set):
+    declared defaults <- the preset of this machine <- the router's own loss coefficients <- the
+    dataset's vocabulary <- config files <- --key=value; then the widths left at 0 are derived.
+    On resume the checkpoint's settings replace the first four. -> (Layered, checkpoint or None)."""
+    settings = Layered(declared(TrainConfig, GPTConfig))
+    for origin, values in parse_args(argv, settings.defaults):
+        settings.apply(origin, values, explicit=True)
+    ckpt = None
+    if settings.values["init_from"] == "resume":
+        out_dir = settings.values["out_dir"]
+        ckpt = load_checkpoint(out_dir, hint="nothing to resume; drop --init_from=resume to start a run")
+        saved = saved_settings(ckpt, settings.defaults, os.path.join(out_dir, "ckpt.pt"), declared(GPTConfig))
+        settings.apply("checkpoint", saved)
+        conflicts = [k for k in sorted(settings.explicit) if k not in RESUMABLE and settings.values[k] != saved.get(k)]
+        if conflicts:
+            raise UserError(f"resuming keeps the checkpoint's settings, but "
+                            f"{', '.join(f'--{k}={settings.values[k]!r}' for k in conflicts)} differ from it "
+                            f"({', '.join(f'{k}={saved.get(k)!r}' for k in conflicts)}); settings that may change on "
+                            f"resume: {', '.join(RESUMABLE)}")
+        if settings.values["max_iters"] <= ckpt["iter_num"]:
+            raise UserError(f"the checkpoint is at iter {ckpt['iter_num']} and max_iters={settings.values['max_iters']}: "
+                            f"nothing to train (give a larger --max_iters)")
+        return settings, ckpt
+    if settings.values["device"] == "auto":
+        settings.apply(*(("GPU preset", GPU_PRESET) if torch.cuda.is_available() else ("CPU preset", CPU_PRESET)))
+    router = settings.values["router"]
+    if router in ROUTERS:  # an unknown name is refused by GPTConfig, naming it
+        settings.apply(f"router {router}", ROUTERS[router].defaults)
+    vocab = vocab_of(settings.values["dataset"]) if settings.values["dataset"] else None
+    if vocab:
+        settings.apply(f"dataset {settings.values['dataset']}", {"vocab_size": vocab})
+    return settings, None
 
 
 # ------------------------------------------------------------------------------------------------
-# optimisation
+# the pieces of a step
 
 def get_lr(it, cfg):
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
@@ -120,16 +186,12 @@ def make_optimizer(model, cfg, device_type):
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
 
 
-class Diverged(UserError):
-    """The loss or the weights became NaN/inf."""
-
-
 def train_step(model, optimizer, next_batch, accum, coefs, grad_clip, autocast, log_terms, ddp, routers,
-               ep=None, balance_group=None):
+               ep=None, pool=None):
     """One optimizer step: `accum` micro-batches of forward + losses + backward, then the NaN/inf
     guard (before the update, so the weights stay finite), clipping, the AdamW update, and the
     routers' per-step hooks (e.g. the sigmoid router's bias) with the step's load of every process.
-    ep: an expert-parallel layout (parallel.py), which syncs and clips its gradients itself.
+    ep: an expert-parallel layout (support/parallel.py), which syncs and clips its gradients itself.
     Returns (CE loss, unscaled auxiliary terms) averaged over the micro-batches (and processes)."""
     ce_sum, total_sum, terms_sum, counts = 0.0, 0.0, {}, 0
     hooked = any(r.per_step for r in routers)
@@ -139,8 +201,7 @@ def train_step(model, optimizer, next_batch, accum, coefs, grad_clip, autocast, 
             model.require_backward_grad_sync = micro == accum - 1
         with autocast:
             _, ce, routes = model(X, Y)
-            aux, terms = aux_losses(routes, **coefs, all_terms=log_terms,  # zero-coefficient terms: log steps only
-                                    balance_group=balance_group)
+            aux, terms = aux_losses(routes, **coefs, all_terms=log_terms, pool=pool)  # 0-coefficient terms: log steps only
             loss = (ce + aux) / accum
         loss.backward()
         ce_sum = ce_sum + ce.detach() / accum
@@ -153,8 +214,8 @@ def train_step(model, optimizer, next_batch, accum, coefs, grad_clip, autocast, 
         ep.sync_grads(model)
     stats = torch.stack([ce_sum, total_sum, *terms_sum.values()]).float()
     if ddp:  # a NaN on any process stops every process; the logged terms are means over processes
-        dist.all_reduce(stats)
-        stats /= dist.get_world_size()
+        torch.distributed.all_reduce(stats)
+        stats /= torch.distributed.get_world_size()
     ce_f, total_f, *terms_f = stats.tolist()  # the one host sync of a step: needed to stop before the update
     if not math.isfinite(total_f):
         raise Diverged(f"loss is {total_f}")
@@ -166,22 +227,22 @@ def train_step(model, optimizer, next_batch, accum, coefs, grad_clip, autocast, 
     optimizer.zero_grad(set_to_none=True)
     if hooked:
         if ddp:  # every process applies the same update from the global load
-            dist.all_reduce(counts)
+            torch.distributed.all_reduce(counts)
         for router, c in zip(routers, counts):
             router.update(c)
     return ce_f, dict(zip(terms_sum, terms_f))
 
 
 @torch.no_grad()
-def evaluate(model, batch, cfg, autocast, device, mixture):
+def evaluate(model, data, cfg, model_cfg, autocast, device):
     """Mean loss on the same eval_iters batches of each split, and routing metrics on val."""
     model.eval()
-    result, stats = {}, RoutingStats(n_labels=mixture.n_sources if mixture else 0)
+    result, stats = {}, RoutingStats(n_labels=data.n_labels)
     for split in ("train", "val"):
         gen = torch.Generator().manual_seed(1 if split == "train" else 2)  # same batches for every seed
         losses = []
         for _ in range(cfg.eval_iters):
-            X, Y, labels = batch(split, gen, device)
+            X, Y, labels = data.batch(split, cfg.batch_size, model_cfg.block_size, gen, device)
             with autocast:
                 _, loss, routes = model(X, Y)
             losses.append(loss.float())
@@ -189,240 +250,196 @@ def evaluate(model, batch, cfg, autocast, device, mixture):
                 stats.update(routes, labels)
         result[f"{split}_loss"] = torch.stack(losses).mean().item()
     model.train()
-    layers = stats.summary()
+    return result, with_router_metrics(stats.summary(), model)
+
+
+@torch.no_grad()
+def evaluate_whole(model, data, cfg, model_cfg, autocast, device):
+    """The loss on every target of the val split once (for a synthetic task: its fixed sample or its
+    whole table), its standard error, the routing metrics on it, and a task's own numbers."""
+    model.eval()
+    losses, stats = [], RoutingStats(n_labels=data.n_labels)
+    for X, Y, labels in data.whole_split("val", cfg.batch_size, model_cfg.block_size, device):
+        with autocast:
+            logits, _, routes = model(X, Y)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), Y.flatten(), reduction="none")  # (B*S,), 0 at -100
+        losses.append(ce[Y.flatten() != -100])
+        stats.update(routes, labels)
+    model.train()
+    losses = torch.cat(losses).double().cpu()
+    whole = {"val_loss": losses.mean().item(), "se": standard_error(losses), "targets": len(losses),
+             "layers": with_router_metrics(stats.summary(), model)}
+    if hasattr(data, "bits_stored"):  # the facts tasks: the bits of the table the model holds
+        whole["bits"] = data.bits_stored(whole["val_loss"])
+    return whole
+
+
+def with_router_metrics(layers, model):
     for m, router in zip(layers, model.routers()):
         m.update(router.metrics())  # each router's own: ERMoE geometry, the sigmoid router's bias, ...
-    return result, layers
+    return layers
 
 
 # ------------------------------------------------------------------------------------------------
 # the run
 
-def share(fn, ddp, *args):
-    """Run fn on rank 0 only; under DDP every rank raises the same UserError if rank 0 failed."""
-    value, message = None, None
-    if not ddp or dist.get_rank() == 0:
-        try:
-            value = fn(*args)
-        except UserError as err:
-            message = str(err)
-    if ddp:
-        box = [message]
-        dist.broadcast_object_list(box, src=0)
-        message = box[0]
-    if message is not None:
-        raise UserError(message)
-    return value
-
-
-def prepare_out_dir(cfg, ckpt):
-    """Lock out_dir, refuse to replace another run, then cut the log back to the checkpoint."""
-    check_writable_dir(cfg.out_dir)
-    lock = RunLock(cfg.out_dir).acquire()
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    if ckpt:
-        kept = []
-        if os.path.exists(log_path):  # keep the log up to the checkpoint; the rest is redone
-            kept = [r for r in read_log(log_path) if r["iter"] < ckpt["iter_num"]
-                    or (r["iter"] == ckpt["iter_num"] and "val_loss" not in r)]
-    else:
-        existing = describe_run(cfg.out_dir)
-        if existing and not cfg.overwrite:
-            raise UserError(f"{cfg.out_dir} already holds a run ({existing}); resume it with --init_from=resume, "
-                            f"choose another --out_dir, or pass --overwrite=True to replace it")
-        kept = []
-        if os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt")):
-            os.remove(os.path.join(cfg.out_dir, "ckpt.pt"))
-    lock.mark()
-    remove_stale_temp_files(cfg.out_dir)
-    rewrite_log(log_path, kept)
-    return lock, log_path
-
-
 def main(argv):
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # progress lines show up at once in a log file too
     if {"-h", "--help"} & set(argv):
-        notes = setting_notes()
-        print(__doc__ + "\nsettings (--key=default  what it is):\n" +
-              "\n".join(f"  {f'--{k}={v!r}':<34} {notes.get(k, '')}" for k, v in default_settings().items()))
+        settings, _ = setup([a for a in argv if a not in ("-h", "--help")])
+        settings.build(TrainConfig, GPTConfig)
+        print(__doc__ + "\nsettings (--key=value [where the value comes from] what it is):\n" +
+              settings.explain(notes(TrainConfig, GPTConfig)))
         return
-    ddp = "RANK" in os.environ
     try:
-        run(argv, ddp, int(os.environ.get("RANK", 0)))
+        train(argv)
     except KeyboardInterrupt:  # outside the training loop, which says where it stopped
         raise Interrupted("interrupted (the checkpoint in out_dir, if any, is intact)") from None
 
 
-def run(argv, ddp, rank):
-    cfg, model_cfg, ckpt = setup(argv)
-    device, dtype = pick_device(cfg, model_cfg)
-    check_memory(model_cfg, device)
-    world = int(os.environ.get("WORLD_SIZE", 1)) if ddp else 1
-    accum = cfg.gradient_accumulation_steps or world
-    if accum % world != 0:
-        raise UserError(f"gradient_accumulation_steps={accum} must be a multiple of the {world} processes "
-                        f"(or 0 = one micro-step per process)")
-    accum //= world
-    N = cfg.expert_parallel
-    if N > 1:  # parallel.py: the experts of every layer split over N processes
-        for ok, why in ((ddp, "needs several processes: torchrun --nproc_per_node=N train.py ..."),
-                        (world % N == 0, f"must divide the number of processes ({world})"),
-                        (model_cfg.n_experts % N == 0, f"must divide n_experts ({model_cfg.n_experts})"),
-                        (model_cfg.dispatch == "sorted", "needs dispatch=sorted"),
-                        (model_cfg.capacity_factor == 0, "needs capacity_factor=0 (dropless)")):
-            if not ok:
-                raise UserError(f"expert_parallel={N} {why}")
-    if ddp:
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(device)
-    master = rank == 0
-    # rank 0 checks the data and tokenises it once; then the other processes open it (cached bins)
-    batch, mixture = share(open_data, ddp, cfg, model_cfg, master) or open_data(cfg, model_cfg, master)
+def train(argv):
+    settings, ckpt = setup(argv)
+    cfg, model_cfg = settings.build(TrainConfig, GPTConfig)
+    env = launch.start(cfg, model_cfg)  # the device, the dtype, the processes: all checked
+    try:
+        loop(cfg, model_cfg, ckpt, settings, env)
+    finally:
+        launch.end(env)
+
+
+def loop(cfg, model_cfg, ckpt, settings, env):
+    # the data: the first process prepares it (tokenising once), then every process opens it
+    data = launch.share(env, open_dataset, cfg.dataset, model_cfg.vocab_size, env.master) or \
+        open_dataset(cfg.dataset, model_cfg.vocab_size, False)
+    data.check(model_cfg.block_size, model_cfg.vocab_size)
     torch.manual_seed(cfg.seed)
-    model = GPT(model_cfg).to(device)
+    model = GPT(model_cfg).to(env.device)
     if ckpt:  # checked before the out_dir is touched; a checkpoint always holds the whole model
         try:
             model.load_state_dict(ckpt["model"])
         except (RuntimeError, ValueError, KeyError) as err:
             raise UserError(f"checkpoint weights do not match its model_args ({str(err).splitlines()[0]})") from None
     ep = None
-    if N > 1:
-        from parallel import ExpertParallel
-        ep = ExpertParallel(N)
+    if cfg.expert_parallel > 1:
+        from support.parallel import ExpertParallel
+        ep = ExpertParallel(cfg.expert_parallel)
         ep.shard(model)  # keep this rank's E/N experts of every layer
-    optimizer = make_optimizer(model, cfg, "cuda" if device.startswith("cuda") else "cpu")
-    if ckpt and ckpt["optimizer"] is not None:  # None: imported weights (convert.py), a fresh optimizer
+    optimizer = make_optimizer(model, cfg, env.device_type)
+    if ckpt and ckpt["optimizer"] is not None:  # None: imported weights (tools/convert.py), a fresh optimizer
         try:
             optimizer.load_state_dict(ep.shard_optimizer_state(ckpt["optimizer"], optimizer, model) if ep
                                       else ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
             raise UserError(f"checkpoint optimizer state does not match the model ({str(err).splitlines()[0]})") from None
-    lock, log_path = share(prepare_out_dir, ddp, cfg, ckpt) or (None, os.path.join(cfg.out_dir, "log.jsonl"))
-    try:
-        loop(cfg, model_cfg, ckpt, model, optimizer, device, dtype, accum, world, rank, ddp, ep, batch, mixture,
-             log_path)
-    finally:
-        if ddp:
-            dist.destroy_process_group()
-
-
-def loop(cfg, model_cfg, ckpt, model, optimizer, device, dtype, accum, world, rank, ddp, ep, batch, mixture,
-         log_path):
-    master = rank == 0
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    run = Run(cfg.out_dir, env.master)
+    launch.share(env, run.open, ckpt, cfg.overwrite)  # lock, refuse to replace another run, cut the log
     batch_gen = torch.Generator().manual_seed(cfg.seed)  # one global batch per step, sliced per process
-    iter_num, best_val, saved_iter = 0, float("inf"), None
+    iter_num, best_val = 0, float("inf")
     if ckpt:
         if ckpt["batch_rng"]:  # (none: imported weights) one state resumes any number of processes
             batch_gen.set_state(ckpt["batch_rng"][0])
         torch.set_rng_state(ckpt["torch_rng"])
-        iter_num, best_val, saved_iter = ckpt["iter_num"], ckpt["best_val"], ckpt["iter_num"]
-        if master:
+        iter_num, best_val = ckpt["iter_num"], ckpt["best_val"]
+        run.resumed(iter_num)
+        if env.master:
             print(f"resumed from {cfg.out_dir}/ckpt.pt at iter {iter_num}")
     total, active = model.num_params()
-    if master:
+    if env.master:
         widths = f"expert width f={model_cfg.expert_hidden}" if model_cfg.n_experts else f"MLP width {model_cfg.ffn_hidden}"
         print(f"parameters: {total / 1e6:.2f}M total, {active / 1e6:.2f}M active per token "
               f"({model_cfg.n_experts} experts, top-{model_cfg.top_k}, {widths}, router={model_cfg.router})")
     fwd = torch.compile(model) if cfg.compile else model
-    if ddp and ep is None:  # plain data parallel; expert parallel syncs its gradients itself (parallel.py)
-        fwd = DDP(fwd, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
-    balance_group = dist.group.WORLD if ddp and cfg.balance_stats == "global" else None
+    if env.ddp and ep is None:  # plain data parallel; expert parallel syncs its gradients itself
+        fwd = DDP(fwd, device_ids=[int(os.environ["LOCAL_RANK"])] if env.device_type == "cuda" else None)
+    pool = None
+    if env.ddp and cfg.balance_stats == "global":
+        from support.parallel import pooled_balance
+        pool = pooled_balance(torch.distributed.group.WORLD)
     coefs = {c: getattr(cfg, c) for c in COEFFICIENTS.values()}
-    settings = {**asdict(cfg), **asdict(model_cfg)}
+    config = {**asdict(cfg), **asdict(model_cfg)}
 
-    def checkpoint():
-        state, opt = ep.full_state(model, optimizer) if ep else (model.state_dict(), optimizer.state_dict())
-        if master:
-            save_checkpoint({"model": state, "optimizer": opt, "model_args": asdict(model_cfg), "config": settings,
-                             "iter_num": iter_num, "best_val": best_val, "batch_rng": [batch_gen.get_state()],
-                             "torch_rng": torch.get_rng_state()}, cfg.out_dir)
+    def state():  # what a checkpoint holds (with expert parallelism, gathered from every process)
+        weights, opt = ep.full_state(model, optimizer) if ep else (model.state_dict(), optimizer.state_dict())
+        return {"model": weights, "optimizer": opt, "model_args": asdict(model_cfg), "config": config,
+                "iter_num": iter_num, "best_val": best_val, "batch_rng": [batch_gen.get_state()],
+                "torch_rng": torch.get_rng_state(), "tokenizer": data.tokenizer}
 
-    def last_checkpoint():
-        return f"the last good checkpoint is {cfg.out_dir}/ckpt.pt (iter {saved_iter})" if saved_iter is not None \
-            else "no checkpoint was written"
+    def next_batch():
+        return data.batch("train", cfg.batch_size, model_cfg.block_size, batch_gen, env.device, env.rank, env.world)
 
-    def stop(why):
-        return f"{why} at iter {iter_num}; stopped without saving: {last_checkpoint()}"
-
-    tokens_per_iter = cfg.batch_size * model_cfg.block_size * accum * world
+    tokens_per_iter = cfg.batch_size * model_cfg.block_size * env.accum * env.world
     t_start = t_last = time.time()
     start_iter = iter_num
-    try:
+    with run.guard(lambda: iter_num):  # Ctrl-C or divergence: one line saying where, the checkpoint intact
         while True:
             lr = get_lr(iter_num, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
-                result, layers = evaluate(model, batch, cfg, autocast, device, mixture)
-                finite = torch.tensor(float(all_finite(model.parameters())))
-                if ddp:  # every process decides alike (an expert-parallel rank holds only its experts)
-                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                if not (math.isfinite(result["train_loss"]) and math.isfinite(result["val_loss"]) and finite.item()):
-                    raise Diverged(stop(f"evaluation loss is train {result['train_loss']}, val {result['val_loss']} "
-                                        f"or the weights are not finite"))
+                result, layers = evaluate(model, data, cfg, model_cfg, env.autocast, env.device)
+                check_finite(result, model.parameters(), launch.all_ranks_min(env))  # never save a NaN
+                best = result["val_loss"] < best_val
                 best_val = min(best_val, result["val_loss"])
-                if iter_num != saved_iter:
-                    checkpoint()
-                    saved_iter = iter_num
-                if master:
-                    print(f"eval {iter_num}: train {result['train_loss']:.4f}, val {result['val_loss']:.4f}")
-                    for i, m in enumerate(layers):
-                        extra = f" source NMI {m['source_nmi']:.3f}" if "source_nmi" in m else ""
-                        print(f"  moe layer {i}: load cv {m['cv']:.3f} max/mean {m['max_mean']:.2f} dead {m['dead']} "
-                              f"entropy {m['entropy_norm']:.3f} top-k mass {m['topk_mass']:.3f}{extra}")
-                    append_log(log_path, {"iter": iter_num, **result, "layers": layers,
-                                          "final": iter_num >= cfg.max_iters})
+                run.checkpoint(state, iter_num, best)
+                final = iter_num >= cfg.max_iters
+                record = {"iter": iter_num, **result, "layers": layers, "final": final}
+                if final:
+                    record["whole"] = evaluate_whole(model, data, cfg, model_cfg, env.autocast, env.device)
+                if env.master:
+                    print_eval(record)
+                run.log(record)
             if iter_num >= cfg.max_iters:
                 break
             log_step = (iter_num + 1) % cfg.log_interval == 0
-            try:
-                lossf, terms = train_step(fwd, optimizer, lambda: batch("train", batch_gen, device, rank, world), accum,
-                                          coefs, cfg.grad_clip, autocast, log_step, ddp, model.routers(), ep,
-                                          balance_group)
-            except Diverged as err:
-                raise Diverged(stop(str(err))) from None
+            lossf, terms = train_step(fwd, optimizer, next_batch, env.accum, coefs, cfg.grad_clip, env.autocast,
+                                      log_step, env.ddp, model.routers(), ep, pool)
             iter_num += 1
-            if master and log_step:
+            if env.master and log_step:
                 now = time.time()
-                dt = (now - t_last) / cfg.log_interval
-                t_last = now
+                dt, t_last = (now - t_last) / cfg.log_interval, now
                 eta = (cfg.max_iters - iter_num) * (now - t_start) / (iter_num - start_iter)
                 terms_f = {k: round(float(v), 6) for k, v in terms.items()}
-                scaled = " ".join(f"{k} {v:.3f}" for k, v in terms_f.items())
-                print(f"iter {iter_num}: loss {lossf:.4f} | {scaled} | {dt * 1000:.0f} ms, "
-                      f"{tokens_per_iter / dt:,.0f} tok/s, eta {eta / 60:.1f} min")
-                append_log(log_path, {"iter": iter_num, "train_loss": lossf, "lr": lr, **terms_f,
-                                      **{f"{k}_scaled": round(coefs[COEFFICIENTS[k]] * v, 6)
-                                         for k, v in terms_f.items()}})
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted at iter {iter_num}; {last_checkpoint()}") from None
-
-    if master:
-        print(f"done: {iter_num - start_iter} steps in {(time.time() - t_start) / 60:.1f} min, best val loss {best_val:.4f}")
+                print(f"iter {iter_num}: loss {lossf:.4f} | {' '.join(f'{k} {v:.3f}' for k, v in terms_f.items())} | "
+                      f"{dt * 1000:.0f} ms, {tokens_per_iter / dt:,.0f} tok/s, eta {eta / 60:.1f} min")
+                run.log({"iter": iter_num, "train_loss": lossf, "lr": lr, **terms_f,
+                         **{f"{k}_scaled": round(coefs[COEFFICIENTS[k]] * v, 6) for k, v in terms_f.items()}})
+    if env.master:
+        same = [what for what, recipe in NANOGPT.items() if cfg.dataset == "shakespeare_char"
+                and all(settings.values[k] == v for k, v in recipe.items())]
+        print(f"done: {iter_num - start_iter} steps in {(time.time() - t_start) / 60:.1f} min, best val loss "
+              f"{best_val:.4f}" + (f"; nanoGPT's published figure for this recipe: {same[0]}" if same else ""))
         if ep:  # generation would need every process in step: sample from the checkpoint instead
             print(f"note: no samples with expert_parallel; python sample.py --out_dir={cfg.out_dir} reads the checkpoint")
-        finish(model, cfg, device, samples=not mixture and not ep)  # synthetic tokens are not text
-    if ddp:  # a check that every replica holds the same weights: a hash of the whole model per rank
-        state = ep.full_state(model, optimizer)[0] if ep else model.state_dict()
-        digest = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in state.values()))
-        hashes = [None] * world
-        dist.all_gather_object(hashes, digest.hexdigest())
-        if master:
+        finish(model, cfg, env.device, data.tokenizer if not ep else None)
+    if env.ddp:  # a check that every replica holds the same weights: a hash of the whole model per rank
+        weights = ep.full_state(model, optimizer)[0] if ep else model.state_dict()
+        digest = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in weights.values())).hexdigest()
+        hashes = [None] * env.world
+        torch.distributed.all_gather_object(hashes, digest)
+        if env.master:
             print(f"ranks hold identical weights: {len(set(hashes)) == 1}")
-            append_log(log_path, {"iter": iter_num, "param_hashes": hashes})
+            run.log({"iter": iter_num, "param_hashes": hashes})
 
 
-def finish(model, cfg, device, samples):
+def print_eval(record):
+    print(f"eval {record['iter']}: train {record['train_loss']:.4f}, val {record['val_loss']:.4f}")
+    for i, m in enumerate(record["layers"]):
+        extra = f" source NMI {m['source_nmi']:.3f}" if "source_nmi" in m else ""
+        print(f"  moe layer {i}: load cv {m['cv']:.3f} max/mean {m['max_mean']:.2f} dead {m['dead']} "
+              f"entropy {m['entropy_norm']:.3f} top-k mass {m['topk_mass']:.3f}{extra}")
+    if "whole" in record:
+        w = record["whole"]
+        bits = f"; {w['bits']:,.0f} bits of the table stored" if "bits" in w else ""
+        print(f"whole val split: {w['val_loss']:.4f} ± {w['se']:.4f} (standard error, {w['targets']:,} targets){bits}")
+
+
+def finish(model, cfg, device, tokenizer):
     """Samples and plots at the end (the checkpoint is already safe on disk)."""
-    from analyze import plot_run
-    from data import load_tokenizer
-    if samples and cfg.num_samples > 0:
-        enc = load_tokenizer(cfg.out_dir)  # an imported model's own tokenizer.json, else GPT-2's
+    from support.data import load_tokenizer
+    from support.plots import plot_run
+    if tokenizer is not None and cfg.num_samples > 0:  # a synthetic task's tokens are not text
+        enc = load_tokenizer(tokenizer)
         start = torch.tensor([enc.encode_ordinary("\n")], device=device)
         for _ in range(cfg.num_samples):
             out = model.generate(start, cfg.sample_tokens, temperature=0.8, top_k=200, n_vocab=enc.n_vocab)

@@ -3,10 +3,10 @@ Three demos for a lecture: each is one command, runs every variant with 3 seeds 
 out-demos/<demo>/<variant>-s<seed>, resumable like ablate.py), and writes a figure and a table to
 docs/ (docs/demos.md reads them out).
 
-    python demos.py collapse         # routing collapse and its cures (collapse preset, 16 experts, top-1)
-    python demos.py coupling         # coupling loss dose-response: c_cp in {0, 1e-3, 1e-2, 0.1}
-    python demos.py specialization   # specialization loss vs its random floor, random vs upcycled experts
-    python demos.py collapse --seeds 0 --dry   # print the commands only
+    python course/demos.py collapse         # routing collapse and its cures (collapse preset, 16 experts, top-1)
+    python course/demos.py coupling         # coupling loss dose-response: c_cp in {0, 1e-3, 1e-2, 0.1}
+    python course/demos.py specialization   # specialization loss vs its random floor, random vs upcycled experts
+    python course/demos.py collapse --seeds 0 --dry   # print the commands only
 
 Options: --seeds (default 0 1 2), --out_dir (default out-demos), --docs (default docs).
 """
@@ -15,14 +15,13 @@ import argparse
 import os
 import sys
 
-import matplotlib
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-import numpy as np
+import numpy as np  # noqa: E402
 
-from ablate import QUICK, REPO, final_eval, run_dir, run_variants
-from rundir import ArgParser, UserError, read_log
+from support.plots import plt  # noqa: E402
+from support.rundir import ArgParser, UserError, cli, read_log  # noqa: E402
+from tools.ablate import QUICK, REPO, final_eval, run_dir, run_variants  # noqa: E402
 
 BASE_SYNTHETIC = ["config/synthetic.py", *QUICK, "--num_samples=0", "--c_lb=0.01"]
 
@@ -172,7 +171,7 @@ SHOW = {"collapse": show_collapse, "coupling": show_coupling, "specialization": 
 
 
 def main(argv):
-    parser = ArgParser(prog="python demos.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgParser(prog="python course/demos.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("demo", choices=list(DEMOS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out_dir", default="out-demos")
@@ -189,7 +188,7 @@ def main(argv):
         return
     figure = os.path.join(args.docs, f"demo_{args.demo}.png")
     md = SHOW[args.demo](out_dir, demo["variants"], args.seeds, figure)
-    md = (f"`python demos.py {args.demo}`: train.py {' '.join(demo['base'])}, seeds {args.seeds}; "
+    md = (f"`python course/demos.py {args.demo}`: train.py {' '.join(demo['base'])}, seeds {args.seeds}; "
           f"mean ± half the spread between seeds, layer means at the final evaluation.\n\n" + md)
     with open(os.path.join(args.docs, f"demo_{args.demo}.md"), "w") as fh:
         fh.write(md)
@@ -198,5 +197,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from rundir import cli
     sys.exit(cli(main, sys.argv[1:]))

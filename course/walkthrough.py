@@ -1,7 +1,7 @@
 # %% [markdown]
 # # MoE routing, one handful of tokens at a time
 #
-# An executable lecture: run it as a script (`python walkthrough.py`, a few seconds on a CPU) or open
+# An executable lecture: run it as a script (`python course/walkthrough.py`, a few seconds on a CPU) or open
 # it as a notebook (VS Code / Jupyter read the `# %%` cells). It follows T = 8 tokens through one
 # MoE block with E = 4 experts and k = 2 experts per token, printing every intermediate, and checks
 # each number computed by hand against the project's own code (router.py, model.py, losses.py).
@@ -12,12 +12,17 @@
 #           multiply by the gate, add back to the token:  y (T, d)
 
 # %%
-import torch
-import torch.nn.functional as F
+import os
+import sys
 
-from losses import coupling_loss, load_balancing_loss, specialization_loss, z_loss
-from model import GPTConfig, MoE, grouped_matmul
-from router import EigenRouter, eigenbasis_scores, expert_counts, select_topk
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from losses import coupling_loss, load_balancing_loss, specialization_loss, z_loss  # noqa: E402
+from model import GPTConfig, MoE, grouped_matmul  # noqa: E402
+from router import EigenRouter, eigenbasis_scores, expert_counts, select_topk  # noqa: E402
 
 torch.manual_seed(0)
 torch.set_grad_enabled(False)                           # a lecture: values only, no gradients

@@ -1,49 +1,39 @@
 """
-Data: tokenizers, corpora as token bins, batches, and the synthetic task.
+Data for a run: tokenizers, text datasets as token bins, batches, and the whole-split evaluation.
 
-    python data.py prepare SRC NAME [--tokenizer=PATH] [--workers=N] [--val_fraction=F]
-        # a corpus of any size -> data/NAME/{train,val}.bin, then: python train.py --dataset=NAME
-
-- `gpt2_encoding()` builds tiktoken's GPT-2 BPE from the shipped `data/gpt2.tiktoken` ranks, so
-  nothing is downloaded (`tiktoken.get_encoding("gpt2")` would fetch the same file from the web).
-  `load_tokenizer(out_dir)` gives a checkpoint's own tokenizer.json (an imported model, through the
-  `tokenizers` package) or GPT-2's, with one interface: encode_ordinary, decode, n_vocab.
-- `prepare(name)` tokenises a small `data/<name>/input.txt` in one go into train.bin / val.bin
-  (90/10 by characters, like nanoGPT's shakespeare prep).
-- `prepare_stream(src, name)` (the command above) streams a corpus of any size: a text file, or a
-  folder of .txt files and .jsonl files (one JSON object with a "text" field per line). Text is
-  cut into ~1 MB chunks only where GPT-2's pre-tokeniser splits anyway (before a word after a
-  newline or a space), so the tokens equal a one-shot encoding; chunks are tokenised by a pool of
-  processes, a bounded batch at a time (memory does not grow with the corpus); documents are
-  separated by the end-of-text token. The last val_fraction of the tokens is the val split.
-- Both write uint16 bins (uint32 for vocabularies above 65,536 ids) into temp files and rename
-  them into place, then write meta.json last: a set without meta.json is incomplete and is not
-  used, so an interrupted preparation never leaves a half-written bin in use.
-- `get_batch` samples random windows with an explicit torch.Generator, so a checkpoint can store
-  the sampler state and a resumed run draws exactly the batches an uninterrupted run would.
-- `SyntheticMixture` (`--dataset=synthetic`): sequences made of segments, each drawn from one of a
-  few token sources (random sparse Markov chains over partly overlapping token ranges), with the
-  source label of every token kept, so that expert specialization can be measured against a known
-  split: NMI(top-1 expert, source).
+- Tokenizers, one interface (encode_ordinary, decode, n_vocab): GPT-2's BPE built by tiktoken from
+  the shipped `data/gpt2.tiktoken` ranks (nothing is downloaded; `tiktoken.get_encoding("gpt2")`
+  would fetch the same file from the web), a character vocabulary (nanoGPT's shakespeare_char), or
+  a tokenizer.json (an imported model's, through the `tokenizers` package). A checkpoint records
+  its tokenizer as a spec: "gpt2", {"chars": "..."}, or the path of a tokenizer.json.
+- Datasets by name (`open_dataset`): `shakespeare_char` (the shipped text, 65 characters, nanoGPT's
+  90/10 split by characters), `shakespeare` (the same text in GPT-2 BPE, 90/10), any data/<name>/
+  holding an input.txt (GPT-2 BPE) or the bins of tools/prepare.py, and the synthetic tasks of
+  support/tasks.py. Text is tokenised once into uint16 bins (uint32 above 65,536 ids): temp files
+  renamed into place, meta.json last, so a set without meta.json is incomplete and never used.
+- Batches are random windows drawn with an explicit torch.Generator, so a checkpoint can store the
+  sampler state and a resumed run draws exactly the batches an uninterrupted run would. With W
+  processes, one global batch of W*B windows is drawn and each rank takes its B.
+- The whole-split evaluation reads the val split once, in consecutive windows of block_size.
 """
 
 import json
+import math
 import os
-import sys
-import time
 
 import numpy as np
 import tiktoken
 import tiktoken.load
 import torch
 
-from rundir import ArgParser, UserError
+from support.rundir import UserError
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
 # The GPT-2 (r50k) pre-tokenisation regex: contractions, letter runs, digit runs, punctuation runs,
 # whitespace. Together with the ranks file it defines the encoding.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT2_VOCAB = 50304  # the model's vocabulary for GPT-2's 50,257 ids: padded to a multiple of 64 (nanoGPT)
 
 
 def gpt2_encoding():
@@ -53,6 +43,23 @@ def gpt2_encoding():
     ranks = tiktoken.load.load_tiktoken_bpe(path)
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": 50256})
+
+
+class CharTokenizer:
+    """One token per character of a fixed alphabet (nanoGPT's shakespeare_char)."""
+
+    def __init__(self, chars):
+        self.chars, self.n_vocab, self.eot_token = chars, len(chars), None
+        self.index = {c: i for i, c in enumerate(chars)}
+
+    def encode_ordinary(self, text):
+        missing = sorted(set(text) - set(self.index))
+        if missing:
+            raise UserError(f"the text has characters outside this model's alphabet: {''.join(missing)[:20]!r}")
+        return [self.index[c] for c in text]
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
 
 
 class JsonTokenizer:
@@ -78,19 +85,22 @@ class JsonTokenizer:
         return self.tok.decode(ids)
 
 
-def load_tokenizer(path=None):
-    """GPT-2's BPE, or the tokenizer.json at `path` (a file, or a directory holding one)."""
-    if path and os.path.isdir(path):
-        path = os.path.join(path, "tokenizer.json") if os.path.exists(os.path.join(path, "tokenizer.json")) else None
-    if not path or path == "gpt2":
+def load_tokenizer(spec=None):
+    """A tokenizer from its spec: None or "gpt2", {"chars": alphabet}, a tokenizer.json, or a folder
+    holding one (an imported model's out_dir; without one, GPT-2's)."""
+    if isinstance(spec, dict):
+        return CharTokenizer(spec["chars"])
+    if spec and os.path.isdir(spec):
+        spec = os.path.join(spec, "tokenizer.json") if os.path.exists(os.path.join(spec, "tokenizer.json")) else None
+    if not spec or spec == "gpt2":
         return gpt2_encoding()
-    if not os.path.isfile(path):
-        raise UserError(f"tokenizer {path} not found")
-    return JsonTokenizer(path)
+    if not os.path.isfile(spec):
+        raise UserError(f"tokenizer {spec} not found")
+    return JsonTokenizer(spec)
 
 
 # ------------------------------------------------------------------------------------------------
-# corpora -> token bins
+# text -> token bins
 
 def bin_dtype(n_vocab):
     return np.uint16 if n_vocab <= 2 ** 16 else np.uint32
@@ -110,30 +120,56 @@ def finish_bins(folder, parts, meta):
     os.replace(marker + f".tmp.{os.getpid()}", marker)
 
 
-def prepare(name, verbose=True):
-    """data/<name>: ready bins, or tokenise its input.txt (re-done when the text is newer)."""
-    folder = os.path.join(DATA_DIR, name)
-    src, marker = os.path.join(folder, "input.txt"), os.path.join(folder, "meta.json")
-    if not os.path.isfile(src):
-        if os.path.isfile(marker):             # prepared by prepare_stream
-            return folder
-        raise UserError(f"dataset '{name}': no text file at {src} and no prepared bins (put an input.txt there, "
-                        f"run python data.py prepare SRC {name}, or use --dataset=shakespeare or synthetic)")
-    if os.path.isfile(marker) and os.path.getmtime(marker) >= os.path.getmtime(src):
-        return folder
+BUILT_IN = {  # name -> (the text under data/, tokenizer): tokenised on first use
+    "shakespeare_char": ("shakespeare/input.txt", "char"),
+    "shakespeare": ("shakespeare/input.txt", "gpt2"),
+}
+
+
+def source_of(name):
+    """The text a dataset is tokenised from (None: bins prepared by tools/prepare.py), and its tokenizer."""
+    if name in BUILT_IN:
+        path, tokenizer = BUILT_IN[name]
+        return os.path.join(DATA_DIR, path), tokenizer
+    src = os.path.join(DATA_DIR, name, "input.txt")
+    return (src, "gpt2") if os.path.isfile(src) else (None, None)
+
+
+def read_text(src, name):
     try:
         with open(src, encoding="utf-8") as fh:
-            text = fh.read()
+            return fh.read()
     except UnicodeDecodeError as err:
         raise UserError(f"dataset '{name}': {src} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def prepare(name, verbose=True):
+    """data/<name>: ready bins, or tokenise its text 90/10 by characters (again when the text is newer)."""
+    folder = os.path.join(DATA_DIR, name)
+    src, tokenizer = source_of(name)
+    marker = os.path.join(folder, "meta.json")
+    if src is None:
+        if os.path.isfile(marker):             # prepared by tools/prepare.py
+            return folder
+        raise UserError(f"dataset '{name}': no text file at {os.path.join(folder, 'input.txt')} and no prepared "
+                        f"bins (put an input.txt there, run python tools/prepare.py SRC {name}, or use a dataset "
+                        f"of docs/data.md: shakespeare_char, shakespeare, synthetic, facts, ...)")
+    if os.path.isfile(marker) and os.path.getmtime(marker) >= os.path.getmtime(src):
+        return folder
+    text = read_text(src, name)
     n = int(0.9 * len(text))
-    enc = gpt2_encoding()
-    ids = [np.array(enc.encode_ordinary(part), dtype=np.uint16) for part in (text[:n], text[n:])]  # GPT-2: < 2**16
+    if tokenizer == "char":
+        spec = {"chars": "".join(sorted(set(text)))}
+        enc, vocab = CharTokenizer(spec["chars"]), len(spec["chars"])
+    else:
+        spec, enc, vocab = "gpt2", gpt2_encoding(), GPT2_VOCAB
+    ids = [np.array(enc.encode_ordinary(part), dtype=np.uint16) for part in (text[:n], text[n:])]  # < 2**16
     if not all(len(i) for i in ids):
         raise UserError(f"dataset '{name}': {src} holds {len(text)} characters, too little text for a train and "
                         f"a val split")
+    os.makedirs(folder, exist_ok=True)
     finish_bins(folder, {split: part.tofile for split, part in zip(("train", "val"), ids)},
-                {"tokenizer": "gpt2", "dtype": "uint16", "max_id": int(max(i.max() for i in ids)),
+                {"tokenizer": spec, "vocab_size": vocab, "dtype": "uint16", "max_id": int(max(i.max() for i in ids)),
                  "tokens": {"train": len(ids[0]), "val": len(ids[1])}})
     if verbose:
         print(f"prepared {folder}: {len(ids[0]):,} train and {len(ids[1]):,} val tokens")
@@ -147,161 +183,27 @@ def read_meta(folder):
             return json.load(fh)
     except ValueError as err:  # edited or damaged by hand: ours are written whole (temp file + rename)
         raise UserError(f"{path} is not JSON ({err}); delete it and prepare the data again: train.py "
-                        f"re-tokenises an input.txt, else run python data.py prepare") from None
+                        f"re-tokenises an input.txt, else run python tools/prepare.py") from None
+
+
+def vocab_of(name):
+    """The model vocabulary a dataset needs, without writing anything (None if it cannot tell yet)."""
+    from support.tasks import TASKS
+    if name in TASKS:
+        return TASKS[name]().vocab_size
+    meta = os.path.join(DATA_DIR, name, "meta.json")
+    src, tokenizer = source_of(name)
+    if os.path.isfile(meta) and (src is None or os.path.getmtime(meta) >= os.path.getmtime(src)):
+        m = read_meta(os.path.dirname(meta))
+        return m.get("vocab_size") or -(-(m["max_id"] + 1) // 64) * 64
+    if tokenizer == "char" and src:
+        return len(set(read_text(src, name)))
+    return GPT2_VOCAB if tokenizer == "gpt2" else None
 
 
 def load_split(folder, split):
     return np.memmap(os.path.join(folder, f"{split}.bin"), dtype=read_meta(folder)["dtype"], mode="r")
 
-
-def max_token_id(folder):
-    return read_meta(folder)["max_id"]
-
-
-CHUNK = 1 << 20  # characters per chunk: a unit of work for one process
-
-
-def safe_cut(text):
-    """The last index where GPT-2's pre-tokeniser splits anyway (a newline or a space followed by
-    a non-space, after a non-space), or -1: cutting there changes no token."""
-    for sep in ("\n", " "):
-        i = len(text) - 1
-        while True:
-            i = text.rfind(sep, 0, i)
-            if i <= 0:
-                break
-            after, before = text[i + 1:i + 2], text[i - 1]
-            if after and not after.isspace() and not before.isspace():
-                return i + 1 if sep == "\n" else i   # after the newline; before the space (it starts a word)
-    return -1
-
-
-def documents(src):
-    """Yield (path, text of one document) for a file or a folder of .txt/.jsonl files."""
-    files = [src] if os.path.isfile(src) else sorted(
-        os.path.join(root, f) for root, _, names in os.walk(src) for f in names if f.endswith((".txt", ".jsonl")))
-    for path in files:
-        if path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as fh:
-                for n, line in enumerate(fh, start=1):
-                    if line.strip():
-                        try:
-                            yield path, json.loads(line)["text"]
-                        except (json.JSONDecodeError, KeyError, TypeError):
-                            raise UserError(f"{path} line {n}: not a JSON object with a 'text' field") from None
-        else:
-            yield path, None  # read in blocks below: a .txt file may be larger than memory
-
-
-def chunks(src):
-    """(text chunk, ends a document, bytes read so far) in corpus order, each chunk ~CHUNK characters."""
-    done = 0
-    for path, text in documents(src):
-        if text is not None:
-            done += len(text.encode("utf-8")) + 1
-            yield text, True, done
-            continue
-        carry = ""
-        with open(path, encoding="utf-8") as fh:
-            while True:
-                block = fh.read(CHUNK)
-                done += len(block.encode("utf-8"))
-                if not block:
-                    break
-                text = carry + block
-                cut = safe_cut(text)
-                if cut <= 0 and len(text) < 16 * CHUNK:  # no safe place yet: read on
-                    carry = text
-                    continue
-                cut = cut if cut > 0 else len(text)      # one 16-MB run without a word boundary: cut anyway
-                carry = text[cut:]
-                yield text[:cut], False, done
-        yield carry, True, done
-
-
-_worker_tok = None
-
-
-def _init_worker(tokenizer):
-    global _worker_tok
-    _worker_tok = load_tokenizer(tokenizer)
-
-
-def _encode(job):
-    text, ends = job
-    ids = _worker_tok.encode_ordinary(text)
-    if ends and getattr(_worker_tok, "eot_token", None) is not None:
-        ids.append(_worker_tok.eot_token)        # documents are separated by end-of-text
-    return np.array(ids, dtype=np.int64)
-
-
-def prepare_stream(src, name, tokenizer=None, workers=None, val_fraction=0.01, progress=sys.stderr):
-    """Tokenise a corpus of any size into data/<name>/{train,val}.bin with bounded memory."""
-    from multiprocessing import get_context
-    if not os.path.exists(src):
-        raise UserError(f"{src} does not exist (a text file or a folder of .txt/.jsonl files)")
-    if not 0 < val_fraction < 1:
-        raise UserError(f"--val_fraction must be in (0, 1), got {val_fraction}")
-    workers = workers or max(1, (os.cpu_count() or 1))
-    if workers < 1:
-        raise UserError(f"--workers must be >= 1, got {workers}")
-    tok = load_tokenizer(tokenizer)             # checked here, before any file is written
-    folder = os.path.join(DATA_DIR, name)
-    os.makedirs(folder, exist_ok=True)
-    for stale in [f for f in os.listdir(folder) if ".tmp." in f]:
-        os.remove(os.path.join(folder, stale))  # temp files of an interrupted preparation
-    total = os.path.getsize(src) if os.path.isfile(src) else sum(
-        os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(src) for f in fs if f.endswith((".txt", ".jsonl")))
-    dtype = bin_dtype(tok.n_vocab)
-    tmp = os.path.join(folder, f"all.bin.tmp.{os.getpid()}")
-    n, top, t0, last = 0, 0, time.time(), 0.0
-    with get_context("spawn").Pool(workers, _init_worker, (tokenizer,)) as pool, open(tmp, "wb") as out:
-
-        def tokenise(batch, done):  # a bounded batch at a time: memory does not grow with the corpus
-            nonlocal n, top, last
-            for ids in pool.map(_encode, batch):
-                out.write(ids.astype(dtype).tobytes())
-                n += len(ids)
-                top = max(top, int(ids.max()) if len(ids) else 0)
-            if progress and time.time() - last > 0.5:
-                last = time.time()
-                print(f"\r{done / 1e6:,.0f} / {total / 1e6:,.0f} MB, {n / 1e6:,.1f}M tokens, "
-                      f"{n / (last - t0) / 1e3:,.0f}k tokens/s", end="", file=progress, flush=True)
-
-        batch = []
-        for text, ends, done in chunks(src):
-            batch.append((text, ends))
-            if len(batch) == 2 * workers:
-                tokenise(batch, done)
-                batch = []
-        if batch:
-            tokenise(batch, total)
-    n_val = max(1, int(n * val_fraction))
-    if n - n_val < 2:
-        os.remove(tmp)
-        raise UserError(f"{src} gives {n} tokens: too few for a train and a val split")
-    tokens = np.memmap(tmp, dtype=dtype, mode="r", shape=(n,))
-
-    def write_val(path):
-        tokens[n - n_val:].tofile(path)
-
-    def write_train(path):
-        os.truncate(tmp, (n - n_val) * np.dtype(dtype).itemsize)  # the train split is the head: no copy
-        os.replace(tmp, path)
-
-    finish_bins(folder, {"val": write_val, "train": write_train},
-                {"tokenizer": tokenizer or "gpt2", "dtype": np.dtype(dtype).name, "max_id": top,
-                 "tokens": {"train": n - n_val, "val": n_val}, "source": os.path.abspath(src)})
-    secs = time.time() - t0
-    if progress:
-        print(f"\r{total / 1e6:,.0f} MB -> {folder}: {n - n_val:,} train and {n_val:,} val tokens "
-              f"({np.dtype(dtype).name}) in {secs:.1f} s, {n / secs / 1e3:,.0f}k tokens/s with {workers} processes",
-              file=progress)
-    return folder
-
-
-# ------------------------------------------------------------------------------------------------
-# batches and the synthetic task
 
 def get_batch(data, batch_size, block_size, generator, device, rank=0, world=1):
     """Random windows of `block_size` tokens: inputs x and next-token targets y, each (B, S).
@@ -319,58 +221,54 @@ def get_batch(data, batch_size, block_size, generator, device, rank=0, world=1):
     return x.to(device), y.to(device)
 
 
-class SyntheticMixture:
-    """
-    n_sources Markov chains over token ids [0, vocab). Source s lives on the range
-    [s*w/2, s*w/2 + w) with w = 2*vocab/(n_sources+1): neighbouring sources share half their
-    tokens, so the token id alone does not give the source away. A sequence is cut into segments of
-    seg_len tokens; each segment picks its source uniformly, starts at a uniform token of its range,
-    and then moves from token i to one of `branching` successors in the range (random weights,
-    the row trans[s, i]).
-    """
+class TextData:
+    """A tokenised corpus: random training windows, and its whole val split in consecutive windows."""
 
-    def __init__(self, vocab=256, n_sources=4, seg_len=32, branching=4, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.vocab, self.n_sources, self.seg_len = vocab, n_sources, seg_len
-        width = 2 * vocab // (n_sources + 1)
-        self.ranges = [(s * width // 2, s * width // 2 + width) for s in range(n_sources)]
-        self.entry = torch.zeros(n_sources, vocab)                          # (S, V) segment starts
-        self.trans = torch.zeros(n_sources, vocab, vocab)                   # (S, V, V) in-range rows
-        for s, (lo, hi) in enumerate(self.ranges):
-            self.entry[s, lo:hi] = 1.0 / (hi - lo)
-            for i in range(lo, hi):
-                nxt = lo + torch.randperm(hi - lo, generator=g)[:branching]
-                w = torch.rand(branching, generator=g) + 0.1
-                self.trans[s, i, nxt] = w / w.sum()
+    def __init__(self, name, verbose=True):
+        folder = prepare(name, verbose)
+        meta = read_meta(folder)
+        self.name, self.tokenizer, self.n_labels = name, meta.get("tokenizer", "gpt2"), 0
+        self.vocab_size = meta.get("vocab_size") or -(-(meta["max_id"] + 1) // 64) * 64
+        self.max_id = meta["max_id"]
+        self.splits = {split: load_split(folder, split) for split in ("train", "val")}
 
-    def batch(self, batch_size, block_size, generator, device):
-        """x, y (B, S) token ids and the source label of each input token (B, S)."""
-        n = block_size + 1
-        n_seg = -(-n // self.seg_len)
-        seg_src = torch.randint(self.n_sources, (batch_size, n_seg), generator=generator)
-        labels = seg_src.repeat_interleave(self.seg_len, dim=1)[:, :n]      # (B, S+1)
-        tokens = torch.zeros(batch_size, n, dtype=torch.long)
-        for t in range(n):
-            src = labels[:, t]
-            rows = self.entry[src] if t % self.seg_len == 0 else self.trans[src, tokens[:, t - 1]]  # (B, V)
-            tokens[:, t] = torch.multinomial(rows, 1, generator=generator).squeeze(1)
-        return tokens[:, :-1].to(device), tokens[:, 1:].to(device), labels[:, :-1].to(device)
+    def check(self, block_size, vocab_size):
+        for split, data in self.splits.items():
+            if len(data) <= block_size:
+                raise UserError(f"dataset '{self.name}': the {split} split has {len(data):,} tokens, fewer than "
+                                f"block_size+1 = {block_size + 1} (use a smaller --block_size or more text)")
+        if self.max_id >= vocab_size:
+            raise UserError(f"dataset '{self.name}' has token id {self.max_id}, outside vocab_size={vocab_size}")
 
+    def batch(self, split, batch_size, block_size, generator, device, rank=0, world=1):
+        """(x, y, None): no labels for text."""
+        return (*get_batch(self.splits[split], batch_size, block_size, generator, device, rank, world), None)
 
-def main(argv):
-    parser = ArgParser(prog="python data.py", description="prepare a corpus: python data.py prepare SRC NAME")
-    parser.add_argument("command", choices=["prepare"])
-    parser.add_argument("src", help="a text file, or a folder of .txt and .jsonl files")
-    parser.add_argument("name", help="the dataset name: data/NAME, then train.py --dataset=NAME")
-    parser.add_argument("--tokenizer", default=None, help="a tokenizer.json (default: GPT-2's BPE)")
-    parser.add_argument("--workers", type=int, default=None, help="tokenising processes (default: one per core)")
-    parser.add_argument("--val_fraction", type=float, default=0.01, help="the last fraction of tokens for val")
-    args = parser.parse_args(argv)
-    if not args.name or os.sep in args.name or args.name in (".", "..", "synthetic"):
-        raise UserError(f"NAME must be a plain folder name under data/, got '{args.name}'")
-    prepare_stream(args.src, args.name, args.tokenizer, args.workers, args.val_fraction)
+    def whole_split(self, split, batch_size, block_size, device):
+        """Every token of the split but the first exactly once as a target, in consecutive windows of
+        block_size; the last window ends at the end of the split and scores only the targets that the
+        window before it did not (the others get -100: no target, which cross_entropy ignores)."""
+        data = self.splits[split]
+        n = len(data) - 1                                         # targets
+        starts = list(range(0, n - block_size + 1, block_size))
+        if starts[-1] + block_size < n:
+            starts.append(n - block_size)
+        for i in range(0, len(starts), batch_size):
+            rows = torch.from_numpy(np.stack([data[s:s + block_size + 1] for s in starts[i:i + batch_size]]).astype(np.int64))
+            x, y = rows[:, :-1], rows[:, 1:].clone()                  # (b, S) each
+            for j, s in enumerate(starts[i:i + batch_size]):
+                seen = (starts[i + j - 1] + block_size - s) if i + j > 0 else 0
+                y[j, :max(seen, 0)] = -100
+            yield x.to(device), y.to(device), None
 
 
-if __name__ == "__main__":
-    from rundir import cli
-    sys.exit(cli(main, sys.argv[1:]))
+def open_dataset(name, vocab_size, verbose=True):
+    """A text dataset or a synthetic task by name, for a model of vocab_size ids; both have batch()
+    and whole_split()."""
+    from support.tasks import TASKS
+    return TASKS[name](vocab_size) if name in TASKS else TextData(name, verbose)
+
+
+def standard_error(losses):
+    """Standard error of a mean of per-token losses (as if independent: tokens of one window are not)."""
+    return float(losses.std() / math.sqrt(max(len(losses), 1)))

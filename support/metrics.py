@@ -13,13 +13,13 @@ Reference values (asserted in test_all.py):
   co-activation cos^2         ~1/f (independent)     1 (identical experts); also given times f
   dropped pairs (capacity c)  0 (dropless)           1 - c/E (k=1, one expert takes every pair)
   NMI(layer l, layer l+1)     0 if independent       1 if one is a relabelling of the other
+  experts used by a label     E (spread evenly)      1 (exp of the entropy of its top-1 experts)
 """
 
 import math
 
 import torch
-
-from losses import specialization_loss
+import torch.nn.functional as F
 
 
 def load_stats(counts):
@@ -49,6 +49,12 @@ def mutual_information(joint):
     return mi, hx, hy, hy - mi
 
 
+def experts_used(counts):
+    """exp(entropy) of a load over experts: the number of experts it is spread over (1 to E)."""
+    p = counts.double() / counts.sum().clamp_min(1)
+    return math.exp(-(p[p > 0] * p[p > 0].log()).sum().item())
+
+
 def nmi(joint):
     """Normalised mutual information 2 I / (H(X) + H(Y)) (arithmetic normalisation), 0 if both constant."""
     mi, hx, hy, _ = mutual_information(joint)
@@ -56,10 +62,14 @@ def nmi(joint):
 
 
 def coactivation_cos2(z):
-    """Mean squared cosine between the intermediates of co-activated experts, z (T, k, f):
-    the specialization loss R_sp averaged over the k(k-1) ordered pairs instead of summed."""
+    """Mean squared cosine between the intermediates of co-activated experts, z (T, k, f), over tokens
+    and the k(k-1) ordered pairs: the specialization loss R_sp (losses.py) divided by k(k-1)."""
     k = z.shape[1]
-    return 0.0 if k < 2 else specialization_loss(z).item() / (k * (k - 1))
+    if k < 2:
+        return 0.0
+    unit = F.normalize(z.detach().double(), dim=-1, eps=1e-8)                 # (T, k, f)
+    cos2 = (unit @ unit.transpose(1, 2)).pow(2)                                # (T, k, k)
+    return ((cos2.sum(dim=(1, 2)) - cos2.diagonal(dim1=1, dim2=2).sum(-1)) / (k * (k - 1))).mean().item()
 
 
 class RoutingStats:
@@ -118,6 +128,7 @@ class RoutingStats:
             m["dropped"] = acc["dropped"] / self.n
             if self.n_labels:
                 m["source_nmi"] = nmi(acc["source"])
+                m["experts_per_label"] = [round(experts_used(col), 4) for col in acc["source"].T]
             if i < len(self.pairs):
                 mi, hx, hy, h_cond = mutual_information(self.pairs[i])
                 m["next_nmi"] = nmi(self.pairs[i])

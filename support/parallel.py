@@ -39,7 +39,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from model import MoE, sort_pairs
 
 EXPERT_PARAMS = ("w_gate", "w_up", "w_down")  # the per-expert weights of model.MoE, stacked on dim 0
 
@@ -82,6 +81,16 @@ def all_reduce_sum(x, group=None):
     return AllReduceSum.apply(x, group)
 
 
+def pooled_balance(group):
+    """losses.aux_losses' `pool`: the load-balancing statistics (counts, psum, T) of the batches of every
+    process in `group`, i.e. of the global batch (the psum sum is differentiable; counts carry no gradient)."""
+    def pool(counts, psum, T):
+        counts = counts.clone()
+        dist.all_reduce(counts, group=group)
+        return counts, all_reduce_sum(psum, group), T * dist.get_world_size(group)
+    return pool
+
+
 class ExpertParallel:
     """The process groups of an expert-parallel layout, and the MoE dispatch across them."""
 
@@ -117,7 +126,7 @@ class ExpertParallel:
         """The expert-parallel MoE.forward_sorted: -> y (T, d), z (T, k, f)."""
         T, k = idx.shape
         n, E = self.n, counts.numel()
-        order, inverse, tok, e = sort_pairs(idx)                    # (T*k,) grouped by expert, hence by rank
+        order, inverse, tok, e = moe.sort_pairs(idx)                # (T*k,) grouped by expert, hence by rank
         h = moe.expert_inputs(x, coords, tok, e).to(x.dtype)        # (T*k, d_in) rows to send
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=self.ep_group)  # counts first: (n, E/n) per source
@@ -209,4 +218,4 @@ def is_expert(name):
 
 
 def moe_blocks(model):
-    return [b.mlp for b in model.blocks if isinstance(b.mlp, MoE)]
+    return [b.mlp for b in model.blocks if hasattr(b.mlp, "router")]

@@ -2,8 +2,13 @@
 What a training run keeps in its out_dir, and how nothing in it gets lost.
 
     out_dir/ckpt.pt     model, optimizer, settings and RNG states at the last evaluation
+    out_dir/best.pt     the same at the evaluation with the lowest val loss so far
     out_dir/log.jsonl   one JSON object per line: train steps and evaluations
     out_dir/.lock       held (flock) by the one train.py that writes this out_dir
+
+train.py sees one small interface, `Run`: open (lock, refuse to replace another run, cut the log
+back to the checkpoint), checkpoint, log, check_finite, and `guard`, which turns Ctrl-C and a
+diverged step into one line that says where the run stopped and which checkpoint is intact.
 
 - A checkpoint is written to a temp file named after the process and renamed over ckpt.pt: the
   rename is atomic, so a crash or kill -9 at any moment leaves the previous checkpoint or the new
@@ -17,9 +22,13 @@ What a training run keeps in its out_dir, and how nothing in it gets lost.
 """
 
 import argparse
+import difflib
 import json
+import math
 import os
+import shutil
 import sys
+from contextlib import contextmanager
 
 import torch
 
@@ -29,6 +38,7 @@ except ImportError:  # Windows: no flock; the lock is skipped there
     fcntl = None
 
 CKPT_KEYS = ("model", "optimizer", "model_args", "config", "iter_num", "best_val", "batch_rng", "torch_rng")
+
 
 
 class UserError(Exception):
@@ -41,11 +51,23 @@ class Interrupted(UserError):
     exit_status = 130
 
 
+class Diverged(UserError):
+    """The loss or the weights became NaN/inf."""
+
+
 class ArgParser(argparse.ArgumentParser):
-    """argparse, with a mistake on the command line reported as a UserError (one `error:` line)."""
+    """argparse, with a mistake on the command line reported as a UserError (one `error:` line), no
+    abbreviations (`--num_sample=1` is a mistake, not --num_samples) and a "did you mean"."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
-        raise UserError(f"{message} (see {self.prog} --help)")
+        words = message.split("unrecognized arguments: ")[-1].split() if "unrecognized arguments" in message else []
+        known = [flag for action in self._actions for flag in action.option_strings]
+        close = [difflib.get_close_matches(w.split("=")[0], known, n=1) for w in words if w.startswith("-")]
+        hint = f"; did you mean '{close[0][0]}'?" if close and close[0] else ""
+        raise UserError(f"{message}{hint} (see {self.prog} --help)")
 
 
 def cli(main, argv, quiet=False):
@@ -67,9 +89,9 @@ def cli(main, argv, quiet=False):
 # ------------------------------------------------------------------------------------------------
 # checkpoint
 
-def load_checkpoint(out_dir, hint="run train.py with this out_dir first"):
-    """out_dir/ckpt.pt, checked for every key a run needs."""
-    path = os.path.join(out_dir, "ckpt.pt")
+def load_checkpoint(out_dir, hint="run train.py with this out_dir first", name="ckpt.pt"):
+    """out_dir/ckpt.pt (or another checkpoint file of the run), checked for every key a run needs."""
+    path = os.path.join(out_dir, name)
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path} ({hint})")
     try:
@@ -83,16 +105,25 @@ def load_checkpoint(out_dir, hint="run train.py with this out_dir first"):
     return ckpt
 
 
-def save_checkpoint(ckpt, out_dir):
+def save_checkpoint(ckpt, out_dir, best=False):
     """Atomic: a temp file of this process, then a rename over ckpt.pt. An interrupt or an error
-    during the write removes the temp file and leaves the previous checkpoint in place."""
-    tmp = os.path.join(out_dir, f"ckpt.pt.tmp.{os.getpid()}")
+    during the write removes the temp file and leaves the previous checkpoint in place. best: also
+    make best.pt this checkpoint (a second name for the same file, renamed into place: no copy)."""
+    tmp, path = os.path.join(out_dir, f"ckpt.pt.tmp.{os.getpid()}"), os.path.join(out_dir, "ckpt.pt")
     try:
         torch.save(ckpt, tmp)
-        os.replace(tmp, os.path.join(out_dir, "ckpt.pt"))
+        os.replace(tmp, path)
+        if best:
+            link = os.path.join(out_dir, f"best.pt.tmp.{os.getpid()}")
+            try:
+                os.link(path, link)
+            except OSError:  # a filesystem without hard links
+                shutil.copyfile(path, link)
+            os.replace(link, os.path.join(out_dir, "best.pt"))
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for leftover in (tmp, os.path.join(out_dir, f"best.pt.tmp.{os.getpid()}")):
+            if os.path.exists(leftover):
+                os.remove(leftover)
 
 
 def all_finite(tensors):
@@ -208,5 +239,83 @@ def describe_run(out_dir):
 def remove_stale_temp_files(out_dir):
     """Temp files of a killed run (only called while holding the lock, so none is in use)."""
     for name in os.listdir(out_dir):
-        if ".tmp." in name and name.split(".tmp.")[0] in ("ckpt.pt", "log.jsonl"):
+        if ".tmp." in name and name.split(".tmp.")[0] in ("ckpt.pt", "best.pt", "log.jsonl"):
             os.remove(os.path.join(out_dir, name))
+
+
+# ------------------------------------------------------------------------------------------------
+# the interface train.py uses
+
+class Run:
+    """The out_dir of one training run. Every process has one; only the first (master) writes."""
+
+    def __init__(self, out_dir, master=True):
+        self.out_dir, self.master, self.lock = out_dir, master, None
+        self.log_path = os.path.join(out_dir, "log.jsonl")
+        self.saved_iter = None       # the iteration of the checkpoint on disk
+
+    def open(self, ckpt, overwrite):
+        """Lock out_dir, refuse to replace another run, then cut the log back to the checkpoint."""
+        check_writable_dir(self.out_dir)
+        self.lock = RunLock(self.out_dir).acquire()
+        kept = []
+        if ckpt:
+            self.saved_iter = ckpt["iter_num"]
+            if os.path.exists(self.log_path):  # keep the log up to the checkpoint; the rest is redone
+                kept = [r for r in read_log(self.log_path) if r["iter"] < ckpt["iter_num"]
+                        or (r["iter"] == ckpt["iter_num"] and "val_loss" not in r)]
+        else:
+            existing = describe_run(self.out_dir)
+            if existing and not overwrite:
+                raise UserError(f"{self.out_dir} already holds a run ({existing}); resume it with --init_from=resume, "
+                                f"choose another --out_dir, or pass --overwrite=True to replace it")
+            for name in ("ckpt.pt", "best.pt"):
+                if os.path.exists(os.path.join(self.out_dir, name)):
+                    os.remove(os.path.join(self.out_dir, name))
+        self.lock.mark()
+        remove_stale_temp_files(self.out_dir)
+        rewrite_log(self.log_path, kept)
+        return self
+
+    def resumed(self, iter_num):
+        """A process that did not open() the directory learns where the checkpoint is."""
+        self.saved_iter = iter_num
+
+    def checkpoint(self, state, iter_num, best):
+        """Write ckpt.pt (and best.pt if best) from state(), a function every process calls: with
+        expert parallelism the state is gathered from all processes."""
+        if iter_num == self.saved_iter:
+            return
+        ckpt = state()
+        if self.master:
+            save_checkpoint(ckpt, self.out_dir, best)
+        self.saved_iter = iter_num
+
+    def log(self, record):
+        if self.master:
+            append_log(self.log_path, record)
+
+    def last(self):
+        return (f"the last good checkpoint is {self.out_dir}/ckpt.pt (iter {self.saved_iter})"
+                if self.saved_iter is not None else "no checkpoint was written")
+
+    @contextmanager
+    def guard(self, where):
+        """Ctrl-C or a diverged run inside: one line that says where (where() is the iteration)."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted at iter {where()}; {self.last()}") from None
+        except Diverged as err:
+            raise Diverged(f"{err} at iter {where()}; stopped without saving: {self.last()}") from None
+
+
+def check_finite(losses, params, reduce=None):
+    """Raise Diverged unless the evaluation losses and the weights are finite (checked before every
+    checkpoint, so a checkpoint on disk is always finite). reduce: makes every process decide alike."""
+    finite = torch.tensor(float(all(map(math.isfinite, losses.values())) and all_finite(params)))
+    if reduce:
+        reduce(finite)
+    if not finite.item():
+        raise Diverged(f"evaluation loss is {', '.join(f'{k} {v}' for k, v in losses.items())} or the weights are "
+                       f"not finite")

@@ -2,10 +2,10 @@
 Ablation harness: the same data, seeds and steps for every routing variant, then one markdown
 table and overlay plots.
 
-    python ablate.py --quick                     # synthetic task, 2 seeds, < 15 min on 2 CPU cores
-    python ablate.py --seeds 0 1 2               # the synthetic task at config/synthetic.py's length
-    python ablate.py --dataset=shakespeare --max_iters=300   # the CPU preset on tiny Shakespeare
-    python ablate.py --quick --dry               # print the commands only
+    python tools/ablate.py --quick                     # synthetic task, 2 seeds, < 15 min on 2 CPU cores
+    python tools/ablate.py --seeds 0 1 2               # the synthetic task at config/synthetic.py's length
+    python tools/ablate.py --dataset=shakespeare --max_iters=300   # the CPU preset on tiny Shakespeare
+    python tools/ablate.py --quick --dry               # print the commands only
 
 Each run is `train.py` in its own out_dir (out_dir/<variant>-s<seed>); a run whose log already
 ends with its final evaluation is not run again, so an interrupted ablation picks up where it
@@ -18,16 +18,14 @@ import subprocess
 import sys
 import time
 
-import matplotlib
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root: train.py is there
+sys.path.insert(0, REPO)
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-import numpy as np
+import numpy as np  # noqa: E402
 
-from router import ROUTERS
-from rundir import ArgParser, UserError, read_log
-
-REPO = os.path.dirname(os.path.abspath(__file__))
+from router import ROUTERS  # noqa: E402
+from support.plots import plt  # noqa: E402
+from support.rundir import ArgParser, UserError, cli, read_log  # noqa: E402
 
 VARIANTS = {  # name -> train.py overrides; the defaults are c_lb=0.01, c_z=1e-3, c_sp=2e-3, c_cp=1e-3
     "dense": ["--n_experts=0"],
@@ -158,7 +156,7 @@ def run_variants(variants, base, seeds, out_dir, dry=False):
 
 
 def main(argv):
-    parser = ArgParser(prog="python ablate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgParser(prog="python tools/ablate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short runs of a smaller model (< 15 min on 2 cores)")
     parser.add_argument("--dry", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -193,5 +191,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from rundir import cli
     sys.exit(cli(main, sys.argv[1:]))

@@ -1,19 +1,13 @@
 """
 Make routing visible: PNG plots of a run, from its out_dir/log.jsonl and out_dir/ckpt.pt.
 
-    python analyze.py out          # every plot below + out/index.html that shows them all
-    python analyze.py OUT_DIR --text="The quick brown fox"   # an imported model routing any text
-                                   # (prints each token's experts and gates per layer too)
+    python tools/analyze.py out          # every plot below + out/index.html that shows them all
+    python tools/analyze.py OUT_DIR --text="The quick brown fox"   # a model routing any text
+                                         # (prints each token's experts and gates per layer too)
 
-From the log (train.py also draws these at the end of a run):
-- loss.png             train/val loss and the auxiliary terms over training
-- expert_load.png      layer x expert load at the last evaluation, and load CV over training
-- load_history.png     per layer: expert load at every evaluation (collapse and recovery show up)
-- routing_curves.png   per layer over training: every routing metric in the log (entropy, top-k
-                       mass, co-activation cos^2, NMI between consecutive layers, NMI(expert,
-                       source) on the synthetic task, and each router's own: ERMoE's beta, the
-                       sigmoid router's bias range, ...)
-From the checkpoint, on a probe batch of validation data:
+From the log: loss.png, expert_load.png, load_history.png, routing_curves.png (support/plots.py,
+which train.py also draws at the end of a run). From the checkpoint (best.pt if the run has one),
+on a probe batch of validation data:
 - expert_cosine.png    expert x expert mean cos^2 of the SwiGLU intermediates, every expert run
                        on the same tokens (what the specialization loss pushes apart)
 - transitions.png      top-1 transition matrices P(expert at layer l+1 | expert at layer l)
@@ -26,114 +20,17 @@ From the checkpoint, on a probe batch of validation data:
 import os
 import sys
 
-import matplotlib
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt
-import numpy as np
-import torch
-import torch.nn.functional as F
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-from rundir import ArgParser, UserError, check_writable_dir, read_log
-
-
-def save(fig, path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-# ------------------------------------------------------------------------------------------------
-# plots from the log
-
-def plot_losses(records, path):
-    train = [(r["iter"], r["train_loss"]) for r in records if "train_loss" in r and "val_loss" not in r]
-    val = [(r["iter"], r["val_loss"]) for r in records if "val_loss" in r]
-    aux = sorted({k for r in records for k in ("lb", "z", "sp", "cp", "ortho") if k in r})
-    fig, axes = plt.subplots(1, 2 if aux else 1, figsize=(11 if aux else 6, 4), squeeze=False)
-    ax = axes[0, 0]
-    if train:
-        ax.plot(*zip(*train), label="train (per step)", alpha=0.7)
-    if val:
-        ax.plot(*zip(*val), "o-", label="val")
-    ax.set(xlabel="iter", ylabel="cross-entropy", title="loss")
-    ax.legend()
-    for k in aux:
-        axes[0, 1].plot(*zip(*[(r["iter"], r[k]) for r in records if k in r]), label=k)
-    if aux:
-        axes[0, 1].set(xlabel="iter", title="auxiliary terms (unscaled, summed over layers)")
-        axes[0, 1].legend()
-    return save(fig, path)
-
-
-def evals_of(records):
-    return [r for r in records if r.get("layers")]
-
-
-def plot_load(evals, path):
-    load = np.array([m["load"] for m in evals[-1]["layers"]])  # (L, E)
-    L, E = load.shape
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * L + 3))
-    im = axes[0].imshow(load * E, cmap="RdBu_r", vmin=0, vmax=2, aspect="auto")
-    axes[0].set(xlabel="expert", ylabel="MoE layer", xticks=range(E), yticks=range(L),
-                title=f"expert load x E at iter {evals[-1]['iter']} (1 = uniform)")
-    fig.colorbar(im, ax=axes[0])
-    iters = [r["iter"] for r in evals]
-    for layer in range(L):
-        axes[1].plot(iters, [r["layers"][layer]["cv"] for r in evals], "o-", label=f"layer {layer}")
-    axes[1].set(xlabel="iter", ylabel="load CV (0 = uniform)", title="load imbalance over training")
-    axes[1].legend()
-    return save(fig, path)
-
-
-def plot_load_history(evals, path):
-    L, E = len(evals[0]["layers"]), len(evals[0]["layers"][0]["load"])
-    fig, axes = plt.subplots(1, L, figsize=(2.2 + 1.2 * L + 0.15 * E * L, 4), squeeze=False)
-    iters = [r["iter"] for r in evals]
-    for layer, ax in enumerate(axes[0]):
-        hist = np.array([r["layers"][layer]["load"] for r in evals]) * E  # (evals, E)
-        im = ax.imshow(hist, cmap="RdBu_r", vmin=0, vmax=2, aspect="auto")
-        ax.set(title=f"layer {layer}", xlabel="expert", xticks=range(E))
-        ax.set_yticks(range(len(iters)), iters if layer == 0 else [])
-    axes[0, 0].set_ylabel("iter")
-    fig.colorbar(im, ax=axes[0, -1], label="load x E (1 = uniform)")
-    return save(fig, path)
-
-
-TITLES = {"entropy_norm": "routing entropy / log E", "topk_mass": "top-k mass", "coact_cos2": "co-activation cos^2",
-          "coact_floor": "co-activation cos^2 x f (1 = random)", "next_nmi": "NMI(layer l, l+1)",
-          "source_nmi": "NMI(expert, source)", "dropped": "dropped pairs (capacity)"}
-NOT_CURVES = {"load", "cv", "max_mean", "dead", "entropy", "next_cond_entropy"}  # in expert_load.png or redundant
-
-
-def plot_routing_curves(evals, path):
-    """One panel per numeric metric of the layers (a router's own metrics included)."""
-    keys = []
-    for m in evals[-1]["layers"]:
-        keys += [k for k, v in m.items() if k not in NOT_CURVES and k not in keys and isinstance(v, (int, float))]
-    keys = [k for k in keys if k != "dropped" or any(m.get(k) for r in evals for m in r["layers"])]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.4), squeeze=False)
-    iters = [r["iter"] for r in evals]
-    for key, ax in zip(keys, axes[0]):
-        for layer in range(len(evals[-1]["layers"])):
-            if key in evals[-1]["layers"][layer]:
-                ax.plot(iters, [r["layers"][layer].get(key, np.nan) for r in evals], "o-", ms=3, label=f"layer {layer}")
-        ax.set(title=TITLES.get(key, key), xlabel="iter")
-    axes[0, 0].legend(fontsize=7)
-    return save(fig, path)
-
-
-def plot_run(out_dir):
-    """The plots that need only the log; returns the paths written."""
-    records = read_log(os.path.join(out_dir, "log.jsonl"))
-    written = [plot_losses(records, os.path.join(out_dir, "loss.png"))]
-    evals = evals_of(records)
-    if evals:
-        written += [plot_load(evals, os.path.join(out_dir, "expert_load.png")),
-                    plot_load_history(evals, os.path.join(out_dir, "load_history.png")),
-                    plot_routing_curves(evals, os.path.join(out_dir, "routing_curves.png"))]
-    return written
+from model import GPT, GPTConfig  # noqa: E402
+from support.data import load_tokenizer, open_dataset  # noqa: E402
+from support.metrics import RoutingStats  # noqa: E402
+from support.plots import plt, plot_run, save  # noqa: E402
+from support.rundir import ArgParser, UserError, check_writable_dir, cli, load_checkpoint  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------
@@ -222,26 +119,24 @@ def plot_router(moes, routes, path):
     return path
 
 
-def probe_batch(cfg, n_tokens=48, text=None, out_dir=None):
-    """A probe batch: ids (B, S), the first n_tokens as strings, their sources (synthetic task).
-    With `text`: that text, tokenised by the checkpoint's own tokenizer (or GPT-2's)."""
-    from data import SyntheticMixture, get_batch, load_split, load_tokenizer, prepare
+def probe_batch(ckpt, n_tokens=48, text=None, out_dir=None):
+    """A probe batch: ids (B, S), the first n_tokens as strings, their labels (a synthetic task's).
+    With `text`: that text, tokenised by the checkpoint's own tokenizer."""
+    cfg = ckpt["config"]
     gen = torch.Generator().manual_seed(0)
     B, S = 8, cfg["block_size"]
+    enc = load_tokenizer(ckpt.get("tokenizer") or out_dir)  # a run's tokenizer, or an imported model's
     if text is not None:
-        enc = load_tokenizer(out_dir)
         ids = enc.encode_ordinary(text)[:S]
         if not ids:
             raise UserError("--text gives no tokens")
         if max(ids) >= cfg["vocab_size"]:
             raise UserError(f"the text has token id {max(ids)}, outside the model's vocabulary of {cfg['vocab_size']}")
         return torch.tensor([ids]), [enc.decode([t]) for t in ids[:n_tokens]], None
-    if cfg["dataset"] == "synthetic":
-        x, _, labels = SyntheticMixture(vocab=min(256, cfg["vocab_size"])).batch(B, S, gen, "cpu")
+    data = open_dataset(cfg["dataset"], cfg["vocab_size"], verbose=False)
+    x, _, labels = data.batch("val", B, S, gen, "cpu")
+    if data.tokenizer is None:  # a synthetic task: its token ids, and each token's label
         return x, [f"{int(t)}" for t in x[0, :n_tokens]], labels[0, :n_tokens].numpy()
-    val = load_split(prepare(cfg["dataset"]), "val")
-    enc = load_tokenizer(out_dir)
-    x, _ = get_batch(val, B, S, gen, "cpu")
     return x, [enc.decode([int(t)]) for t in x[0, :n_tokens]], None
 
 
@@ -257,9 +152,8 @@ def trace(pieces, routes, n=24):
 
 
 def plot_checkpoint(out_dir, text=None):
-    from model import GPT, GPTConfig
-    from rundir import load_checkpoint
-    ckpt = load_checkpoint(out_dir)
+    best = os.path.exists(os.path.join(out_dir, "best.pt"))
+    ckpt = load_checkpoint(out_dir, name="best.pt" if best else "ckpt.pt")
     model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
     model.eval()
@@ -267,8 +161,7 @@ def plot_checkpoint(out_dir, text=None):
         return []
     if text is None and "source" in ckpt:
         raise UserError(f"{out_dir} holds an imported model: give the text to route with --text=... or --text_file=...")
-    from metrics import RoutingStats
-    x, pieces, source = probe_batch(ckpt["config"], text=text, out_dir=out_dir)
+    x, pieces, source = probe_batch(ckpt, text=text, out_dir=out_dir)
     moes, inputs, routes = probe(model, x)
     if text is not None:
         print(trace(pieces, routes))
@@ -287,17 +180,37 @@ def plot_checkpoint(out_dir, text=None):
     return written
 
 
+CAPTIONS = {  # what each figure shows, for index.html
+    "loss": "Train and val loss over training; right: every auxiliary loss term, unscaled, summed over layers.",
+    "expert_load": "Load of every expert in every MoE layer at the last evaluation (x E: 1 = its fair share), and "
+                   "how uneven the load was over training (CV: 0 = uniform, sqrt(E-1) = one expert takes all).",
+    "load_history": "Each layer's expert load at every evaluation, top to bottom: collapse and recovery show up here.",
+    "routing_curves": "Every routing metric of the log over training, one line per layer (entropy, top-k mass, "
+                      "co-activation, agreement of consecutive layers, and the router's own numbers).",
+    "expert_cosine": "Mean cos^2 between two experts' SwiGLU intermediates when both run on the same tokens: how "
+                     "alike the experts compute (what the specialization loss pushes apart).",
+    "transitions": "P(top-1 expert at layer l+1 | top-1 expert at layer l): a sharp matrix means consecutive layers "
+                   "agree on experts (what the coupling loss rewards).",
+    "tokens": "A passage, each token coloured and numbered by its top-1 expert in every MoE layer (a synthetic "
+              "task's last row: the token's true source).",
+    "router": "Top: the router's probability of the experts it selected vs the others. Bottom: its own similarity "
+              "of the experts (ERMoE: subspace overlap; linear routers: cosine of the router rows).",
+}
+
+
 def write_index(out_dir, paths):
-    items = "\n".join(f'<h3>{os.path.basename(p)}</h3><img src="{os.path.basename(p)}" style="max-width:100%">'
-                      for p in paths)
+    def item(p):
+        name = os.path.basename(p)
+        caption = CAPTIONS.get(name[:-4], "")
+        return f'<h3>{name}</h3><p>{caption}</p><img src="{name}" style="max-width:100%">'
     path = os.path.join(out_dir, "index.html")
     with open(path, "w") as fh:
-        fh.write(f"<html><body><h2>routing plots: {out_dir}</h2>\n{items}\n</body></html>\n")
+        fh.write(f"<html><body><h2>routing plots: {out_dir}</h2>\n" + "\n".join(map(item, paths)) + "\n</body></html>\n")
     return path
 
 
 def main(argv):
-    parser = ArgParser(prog="python analyze.py", description="routing plots of a run (or of an imported model on any text)")
+    parser = ArgParser(prog="python tools/analyze.py", description="routing plots of a run (or of an imported model on any text)")
     parser.add_argument("out_dir", nargs="?", default="out", help="a train.py run directory, or convert.py's OUT_DIR")
     parser.add_argument("--text", default=None, help="route this text instead of a batch of the run's data")
     parser.add_argument("--text_file", default=None, help="route the text of this file")
@@ -330,5 +243,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from rundir import cli
     sys.exit(cli(main, sys.argv[1:]))

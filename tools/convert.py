@@ -1,12 +1,12 @@
 """
 Checkpoints in and out: Hugging Face MoE folders <-> this project's out_dir/ckpt.pt.
 
-    python convert.py from-hf HF_DIR OUT_DIR   # Mixtral, OLMoE or Qwen2-MoE -> OUT_DIR/ckpt.pt (+ its tokenizer)
-    python convert.py to-hf OUT_DIR HF_DIR     # our ckpt.pt -> a Mixtral folder transformers loads
+    python tools/convert.py from-hf HF_DIR OUT_DIR   # Mixtral, OLMoE or Qwen2-MoE -> OUT_DIR/ckpt.pt (+ its tokenizer)
+    python tools/convert.py to-hf OUT_DIR HF_DIR     # our ckpt.pt -> a Mixtral folder transformers loads
     add --overwrite to replace an existing OUT_DIR/ckpt.pt or a non-empty HF_DIR
 
 After from-hf, OUT_DIR works like a run's directory: `python sample.py --out_dir=OUT_DIR`,
-`python analyze.py OUT_DIR --text="..."`, or fine-tuning with `train.py --init_from=resume`.
+`python tools/analyze.py OUT_DIR --text="..."`, or fine-tuning with `train.py --init_from=resume`.
 
 The two networks line up tensor by tensor (the same function then; the tests check it against
 transformers with random weights):
@@ -32,10 +32,12 @@ import os
 import shutil
 import sys
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from model import GPT, GPTConfig
-from rundir import UserError, load_checkpoint, save_checkpoint
+import torch  # noqa: E402
+
+from model import GPT, GPTConfig  # noqa: E402
+from support.rundir import UserError, cli, load_checkpoint, save_checkpoint  # noqa: E402
 
 FAMILIES = {  # architecture -> where its MoE lives and what it needs from our model
     "MixtralForCausalLM": dict(moe="block_sparse_moe", experts=("w1", "w3", "w2"), width="intermediate_size",
@@ -170,7 +172,7 @@ def from_hf(hf_dir, out_dir, overwrite=False):
     if wrong or set(sd) - set(expected):
         raise UserError(f"converted weights do not fit the model: {(wrong or sorted(set(sd) - set(expected)))[:3]}")
     from dataclasses import asdict
-    from settings import TrainConfig
+    from train import TrainConfig
     settings = {**asdict(TrainConfig()), **asdict(cfg), "out_dir": out_dir}  # train.py resume fine-tunes from here
     os.makedirs(out_dir, exist_ok=True)
     save_checkpoint({"model": sd, "optimizer": None, "model_args": asdict(cfg), "config": settings,
@@ -243,7 +245,7 @@ def to_hf(out_dir, hf_dir, overwrite=False):
 
 
 def main(argv):
-    usage = "usage: python convert.py from-hf HF_DIR OUT_DIR | to-hf OUT_DIR HF_DIR [--overwrite]"
+    usage = "usage: python tools/convert.py from-hf HF_DIR OUT_DIR | to-hf OUT_DIR HF_DIR [--overwrite]"
     overwrite = "--overwrite" in argv
     args = [a for a in argv if a != "--overwrite"]
     if len(args) != 3 or args[0] not in ("from-hf", "to-hf") or any(a.startswith("-") for a in args):
@@ -257,5 +259,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from rundir import cli
     sys.exit(cli(main, sys.argv[1:]))

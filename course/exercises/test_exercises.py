@@ -22,8 +22,8 @@ import router as project_router
 from model import GPT, GPTConfig, MoE
 from router import SigmoidRouter, eigenbasis_scores, select_topk
 
-PACKAGE = {"solutions": "exercises.solutions", None: "exercises"}.get(os.environ.get("EXERCISES"),
-                                                                     os.environ.get("EXERCISES"))
+PACKAGE = {"solutions": "course.solutions", None: "course.exercises"}.get(os.environ.get("EXERCISES"),
+                                                                         os.environ.get("EXERCISES"))
 
 
 def load(name):

@@ -1,0 +1,105 @@
+"""
+Where a run runs: its device and dtype, its processes (torchrun: DDP, expert parallelism), and
+whether the model fits in memory. Everything is checked before a file is touched.
+
+    env = start(cfg, model_cfg)   # env.device, env.dtype, env.ddp, env.rank, env.world, env.master,
+                                  # env.accum (micro-steps per process and step), env.autocast
+    share(env, fn, *args)         # fn on the first process only; its UserError is raised on every one
+"""
+
+import os
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+from support.rundir import UserError
+
+
+def pick_device(cfg, model_cfg):
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device={device} but no CUDA device is available (use --device=cpu)")
+        if ":" in device and int(device[5:]) >= torch.cuda.device_count():
+            raise UserError(f"device={device} but there are {torch.cuda.device_count()} CUDA devices")
+    if model_cfg.router_impl == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError("router_impl=triton needs a CUDA device (on a CPU, TRITON_INTERPRET=1 runs the kernel in "
+                        "Triton's interpreter, slowly; or use router_impl=torch)")
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    return device, dtype
+
+
+def check_memory(model_cfg, device):
+    """Refuse a model that cannot fit, before allocating it."""
+    n = model_cfg.param_count()
+    need = 16 * n  # fp32 weights, gradients and AdamW's two moments
+    if device.startswith("cuda"):
+        have, where = torch.cuda.get_device_properties(torch.device(device)).total_memory, device
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+    if need > have:
+        raise UserError(f"the model has {n / 1e6:,.0f}M parameters: about {need / 2**30:,.1f} GiB for weights, "
+                        f"gradients and AdamW state, more than the {have / 2**30:,.1f} GiB of {where}")
+
+
+def start(cfg, model_cfg):
+    """Check the device, the memory and the process layout, then join the process group (torchrun)."""
+    device, dtype = pick_device(cfg, model_cfg)
+    check_memory(model_cfg, device)
+    ddp = "RANK" in os.environ
+    rank, world = (int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", 1))) if ddp else (0, 1)
+    accum = cfg.gradient_accumulation_steps or world
+    if accum % world != 0:
+        raise UserError(f"gradient_accumulation_steps={accum} must be a multiple of the {world} processes "
+                        f"(or 0 = one micro-step per process)")
+    N = cfg.expert_parallel
+    if N > 1:  # support/parallel.py: the experts of every layer split over N processes
+        for ok, why in ((ddp, "needs several processes: torchrun --nproc_per_node=N train.py ..."),
+                        (world % N == 0, f"must divide the number of processes ({world})"),
+                        (model_cfg.n_experts % N == 0, f"must divide n_experts ({model_cfg.n_experts})"),
+                        (model_cfg.dispatch == "sorted", "needs dispatch=sorted"),
+                        (model_cfg.capacity_factor == 0, "needs capacity_factor=0 (dropless)")):
+            if not ok:
+                raise UserError(f"expert_parallel={N} {why}")
+    if ddp:
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    return SimpleNamespace(device=device, device_type=device_type, dtype=dtype, autocast=autocast, ddp=ddp,
+                           rank=rank, world=world, master=rank == 0, accum=accum // world)
+
+
+def share(env, fn, *args):
+    """Run fn on the first process only; under DDP every process raises the same UserError if it failed."""
+    value, message = None, None
+    if env.master:
+        try:
+            value = fn(*args)
+        except UserError as err:
+            message = str(err)
+    if env.ddp:
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message is not None:
+        raise UserError(message)
+    return value
+
+
+def all_ranks_min(env):
+    """A reduce for rundir.check_finite: every process decides alike (one holds a NaN: all stop)."""
+    return (lambda t: dist.all_reduce(t, op=dist.ReduceOp.MIN)) if env.ddp else None
+
+
+def end(env):
+    if env.ddp:
+        dist.destroy_process_group()
