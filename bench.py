@@ -6,6 +6,7 @@ Benchmarks (speed is measured here, never in tests). All ratios come from one pr
     python bench.py --model      # whole-model training step: dense vs MoE, naive vs sorted dispatch
     TRITON_INTERPRET=0 python bench.py --resources   # registers/spills of every kernel on an H100, no GPU needed
     python bench.py --parallel   # expert parallelism: memory and traffic per rank (computed), CPU step times
+    python bench.py --generate   # sampling with and without the KV cache: tokens/s, side by side
 
 On CUDA: timings by triton.testing.do_bench (CUDA events, warm-up, L2 cache cleared before every
 call, median). Achieved bandwidth counts the bytes the op must move at least: forward reads the
@@ -319,6 +320,37 @@ def _parallel_steps(rank, world, n, port, cfg, steps, times):
     dist.destroy_process_group()
 
 
+def generate_bench(args):
+    """Tokens/s of GPT.generate with and without the KV cache, alternating in one process: a prompt of
+    one token, then block_size - 1 new tokens (greedy), batch 1 and 8; the tokens are checked equal."""
+    device = "cuda" if CUDA else "cpu"
+    shape = dict(n_layer=6, n_head=6, n_embd=384, block_size=256) if CUDA else \
+        dict(n_layer=4, n_head=4, n_embd=128, block_size=256)
+    cfg = GPTConfig(**shape, vocab_size=65, n_experts=8, top_k=2)
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device).eval()
+    print(f"device: {torch.cuda.get_device_name() if CUDA else 'cpu'}, torch {torch.__version__}, {shape}, "
+          f"E=8, k=2, vocab 65; median of {args.steps} calls")
+    print(f"{'batch':>5} {'new tokens':>10} | {'cached tok/s':>12} {'uncached tok/s':>14} | {'speed-up':>8}")
+    for B in (1, 8):
+        prompt = torch.zeros(B, 1, dtype=torch.long, device=device)
+        n = cfg.block_size - 1
+        out = {c: model.generate(prompt, n, temperature=0, use_cache=c) for c in (True, False)}  # also the warm-up
+        assert torch.equal(out[True], out[False])
+        times = {True: [], False: []}
+        for _ in range(args.steps):  # alternating, so that drift hits both alike
+            for cached in (True, False):
+                if CUDA:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                model.generate(prompt, n, temperature=0, use_cache=cached)
+                if CUDA:
+                    torch.cuda.synchronize()
+                times[cached].append(time.perf_counter() - t0)
+        rate = {c: B * n / statistics.median(t) for c, t in times.items()}
+        print(f"{B:>5} {n:>10} | {rate[True]:12,.0f} {rate[False]:14,.0f} | {rate[True] / rate[False]:7.1f}x")
+
+
 def main(argv):
     from support.rundir import ArgParser, UserError
     parser = ArgParser(prog="python bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -327,6 +359,7 @@ def main(argv):
     mode.add_argument("--model", action="store_true", help="whole-model training steps, dense vs MoE")
     mode.add_argument("--resources", action="store_true", help="registers and spills of the kernels on sm_90 (no GPU)")
     mode.add_argument("--parallel", action="store_true", help="expert parallelism: memory, traffic, CPU step times")
+    mode.add_argument("--generate", action="store_true", help="sampling tokens/s with and without the KV cache")
     parser.add_argument("--reps", type=int, default=100, help="do_bench time budget per measurement (ms)")
     parser.add_argument("--steps", type=int, default=20, help="timed train steps per setting (--losses, --model, --parallel)")
     parser.add_argument("--bw", type=float, default=None, help="peak memory bandwidth of the device, GB/s")
@@ -341,6 +374,8 @@ def main(argv):
         resources(args)
     elif args.parallel:
         parallel_table(args)
+    elif args.generate:
+        generate_bench(args)
     elif args.model:
         model_bench(args)
     elif args.losses:

@@ -9,7 +9,7 @@ k experts per token, f expert hidden width, r ERMoE basis rank, nh heads, hs hea
   attention through F.scaled_dot_product_attention. The settings that real MoEs differ in
   (rope_theta, norm_eps, grouped-query attention, untied embeddings, QK-norm, q/k/v biases, a
   gated shared expert) are options, so that Mixtral, OLMoE and Qwen2-MoE checkpoints map onto this
-  network exactly (convert.py).
+  network exactly (tools/convert.py).
 - MoE block (Shazeer et al. 2017; Switch, Fedus et al. 2021; DeepSeekMoE shared experts, Dai et al.
   2024): E routed SwiGLU experts with stacked weights (E, ., .), a router from router.py's registry
   (the block never asks which one), optional always-on shared experts. Dropless by default; with
@@ -21,7 +21,7 @@ k experts per token, f expert hidden width, r ERMoE basis rank, nh heads, hs hea
   `sorted`: sort the T*k (token, expert) pairs by expert once, run all experts as one grouped
   matmul over the contiguous segments, un-sort. With n_experts=0 the block is the dense SwiGLU MLP.
 - The forward returns the routing of every MoE layer (router.Routing) explicitly; losses.py turns
-  it into auxiliary losses and metrics.py into routing metrics. No module keeps losses in globals.
+  it into auxiliary losses and support/metrics.py into routing metrics. No module keeps losses in globals.
 
 Iso-compute rule: the dense MLP has width ffn_hidden (default 8/3*d rounded up to a multiple of
 64, which gives the 8d^2 parameters of GPT-2's 4d GELU MLP); each expert gets width
@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from router import IMPLS, ROUTERS, impl_problem
+from router import IMPLS, ROUTERS, expert_counts, impl_problem
 
 
 @dataclass
@@ -44,14 +44,16 @@ class GPTConfig:
     block_size: int = 256       # context length S
     vocab_size: int = 50304     # token ids; train.py takes the dataset's (GPT-2: 50257 padded to 50304)
     n_layer: int = 6            # transformer blocks
-    n_head: int = 6             # attention heads (n_embd / n_head must be even: rotary)
+    n_head: int = 6             # attention heads
     n_kv_head: int = 0          # key/value heads (grouped-query attention, divides n_head); 0 = n_head
+    head_dim: int = 0           # width of a head, even (rotary); 0 = derived: n_embd // n_head (Qwen3: set apart)
     n_embd: int = 384           # model width d
     dropout: float = 0.0        # dropout probability in [0, 1)
     rope_theta: float = 10000.0  # rotary base (Mixtral: 1e6)
     norm_eps: float = 0.0       # RMSNorm epsilon; 0 = the dtype's machine epsilon (torch's default)
     tie_embeddings: bool = True  # the output layer reuses the input embedding (Press & Wolf 2017)
-    qk_norm: bool = False       # RMSNorm on the whole q and k projections (OLMoE)
+    qk_norm: bool = False       # RMSNorm on q and k: over the whole projections (OLMoE) ...
+    qk_norm_per_head: bool = False  # ... or, with this, over each head, one weight for all heads (Qwen3)
     qkv_bias: bool = False      # biases on the q, k, v projections (Qwen2-MoE)
     ffn_hidden: int = 0         # dense SwiGLU width; 0 = derived: 8/3 * n_embd rounded up to a multiple of 64
     n_experts: int = 8          # routed experts E per MoE block; 0 = the dense model
@@ -60,7 +62,8 @@ class GPTConfig:
     shared_gate: bool = False   # scale the shared experts' output by sigmoid(x w) per token (Qwen2-MoE)
     expert_hidden: int = 0      # expert width f; 0 = derived: ffn_hidden // (top_k + n_shared), iso-compute
     router: str = "softmax"     # a name in router.ROUTERS: softmax | ermoe | sigmoid | hash | ...
-    gate_renorm: bool = True    # gates = p renormalised over the k selected (else: p at the selected)
+    gate_renorm: bool = True    # gates = the router's scores renormalised over the k selected (else: the scores)
+    routed_scale: float = 1.0   # the routed experts' gates are multiplied by this (DeepSeek-V3: 2.5)
     dispatch: str = "sorted"    # 'sorted' (grouped matmul) | 'naive' (per-expert loop, reference)
     router_impl: str = "auto"   # 'auto' (triton on CUDA where the router has a kernel) | torch | compile | triton
     capacity_factor: float = 0.0  # 0 = dropless; c > 0: each expert takes at most ceil(c*T*k/E) pairs
@@ -68,12 +71,14 @@ class GPTConfig:
     ermoe_basis: str = "independent"  # ERMoE: 'independent' | 'partitioned' | 'penalty'
     ermoe_rank: int = 0         # ERMoE basis rank r; 0 = derived: n_embd // n_experts (the bases tile R^d)
     bias_update_rate: float = 1e-3  # sigmoid router: balancing bias step per optimizer step (DeepSeek-V3)
+    n_group: int = 1            # sigmoid router: experts in n_group groups; a token first picks topk_group of them
+    topk_group: int = 1         # sigmoid router: groups a token picks (by the sum of each group's 2 best scores)
 
     def __post_init__(self):
         """Check every field, then derive the widths left at 0. Raises ValueError naming the field."""
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("ffn_hidden", "n_experts", "n_shared", "expert_hidden", "ermoe_rank", "n_kv_head"):
+        for name in ("ffn_hidden", "n_experts", "n_shared", "expert_hidden", "ermoe_rank", "n_kv_head", "head_dim"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0 (0 = derived/off), got {getattr(self, name)}")
         _require(self.rope_theta > 0 and math.isfinite(self.rope_theta), f"rope_theta must be > 0, got {self.rope_theta}")
         _require(0 <= self.norm_eps < 1, f"norm_eps must be in [0, 1) (0 = the dtype's epsilon), got {self.norm_eps}")
@@ -82,9 +87,21 @@ class GPTConfig:
         _require(self.n_head % self.n_kv_head == 0, f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
         _require(not self.shared_gate or self.n_shared > 0, "shared_gate needs shared experts (n_shared > 0)")
         _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        _require(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        _require((self.n_embd // self.n_head) % 2 == 0,
-                 f"head size n_embd/n_head = {self.n_embd // self.n_head} must be even (rotary)")
+        if self.head_dim == 0:
+            _require(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}) "
+                     f"(or give head_dim)")
+            self.head_dim = self.n_embd // self.n_head
+        _require(self.head_dim % 2 == 0, f"head size {self.head_dim} must be even (rotary)")
+        _require(not self.qk_norm_per_head or self.qk_norm, "qk_norm_per_head needs qk_norm=True")
+        _require(self.routed_scale > 0 and math.isfinite(self.routed_scale), f"routed_scale must be > 0, got {self.routed_scale}")
+        _require(self.n_group >= 1 and 1 <= self.topk_group <= self.n_group,
+                 f"need n_group >= 1 and 1 <= topk_group <= n_group, got {self.n_group} and {self.topk_group}")
+        if self.n_group > 1 and self.n_experts > 0:
+            _require(self.router == "sigmoid", f"n_group applies to router=sigmoid (DeepSeek-V3), not {self.router}")
+            _require(self.n_experts % self.n_group == 0, f"n_group ({self.n_group}) must divide n_experts ({self.n_experts})")
+            _require(self.topk_group * self.n_experts // self.n_group >= self.top_k,
+                     f"topk_group={self.topk_group} groups of {self.n_experts // self.n_group} experts hold fewer than "
+                     f"top_k={self.top_k} experts")
         _require(self.n_experts == 0 or 1 <= self.top_k <= self.n_experts,
                  f"top_k must be in [1, n_experts={self.n_experts}], got {self.top_k}")
         _require(self.capacity_factor >= 0 and math.isfinite(self.capacity_factor),
@@ -116,8 +133,9 @@ class GPTConfig:
         """Parameters of the model this config describes, counted without building it (tested
         against GPT.num_params): lets train.py refuse a model that cannot fit before allocating."""
         d, E, f = self.n_embd, self.n_experts, self.expert_hidden
-        kv = self.n_kv_head * (d // self.n_head)                    # width of k and of v
-        attn = d * (d + 2 * kv) + d * d + self.qkv_bias * (d + 2 * kv) + self.qk_norm * (d + kv)
+        q, kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim  # widths of q and of k (and v)
+        norms = (2 * self.head_dim if self.qk_norm_per_head else q + kv) if self.qk_norm else 0
+        attn = d * (q + 2 * kv) + q * d + self.qkv_bias * (q + 2 * kv) + norms
         if E == 0:
             ffn = 3 * d * self.ffn_hidden
         else:
@@ -151,28 +169,41 @@ def apply_rotary(x, cos, sin):
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with rotary positions; grouped-query attention when
-    n_kv_head < n_head (each key/value head serves n_head / n_kv_head query heads)."""
+    n_kv_head < n_head (each key/value head serves n_head / n_kv_head query heads). With a cache
+    (generation), the keys and values of earlier positions are kept and only the new tokens computed."""
 
     def __init__(self, cfg):
         super().__init__()
         self.n_head, self.n_kv_head, self.dropout = cfg.n_head, cfg.n_kv_head, cfg.dropout
-        d, hs = cfg.n_embd, cfg.n_embd // cfg.n_head
-        self.widths = (d, cfg.n_kv_head * hs, cfg.n_kv_head * hs)       # q, k, v
+        d, hs = cfg.n_embd, cfg.head_dim
+        self.widths = (cfg.n_head * hs, cfg.n_kv_head * hs, cfg.n_kv_head * hs)   # q, k, v
         self.c_attn = nn.Linear(d, sum(self.widths), bias=cfg.qkv_bias)  # the three projections in one
-        self.c_proj = nn.Linear(d, d, bias=False)
-        eps = cfg.norm_eps or None
-        self.q_norm = nn.RMSNorm(self.widths[0], eps=eps) if cfg.qk_norm else None
-        self.k_norm = nn.RMSNorm(self.widths[1], eps=eps) if cfg.qk_norm else None
+        self.c_proj = nn.Linear(self.widths[0], d, bias=False)
+        eps, self.per_head = cfg.norm_eps or None, cfg.qk_norm_per_head
+        self.q_norm = nn.RMSNorm(hs if self.per_head else self.widths[0], eps=eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(hs if self.per_head else self.widths[1], eps=eps) if cfg.qk_norm else None
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache=None):
         q, k, v = self.c_attn(x).split(self.widths, dim=2)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.per_head:
             q, k = self.q_norm(q), self.k_norm(k)
         q = rearrange(q, "b s (nh hs) -> b nh s hs", nh=self.n_head)
         k, v = (rearrange(t, "b s (nh hs) -> b nh s hs", nh=self.n_kv_head) for t in (k, v))
+        if self.q_norm is not None and self.per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, nh, S, hs), (B, nkv, S, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+        mask, causal = None, True
+        if cache is not None:  # generation: the keys and values of the earlier positions, then these
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+            new, seen = q.shape[2], k.shape[2]
+            if new < seen:  # queries at the last `new` positions: causal relative to the end
+                causal = False
+                mask = torch.ones(new, seen, dtype=torch.bool, device=q.device).tril(seen - new) if new > 1 else None
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=self.n_kv_head != self.n_head)
         y = rearrange(y, "b nh s hs -> b s (nh hs)")
         return self.resid_dropout(self.c_proj(y))
@@ -228,7 +259,8 @@ class MoE(nn.Module):
         self.router = ROUTERS[cfg.router](cfg)   # first: keeps the parameter initialisation order
         E, d, f, d_in = cfg.n_experts, cfg.n_embd, cfg.expert_hidden, self.router.expert_dim
         self.k, self.dispatch, self.capacity_factor = cfg.top_k, cfg.dispatch, cfg.capacity_factor
-        self.ep = None  # a parallel.ExpertParallel once the experts are split over ranks
+        self.routed_scale = cfg.routed_scale
+        self.ep = None  # a support.parallel.ExpertParallel once the experts are split over ranks
         self.w_gate = nn.Parameter(torch.randn(E, d_in, f) * 0.02)   # (E, d_in, f)
         self.w_up = nn.Parameter(torch.randn(E, d_in, f) * 0.02)     # (E, d_in, f)
         self.w_down = nn.Parameter(torch.randn(E, f, d) * 0.02)      # (E, f, d)
@@ -242,14 +274,15 @@ class MoE(nn.Module):
         B, S, d = x.shape
         x = x.reshape(B * S, d)                                     # (T, d)
         r = self.router(x, None if ids is None else ids.reshape(-1))  # router.py: the decision
+        gates = r.gates * self.routed_scale if self.routed_scale != 1.0 else r.gates  # (T, k)
         capacity = None
-        if self.capacity_factor > 0:
+        if self.capacity_factor > 0 and r.kept is None:  # (expert choice has its own capacity)
             capacity = math.ceil(self.capacity_factor * B * S * self.k / self.w_up.shape[0])
-        if self.ep is not None:  # experts on other ranks too: the pairs travel (parallel.py)
-            (y, z), kept = self.ep.dispatch(self, x, r.inputs, r.idx, r.gates, r.counts), None
+        if self.ep is not None:  # experts on other ranks too: the pairs travel (support/parallel.py)
+            (y, z), kept = self.ep.dispatch(self, x, r.inputs, r.idx, gates, r.counts), None
         else:
             run = self.forward_naive if self.dispatch == "naive" else self.forward_sorted
-            y, z, kept = run(x, r.inputs, r.idx, r.gates, r.counts, capacity)  # (T, d), (T, k, f), (T, k) or None
+            y, z, kept = run(x, r.inputs, r.idx, gates, capacity, r.kept)  # (T, d), (T, k, f), (T, k) or None
         if self.shared is not None:
             shared = self.shared(x)[0]                              # (T, d)
             if self.shared_gate is not None:                        # Qwen2-MoE: sigmoid(x w) per token
@@ -284,14 +317,17 @@ class MoE(nn.Module):
         """Input rows of (token, expert) pairs: x_t for the linear router, lambda_e*P_e^T x_t for ERMoE."""
         return x[tok] if coords is None else coords[tok, e]        # (N, d_in)
 
-    def forward_naive(self, x, coords, idx, gates, counts, capacity=None):
-        """The lecture version: for each expert, find its tokens, run it, add the gated output."""
+    def forward_naive(self, x, coords, idx, gates, capacity=None, keep=None):
+        """The lecture version: for each expert, find its tokens, run it, add the gated output.
+        keep (T, k): the pairs the router uses (expert choice), None: all of them."""
         T, k = idx.shape
         y = torch.zeros_like(x)                                     # (T, d)
         z = x.new_zeros(T, k, self.w_up.shape[2])                   # (T, k, f)
-        kept = None if capacity is None else torch.zeros(T, k, dtype=torch.bool, device=x.device)
+        kept = keep if capacity is None else torch.zeros(T, k, dtype=torch.bool, device=x.device)
         for e in range(self.w_up.shape[0]):
             tok, slot = torch.where(idx == e)                       # (n_e,), (n_e,) in token order
+            if keep is not None:                                    # only the pairs the router uses
+                tok, slot = tok[keep[tok, slot]], slot[keep[tok, slot]]
             if capacity is not None:                                # first come, first served
                 tok, slot = tok[:capacity], slot[:capacity]
                 kept[tok, slot] = True
@@ -302,20 +338,24 @@ class MoE(nn.Module):
             z = z.index_put((tok, slot), a.to(z.dtype))
         return y, z, kept
 
-    def forward_sorted(self, x, coords, idx, gates, counts, capacity=None):
+    def forward_sorted(self, x, coords, idx, gates, capacity=None, keep=None):
         """Sort the T*k (token, expert) pairs by expert, run all experts as grouped matmuls, un-sort."""
         T, k = idx.shape
         order, inverse, tok, e = self.sort_pairs(idx)               # (T*k,) each
+        counts = expert_counts(idx, self.w_up.shape[0])             # (E,) pairs per expert
         offs = counts.cumsum(0, dtype=torch.int32)                  # (E,) segment ends
         h = self.expert_inputs(x, coords, tok, e).to(x.dtype)       # (T*k, d_in)
         a, out = self.experts(h, offs)                              # (T*k, f), (T*k, d)
         out = out * gates.reshape(-1)[order, None].to(out.dtype)    # gate after the expert
-        kept = None
-        if capacity is not None:  # a row's place in its expert's segment decides (the same order as naive)
-            rank = torch.arange(T * k, device=x.device) - (offs - counts)[e]  # (T*k,)
-            keep = rank < capacity
-            out, a = out * keep[:, None], a * keep[:, None]         # computed, then discarded: the semantics
-            kept = keep[inverse].view(T, k)                         # of dropping, not its savings
+        kept = keep
+        if capacity is not None or keep is not None:  # computed, then discarded: the semantics of dropping,
+            if capacity is not None:                  # not its savings. A row's place in its expert's segment
+                rank = torch.arange(T * k, device=x.device) - (offs - counts)[e]  # decides (the order of naive)
+                rows = rank < capacity                              # (T*k,)
+            else:
+                rows = keep.reshape(-1)[order]                      # (T*k,) the pairs the router uses
+            out, a = out * rows[:, None], a * rows[:, None]
+            kept = rows[inverse].view(T, k)
         y = torch.zeros(T, x.shape[1], dtype=out.dtype, device=x.device).index_add(0, tok, out)
         z = a[inverse].view(T, k, -1)                               # (T, k, f) back in token order
         return y.to(x.dtype), z, kept
@@ -332,8 +372,8 @@ class Block(nn.Module):
         self.ln_2 = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps or None)
         self.mlp = MoE(cfg) if cfg.n_experts > 0 else MLP(cfg.n_embd, cfg.ffn_hidden, cfg.dropout)
 
-    def forward(self, x, cos, sin, ids):
-        x = x + self.attn(self.ln_1(x), cos, sin)
+    def forward(self, x, cos, sin, ids, cache=None):
+        x = x + self.attn(self.ln_1(x), cos, sin, cache)
         h, route = self.mlp(self.ln_2(x), ids)
         return x + h, route
 
@@ -349,7 +389,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017)
-        cos, sin = rotary_cache(cfg.block_size, cfg.n_embd // cfg.n_head, cfg.rope_theta)
+        cos, sin = rotary_cache(cfg.block_size, cfg.head_dim, cfg.rope_theta)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -380,16 +420,18 @@ class GPT(nn.Module):
             inactive = experts * (cfg.n_experts - cfg.top_k) // cfg.n_experts
         return total, total - inactive
 
-    def forward(self, idx, targets=None):
-        """idx (B, S) token ids -> (logits, cross-entropy loss or None, [Routing per MoE layer])."""
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, S) token ids -> (logits, cross-entropy loss or None, [Routing per MoE layer]).
+        cache: a list of one dict per block (generate): idx are the tokens after the cached ones."""
         B, S = idx.shape
-        if S > self.config.block_size:
-            raise ValueError(f"sequence of length {S} exceeds block_size {self.config.block_size}")
+        start = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0  # positions already cached
+        if start + S > self.config.block_size:
+            raise ValueError(f"sequence of length {start + S} exceeds block_size {self.config.block_size}")
         x = self.drop(self.wte(idx))                                # (B, S, d)
-        cos, sin = self.cos[:S], self.sin[:S]                       # (S, hs/2)
+        cos, sin = self.cos[start:start + S], self.sin[start:start + S]  # (S, hs/2)
         routes = []
-        for block in self.blocks:
-            x, route = block(x, cos, sin, idx)
+        for i, block in enumerate(self.blocks):
+            x, route = block(x, cos, sin, idx, None if cache is None else cache[i])
             if route is not None:
                 routes.append(route)
         x = self.ln_f(x)
@@ -400,12 +442,23 @@ class GPT(nn.Module):
         return logits, loss, routes
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None, use_cache=True):
         """Sample continuations of idx (B, S); temperature 0 = greedy; n_vocab cuts the padded ids.
-        No KV cache: kept simple."""
+        With the KV cache each step computes only the new token, while the context fits in block_size;
+        beyond, every step recomputes the last block_size tokens (their positions have shifted). The
+        same tokens either way (tested), except with router=expert_choice, whose experts pick among the
+        tokens of a step: one token at a time is another routing than the whole sequence."""
+        cache = None
         for _ in range(max_new_tokens):
-            ctx = idx[:, -self.config.block_size:]
-            logits = self.forward(ctx)[0][:, -1, :n_vocab]                 # (B, n_vocab)
+            if use_cache and idx.shape[1] <= self.config.block_size:
+                if cache is None:                                          # the prompt, once
+                    cache = [{} for _ in self.blocks]
+                    logits = self.forward(idx, cache=cache)[0]
+                else:                                                      # one new token
+                    logits = self.forward(idx[:, -1:], cache=cache)[0]
+            else:
+                logits = self.forward(idx[:, -self.config.block_size:])[0]
+            logits = logits[:, -1, :n_vocab]                                # (B, n_vocab)
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)                  # (B, 1)
             else:

@@ -9,15 +9,18 @@ The interface (docs/design.md §1). `router(x, ids)` maps the block input x (T, 
 statistics the losses need, computed from the router's own probabilities. Every router defines
 logits a (T, E) such that p = softmax(a) is its routing distribution:
 
-  router    logits a                          p                        selection
-  softmax   x W^T                             softmax(x W^T)           top-k of a
-  ermoe     beta * ||P_e^T x|| / ||x||        softmax(beta s)          top-k of a
-  sigmoid   log sigmoid(x W^T)                sigmoid / sum sigmoid    top-k of sigmoid + bias
-  hash      0 at the token's k experts, -inf  uniform over them        a fixed table
-  cosine    cos(x W_p, e_i) / tau             softmax(cos / tau)       top-k of a
+  router         logits a                          p                        selection
+  softmax        x W^T                             softmax(x W^T)           top-k of a
+  ermoe          beta * ||P_e^T x|| / ||x||        softmax(beta s)          top-k of a
+  sigmoid        log sigmoid(x W^T)                sigmoid / sum sigmoid    top-k of sigmoid + bias (in groups)
+  hash           0 at the token's k experts, -inf  uniform over them        a fixed table
+  cosine         cos(x W_p, e_i) / tau             softmax(cos / tau)       top-k of a
+  expert_choice  x W^T                             softmax(x W^T)           each expert its top-c tokens
 
 Gates are p renormalised over the selection (= softmax of the selected logits), or p at the
-selection with gate_renorm=False. Top-k: the k largest values, ties to the lower expert index, a
+selection with gate_renorm=False (the sigmoid router: its scores s, renormalised or not). A router
+may give a token more slots than top_k and mark in `kept` the pairs it uses (expert choice: every
+token lists every expert; the experts keep their top-c tokens). Top-k: the k largest values, ties to the lower expert index, a
 NaN counts as the largest value (the order of torch.sort). The routing pass (`topk_route`) is the
 one place that picks its implementation: `route_reference` below in PyTorch (read this one), the
 same under torch.compile, or the fused Triton kernel of kernels.py. A router also declares its
@@ -62,7 +65,7 @@ class Routing(NamedTuple):
     inputs: Optional[torch.Tensor] = None   # (T, E, r) the experts' inputs, where the router makes them
     z: Optional[torch.Tensor] = None        # (T, k, f) SwiGLU intermediates of the selected experts
     penalty: Optional[torch.Tensor] = None  # ERMoE soft-orthogonality penalty ('penalty' basis mode)
-    kept: Optional[torch.Tensor] = None     # (T, k) bool, pairs within the experts' capacity (None: all)
+    kept: Optional[torch.Tensor] = None     # (T, k) bool, the pairs that run: the router's, or within capacity
 
     @property
     def probs(self):
@@ -197,9 +200,13 @@ class SoftmaxRouter(Router):
 
 class SigmoidRouter(Router):
     """
-    DeepSeek-V3 (DeepSeek-AI 2024, arXiv 2412.19437, §2.1): sigmoid scores s = sigmoid(x W^T), the k
-    experts of largest s + b selected, gates = s renormalised over the selection; the bias b only
-    selects. Auxiliary-loss-free balancing (Wang et al. 2024, arXiv 2408.15664): after every step,
+    DeepSeek-V3 (DeepSeek-AI 2024, arXiv 2412.19437, §2.1.2): sigmoid scores s = sigmoid(x W^T); the
+    k experts of largest s + b are selected, where the bias b only selects. Group-limited routing
+    (n_group > 1, DeepSeek-V3: 8 groups, 4 picked): the experts form n_group equal groups, a group is
+    scored by the sum of its two largest s + b, and a token selects among the topk_group best groups
+    only. Gates: s renormalised over the selection, or s itself (gate_renorm=False, transformers'
+    norm_topk_prob=False); the MoE block then scales them by routed_scale (2.5 in V3).
+    Auxiliary-loss-free balancing (Wang et al. 2024, arXiv 2408.15664): after every step,
     b_e += rate * sign(mean load - load_e), so overloaded experts get chosen less.
     """
     defaults = dict(c_lb=0.0, c_z=0.0)  # balanced by the bias instead
@@ -210,13 +217,28 @@ class SigmoidRouter(Router):
         super().__init__(cfg)
         self.weight = nn.Parameter(torch.randn(cfg.n_experts, cfg.n_embd) * 0.02)
         self.register_buffer("bias", torch.zeros(cfg.n_experts))      # (E,) in the checkpoint, no gradient
-        self.rate = cfg.bias_update_rate
+        self.rate, self.n_group, self.topk_group = cfg.bias_update_rate, cfg.n_group, cfg.topk_group
+
+    def select(self, s):
+        """The k experts of s + b (T, E), within the topk_group best groups -> idx (T, k)."""
+        choice = s + self.bias                                            # DeepSeek-V3 Eq. 16: bias to select
+        if self.n_group > 1:
+            T, E = choice.shape
+            groups = choice.view(T, self.n_group, E // self.n_group)      # (T, G, E/G)
+            score = groups.topk(min(2, E // self.n_group), dim=-1).values.sum(-1)  # (T, G)
+            best = select_topk(score, self.topk_group)[1]                 # (T, topk_group), ties: lower group
+            allowed = torch.zeros_like(score, dtype=torch.bool).scatter_(1, best, True)
+            choice = choice.masked_fill(~allowed.repeat_interleave(E // self.n_group, dim=1), -math.inf)
+        return select_topk(choice, self.k)[1]
 
     def forward(self, x, ids=None):
         with torch.autocast(device_type=x.device.type, enabled=False):
             a = F.linear(x.float(), self.weight.float())                 # (T, E)
-            _, idx = select_topk(torch.sigmoid(a) + self.bias, self.k)  # DeepSeek-V3 Eq. 16: bias to select
-            return route_reference(F.logsigmoid(a), self.k, self.renorm, idx=idx)  # p = s / sum s
+            idx = self.select(torch.sigmoid(a))
+            routing = route_reference(F.logsigmoid(a), self.k, True, idx=idx)  # p = s / sum s
+            if not self.renorm:                                          # the raw scores s at the selection
+                routing = routing._replace(gates=torch.sigmoid(a.gather(1, idx)))
+            return routing
 
     @torch.no_grad()
     def update(self, counts):
@@ -283,6 +305,48 @@ class CosineRouter(Router):
 
     def similarity(self):
         return _cosine_matrix(self.centroids)
+
+
+class ExpertChoiceRouter(Router):
+    """
+    Expert choice (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing", §3): the experts
+    choose the tokens. With p = softmax(x W^T) over the experts, each expert takes the c tokens of the
+    batch with the largest p_{t,e}, c = ceil(capacity_factor * T * k / E) (capacity_factor 0 counts as
+    1: on average k experts per token, the compute of top-k). The load is balanced by construction; a
+    token may get no expert (the residual carries it) or several. Gates: p at the chosen experts.
+    Every token lists all E experts (the chosen first, by p), and `kept` marks the pairs the experts
+    took: the dispatch computes the E slots of every token and discards the rest (E/k times the
+    expert FLOPs of top-k; the semantics, not the savings). Not causal: an expert compares all the
+    tokens of the batch, so a token's experts depend on later tokens (tested), and generating one
+    token at a time routes differently from training (docs/design.md §2).
+    """
+    defaults = dict(c_lb=0.0)  # balanced by construction
+    fused = False
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.weight = nn.Parameter(torch.randn(cfg.n_experts, cfg.n_embd) * 0.02)
+        self.capacity_factor = cfg.capacity_factor or 1.0
+
+    def forward(self, x, ids=None):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            a = F.linear(x.float(), self.weight.float())                  # (T, E)
+            T, E = a.shape
+            lse = a.logsumexp(dim=-1)                                     # (T,)
+            p = (a - lse[:, None]).exp()                                  # (T, E)
+            c = min(T, math.ceil(self.capacity_factor * T * self.k / E))
+            chosen_tok = select_topk(p.T, c)[1]                           # (E, c) each expert's tokens, ties: lower
+            chosen = torch.zeros_like(p, dtype=torch.bool).scatter_(0, chosen_tok.T, True)  # (T, E)
+            by_score = torch.sort(p, dim=1, descending=True, stable=True).indices           # (T, E)
+            idx = by_score.gather(1, torch.sort((~chosen.gather(1, by_score)).to(torch.uint8), dim=1,
+                                                stable=True).indices)    # (T, E) the chosen first, by p
+            kept = chosen.gather(1, idx)                                  # (T, E)
+            gates = p.gather(1, idx) * kept                               # (T, E)
+            return Routing(gates, idx, chosen.sum(0, dtype=torch.int32), lse, (p * chosen).sum(-1), p.sum(0), a,
+                           kept=kept)
+
+    def similarity(self):
+        return _cosine_matrix(self.weight)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -396,4 +460,4 @@ class EigenRouter(Router):
 
 
 ROUTERS = {"softmax": SoftmaxRouter, "ermoe": EigenRouter, "sigmoid": SigmoidRouter, "hash": HashRouter,
-           "cosine": CosineRouter}
+           "cosine": CosineRouter, "expert_choice": ExpertChoiceRouter}

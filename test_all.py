@@ -304,14 +304,143 @@ def test_load_balancing_reference_values_and_other_normalisations():
 
 
 # ------------------------------------------------------------------------------------------------
-# data and training end to end
+# expert choice, DeepSeek-V3's group-limited routing, cached generation, the attention options
+
+def expert_choice_block(dispatch="sorted", seed=0, **kw):
+    return moe_block("expert_choice", dispatch, seed, **{"n_experts": 4, "top_k": 2, **kw})
 
 
-def test_tokenizer_matches_gpt2():
-    enc = gpt2_encoding()
-    assert enc.encode("Hello world") == [15496, 995]
-    assert enc.encode("hello world") == [31373, 995]
-    assert enc.n_vocab == 50257
+def test_expert_choice_takes_c_tokens_per_expert_with_gates_p():
+    moe = expert_choice_block()
+    x, ids = block_inputs()
+    _, r = moe(x, ids)
+    T, E, c = 32, 4, math.ceil(32 * 2 / 4)
+    p = r.probs
+    assert r.idx.shape == (T, E) and all(sorted(row) == list(range(E)) for row in r.idx.tolist())
+    assert r.counts.tolist() == [c] * E and int(r.kept.sum()) == E * c
+    for e in range(E):  # brute force: expert e keeps its c tokens of largest p, ties to the lower token
+        want = sorted(range(T), key=lambda t: (-p[t, e].item(), t))[:c]
+        assert sorted(t for t in range(T) for j in range(E) if r.idx[t, j] == e and r.kept[t, j]) == sorted(want)
+    assert torch.allclose(r.gates, p.gather(1, r.idx) * r.kept)       # gates: p at the chosen experts
+    assert torch.allclose(r.mass, (p.gather(1, r.idx) * r.kept).sum(-1))
+    per_token = r.kept.sum(1)
+    assert per_token.min() >= 0 and per_token.max() <= E and per_token.float().mean() == 2.0  # k on average
+
+
+@pytest.mark.parametrize("shared", [0, 1])
+def test_expert_choice_sorted_dispatch_equals_naive_loop(shared):
+    naive, fast = expert_choice_block("naive", n_shared=shared), expert_choice_block("sorted", n_shared=shared)
+    fast.load_state_dict(naive.state_dict())
+    x, ids = block_inputs(3)
+    (y1, r1, gx1, gp1), (y2, r2, gx2, gp2) = run_and_grads(naive, x, ids), run_and_grads(fast, x, ids)
+    assert torch.equal(r1.idx, r2.idx) and torch.equal(r1.kept, r2.kept)
+    assert torch.allclose(y1, y2, atol=1e-6) and torch.allclose(gx1, gx2, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(gp1, gp2))
+    assert naive.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("router", ROUTERS + ["expert_choice"])
+def test_only_expert_choice_lets_later_tokens_change_earlier_outputs(router):
+    """A decoder must not see the future. Token choice routes every token by itself; an expert that
+    chooses compares all the tokens of the batch, so a later token can take an earlier one's place."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, n_experts=4, top_k=2,
+                          router=router)).eval()
+    idx = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    changed = idx.clone()
+    changed[:, 12:] = (idx[:, 12:] + 7) % 64                   # the last 4 positions of every sequence
+    with torch.no_grad():
+        a, b = model(idx, idx)[0], model(changed, changed)[0]
+    same_past = torch.allclose(a[:, :12], b[:, :12], atol=1e-6)
+    assert same_past == (router != "expert_choice"), router
+
+
+def test_group_limited_selection_brute_force():
+    cfg = dict(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_experts=8, top_k=2, router="sigmoid",
+               n_group=4, topk_group=2)
+    router = ROUTER_CLASSES["sigmoid"](GPTConfig(**cfg))
+    torch.manual_seed(0)
+    s = torch.rand(50, 8)
+    router.bias.copy_(torch.randn(8) * 0.1)
+    idx = router.select(s)
+    for t in range(50):
+        choice = (s[t] + router.bias).tolist()
+        groups = [sorted(choice[2 * g:2 * g + 2], reverse=True) for g in range(4)]
+        best = sorted(range(4), key=lambda g: (-sum(groups[g][:2]), g))[:2]
+        allowed = [e for e in range(8) if e // 2 in best]
+        assert idx[t].tolist() == sorted(allowed, key=lambda e: (-choice[e], e))[:2]
+    for bad, message in ((dict(n_group=3), "must divide n_experts"), (dict(topk_group=5), "topk_group <= n_group"),
+                         (dict(n_group=4, topk_group=1, top_k=3), "hold fewer than top_k=3"),
+                         (dict(router="softmax"), "n_group applies to router=sigmoid")):
+        with pytest.raises(ValueError, match=message):
+            GPTConfig(**{**cfg, **bad})
+
+
+def test_sigmoid_gates_raw_or_renormalised_and_the_routed_scale():
+    x, ids = block_inputs()
+    outs = {}
+    for renorm, scale in ((True, 1.0), (False, 1.0), (False, 2.5)):
+        moe = moe_block("sigmoid", n_experts=6, top_k=2, gate_renorm=renorm, routed_scale=scale)
+        y, r = moe(x, ids)
+        s = torch.sigmoid(torch.nn.functional.linear(x.view(-1, 32), moe.router.weight)).gather(1, r.idx)
+        assert torch.allclose(r.gates, s / s.sum(-1, keepdim=True) if renorm else s, atol=1e-6)
+        outs[renorm, scale] = y
+    assert torch.allclose(outs[False, 2.5], 2.5 * outs[False, 1.0], atol=1e-6)  # no shared expert: y scales
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_cached_generation_gives_the_same_tokens(router):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, n_experts=4, top_k=2,
+                          router=router, n_kv_head=1)).eval()
+    prompt = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(2))
+    fast = model.generate(prompt, 20, temperature=0, use_cache=True)   # past block_size: the cache gives way
+    slow = model.generate(prompt, 20, temperature=0, use_cache=False)
+    assert fast.shape == (3, 25) and torch.equal(fast, slow)
+    cache = [{} for _ in model.blocks]                                   # the cache holds what it computed
+    with torch.no_grad():
+        model(prompt, cache=cache)
+        last, _, _ = model(torch.zeros(3, 1, dtype=torch.long), cache=cache)
+        full, _, _ = model(torch.cat([prompt, torch.zeros(3, 1, dtype=torch.long)], 1))
+    assert cache[0]["k"].shape == (3, 1, 6, 16) and torch.allclose(last, full, atol=1e-5)
+
+
+def test_head_dim_apart_and_qk_norm_per_head():
+    """A head size that is not n_embd / n_head (Qwen3), and RMSNorm on each head of q and k: the
+    attention written out with explicit loops over heads."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=1, n_head=4, n_kv_head=2, head_dim=12, n_embd=32, block_size=8, vocab_size=64, n_experts=0,
+                    qk_norm=True, qk_norm_per_head=True)
+    model = GPT(cfg)
+    attn = model.blocks[0].attn
+    with torch.no_grad():
+        attn.q_norm.weight.normal_()
+        attn.k_norm.weight.normal_()
+    assert attn.c_attn.weight.shape == (4 * 12 + 2 * 2 * 12, 32) and attn.c_proj.weight.shape == (32, 48)
+    x = torch.randn(2, 8, 32)
+    q, k, v = attn.c_attn(x).split([48, 24, 24], dim=-1)
+    cos, sin = model.cos[:8], model.sin[:8]
+
+    def rms(t, w):
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + torch.finfo(t.dtype).eps) * w
+
+    def rotate(t):
+        a, b = t[..., :6], t[..., 6:]
+        return torch.cat([a * cos - b * sin, a * sin + b * cos], -1)
+    heads = []
+    for h in range(4):
+        qh = rotate(rms(q[..., 12 * h:12 * h + 12], attn.q_norm.weight))
+        kh = rotate(rms(k[..., 12 * (h // 2):12 * (h // 2) + 12], attn.k_norm.weight))
+        vh = v[..., 12 * (h // 2):12 * (h // 2) + 12]
+        scores = (qh @ kh.transpose(1, 2)) / math.sqrt(12) + torch.full((8, 8), -math.inf).triu(1)
+        heads.append(scores.softmax(-1) @ vh)
+    want = attn.c_proj(torch.cat(heads, -1))
+    assert torch.allclose(attn(x, cos, sin), want, atol=1e-5)
+    assert cfg.param_count() == model.num_params()[0]
+
+
+def test_every_router_of_the_registry_is_tested():
+    assert set(ROUTER_CLASSES) == set(ROUTERS) | {"expert_choice"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -840,3 +969,13 @@ def test_synthetic_mixture_follows_its_definition():
     assert rows.sum() > 20 and (emp - mix.trans[rows]).abs().max() < 0.12
     assert ((counts > 0) <= (mix.trans > 0)).all()                             # never an undefined move
     assert all(len(set(range(*a)) & set(range(*b))) > 0 for a, b in zip(mix.ranges, mix.ranges[1:]))
+
+
+# ------------------------------------------------------------------------------------------------
+# data and tasks
+
+def test_tokenizer_matches_gpt2():
+    enc = gpt2_encoding()
+    assert enc.encode("Hello world") == [15496, 995]
+    assert enc.encode("hello world") == [31373, 995]
+    assert enc.n_vocab == 50257

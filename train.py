@@ -17,6 +17,7 @@ guard, one `error:` line for any mistake); the device and the processes by suppo
 """
 
 import hashlib
+import importlib.util
 import math
 import os
 import sys
@@ -35,6 +36,7 @@ from support.data import open_dataset, standard_error, vocab_of
 from support.metrics import RoutingStats
 from support.rundir import Diverged, Interrupted, Run, UserError, check_finite, cli, load_checkpoint
 from support.settings import Layered, declared, notes, parse_args, saved_settings
+from support.tracking import Tracker
 
 
 # ------------------------------------------------------------------------------------------------
@@ -78,6 +80,10 @@ class TrainConfig:
     seed: int = 1337                     # seed of the initialisation and the training batches
     expert_parallel: int = 1             # N > 1: each MoE layer's experts split over N processes (torchrun)
     balance_stats: str = "global"        # L_lb's statistics over all processes' batches ('global') or each one's ('local')
+    # tracking (log.jsonl always; wandb on request, support/tracking.py)
+    wandb_log: bool = False              # also send every log record to Weights & Biases (pip install wandb)
+    wandb_project: str = "nanomoe-routing"  # the wandb project
+    wandb_run_name: str = ""             # the wandb run's name; "" = wandb's own
 
     def __post_init__(self):
         ints = {"eval_interval": 1, "log_interval": 1, "eval_iters": 1, "sample_tokens": 1, "batch_size": 1,
@@ -100,6 +106,8 @@ class TrainConfig:
         _require(self.expert_parallel >= 1, f"expert_parallel must be >= 1 (1 = off), got {self.expert_parallel}")
         _require(self.balance_stats in ("global", "local"), f"balance_stats must be global or local, got '{self.balance_stats}'")
         _require(self.out_dir != "", "out_dir is empty: give a directory, e.g. --out_dir=out")
+        _require(not self.wandb_log or importlib.util.find_spec("wandb") is not None,
+                 "wandb_log=True needs the wandb package (pip install wandb)")
 
 
 def _require(ok, message):
@@ -259,7 +267,9 @@ def evaluate_whole(model, data, cfg, model_cfg, autocast, device):
     whole table), its standard error, the routing metrics on it, and a task's own numbers."""
     model.eval()
     losses, stats = [], RoutingStats(n_labels=data.n_labels)
-    for X, Y, labels in data.whole_split("val", cfg.batch_size, model_cfg.block_size, device):
+    # batches of ~16k tokens, fewer where the logits would pass ~256 MB (no gradient here: memory allows)
+    rows = max(cfg.batch_size, min(16384, 2 ** 26 // model_cfg.vocab_size) // model_cfg.block_size)
+    for X, Y, labels in data.whole_split("val", rows, model_cfg.block_size, device):
         with autocast:
             logits, _, routes = model(X, Y)
         ce = F.cross_entropy(logits.float().flatten(0, 1), Y.flatten(), reduction="none")  # (B*S,), 0 at -100
@@ -332,8 +342,10 @@ def loop(cfg, model_cfg, ckpt, settings, env):
                                       else ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
             raise UserError(f"checkpoint optimizer state does not match the model ({str(err).splitlines()[0]})") from None
+    config = {**asdict(cfg), **asdict(model_cfg)}
     run = Run(cfg.out_dir, env.master)
     launch.share(env, run.open, ckpt, cfg.overwrite)  # lock, refuse to replace another run, cut the log
+    run.tracker = Tracker(cfg, config, env.master)     # wandb, if asked
     batch_gen = torch.Generator().manual_seed(cfg.seed)  # one global batch per step, sliced per process
     iter_num, best_val = 0, float("inf")
     if ckpt:
@@ -357,7 +369,6 @@ def loop(cfg, model_cfg, ckpt, settings, env):
         from support.parallel import pooled_balance
         pool = pooled_balance(torch.distributed.group.WORLD)
     coefs = {c: getattr(cfg, c) for c in COEFFICIENTS.values()}
-    config = {**asdict(cfg), **asdict(model_cfg)}
 
     def state():  # what a checkpoint holds (with expert parallelism, gathered from every process)
         weights, opt = ep.full_state(model, optimizer) if ep else (model.state_dict(), optimizer.state_dict())
@@ -386,6 +397,8 @@ def loop(cfg, model_cfg, ckpt, settings, env):
                 record = {"iter": iter_num, **result, "layers": layers, "final": final}
                 if final:
                     record["whole"] = evaluate_whole(model, data, cfg, model_cfg, env.autocast, env.device)
+                    record["params"] = {"total": total, "active": active}
+                    record["time_s"] = round(time.time() - t_start, 1)   # this process's training and evaluations
                 if env.master:
                     print_eval(record)
                 run.log(record)
@@ -420,6 +433,7 @@ def loop(cfg, model_cfg, ckpt, settings, env):
         if env.master:
             print(f"ranks hold identical weights: {len(set(hashes)) == 1}")
             run.log({"iter": iter_num, "param_hashes": hashes})
+    run.tracker.finish()
 
 
 def print_eval(record):

@@ -6,7 +6,7 @@
 #   python train.py config/collapse.py                                           # collapses
 #   python train.py config/collapse.py --c_lb=0.01 --out_dir=out-collapse-lb     # balanced by L_lb
 #   python train.py config/collapse.py --router=ermoe --out_dir=out-collapse-ermoe
-#   python analyze.py out-collapse   (and the other two) -> load_history.png shows the difference
+#   python tools/analyze.py out-collapse   (and the other two) -> load_history.png shows the difference
 out_dir = "out-collapse"
 dataset = "synthetic"
 vocab_size = 256
@@ -30,3 +30,5 @@ warmup_iters = 50
 learning_rate = 1e-2
 min_lr = 1e-3
 compile = False
+beta2 = 0.95            # set here, with dropout: the machine presets of train.py apply to what a config leaves out
+dropout = 0.0

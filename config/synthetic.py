@@ -19,3 +19,5 @@ warmup_iters = 50
 learning_rate = 2e-3
 min_lr = 2e-4
 compile = False
+beta2 = 0.95            # set here, with dropout: the machine presets of train.py apply to what a config leaves out
+dropout = 0.0

@@ -30,10 +30,19 @@ torch.set_printoptions(precision=3, sci_mode=False, linewidth=120)
 T, E, k, d, f = 8, 4, 2, 16, 8
 cfg = GPTConfig(n_layer=1, n_head=2, n_embd=d, n_experts=E, top_k=k, expert_hidden=f, router_impl="torch")
 moe = MoE(cfg)
+with torch.no_grad():  # weights at a scale where the numbers say something (a fresh model's, std 0.02,
+    moe.router.weight.normal_(0.0, 1.0)                 # give logits of +-0.1 and every gate ~0.5)
+    for w in (moe.w_gate, moe.w_up, moe.w_down):
+        w.normal_(0.0, 0.5)
 x = torch.randn(T, d)                                   # the block input of 8 tokens
 
 
 CHECKS = []
+
+
+def section(title):
+    """The cell's heading in the printed output too (a script has no markdown cells)."""
+    print(f"\n{'=' * 100}\n{title}\n{'=' * 100}")
 
 
 def check(name, mine, library, tol=1e-5):
@@ -52,6 +61,7 @@ def check(name, mine, library, tol=1e-5):
 # of x_t with row e. p = softmax(a) over all E experts is the routing distribution the losses use.
 
 # %%
+section("1. The router: logits, then probabilities")
 W = moe.router.weight                                   # (E, d)
 logits = x @ W.T                                        # (T, E)
 p = logits.softmax(dim=-1)                              # (T, E), rows sum to 1
@@ -70,6 +80,7 @@ check("router logits", logits, moe.router.logits(x, None))
 # renormalised over the chosen experts.
 
 # %%
+section("2. The top-k choice and the tie rule")
 tie_row = torch.tensor([[1.0, 3.0, 3.0, 2.0]])
 print("tie row", tie_row.tolist(), "-> experts", select_topk(tie_row, 2)[1].tolist())
 order = sorted(range(E), key=lambda e: (-logits[0, e].item(), e))   # by hand for token 0
@@ -89,6 +100,7 @@ check("gates = p renormalised", p.gather(1, idx) / p.gather(1, idx).sum(1, keepd
 #     offs            ^3          ^7      ...        ^16
 
 # %%
+section("3. Sort the (token, expert) pairs by expert")
 flat = idx.reshape(-1)                                  # (T*k,) expert of each pair
 perm = torch.sort(flat, stable=True).indices            # (T*k,) pair order, grouped by expert
 tok = perm // k                                         # (T*k,) the token of each sorted row
@@ -107,6 +119,7 @@ check("counts = pairs per expert", [int((idx == e).sum()) for e in range(E)], co
 # Every expert is a SwiGLU: silu(h W_gate) * (h W_up), then W_down.
 
 # %%
+section("4. One grouped matmul for all experts")
 h = x[tok]                                              # (T*k, d) inputs in expert order
 a = F.silu(grouped_matmul(h, moe.w_gate, offs.int())) * grouped_matmul(h, moe.w_up, offs.int())  # (T*k, f)
 out = grouped_matmul(a, moe.w_down, offs.int())         # (T*k, d)
@@ -120,6 +133,7 @@ check("grouped matmul = per-expert matmuls", by_hand, out)
 # Each row's output is multiplied by its gate and added to its token: y_t = sum_j g_tj E_idx_tj(x_t).
 
 # %%
+section("5. Gate, then add back to the tokens")
 y = torch.zeros(T, d).index_add(0, tok, out * gates.reshape(-1)[perm, None])   # (T, d)
 y_block, routing = moe(x.view(1, T, d))
 check("MoE output", y, y_block.view(T, d))
@@ -136,6 +150,7 @@ print("y[0] =", y[0, :6], "...")
 #   consecutive layers (here: the layer with itself and with a second router).
 
 # %%
+section("6. The auxiliary losses, by hand")
 f_e = counts.float() / (T * k)
 P_e = p.mean(dim=0)
 check("L_lb", E * (f_e * P_e).sum(), load_balancing_loss(p, idx))
@@ -164,6 +179,7 @@ check("R_cp", -(M1 * M2).mean(), coupling_loss([p, p2], idx_list=[idx, idx2]))
 #            P_e P_e^T x
 
 # %%
+section("7. ERMoE: the score is a cosine to a subspace")
 ecfg = GPTConfig(n_layer=1, n_head=2, n_embd=d, n_experts=E, top_k=k, router="ermoe", ermoe_rank=4,
                  router_impl="torch")
 ermoe = EigenRouter(ecfg)
@@ -181,8 +197,8 @@ print("ERMoE picks", ermoe_routing.idx[:4].tolist(), "for the first 4 tokens; th
 # %% [markdown]
 # ## What next
 # Read router.py (the routers, one interface), model.py (MoE.forward_naive, then forward_sorted),
-# losses.py, then run `python train.py config/synthetic.py` and `python analyze.py out-synthetic`.
-# The exercises (`exercises/`) ask you to write each piece above yourself.
+# losses.py, then run `python train.py config/synthetic.py` and `python tools/analyze.py out-synthetic`.
+# The exercises (`course/exercises/`) ask you to write each piece above yourself.
 
 # %%
 print(f"\nall {len(CHECKS)} checks agree: the numbers by hand are the library's")

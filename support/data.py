@@ -177,13 +177,28 @@ def prepare(name, verbose=True):
 
 
 def read_meta(folder):
+    """data/<name>/meta.json, checked: the fields a set needs, of the right types."""
     path = os.path.join(folder, "meta.json")
     try:
         with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except ValueError as err:  # edited or damaged by hand: ours are written whole (temp file + rename)
+            meta = json.load(fh)
+    except (ValueError, UnicodeDecodeError) as err:  # edited or damaged by hand: ours are written whole
         raise UserError(f"{path} is not JSON ({err}); delete it and prepare the data again: train.py "
                         f"re-tokenises an input.txt, else run python tools/prepare.py") from None
+    tokens = meta.get("tokens") if isinstance(meta, dict) else None
+    problems = [] if isinstance(meta, dict) else ["it is not a JSON object"]
+    if not problems:
+        if meta.get("dtype") not in ("uint16", "uint32"):
+            problems.append(f"dtype is {meta.get('dtype')!r}, not 'uint16' or 'uint32'")
+        if type(meta.get("max_id")) is not int or meta["max_id"] < 0:
+            problems.append(f"max_id is {meta.get('max_id')!r}, not an integer >= 0")
+        if not (isinstance(tokens, dict) and all(type(tokens.get(s)) is int and tokens[s] >= 0 for s in ("train", "val"))):
+            problems.append(f"tokens is {tokens!r}, not {{'train': count, 'val': count}}")
+        if "vocab_size" in meta and (type(meta["vocab_size"]) is not int or meta["vocab_size"] < 1):
+            problems.append(f"vocab_size is {meta['vocab_size']!r}, not an integer >= 1")
+    if problems:
+        raise UserError(f"{path}: {problems[0]}; delete it and prepare the data again")
+    return meta
 
 
 def vocab_of(name):
@@ -201,8 +216,21 @@ def vocab_of(name):
     return GPT2_VOCAB if tokenizer == "gpt2" else None
 
 
-def load_split(folder, split):
-    return np.memmap(os.path.join(folder, f"{split}.bin"), dtype=read_meta(folder)["dtype"], mode="r")
+def load_split(folder, split, meta=None):
+    """data/<name>/<split>.bin as a read-only array, checked against meta.json: its size must be the
+    recorded number of tokens of the recorded dtype."""
+    meta = meta or read_meta(folder)
+    path = os.path.join(folder, f"{split}.bin")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is missing (meta.json names it); prepare the data again")
+    size, item = os.path.getsize(path), np.dtype(meta["dtype"]).itemsize
+    if size != meta["tokens"][split] * item:
+        whole = "" if size % item == 0 else f", not a whole number of {meta['dtype']} tokens"
+        raise UserError(f"{path} holds {size:,} bytes{whole}; meta.json says {meta['tokens'][split]:,} {meta['dtype']} "
+                        f"tokens ({meta['tokens'][split] * item:,} bytes): prepare the data again")
+    if size == 0:
+        raise UserError(f"{path} is empty; prepare the data again")
+    return np.memmap(path, dtype=meta["dtype"], mode="r")
 
 
 def get_batch(data, batch_size, block_size, generator, device, rank=0, world=1):
@@ -230,7 +258,7 @@ class TextData:
         self.name, self.tokenizer, self.n_labels = name, meta.get("tokenizer", "gpt2"), 0
         self.vocab_size = meta.get("vocab_size") or -(-(meta["max_id"] + 1) // 64) * 64
         self.max_id = meta["max_id"]
-        self.splits = {split: load_split(folder, split) for split in ("train", "val")}
+        self.splits = {split: load_split(folder, split, meta) for split in ("train", "val")}
 
     def check(self, block_size, vocab_size):
         for split, data in self.splits.items():

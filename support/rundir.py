@@ -253,6 +253,7 @@ class Run:
         self.out_dir, self.master, self.lock = out_dir, master, None
         self.log_path = os.path.join(out_dir, "log.jsonl")
         self.saved_iter = None       # the iteration of the checkpoint on disk
+        self.tracker = None          # also gets every record (support/tracking.py), if set
 
     def open(self, ckpt, overwrite):
         """Lock out_dir, refuse to replace another run, then cut the log back to the checkpoint."""
@@ -294,6 +295,8 @@ class Run:
     def log(self, record):
         if self.master:
             append_log(self.log_path, record)
+            if self.tracker is not None:
+                self.tracker.log(record)
 
     def last(self):
         return (f"the last good checkpoint is {self.out_dir}/ckpt.pt (iter {self.saved_iter})"

@@ -32,11 +32,22 @@ def test_exercise_grader_accepts_the_key_rejects_the_stubs_and_explains_a_wrong_
     # each stub named once at least (the short summary may repeat it, depending on terminal width)
     unwritten = set(re.findall(r"(ex\d_\w+)\.\w+ is not written yet", stubs.stdout))
     assert len(unwritten) == 8, stubs.stdout[-3000:]
-    wrong = tmp_path / "wrong"  # the key with one bug: ties to the higher index
+    wrong = tmp_path / "wrong"  # the key with two bugs in one exercise: ties to the higher index, gates unscaled
     import shutil
     shutil.copytree(os.path.join(REPO, "course", "solutions"), wrong)
     src = (wrong / "ex1_topk.py").read_text()
-    (wrong / "ex1_topk.py").write_text(src.replace("(-row[e], e)", "(-row[e], -e)"))
+    src = src.replace("(-row[e], e)", "(-row[e], -e)").replace("return w / w.sum(dim=1, keepdim=True)", "return w")
+    (wrong / "ex1_topk.py").write_text(src)
     res = grade("wrong", {"PYTHONPATH": str(tmp_path)})
     assert res.returncode == 1 and "1 failed, 7 passed" in res.stdout, res.stdout[-3000:]
-    assert "ties go to the lower expert index" in res.stdout
+    # one run reports both: every check of the exercise runs before the verdict
+    assert "ties go to the lower expert index" in res.stdout and "gates(renormalize=True): differs" in res.stdout
+
+
+def test_the_exercises_folder_is_the_handout():
+    """Handing out = copying course/exercises: it holds the stubs and the grader, and no answer."""
+    names = sorted(os.listdir(os.path.join(REPO, "course", "exercises")))
+    assert not [n for n in names if "solution" in n]
+    stubs = [n for n in names if n.startswith("ex") and n.endswith(".py")]
+    assert len(stubs) == 8 and all("raise NotImplementedError" in open(os.path.join(REPO, "course", "exercises", n)).read()
+                                   for n in stubs)

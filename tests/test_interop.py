@@ -25,6 +25,10 @@ def hf_models():
         "qwen2_moe": transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
             **common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, shared_expert_intermediate_size=16,
             norm_topk_prob=True)),
+        # Qwen3-30B-A3B's shape in small: heads of 16 with d=32 and 4 heads (head_dim apart from d / n_head),
+        # q/k norm per head, raw top-k gates
+        "qwen3_moe": transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            **common, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, norm_topk_prob=False)),
     }
     for m in models.values():  # larger than the default init, so that every path matters
         with torch.no_grad():
@@ -46,7 +50,7 @@ def close(a, b, rel=1e-5):
     return ((a - b).abs().max() / b.abs().max()).item() < rel
 
 
-@pytest.mark.parametrize("family", ["mixtral", "olmoe", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"])
 def test_hf_import_gives_the_same_logits_and_gradients(tmp_path, family):
     transformers, models = hf_models()
     hf = models[family]
@@ -132,3 +136,124 @@ def test_an_imported_model_samples_and_is_analyzed_with_its_own_tokenizer(tmp_pa
     assert len(table) == 2 and "layer 1" in table[0] and "router.png" in out and "tokens.png" in out, out
     code, out, err = cli("tools.analyze", tmp_path / "ours")
     assert code == 1 and "give the text to route with --text" in err
+
+
+def test_an_imported_mixtral_generates_greedily_what_transformers_generates(tmp_path):
+    transformers, models = hf_models()
+    hf = models["mixtral"]
+    hf.save_pretrained(tmp_path / "hf")
+    assert cli("tools.convert", "from-hf", tmp_path / "hf", tmp_path / "ours")[0] == 0
+    model = ours(tmp_path / "ours")
+    prompt = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(3))
+    want = hf.generate(prompt, max_new_tokens=20, do_sample=False, attention_mask=torch.ones_like(prompt),
+                       pad_token_id=0)
+    for use_cache in (True, False):
+        assert torch.equal(model.generate(prompt, 20, temperature=0, use_cache=use_cache), want), use_cache
+
+
+@pytest.mark.parametrize("renorm", [True, False])
+def test_sigmoid_router_equals_deepseek_v3_moe(renorm):
+    """transformers' DeepseekV3MoE with group-limited routing (4 groups, 2 picked), a routed scaling
+    factor, a non-zero score-correction bias and a shared expert, against our sigmoid-router MoE block:
+    the same experts, the same block output, the same gradients of the input and every weight."""
+    transformers = pytest.importorskip("transformers", reason="the interop tests compare against transformers")
+    from model import MoE
+    E, G, k, d, f = 8, 4, 2, 32, 16
+    hf_cfg = transformers.DeepseekV3Config(hidden_size=d, n_routed_experts=E, num_experts_per_tok=k, n_group=G,
+                                           topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=renorm,
+                                           moe_intermediate_size=f, n_shared_experts=1, num_hidden_layers=1)
+    torch.manual_seed(0)
+    hf = transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3MoE(hf_cfg)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.2)
+        hf.gate.e_score_correction_bias.normal_(0, 0.1)
+    ours_cfg = GPTConfig(n_layer=1, n_head=2, n_embd=d, n_experts=E, top_k=k, expert_hidden=f, n_shared=1,
+                         router="sigmoid", n_group=G, topk_group=2, routed_scale=2.5, gate_renorm=renorm)
+    moe = MoE(ours_cfg)
+    with torch.no_grad():
+        moe.router.weight.copy_(hf.gate.weight)
+        moe.router.bias.copy_(hf.gate.e_score_correction_bias)
+        gate, up = hf.experts.gate_up_proj.chunk(2, dim=1)                  # (E, f, d) each
+        moe.w_gate.copy_(gate.transpose(1, 2))
+        moe.w_up.copy_(up.transpose(1, 2))
+        moe.w_down.copy_(hf.experts.down_proj.transpose(1, 2))              # (E, d, f) -> (E, f, d)
+        moe.shared.c_gate.weight.copy_(hf.shared_experts.gate_proj.weight)
+        moe.shared.c_up.weight.copy_(hf.shared_experts.up_proj.weight)
+        moe.shared.c_proj.weight.copy_(hf.shared_experts.down_proj.weight)
+    x = torch.randn(2, 12, d, generator=torch.Generator().manual_seed(1))
+    _, hf_weights, hf_idx = hf.gate(x)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y_hf = hf(xa)
+    y, r = moe(xb)
+    assert torch.equal(hf_idx.sort(-1).values, r.idx.sort(-1).values)       # the same experts
+    order = r.idx.argsort(-1)
+    assert torch.allclose((r.gates * 2.5).gather(1, order), hf_weights.gather(1, hf_idx.argsort(-1)), atol=1e-6)
+    assert torch.allclose(y, y_hf, atol=1e-5)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    (y_hf * g).sum().backward()
+    (y * g).sum().backward()
+    assert torch.allclose(xa.grad, xb.grad, atol=1e-5)
+    assert torch.allclose(moe.router.weight.grad, hf.gate.weight.grad, atol=1e-5)
+    assert torch.allclose(moe.shared.c_gate.weight.grad, hf.shared_experts.gate_proj.weight.grad, atol=1e-5)
+    gate_g, up_g = hf.experts.gate_up_proj.grad.chunk(2, dim=1)
+    assert torch.allclose(moe.w_gate.grad, gate_g.transpose(1, 2), atol=1e-5)
+    assert torch.allclose(moe.w_up.grad, up_g.transpose(1, 2), atol=1e-5)
+    assert torch.allclose(moe.w_down.grad, hf.experts.down_proj.grad.transpose(1, 2), atol=1e-5)
+    # the group limit mattered: without it, some tokens would select other experts
+    free = select_without_groups(moe, xb.detach().reshape(-1, d))
+    assert not torch.equal(free.sort(-1).values, r.idx.sort(-1).values)
+
+
+def select_without_groups(moe, x):
+    from router import select_topk
+    s = torch.sigmoid(torch.nn.functional.linear(x, moe.router.weight))
+    return select_topk(s + moe.router.bias, moe.router.k)[1]
+
+
+def test_every_bad_checkpoint_folder_is_one_error_line_and_the_previous_import_is_unchanged(tmp_path):
+    """Files from outside: a download cut short, a hand-edited config, tensors that do not fit, tensors
+    the mapping would drop. Each ends in one error line naming the file, field or tensor."""
+    transformers, models = hf_models()
+    from safetensors.torch import load_file, save_file
+    from tests.helpers import file_hashes
+    models["mixtral"].save_pretrained(tmp_path / "hf")
+    assert cli("tools.convert", "from-hf", tmp_path / "hf", tmp_path / "ours")[0] == 0   # a previous import
+    before = file_hashes(tmp_path / "ours")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+
+    def variant(name, config_changes=None, tensors=None, raw=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({**config, **(config_changes or {})}))
+        if raw is not None:
+            (folder / "model.safetensors").write_bytes(raw)
+        else:
+            save_file(tensors if tensors is not None else weights, folder / "model.safetensors")
+        return folder
+    whole = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    extra = {**weights, "model.layers.0.block_sparse_moe.extra_norm.weight": torch.ones(32)}
+    bad_shape = {**weights, "model.layers.1.self_attn.o_proj.weight": torch.zeros(32, 16)}
+    int_tensor = {**weights, "model.norm.weight": torch.ones(32, dtype=torch.int64)}
+    missing = {k: v for k, v in weights.items() if k != "model.layers.1.post_attention_layernorm.weight"}
+    cases = [
+        (variant("cut_header", raw=whole[:100]), "model.safetensors is not a readable safetensors file"),
+        (variant("cut_data", raw=whole[:len(whole) // 2]), "model.safetensors"),
+        (variant("string_width", {"hidden_size": "32"}), "config.json: hidden_size must be an integer >= 1, got '32'"),
+        (variant("negative_experts", {"num_local_experts": -4}), "num_local_experts must be an integer >= 1, got -4"),
+        (variant("too_many_per_token", {"num_experts_per_tok": 9}), "num_experts_per_tok must be an integer in [1, 4], got 9"),
+        (variant("bool_eps", {"rms_norm_eps": True}), "rms_norm_eps must be a number"),
+        (variant("unused", tensors=extra), "1 tensor(s) this conversion does not use: "
+                                           "model.layers.0.block_sparse_moe.extra_norm.weight; pass --ignore_unused"),
+        (variant("bad_shape", tensors=bad_shape), "tensor 'model.layers.1.self_attn.o_proj.weight' has shape (32, 16), "
+                                                  "expected (32, 32)"),
+        (variant("int_tensor", tensors=int_tensor), "tensor 'model.norm.weight' has dtype torch.int64"),
+        (variant("missing", tensors=missing), "has no tensor 'model.layers.1.post_attention_layernorm.weight'"),
+    ]
+    for folder, message in cases:
+        code, out, err = cli("tools.convert", "from-hf", folder, tmp_path / "ours", "--overwrite")
+        assert code == 1 and err.count("\n") == 1 and message in err, (folder.name, err)
+        assert file_hashes(tmp_path / "ours") == before, folder.name
+    code, out, err = cli("tools.convert", "from-hf", tmp_path / "unused", tmp_path / "ours2", "--ignore_unused")
+    assert code == 0 and "1 unused tensor(s) left out" in out, err

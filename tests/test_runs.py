@@ -3,6 +3,7 @@ Runs end to end, the way a user starts them: the command line, --help, resume, c
 Ctrl-C, NaN), locks, and every bad input ending in one `error:` line with the files unchanged.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from losses import aux_losses
 from model import GPT, GPTConfig
 from tests.helpers import (REPO, ROUTERS, TINY, assert_loadable_and_finite, cli, file_hashes, settings_of, train,
                            train_losses)
+
 
 @pytest.mark.parametrize("router", ROUTERS)
 def test_bad_input_for_every_router_is_one_error_line(router, tmp_path):
@@ -172,7 +174,7 @@ BAD_INPUTS = [  # (entry point, arguments; RUN = a finished run, R = the fixture
     ("tools.ablate", ["--out_dir=R/ablation", "--variants", "dense", "--seeds", "0"], "dense-s0/log.jsonl line 2 is not JSON"),
     ("tools.ablate", ["--variants", "nonsense"], "unknown variant(s) ['nonsense']"),
     ("tools.ablate", ["--seeds", "-1", "--dry"], "seeds must be >= 0"),
-    ("tools.ablate", ["--dataset=no_such_corpus"], "no data/no_such_corpus/input.txt"),
+    ("tools.ablate", ["--dataset=no_such_corpus"], "no data/no_such_corpus/input.txt, no prepared bins"),
     ("tools.prepare", ["R/nowhere.txt", "x"], "nowhere.txt does not exist"),
     ("tools.prepare", ["R/syntax.py", "a/b"], "NAME must be a plain folder name"),
     ("tools.prepare", ["R/syntax.py", "x", "--val_fraction=1.5"], "--val_fraction must be in (0, 1)"),
@@ -374,3 +376,57 @@ def test_derived_widths_follow_the_final_settings(tmp_path):
         assert "0 = derived" in line[f"--{key}"], line[f"--{key}"]
     if not torch.cuda.is_available():
         assert "[CPU preset]" in line["--batch_size"] and "[CPU preset]" in line["--n_embd"]
+
+
+def test_a_prepared_set_that_does_not_add_up_is_one_error_line(tmp_path):
+    """Bins from elsewhere: a train.bin that is not a whole number of tokens, or not the count meta.json
+    records, and a meta.json with the wrong types: one error line, the set and the run untouched."""
+    import json
+    import shutil
+    name = f"bins-{os.getpid()}"
+    folder = os.path.join(REPO, "data", name)
+    shutil.copytree(os.path.join(REPO, "data", "shakespeare_char"), folder,
+                    ignore=shutil.ignore_patterns("input.txt"))
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    try:
+        cases = [
+            ("train.bin", lambda p: open(p, "ab").write(b"\x01"), "not a whole number of uint16 tokens"),
+            ("train.bin", lambda p: open(p, "ab").write(b"\x01\x00"), "meta.json says"),
+            ("meta.json", lambda p: json.dump({**meta, "dtype": "float32"}, open(p, "w")), "dtype is 'float32'"),
+            ("meta.json", lambda p: json.dump({**meta, "tokens": {"train": "1000"}}, open(p, "w")), "tokens is"),
+            ("val.bin", lambda p: os.remove(p), "val.bin is missing"),
+        ]
+        for fname, damage, message in cases:
+            shutil.copy(os.path.join(folder, fname), tmp_path / "keep") if os.path.exists(os.path.join(folder, fname)) else None
+            damage(os.path.join(folder, fname))
+            before = file_hashes(folder)
+            code, out, err = cli("train", *TINY, f"--dataset={name}", f"--out_dir={tmp_path / 'run'}", "--max_iters=1",
+                                 f"--vocab_size={meta['vocab_size']}")
+            assert code == 1 and err.count("\n") == 1 and message in err, (fname, err)
+            assert file_hashes(folder) == before and not (tmp_path / "run").exists()
+            shutil.copy(tmp_path / "keep", os.path.join(folder, fname))     # repaired for the next case
+        train(tmp_path / "run", f"--dataset={name}", "--max_iters=1", "--eval_interval=1")   # the repaired set trains
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_sample_refuses_abbreviations_and_suggests_the_option():
+    code, out, err = cli("sample", "--num_sample=1")
+    assert code == 1 and err.count("\n") == 1 and "unrecognized arguments: --num_sample=1" in err
+    assert "did you mean '--num_samples'?" in err
+
+
+def test_wandb_offline_run_gets_every_term_and_routing_metric(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="run tracking is optional: pip install wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = train(tmp_path / "run", "--max_iters=2", "--eval_interval=2", "--wandb_log=True", "--wandb_run_name=tiny")
+    runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
+    assert len(runs) == 1, os.listdir(tmp_path / "wandb")
+    # an offline run is one protobuf log (run-*.wandb); the names of what was logged are in it as text
+    record = next((tmp_path / "wandb" / runs[0]).glob("run-*.wandb")).read_bytes()
+    for key in ("train_loss", "lb", "z", "sp", "cp", "lb_scaled", "lr", "val_loss", "layer0/cv", "layer1/entropy_norm",
+                "layer0/topk_mass", "layer0/coact_cos2", "whole/val_loss", "params/total", "tiny", "wandb_project"):
+        assert key.encode() in record, key
+    assert "iter 2:" in out

@@ -84,30 +84,55 @@ def test_analyze_writes_every_plot_for_every_router(tmp_path, router):
     assert own <= set(layers[0])  # the router's own metrics reach the log (and the curves)
 
 
-@pytest.mark.parametrize("demo", ["collapse", "coupling", "specialization"])
-def test_demo_tables_and_figures_from_finished_runs(tmp_path, demo):
-    """demos.py on runs that are already finished (copies of one real tiny run's log, with known val
-    losses): it trains nothing, and its table holds each variant's mean ± half-spread over the seeds."""
-    from course import demos
+@pytest.fixture(scope="module")
+def tiny_logs(tmp_path_factory):
+    """The log of a real tiny run of each kind of task a demo trains on."""
     from support.rundir import read_log
-    train(tmp_path / "real", "config/synthetic.py", "--vocab_size=256", "--max_iters=2", "--eval_interval=2")
-    records = read_log(tmp_path / "real" / "log.jsonl")
-    variants = list(demos.DEMOS[demo]["variants"])
-    for i, name in enumerate(variants):
+    root = tmp_path_factory.mktemp("tiny")
+    kinds = {"text": [], "synthetic": ["config/synthetic.py", "--vocab_size=256"], "facts": ["config/facts.py"],
+             "facts_binary": ["config/facts_binary.py"]}
+    logs = {}
+    for kind, args in kinds.items():
+        train(root / kind, *args, "--max_iters=2", "--eval_interval=2", "--n_layer=2", "--batch_size=4")
+        logs[kind] = read_log(root / kind / "log.jsonl")
+    return logs
+
+
+@pytest.mark.parametrize("demo", ["default", "capacity", "routing", "regularisers", "regularisers-facts", "collapse",
+                                  "coupling", "specialization"])
+def test_demo_tables_and_figures_from_finished_runs(tmp_path, demo, tiny_logs):
+    """demos.py on runs that are already finished (copies of a real tiny run's log, with known val
+    losses and bits): it trains nothing, and its table holds each variant's mean ± half-spread over
+    the seeds, from the numbers of the whole split."""
+    from course import demos
+    variants = demos.DEMOS[demo]["variants"]
+    for i, (name, args) in enumerate(variants.items()):
+        kind = next((k for k in ("facts_binary", "facts", "synthetic") if f"config/{k}.py" in args), "text")
+        kind = "synthetic" if "config/collapse.py" in args else kind
         for seed in (0, 1):
-            where = demos.run_dir(tmp_path / "runs" / demo, name, seed)
+            where = demos.run_dir(str(tmp_path / "runs"), args, seed)
             os.makedirs(where)
             with open(os.path.join(where, "log.jsonl"), "w") as fh:
-                for r in records:
-                    fh.write(json.dumps({**r, "val_loss": 1 + 0.1 * i + 0.01 * seed} if "val_loss" in r else r) + "\n")
+                for r in tiny_logs[kind]:
+                    if "whole" in r:
+                        whole = {**r["whole"], "val_loss": 1 + 0.1 * i + 0.01 * seed}
+                        if "bits" in whole:
+                            whole["bits"] = 1000.0 * (i + 1) + 10 * seed
+                        r = {**r, "whole": whole}
+                    fh.write(json.dumps(r) + "\n")
     (tmp_path / "docs").mkdir()
     code, out, err = cli("course.demos", demo, "--seeds", "0", "1", "--out_dir", tmp_path / "runs", "--docs", tmp_path / "docs")
     assert code == 0, err
     assert out.count("already done") == 2 * len(variants)
     table = (tmp_path / "docs" / f"demo_{demo}.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| variant |")).split(" | ")
+    column, want = ((header.index("bits stored"), lambda i: f"{1000 * (i + 1) + 5:.0f} ± 5") if demo == "capacity" else
+                    (next(j for j, h in enumerate(header) if h.startswith("val loss")),
+                     lambda i: f"{1 + 0.1 * i + 0.005:.{4 if demo.startswith(('default', 'regularisers')) else 3}f} ± "
+                               f"{0.005:.{4 if demo.startswith(('default', 'regularisers')) else 3}f}"))
     for i, name in enumerate(variants):
         row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
-        assert row.split(" | ")[1] == f"{1 + 0.1 * i + 0.005:.3f} ± 0.005", row
+        assert row.split(" | ")[column] == want(i), (row, want(i))
     assert "nan" not in table
     import matplotlib.image
     image = matplotlib.image.imread(tmp_path / "docs" / f"demo_{demo}.png")
@@ -175,3 +200,106 @@ def test_prepare_streams_equals_a_one_shot_encoding_with_flat_memory_and_is_atom
         import shutil
         for name in names:
             shutil.rmtree(os.path.join(REPO, "data", name), ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# corpora from outside: each bad file one error line, the set already prepared unchanged
+
+def parquet_file(path, texts):
+    pa = pytest.importorskip("pyarrow", reason="parquet needs pyarrow (an optional dependency)")
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": texts, "id": list(range(len(texts)))}), path, row_group_size=64)
+
+
+def test_prepare_reads_parquet_shards_like_text(tmp_path):
+    from support.data import gpt2_encoding, load_split, prepare
+    texts = [f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * (i % 7 + 1) for i in range(300)]
+    (tmp_path / "shards").mkdir()
+    parquet_file(tmp_path / "shards" / "a.parquet", texts[:150])
+    parquet_file(tmp_path / "shards" / "b.parquet", texts[150:])
+    name = f"parquet-test-{os.getpid()}"
+    try:
+        code, _, err = cli("tools.prepare", tmp_path / "shards", name, "--workers=1")
+        assert code == 0, err
+        folder = prepare(name)
+        got = np.concatenate([load_split(folder, "train"), load_split(folder, "val")])
+        enc = gpt2_encoding()
+        want = [t for text in texts for t in enc.encode_ordinary(text) + [50256]]  # documents end with end-of-text
+        assert got.tolist() == want
+    finally:
+        import shutil
+        shutil.rmtree(os.path.join(REPO, "data", name), ignore_errors=True)
+
+
+def test_every_bad_corpus_is_one_error_line_and_the_prepared_set_is_unchanged(tmp_path, monkeypatch):
+    import shutil
+    from tests.helpers import file_hashes
+    name = f"bad-corpus-{os.getpid()}"
+    folder = os.path.join(REPO, "data", name)
+    good = tmp_path / "good.txt"
+    good.write_text("To be, or not to be, that is the question.\n" * 200)
+    cases = {  # what to write -> what the error says
+        "not_utf8.txt": (b"hello world\n" * 50 + b"caf\xe9 au lait\n", "not_utf8.txt is not UTF-8 at byte 603"),
+        "number.jsonl": (b'{"text": "fine"}\n{"text": 42}\n', "number.jsonl line 2: the 'text' field is int, not a string"),
+        "broken.jsonl": (b'{"text": "fine"}\n{"text": "cut\n', "broken.jsonl line 2: not a JSON object with a 'text' field"),
+        "bad_line.jsonl": (b'{"text": "fine"}\n\xff\xfe\n', "bad_line.jsonl is not UTF-8 at byte 17"),
+        "empty_dir": (None, "holds no .txt, .jsonl or .parquet file"),
+    }
+    try:
+        assert cli("tools.prepare", good, name, "--workers=1")[0] == 0
+        before = file_hashes(folder)
+        for fname, (content, message) in cases.items():
+            path = tmp_path / fname
+            if content is None:
+                path.mkdir()
+            else:
+                path.write_bytes(content)
+            code, out, err = cli("tools.prepare", path, name, "--workers=1")
+            lines = err.strip().splitlines()
+            assert code == 1 and lines[-1].startswith("error:") and message in lines[-1], (fname, err)
+            assert file_hashes(folder) == before, fname
+        code, _, err = cli("tools.prepare", tmp_path / "not_utf8.txt", name, "--workers=1", "--errors=replace")
+        assert code == 0, err                              # undecodable bytes replaced, on request
+        code, _, err = cli("tools.prepare", good, name, "--workers=0")
+        assert code == 1 and "--workers must be >= 1, got 0" in err
+        if importlib_util_find("pyarrow"):
+            parquet_file(tmp_path / "nulls.parquet", ["fine", None])
+            for path, message in ((tmp_path / "nulls.parquet", "nulls.parquet row 2: the 'text' field is NoneType"),):
+                code, _, err = cli("tools.prepare", path, name, "--workers=1")
+                assert code == 1 and message in err, err
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+            pq.write_table(pa.table({"body": ["x"]}), tmp_path / "notext.parquet")
+            code, _, err = cli("tools.prepare", tmp_path / "notext.parquet", name, "--workers=1")
+            assert code == 1 and "has no 'text' column (columns: body)" in err, err
+            (tmp_path / "cut.parquet").write_bytes((tmp_path / "nulls.parquet").read_bytes()[:40])
+            code, _, err = cli("tools.prepare", tmp_path / "cut.parquet", name, "--workers=1")
+            assert code == 1 and "is not a readable parquet file" in err, err
+            monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
+            code, _, err = cli("tools.prepare", tmp_path / "nulls.parquet", name, "--workers=1")
+            assert code == 1 and "reading parquet needs the pyarrow package" in err, err
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def importlib_util_find(name):
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
+
+
+def test_the_error_line_comes_after_the_progress_line(tmp_path):
+    """A corpus that fails late: the progress line is ended before the error, which is the last line."""
+    (tmp_path / "corpus").mkdir()
+    stream_corpus(tmp_path / "corpus" / "a.txt", 8)
+    (tmp_path / "corpus" / "b.jsonl").write_text('{"text": "fine"}\n{"oops": 1}\n')
+    name = f"late-error-{os.getpid()}"
+    try:
+        res = subprocess.run([sys.executable, "tools/prepare.py", str(tmp_path / "corpus"), name, "--workers=1"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+        lines = res.stderr.split("\n")
+        assert res.returncode == 1 and lines[-1] == "" and lines[-2].startswith("error: ")
+        assert "b.jsonl line 2" in lines[-2] and "tokens/s" in lines[-3] and "error" not in lines[-3], res.stderr[-500:]
+        assert not os.path.exists(os.path.join(REPO, "data", name))   # nothing left behind
+    finally:
+        import shutil
+        shutil.rmtree(os.path.join(REPO, "data", name), ignore_errors=True)

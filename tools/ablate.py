@@ -16,6 +16,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root: train.py is there
@@ -24,7 +25,9 @@ sys.path.insert(0, REPO)
 import numpy as np  # noqa: E402
 
 from router import ROUTERS  # noqa: E402
+from support.data import DATA_DIR, source_of  # noqa: E402
 from support.plots import plt  # noqa: E402
+from support.tasks import TASKS  # noqa: E402
 from support.rundir import ArgParser, UserError, cli, read_log  # noqa: E402
 
 VARIANTS = {  # name -> train.py overrides; the defaults are c_lb=0.01, c_z=1e-3, c_sp=2e-3, c_cp=1e-3
@@ -65,11 +68,22 @@ def final_eval(run_dir):
     return evals[-1] if evals and evals[-1].get("final") else None
 
 
+def final(record):
+    """The numbers of a finished run's last evaluation: those of the whole val split (or a task's whole
+    table or fixed sample), which every table here reports."""
+    return record.get("whole") or record
+
+
+def score(record):
+    return final(record)["val_loss"]
+
+
 def summarise(record):
     """Per-run numbers: val loss, layer means of every numeric routing metric (dead experts summed),
     so a router's own metrics (ERMoE's beta, the sigmoid router's bias range, ...) come along."""
-    out = {"val_loss": record["val_loss"]}
-    layers = record.get("layers") or []
+    numbers = final(record)
+    out = {"val_loss": numbers["val_loss"], **({"bits": numbers["bits"]} if "bits" in numbers else {})}
+    layers = numbers.get("layers") or []
     keys = {k for m in layers for k, v in m.items() if isinstance(v, (int, float)) and k not in SKIP}
     for key in sorted(keys):
         vals = [m[key] for m in layers if key in m]
@@ -107,7 +121,8 @@ def overlay(out_dir, names, seeds, path):
     runs = {}
     for name in names:
         logs = [os.path.join(run_dir(out_dir, name, seed), "log.jsonl") for seed in seeds]
-        runs[name] = [[(r["iter"], summarise(r)) for r in read_log(log) if "val_loss" in r]
+        runs[name] = [[(r["iter"], summarise({k: v for k, v in r.items() if k != "whole"}))  # the curves: fixed batches
+                       for r in read_log(log) if "val_loss" in r]
                       for log in logs if os.path.exists(log)]
     keys = [(k, t) for k, t in (("val_loss", "val loss"), ("cv", "load CV"), ("entropy_norm", "routing entropy / log E"),
                                 ("next_nmi", "NMI(layer l, l+1)"), ("source_nmi", "NMI(expert, source)"))
@@ -128,31 +143,45 @@ def overlay(out_dir, names, seeds, path):
     plt.close(fig)
 
 
-def run_variants(variants, base, seeds, out_dir, dry=False):
-    """Run `train.py *base *overrides` for every variant and seed in out_dir/<variant>-s<seed>;
-    a finished run is kept. -> {variant: [summarise(final evaluation) per seed]}"""
-    jobs = [(name, seed) for name in variants for seed in seeds]
-    t0, done = time.time(), 0
-    for i, (name, seed) in enumerate(jobs):
-        where = run_dir(out_dir, name, seed)
-        cmd = [sys.executable, "train.py", *base, f"--out_dir={where}", f"--seed={seed}", *variants[name]]
-        if dry:
-            print(" ".join(cmd))
-            continue
-        if final_eval(where):
-            print(f"[{i + 1}/{len(jobs)}] {name}, seed {seed}: already done")
-            continue
-        res = subprocess.run(cmd + ["--overwrite=True"], cwd=REPO, capture_output=True, text=True)  # an unfinished run starts over
-        if res.returncode != 0:
-            last = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise UserError(f"run '{name}' seed {seed} failed ({' '.join(cmd[1:])}): {last}")
-        done += 1
-        eta = (time.time() - t0) / done * (len(jobs) - i - 1)
-        print(f"[{i + 1}/{len(jobs)}] {name}, seed {seed}: val loss {final_eval(where)['val_loss']:.4f} "
-              f"({time.time() - t0:.0f} s so far, eta {eta / 60:.1f} min)", flush=True)
+def run_variants(variants, base, seeds, out_dir, dry=False, jobs=1, place=None):
+    """Run `train.py *base *overrides` for every variant and seed, `jobs` at a time (each with its
+    share of the cores), in place(name, seed) (default out_dir/<variant>-s<seed>); a finished run
+    is kept. -> {variant: [summarise(final evaluation) per seed]}"""
+    place = place or (lambda name, seed: run_dir(out_dir, name, seed))
+    todo = []
+    for name in variants:
+        for seed in seeds:
+            where = place(name, seed)
+            cmd = [sys.executable, "train.py", *base, f"--out_dir={where}", f"--seed={seed}", *variants[name]]
+            if dry:
+                print(" ".join(cmd))
+            elif final_eval(where):
+                print(f"{name}, seed {seed}: already done")
+            else:
+                todo.append((name, seed, where, cmd + ["--overwrite=True"]))  # an unfinished run starts over
     if dry:
         return None
-    return {name: [summarise(final_eval(run_dir(out_dir, name, s))) for s in seeds] for name in variants}
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    t0, running, n = time.time(), [], len(todo)
+    while todo or running:
+        while todo and len(running) < jobs:
+            name, seed, where, cmd = todo.pop(0)
+            out = tempfile.TemporaryFile("w+")
+            running.append((name, seed, where, cmd, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=out,
+                                                                     text=True), out))
+        time.sleep(0.2)
+        for job in [j for j in running if j[4].poll() is not None]:
+            running.remove(job)
+            name, seed, where, cmd, proc, out = job
+            out.seek(0)
+            if proc.returncode != 0:
+                last = ([line for line in out.read().splitlines() if line.strip()] or ["(no output)"])[-1]
+                raise UserError(f"run '{name}' seed {seed} failed ({' '.join(cmd[1:])}): {last}")
+            done = n - len(todo) - len(running)
+            eta = (time.time() - t0) / done * (n - done) / min(jobs, max(n - done, 1)) * min(jobs, n)
+            print(f"[{done}/{n}] {name}, seed {seed}: val loss {score(final_eval(where)):.4f} "
+                  f"({time.time() - t0:.0f} s so far, eta {eta / 60:.1f} min)", flush=True)
+    return {name: [summarise(final_eval(place(name, s))) for s in seeds] for name in variants}
 
 
 def main(argv):
@@ -163,14 +192,18 @@ def main(argv):
     parser.add_argument("--dataset", default="synthetic", help="synthetic (config/synthetic.py) or a text dataset")
     parser.add_argument("--out_dir", default=None)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help="a subset of the variant names")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each with its share of the cores")
     args, extra = parser.parse_known_args(argv)  # anything else goes to every train.py run
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         raise UserError(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
     if min(args.seeds) < 0:
         raise UserError(f"seeds must be >= 0, got {args.seeds}")
-    if args.dataset != "synthetic" and not os.path.isfile(os.path.join(REPO, "data", args.dataset, "input.txt")):
-        raise UserError(f"dataset '{args.dataset}': no data/{args.dataset}/input.txt")
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.dataset not in TASKS and source_of(args.dataset)[0] is None and \
+            not os.path.isfile(os.path.join(DATA_DIR, args.dataset, "meta.json")):
+        raise UserError(f"dataset '{args.dataset}': no data/{args.dataset}/input.txt, no prepared bins, and not a task")
     bad = [a for a in extra if not a.startswith("--") or "=" not in a]
     if bad:
         raise UserError(f"arguments for train.py must be --key=value, got {bad}")
@@ -178,7 +211,8 @@ def main(argv):
     base = ["config/synthetic.py"] if args.dataset == "synthetic" else [f"--dataset={args.dataset}"]
     base += (QUICK if args.quick else []) + ["--num_samples=0"] + extra
 
-    results = run_variants({name: VARIANTS[name] for name in args.variants}, base, args.seeds, out_dir, args.dry)
+    results = run_variants({name: VARIANTS[name] for name in args.variants}, base, args.seeds, out_dir, args.dry,
+                           args.jobs)
     if args.dry:
         return
     md = table(results, args.seeds)

@@ -211,7 +211,7 @@ def write_index(out_dir, paths):
 
 def main(argv):
     parser = ArgParser(prog="python tools/analyze.py", description="routing plots of a run (or of an imported model on any text)")
-    parser.add_argument("out_dir", nargs="?", default="out", help="a train.py run directory, or convert.py's OUT_DIR")
+    parser.add_argument("out_dir", nargs="?", default="out", help="a train.py run directory, or tools/convert.py's OUT_DIR")
     parser.add_argument("--text", default=None, help="route this text instead of a batch of the run's data")
     parser.add_argument("--text_file", default=None, help="route the text of this file")
     args = parser.parse_args(argv)

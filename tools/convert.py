@@ -1,9 +1,10 @@
 """
 Checkpoints in and out: Hugging Face MoE folders <-> this project's out_dir/ckpt.pt.
 
-    python tools/convert.py from-hf HF_DIR OUT_DIR   # Mixtral, OLMoE or Qwen2-MoE -> OUT_DIR/ckpt.pt (+ its tokenizer)
+    python tools/convert.py from-hf HF_DIR OUT_DIR   # Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE -> OUT_DIR/ckpt.pt (+ tokenizer)
     python tools/convert.py to-hf OUT_DIR HF_DIR     # our ckpt.pt -> a Mixtral folder transformers loads
-    add --overwrite to replace an existing OUT_DIR/ckpt.pt or a non-empty HF_DIR
+    add --overwrite to replace an existing OUT_DIR/ckpt.pt or a non-empty HF_DIR, and --ignore_unused
+    to convert a checkpoint that holds tensors the mapping does not use (refused otherwise, naming them)
 
 After from-hf, OUT_DIR works like a run's directory: `python sample.py --out_dir=OUT_DIR`,
 `python tools/analyze.py OUT_DIR --text="..."`, or fine-tuning with `train.py --init_from=resume`.
@@ -15,7 +16,7 @@ transformers with random weights):
     embed_tokens, lm_head, norm               wte, lm_head (tied or not), ln_f
     input_layernorm, post_attention_layernorm ln_1, ln_2  (eps = rms_norm_eps)
     q_proj, k_proj, v_proj (+ biases)         attn.c_attn: the three stacked by rows
-    q_norm, k_norm (OLMoE)                    attn.q_norm, attn.k_norm
+    q_norm, k_norm (OLMoE; Qwen3: per head)  attn.q_norm, attn.k_norm
     o_proj                                    attn.c_proj
     gate (the router)                         mlp.router.weight
     experts.e.{w1|gate_proj} (f, d)           mlp.w_gate[e] (d, f): transposed, we compute x @ w
@@ -28,6 +29,7 @@ is not needed (the tests use it as the reference). What does not map is refused,
 """
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -46,46 +48,85 @@ FAMILIES = {  # architecture -> where its MoE lives and what it needs from our m
                              n_experts="num_experts", qk_norm=True),
     "Qwen2MoeForCausalLM": dict(moe="mlp", experts=("gate_proj", "up_proj", "down_proj"), width="moe_intermediate_size",
                                 n_experts="num_experts", qkv_bias=True, shared="shared_expert"),
+    "Qwen3MoeForCausalLM": dict(moe="mlp", experts=("gate_proj", "up_proj", "down_proj"), width="moe_intermediate_size",
+                                n_experts="num_experts", qk_norm=True, qk_norm_per_head=True),
 }
+
+
+MISSING = object()
+
+
+def field(hf, name, kind, default=MISSING, low=None, high=None):
+    """config.json's `name`, checked: its type (int, float, bool, str), and low <= value (<= high)."""
+    if hf.get(name) is None:
+        if default is MISSING:
+            raise UserError(f"config.json has no '{name}', which the conversion needs")
+        return default
+    value = hf[name]
+    ok = {int: type(value) is int, bool: type(value) is bool, str: type(value) is str,
+          float: type(value) in (int, float) and math.isfinite(value)}[kind]
+    if ok and low is not None:
+        ok = low <= value and (high is None or value <= high)
+    if not ok:
+        what = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[kind]
+        bounds = "" if low is None else f" >= {low}" if high is None else f" in [{low}, {high}]"
+        raise UserError(f"config.json: {name} must be {what}{bounds}, got {value!r}")
+    return value
 
 
 def rope_theta_of(hf):
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise UserError(f"config.json: rope_parameters must be an object, got {rope!r}")
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise UserError(f"config.json: rope type '{rope.get('rope_type', rope.get('type'))}' (scaled rotary "
                         f"positions) has no counterpart here")
-    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    return float(field({"rope_theta": theta}, "rope_theta", float, low=1e-12))
 
 
 def model_args_from_hf(hf):
-    """GPTConfig fields from a Hugging Face config.json; refuse, naming the field, what does not map."""
+    """GPTConfig fields from a Hugging Face config.json, each checked where it is read; refuse, naming
+    the field, what does not map."""
+    if not isinstance(hf, dict):
+        raise UserError("config.json is not a JSON object")
     arch = (hf.get("architectures") or ["?"])[0]
     if arch not in FAMILIES:
         raise UserError(f"config.json: architecture '{arch}' is not one of {', '.join(FAMILIES)}")
     fam = FAMILIES[arch]
-    d, heads = hf["hidden_size"], hf["num_attention_heads"]
+    d, heads = field(hf, "hidden_size", int, low=1), field(hf, "num_attention_heads", int, low=1)
+    max_pos = field(hf, "max_position_embeddings", int, 4096, low=1)
+    window = field(hf, "sliding_window", int, 0, low=0)
+    uses_window = field(hf, "use_sliding_window", bool, window > 0)
+    experts_key = fam["n_experts"] if fam["n_experts"] in hf else "num_local_experts"
+    n_experts = field(hf, experts_key, int, low=1)
     checks = [
-        (hf.get("hidden_act", "silu") == "silu", f"hidden_act={hf.get('hidden_act')} (the experts here are SwiGLU)"),
-        (hf.get("head_dim") in (None, d // heads), f"head_dim={hf.get('head_dim')} != hidden_size/num_attention_heads"),
-        (not hf.get("use_sliding_window", False) and hf.get("sliding_window") in (None, 0) or
-         hf.get("sliding_window", 0) >= hf.get("max_position_embeddings", 0),
-         f"sliding_window={hf.get('sliding_window')} (attention here sees the whole context)"),
-        (not hf.get("attention_bias", False), "attention_bias=true (only q/k/v biases map, as in Qwen2-MoE)"),
+        (field(hf, "hidden_act", str, "silu") == "silu", f"hidden_act={hf.get('hidden_act')} (the experts here are SwiGLU)"),
+        (not uses_window or window >= max_pos, f"sliding_window={window} (attention here sees the whole context)"),
+        (not field(hf, "attention_bias", bool, False), "attention_bias=true (only q/k/v biases map, as in Qwen2-MoE)"),
         (hf.get("clip_qkv") is None, f"clip_qkv={hf.get('clip_qkv')}"),
-        (not hf.get("mlp_only_layers") and hf.get("decoder_sparse_step", 1) == 1,
-         "dense layers between the MoE layers (mlp_only_layers / decoder_sparse_step)"),
+        (not hf.get("mlp_only_layers"), f"mlp_only_layers={hf.get('mlp_only_layers')} (dense layers between the MoE "
+                                        f"layers: every layer here is an MoE layer)"),
+        (field(hf, "decoder_sparse_step", int, 1) == 1, f"decoder_sparse_step={hf.get('decoder_sparse_step')} (dense "
+                                                         f"layers between the MoE layers: every layer here is an MoE layer)"),
     ]
     for ok, what in checks:
         if not ok:
             raise UserError(f"config.json ({arch}): {what} has no counterpart in this model")
-    args = dict(vocab_size=hf["vocab_size"], n_embd=d, n_layer=hf["num_hidden_layers"], n_head=heads,
-                n_kv_head=hf.get("num_key_value_heads") or heads, block_size=hf.get("max_position_embeddings", 4096),
-                norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta_of(hf),
-                tie_embeddings=bool(hf.get("tie_word_embeddings", False)), n_experts=hf[fam["n_experts"]],
-                top_k=hf["num_experts_per_tok"], expert_hidden=hf[fam["width"]], router="softmax",
-                gate_renorm=arch == "MixtralForCausalLM" or bool(hf.get("norm_topk_prob", False)),
-                qk_norm=fam.get("qk_norm", False), qkv_bias=fam.get("qkv_bias", False), dropout=0.0)
-    if fam.get("shared") and hf.get("shared_expert_intermediate_size", 0):
+    args = dict(vocab_size=field(hf, "vocab_size", int, low=1), n_embd=d, n_layer=field(hf, "num_hidden_layers", int, low=1),
+                n_head=heads, n_kv_head=field(hf, "num_key_value_heads", int, heads, low=1),
+                head_dim=field(hf, "head_dim", int, 0, low=1) or (d // heads if d % heads == 0 else 0),
+                block_size=max_pos, norm_eps=float(field(hf, "rms_norm_eps", float, 1e-6, low=0, high=0.5)),
+                rope_theta=rope_theta_of(hf), tie_embeddings=field(hf, "tie_word_embeddings", bool, False),
+                n_experts=n_experts, top_k=field(hf, "num_experts_per_tok", int, low=1, high=n_experts),
+                expert_hidden=field(hf, fam["width"], int, low=1), router="softmax",
+                gate_renorm=arch == "MixtralForCausalLM" or field(hf, "norm_topk_prob", bool, False),
+                qk_norm=fam.get("qk_norm", False), qk_norm_per_head=fam.get("qk_norm_per_head", False),
+                qkv_bias=fam.get("qkv_bias", False), dropout=0.0)
+    if args["head_dim"] == 0:
+        raise UserError(f"config.json: hidden_size={d} is not divisible by num_attention_heads={heads} and there is "
+                        f"no head_dim")
+    if fam.get("shared") and field(hf, "shared_expert_intermediate_size", int, 0, low=0):
         width = hf["shared_expert_intermediate_size"]
         if width % args["expert_hidden"]:
             raise UserError(f"config.json: shared_expert_intermediate_size={width} is not a multiple of the expert "
@@ -103,31 +144,59 @@ def read_json(path):
 
 
 class SafeTensors:
-    """The tensors of a folder's *.safetensors files (one file or an index), read one at a time."""
+    """The tensors of a folder's *.safetensors files (one file or an index), read one at a time, each
+    checked for its shape and a floating-point dtype; `unused()` names the ones never read."""
 
     def __init__(self, folder):
         from safetensors import safe_open
         index = os.path.join(folder, "model.safetensors.index.json")
         if os.path.exists(index):
-            files = sorted(set(read_json(index)["weight_map"].values()))
+            weight_map = read_json(index).get("weight_map") if isinstance(read_json(index), dict) else None
+            if not isinstance(weight_map, dict):
+                raise UserError(f"{index} has no weight_map object")
+            files = sorted(set(weight_map.values()))
         else:
             files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
         if not files:
             raise UserError(f"{folder} has no .safetensors weights (model.safetensors or an index)")
-        self.handles = [safe_open(os.path.join(folder, f), framework="pt") for f in files]
-        self.where = {k: h for h in self.handles for k in h.keys()}
+        self.handles, self.read = {}, set()
+        for f in files:
+            path = os.path.join(folder, f)
+            if not os.path.isfile(path):
+                raise UserError(f"{path} is missing (named in model.safetensors.index.json)")
+            try:
+                self.handles[path] = safe_open(path, framework="pt")
+            except Exception as err:  # the package's own errors: a cut or damaged header
+                raise UserError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0]}); was the "
+                                f"download cut short?") from None
+        self.where = {k: p for p, h in self.handles.items() for k in h.keys()}
 
     def __contains__(self, name):
         return name in self.where
 
-    def __getitem__(self, name):
+    def get(self, name, shape):
+        """The tensor `name`, which must have `shape` and a floating-point dtype."""
         if name not in self.where:
             raise UserError(f"the checkpoint has no tensor '{name}'")
-        return self.where[name].get_tensor(name)
+        try:
+            tensor = self.handles[self.where[name]].get_tensor(name)
+        except Exception as err:  # the data behind the header is missing
+            raise UserError(f"{self.where[name]}: tensor '{name}' cannot be read ({str(err).splitlines()[0]}); was "
+                            f"the download cut short?") from None
+        if tuple(tensor.shape) != tuple(shape):
+            raise UserError(f"tensor '{name}' has shape {tuple(tensor.shape)}, expected {tuple(shape)} from config.json")
+        if not tensor.is_floating_point():
+            raise UserError(f"tensor '{name}' has dtype {tensor.dtype}, expected a floating-point tensor")
+        self.read.add(name)
+        return tensor.float()
+
+    def unused(self):
+        return sorted(set(self.where) - self.read)
 
 
-def from_hf(hf_dir, out_dir, overwrite=False):
-    """HF folder -> out_dir/ckpt.pt (and tokenizer.json, if the folder has one)."""
+def from_hf(hf_dir, out_dir, overwrite=False, ignore_unused=False):
+    """HF folder -> out_dir/ckpt.pt (and tokenizer.json, if the folder has one). Everything is read
+    and checked before anything is written."""
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise UserError(f"no config.json in {hf_dir} (a Hugging Face model folder)")
@@ -135,36 +204,50 @@ def from_hf(hf_dir, out_dir, overwrite=False):
         raise UserError(f"{out_dir}/ckpt.pt exists; pass --overwrite to replace it")
     arch, args = model_args_from_hf(read_json(path))
     fam = FAMILIES[arch]
-    cfg = GPTConfig(**args)
+    try:
+        cfg = GPTConfig(**args)
+    except ValueError as err:
+        raise UserError(f"config.json ({arch}) gives a model this project cannot build: {err}") from None
     w = SafeTensors(hf_dir)
-    sd = {"wte.weight": w["model.embed_tokens.weight"], "ln_f.weight": w["model.norm.weight"]}
-    sd["lm_head.weight"] = sd["wte.weight"] if cfg.tie_embeddings else w["lm_head.weight"]
+    d, V, E, f = cfg.n_embd, cfg.vocab_size, cfg.n_experts, cfg.expert_hidden
+    q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    sd = {"wte.weight": w.get("model.embed_tokens.weight", (V, d)), "ln_f.weight": w.get("model.norm.weight", (d,))}
+    sd["lm_head.weight"] = sd["wte.weight"] if cfg.tie_embeddings else w.get("lm_head.weight", (V, d))
     for i in range(cfg.n_layer):
         hf, ours = f"model.layers.{i}", f"blocks.{i}"
         a = f"{hf}.self_attn"
-        sd[f"{ours}.ln_1.weight"] = w[f"{hf}.input_layernorm.weight"]
-        sd[f"{ours}.ln_2.weight"] = w[f"{hf}.post_attention_layernorm.weight"]
-        sd[f"{ours}.attn.c_attn.weight"] = torch.cat([w[f"{a}.{p}_proj.weight"] for p in "qkv"])
+        sd[f"{ours}.ln_1.weight"] = w.get(f"{hf}.input_layernorm.weight", (d,))
+        sd[f"{ours}.ln_2.weight"] = w.get(f"{hf}.post_attention_layernorm.weight", (d,))
+        widths = {"q": q, "k": kv, "v": kv}
+        sd[f"{ours}.attn.c_attn.weight"] = torch.cat([w.get(f"{a}.{p}_proj.weight", (widths[p], d)) for p in "qkv"])
         if cfg.qkv_bias:
-            sd[f"{ours}.attn.c_attn.bias"] = torch.cat([w[f"{a}.{p}_proj.bias"] for p in "qkv"])
-        sd[f"{ours}.attn.c_proj.weight"] = w[f"{a}.o_proj.weight"]
+            sd[f"{ours}.attn.c_attn.bias"] = torch.cat([w.get(f"{a}.{p}_proj.bias", (widths[p],)) for p in "qkv"])
+        sd[f"{ours}.attn.c_proj.weight"] = w.get(f"{a}.o_proj.weight", (d, q))
         if cfg.qk_norm:
-            sd[f"{ours}.attn.q_norm.weight"], sd[f"{ours}.attn.k_norm.weight"] = w[f"{a}.q_norm.weight"], w[f"{a}.k_norm.weight"]
+            per_head = cfg.qk_norm_per_head
+            sd[f"{ours}.attn.q_norm.weight"] = w.get(f"{a}.q_norm.weight", (cfg.head_dim if per_head else q,))
+            sd[f"{ours}.attn.k_norm.weight"] = w.get(f"{a}.k_norm.weight", (cfg.head_dim if per_head else kv,))
         m = f"{hf}.{fam['moe']}"
-        sd[f"{ours}.mlp.router.weight"] = w[f"{m}.gate.weight"]
+        sd[f"{ours}.mlp.router.weight"] = w.get(f"{m}.gate.weight", (E, d))
         if f"{m}.experts.gate_up_proj" in w:  # the fused layout of newer transformers: (E, 2f, d), (E, d, f)
-            gate, up = w[f"{m}.experts.gate_up_proj"].chunk(2, dim=1)
-            down = w[f"{m}.experts.down_proj"]
+            gate, up = w.get(f"{m}.experts.gate_up_proj", (E, 2 * f, d)).chunk(2, dim=1)
+            down = w.get(f"{m}.experts.down_proj", (E, d, f))
         else:                                  # one tensor per expert: (f, d), (f, d), (d, f)
-            gate, up, down = (torch.stack([w[f"{m}.experts.{e}.{name}.weight"] for e in range(cfg.n_experts)])
-                              for name in fam["experts"])
+            gate, up, down = (torch.stack([w.get(f"{m}.experts.{e}.{name}.weight", shape) for e in range(E)])
+                              for name, shape in zip(fam["experts"], ((f, d), (f, d), (d, f))))
         sd[f"{ours}.mlp.w_gate"], sd[f"{ours}.mlp.w_up"] = gate.transpose(1, 2), up.transpose(1, 2)   # (E, d, f)
         sd[f"{ours}.mlp.w_down"] = down.transpose(1, 2)                                              # (E, f, d)
         if cfg.n_shared:
-            s = f"{m}.{fam['shared']}"
-            for ours_name, hf_name in (("c_gate", "gate_proj"), ("c_up", "up_proj"), ("c_proj", "down_proj")):
-                sd[f"{ours}.mlp.shared.{ours_name}.weight"] = w[f"{s}.{hf_name}.weight"]
-            sd[f"{ours}.mlp.shared_gate.weight"] = w[f"{m}.{fam['shared']}_gate.weight"]
+            s, width = f"{m}.{fam['shared']}", cfg.n_shared * f
+            for ours_name, hf_name, shape in (("c_gate", "gate_proj", (width, d)), ("c_up", "up_proj", (width, d)),
+                                              ("c_proj", "down_proj", (d, width))):
+                sd[f"{ours}.mlp.shared.{ours_name}.weight"] = w.get(f"{s}.{hf_name}.weight", shape)
+            sd[f"{ours}.mlp.shared_gate.weight"] = w.get(f"{m}.{fam['shared']}_gate.weight", (1, d))
+    unused = w.unused()
+    if unused and not ignore_unused:  # weights dropped on import: a wrong model that looks right
+        raise UserError(f"the checkpoint has {len(unused)} tensor(s) this conversion does not use: "
+                        f"{', '.join(unused[:5])}{', ...' if len(unused) > 5 else ''}; pass --ignore_unused to "
+                        f"convert without them")
     sd = {k: v.contiguous() for k, v in sd.items()}
     with torch.device("meta"):  # the names and shapes must be exactly the model's
         expected = {k: v.shape for k, v in GPT(cfg).state_dict().items()}
@@ -183,7 +266,8 @@ def from_hf(hf_dir, out_dir, overwrite=False):
             shutil.copy(os.path.join(hf_dir, name), os.path.join(out_dir, name))
     n = sum(v.numel() for k, v in sd.items() if k != "lm_head.weight" or not cfg.tie_embeddings)
     print(f"{arch} -> {out_dir}/ckpt.pt: {cfg.n_layer} layers, d={cfg.n_embd}, {cfg.n_experts} experts top-{cfg.top_k} "
-          f"(f={cfg.expert_hidden}{f', {cfg.n_shared} shared' if cfg.n_shared else ''}), {n / 1e6:.2f}M parameters")
+          f"(f={cfg.expert_hidden}{f', {cfg.n_shared} shared' if cfg.n_shared else ''}), {n / 1e6:.2f}M parameters"
+          + (f"; {len(unused)} unused tensor(s) left out" if unused else ""))
 
 
 def to_hf(out_dir, hf_dir, overwrite=False):
@@ -196,6 +280,7 @@ def to_hf(out_dir, hf_dir, overwrite=False):
                 (cfg.gate_renorm, "gate_renorm=False: Mixtral renormalises the top-k gates (OLMoE-style gates)"),
                 (cfg.n_shared == 0, f"n_shared={cfg.n_shared}: Mixtral has no shared experts"),
                 (not cfg.qk_norm, "qk_norm=True: Mixtral has no QK-norm"),
+                (cfg.routed_scale == 1.0, f"routed_scale={cfg.routed_scale}: Mixtral does not scale its gates"),
                 (not cfg.qkv_bias, "qkv_bias=True: Mixtral has no attention biases")]
     for ok, what in refusals:
         if not ok:
@@ -205,13 +290,13 @@ def to_hf(out_dir, hf_dir, overwrite=False):
     if cfg.capacity_factor > 0:
         print(f"note: capacity_factor={cfg.capacity_factor} is a dispatch setting, not a weight: transformers runs "
               f"the model dropless")
-    sd, kv = ckpt["model"], cfg.n_kv_head * (cfg.n_embd // cfg.n_head)
+    sd, q_width, kv = ckpt["model"], cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     out = {"model.embed_tokens.weight": sd["wte.weight"], "model.norm.weight": sd["ln_f.weight"]}
     if not cfg.tie_embeddings:  # tied: transformers ties lm_head to embed_tokens on load
         out["lm_head.weight"] = sd["lm_head.weight"]
     for i in range(cfg.n_layer):
         hf, ours = f"model.layers.{i}", f"blocks.{i}"
-        q, k, v = sd[f"{ours}.attn.c_attn.weight"].split([cfg.n_embd, kv, kv])
+        q, k, v = sd[f"{ours}.attn.c_attn.weight"].split([q_width, kv, kv])
         out.update({f"{hf}.input_layernorm.weight": sd[f"{ours}.ln_1.weight"],
                     f"{hf}.post_attention_layernorm.weight": sd[f"{ours}.ln_2.weight"],
                     f"{hf}.self_attn.q_proj.weight": q, f"{hf}.self_attn.k_proj.weight": k,
@@ -225,7 +310,7 @@ def to_hf(out_dir, hf_dir, overwrite=False):
     eps = cfg.norm_eps or torch.finfo(torch.float32).eps  # 0 = the dtype's epsilon: say which, for fp32
     config = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": cfg.vocab_size,
               "hidden_size": cfg.n_embd, "intermediate_size": cfg.expert_hidden, "num_hidden_layers": cfg.n_layer,
-              "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.n_embd // cfg.n_head,
+              "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
               "max_position_embeddings": cfg.block_size, "rms_norm_eps": eps, "rope_theta": cfg.rope_theta,
               "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
               "tie_word_embeddings": cfg.tie_embeddings, "num_local_experts": cfg.n_experts,
@@ -245,9 +330,9 @@ def to_hf(out_dir, hf_dir, overwrite=False):
 
 
 def main(argv):
-    usage = "usage: python tools/convert.py from-hf HF_DIR OUT_DIR | to-hf OUT_DIR HF_DIR [--overwrite]"
-    overwrite = "--overwrite" in argv
-    args = [a for a in argv if a != "--overwrite"]
+    usage = "usage: python tools/convert.py from-hf HF_DIR OUT_DIR | to-hf OUT_DIR HF_DIR [--overwrite] [--ignore_unused]"
+    flags = {a for a in argv if a in ("--overwrite", "--ignore_unused")}
+    args = [a for a in argv if a not in flags]
     if len(args) != 3 or args[0] not in ("from-hf", "to-hf") or any(a.startswith("-") for a in args):
         raise UserError(usage)
     cmd, src, dst = args
@@ -255,7 +340,10 @@ def main(argv):
         raise UserError(f"{src} is not a directory")
     if os.path.exists(dst) and not os.path.isdir(dst):
         raise UserError(f"{dst} is a file, not a directory")
-    (from_hf if cmd == "from-hf" else to_hf)(src, dst, overwrite)
+    if cmd == "from-hf":
+        from_hf(src, dst, "--overwrite" in flags, "--ignore_unused" in flags)
+    else:
+        to_hf(src, dst, "--overwrite" in flags)
 
 
 if __name__ == "__main__":

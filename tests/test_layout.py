@@ -1,0 +1,96 @@
+"""
+The house: imports run one way, and every file the docs name exists.
+"""
+
+import ast
+import os
+import re
+
+from tests.helpers import REPO
+
+CORE = {"model", "router", "losses", "kernels", "train"}
+ENTRY = {"sample", "bench"}  # top-level scripts beside the core, nanoGPT's convention
+
+
+def project_modules():
+    """{module name: path} of every Python file of the project (tests aside)."""
+    found = {}
+    for root, dirs, files in os.walk(REPO):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("tests", "data", "__pycache__")]
+        for f in files:
+            if f.endswith(".py") and f != "__init__.py":
+                rel = os.path.relpath(os.path.join(root, f), REPO)[:-3]
+                found[rel.replace(os.sep, ".")] = os.path.join(root, f)
+    return found
+
+
+def imports_of(path, modules):
+    """The project modules a file imports, anywhere in it (also inside functions)."""
+    tree = ast.parse(open(path).read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {n for n in names if n in modules}
+
+
+def layer(module):
+    if module in CORE:
+        return "core"
+    if module.startswith("support."):
+        return "support"
+    return "tools"  # sample, bench, tools/, course/: the users of the core
+
+
+def test_imports_run_one_way_without_loops():
+    modules = project_modules()
+    graph = {m: imports_of(p, modules) - {m} for m, p in modules.items()}
+    assert graph["kernels"] == set(), graph["kernels"]               # tensors in, tensors out
+    rank = {"support": 0, "core": 1, "tools": 2}
+    for m, deps in graph.items():
+        for d in deps:
+            assert rank[layer(d)] <= rank[layer(m)], f"{m} imports {d}: an upward import"
+            assert not (m.startswith("tools.") and d.startswith("course.")), f"{m} imports {d}"
+    state = {}
+
+    def visit(m, path):  # depth-first search for a cycle
+        state[m] = "open"
+        for d in graph[m]:
+            assert state.get(d) != "open", f"import loop: {' -> '.join(path + [m, d])}"
+            if d not in state:
+                visit(d, path + [m])
+        state[m] = "done"
+    for m in graph:
+        if m not in state:
+            visit(m, [])
+    top = sorted(f for f in os.listdir(REPO) if f.endswith(".py"))
+    assert set(top) <= {f"{m}.py" for m in CORE | ENTRY} | {"test_all.py"}, top
+
+
+EXTERNAL = {"moe.py", "configurator.py", "modeling_mixtral.py", "modeling_deepseek_v3.py"}  # other projects' files
+
+
+def test_every_file_the_docs_name_exists():
+    """README, docs/*.md and every docstring and comment: a path into this repository's folders, a bare
+    Python file name, or an image a page shows, names a file that exists (paths from the repository
+    root). Paths into other places (an out_dir, a student's package) are not checked."""
+    texts = [os.path.join(REPO, "README.md")] + [os.path.join(REPO, "docs", f) for f in os.listdir(os.path.join(REPO, "docs"))
+                                                 if f.endswith(".md")]
+    texts += [p for p in project_modules().values()] + [os.path.join(REPO, "course", "exercises", "README.md")]
+    ours = ("support/", "tools/", "course/", "tests/", "config/", "docs/", "data/")
+    missing, seen = [], 0
+    for path in texts:
+        text = open(path, encoding="utf-8").read()
+        names = set(re.findall(r"(?<![\w./-])((?:[\w-]+/)*[\w-]+\.(?:py|md))\b", text))
+        names |= set(re.findall(r"\]\(((?:[\w-]+/)*[\w-]+\.png)\)", text))     # markdown images
+        for name in names:
+            if ("/" in name and not name.startswith(ours)) or ("/" not in name and not name.endswith(".py")) \
+                    or "NAME" in name or name in EXTERNAL:
+                continue
+            seen += 1
+            if not os.path.exists(os.path.join(REPO, name)) and not (
+                    path.endswith(".md") and os.path.exists(os.path.join(os.path.dirname(path), name))):
+                missing.append(f"{os.path.relpath(path, REPO)}: {name}")
+    assert seen > 50 and not missing, missing
