@@ -220,13 +220,13 @@ def losses_bench(args):
     """Median train-step time with c_sp = c_cp = 0 vs the paper's coefficients, interleaved."""
     device = "cuda" if CUDA else "cpu"
     if CUDA:
-        cfg, B = GPTConfig(), 32
+        cfg, B = GPTConfig(vocab_size=65), 64  # the GPU default run
     else:
-        cfg, B = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, n_experts=4, top_k=2), 16
+        cfg, B = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65), 12  # the CPU default run
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    idx = torch.randint(0, 50257, (B, cfg.block_size), device=device)
+    idx = torch.randint(0, cfg.vocab_size, (B, cfg.block_size), device=device)
     settings = {"without": dict(c_lb=0.01, c_z=1e-3), "with": dict(c_lb=0.01, c_z=1e-3, c_sp=2e-3, c_cp=1e-3)}
     steps = {name: train_step(model, opt, idx, coefs) for name, coefs in settings.items()}
     times = {k: [] for k in settings}
@@ -325,7 +325,7 @@ def generate_bench(args):
     one token, then block_size - 1 new tokens (greedy), batch 1 and 8; the tokens are checked equal."""
     device = "cuda" if CUDA else "cpu"
     shape = dict(n_layer=6, n_head=6, n_embd=384, block_size=256) if CUDA else \
-        dict(n_layer=4, n_head=4, n_embd=128, block_size=256)
+        dict(n_layer=4, n_head=4, n_embd=128, block_size=128)
     cfg = GPTConfig(**shape, vocab_size=65, n_experts=8, top_k=2)
     torch.manual_seed(0)
     model = GPT(cfg).to(device).eval()

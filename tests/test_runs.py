@@ -73,6 +73,7 @@ def finished_runs(tmp_path_factory):
     (root / "syntax.py").write_text("n_layer = 4\nbatch_size = = 3\n")
     (root / "raises.py").write_text("n_layer = 4\nbatch_size = 1 / 0\n")
     (root / "adir.py").mkdir()
+    (root / "broken_tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": ')
     for name, extra in (("nokeys", None), ("mismatch", None), ("badlog", None), ("keyless", None), ("nondict", None)):
         import shutil
         shutil.copytree(root / "run", root / name)
@@ -179,6 +180,7 @@ BAD_INPUTS = [  # (entry point, arguments; RUN = a finished run, R = the fixture
     ("tools.prepare", ["R/syntax.py", "a/b"], "NAME must be a plain folder name"),
     ("tools.prepare", ["R/syntax.py", "x", "--val_fraction=1.5"], "--val_fraction must be in (0, 1)"),
     ("tools.prepare", ["R/syntax.py", "x", "--tokenizer=R/none.json"], "tokenizer R/none.json not found"),
+    ("tools.prepare", ["R/syntax.py", "x", "--tokenizer=R/broken_tokenizer.json"], "cannot read tokenizer R/broken_tokenizer.json"),
     ("tools.convert", ["to-hf", "RUN", "R/a_file"], "is a file, not a directory"),
     ("bench", ["--steps=0"], "--reps and --steps must be >= 1"),
     ("bench", ["--reps=0"], "--reps and --steps must be >= 1"),

@@ -17,11 +17,23 @@ from model import GPT, GPTConfig
 from router import ROUTERS as ROUTER_CLASSES
 from tests.helpers import REPO, ROUTERS, TINY, cli, train
 
-@pytest.mark.parametrize("args", [[], ["--losses", "--steps=1"], ["--model", "--steps=1"]])
+@pytest.mark.parametrize("args", [[], ["--losses", "--steps=1"], ["--model", "--steps=1"], ["--generate", "--steps=1"]])
 def test_bench_smoke_runs(args):
     code, out, err = cli("bench", *args)
     assert code == 0, err[-2000:]
-    assert {"": "vs compile", "--losses": "overhead", "--model": "MFU"}[args[0] if args else ""] in out
+    assert {"": "vs compile", "--losses": "overhead", "--model": "MFU", "--generate": "speed-up"}[args[0] if args else ""] in out
+
+
+def test_gpu_check_without_a_gpu_says_what_it_would_run(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the check would run for real")
+    code, out, err = cli("tools.gpu_check", f"--out_dir={tmp_path / 'check'}")
+    assert code == 0, err
+    assert "no CUDA device here: a dry run" in out and "minutes at most in all" in out
+    for what in ("pytest test_all.py", "bench.py --reps 25", "bench.py --model", "bench.py --generate", "train.py"):
+        assert what in out, what
+    minutes = float(out.split(" minutes at most")[0].split()[-1])
+    assert minutes <= 8.0 and not (tmp_path / "check").exists()   # a dry run writes nothing
 
 
 def test_triton_kernels_do_not_spill_on_h100():
