@@ -245,9 +245,9 @@ def parallel_table(args):
     configs; the per-rank parameter count is also read off an actually sharded model), then CPU
     step times of one global batch over 2 processes: N = 1 (plain DDP) beside N = 2."""
     from support import parallel
-    B, S = 32, 256  # the default GPU run's batch: tokens T = B*S per rank
-    models = {"default GPU model (E=8, k=2)": GPTConfig(),
-              "64 experts (E=64, k=8)": GPTConfig(n_experts=64, top_k=8)}
+    B, S = 64, 256  # the default GPU run's batch: tokens T = B*S per rank
+    models = {"default GPU model (E=8, k=2)": GPTConfig(vocab_size=65),
+              "64 experts (E=64, k=8)": GPTConfig(vocab_size=65, n_experts=64, top_k=8)}
     print(f"per rank, fp32 weights + gradients + AdamW (16 B/param), {B}x{S} tokens per rank, balanced routing")
     print(f"{'model':>30} {'N':>2} | {'params M':>8} {'of which experts':>16} {'weights+opt GiB':>15} | "
           f"{'expert activations MiB/layer':>28} | {'exchanged MiB/layer/step':>24}")

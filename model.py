@@ -5,23 +5,20 @@ Notation: B batch, S sequence length, T = B*S tokens, d model width (n_embd), E 
 k experts per token, f expert hidden width, r ERMoE basis rank, nh heads, hs head size.
 
 - GPT backbone as in nanoGPT (Radford et al. 2019), modernised like Llama: RMSNorm, rotary position
-  embeddings (Su et al. 2021), SwiGLU feed-forward (Shazeer 2020), tied input/output embeddings,
-  attention through F.scaled_dot_product_attention. The settings that real MoEs differ in
-  (rope_theta, norm_eps, grouped-query attention, untied embeddings, QK-norm, q/k/v biases, a
-  gated shared expert) are options, so that Mixtral, OLMoE and Qwen2-MoE checkpoints map onto this
-  network exactly (tools/convert.py).
+  embeddings (Su et al. 2021), SwiGLU feed-forward (Shazeer 2020), tied embeddings, SDPA attention,
+  a KV cache for sampling. What real MoEs differ in (rope_theta, norm_eps, grouped-query attention,
+  head_dim, untied embeddings, QK-norm, q/k/v biases, a gated shared expert) are options, so that
+  Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE checkpoints map onto this network (tools/convert.py).
 - MoE block (Shazeer et al. 2017; Switch, Fedus et al. 2021; DeepSeekMoE shared experts, Dai et al.
   2024): E routed SwiGLU experts with stacked weights (E, ., .), a router from router.py's registry
   (the block never asks which one), optional always-on shared experts. Dropless by default; with
   capacity_factor c > 0 each expert takes at most ceil(c*T*k/E) pairs per batch, first come first
-  served in token order (Switch, GShard), and a dropped pair adds nothing (the residual carries
-  the token).
+  served in token order (Switch, GShard); a dropped pair adds nothing (the residual carries it).
 - Two dispatch paths with one semantics, tested against each other in output and every gradient:
-  `naive`: loop over experts, gather each expert's tokens, run it, scatter back (the lecture one);
-  `sorted`: sort the T*k (token, expert) pairs by expert once, run all experts as one grouped
-  matmul over the contiguous segments, un-sort. With n_experts=0 the block is the dense SwiGLU MLP.
+  `naive` loops over the experts (the lecture one); `sorted` sorts the T*k (token, expert) pairs
+  by expert once and runs all experts as one grouped matmul. n_experts=0 is the dense SwiGLU MLP.
 - The forward returns the routing of every MoE layer (router.Routing) explicitly; losses.py turns
-  it into auxiliary losses and support/metrics.py into routing metrics. No module keeps losses in globals.
+  it into auxiliary losses, support/metrics.py into routing metrics. No module keeps losses in globals.
 
 Iso-compute rule: the dense MLP has width ffn_hidden (default 8/3*d rounded up to a multiple of
 64, which gives the 8d^2 parameters of GPT-2's 4d GELU MLP); each expert gets width
@@ -80,7 +77,10 @@ class GPTConfig:
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("ffn_hidden", "n_experts", "n_shared", "expert_hidden", "ermoe_rank", "n_kv_head", "head_dim"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0 (0 = derived/off), got {getattr(self, name)}")
-        _require(self.rope_theta > 0 and math.isfinite(self.rope_theta), f"rope_theta must be > 0, got {self.rope_theta}")
+        for name, low in (("rope_theta", 0), ("routed_scale", 0), ("capacity_factor", None), ("bias_update_rate", None)):
+            value = getattr(self, name)  # finite and > low, or >= 0 where low is None
+            _require(math.isfinite(value) and (value > low if low is not None else value >= 0),
+                     f"{name} must be {'> 0' if low is not None else '>= 0'}, got {value}")
         _require(0 <= self.norm_eps < 1, f"norm_eps must be in [0, 1) (0 = the dtype's epsilon), got {self.norm_eps}")
         if self.n_kv_head == 0:
             self.n_kv_head = self.n_head
@@ -93,7 +93,6 @@ class GPTConfig:
             self.head_dim = self.n_embd // self.n_head
         _require(self.head_dim % 2 == 0, f"head size {self.head_dim} must be even (rotary)")
         _require(not self.qk_norm_per_head or self.qk_norm, "qk_norm_per_head needs qk_norm=True")
-        _require(self.routed_scale > 0 and math.isfinite(self.routed_scale), f"routed_scale must be > 0, got {self.routed_scale}")
         _require(self.n_group >= 1 and 1 <= self.topk_group <= self.n_group,
                  f"need n_group >= 1 and 1 <= topk_group <= n_group, got {self.n_group} and {self.topk_group}")
         if self.n_group > 1 and self.n_experts > 0:
@@ -104,10 +103,6 @@ class GPTConfig:
                      f"top_k={self.top_k} experts")
         _require(self.n_experts == 0 or 1 <= self.top_k <= self.n_experts,
                  f"top_k must be in [1, n_experts={self.n_experts}], got {self.top_k}")
-        _require(self.capacity_factor >= 0 and math.isfinite(self.capacity_factor),
-                 f"capacity_factor must be >= 0 (0 = dropless), got {self.capacity_factor}")
-        _require(self.bias_update_rate >= 0 and math.isfinite(self.bias_update_rate),
-                 f"bias_update_rate must be >= 0, got {self.bias_update_rate}")
         for name, choices in (("router", tuple(ROUTERS)), ("dispatch", ("sorted", "naive")), ("router_impl", IMPLS),
                               ("expert_init", ("random", "upcycle")),
                               ("ermoe_basis", ("independent", "partitioned", "penalty"))):

@@ -19,9 +19,9 @@ logits a (T, E) such that p = softmax(a) is its routing distribution:
 
 Gates are p renormalised over the selection (= softmax of the selected logits), or p at the
 selection with gate_renorm=False (the sigmoid router: its scores s, renormalised or not). A router
-may give a token more slots than top_k and mark in `kept` the pairs it uses (expert choice: every
-token lists every expert; the experts keep their top-c tokens). Top-k: the k largest values, ties to the lower expert index, a
-NaN counts as the largest value (the order of torch.sort). The routing pass (`topk_route`) is the
+may give a token more slots than top_k and mark in `kept` the pairs it uses (expert choice). Top-k:
+the k largest values, ties to the lower expert index, a NaN counts as the largest value (the order
+of torch.sort). The routing pass (`topk_route`) is the
 one place that picks its implementation: `route_reference` below in PyTorch (read this one), the
 same under torch.compile, or the fused Triton kernel of kernels.py. A router also declares its
 default loss coefficients (`defaults`), whether its selection is the top-k of its logits (`fused`:
@@ -309,16 +309,12 @@ class CosineRouter(Router):
 
 class ExpertChoiceRouter(Router):
     """
-    Expert choice (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing", §3): the experts
-    choose the tokens. With p = softmax(x W^T) over the experts, each expert takes the c tokens of the
-    batch with the largest p_{t,e}, c = ceil(capacity_factor * T * k / E) (capacity_factor 0 counts as
-    1: on average k experts per token, the compute of top-k). The load is balanced by construction; a
-    token may get no expert (the residual carries it) or several. Gates: p at the chosen experts.
-    Every token lists all E experts (the chosen first, by p), and `kept` marks the pairs the experts
-    took: the dispatch computes the E slots of every token and discards the rest (E/k times the
-    expert FLOPs of top-k; the semantics, not the savings). Not causal: an expert compares all the
-    tokens of the batch, so a token's experts depend on later tokens (tested), and generating one
-    token at a time routes differently from training (docs/design.md §2).
+    Expert choice (Zhou et al. 2022, §3): with p = softmax(x W^T), each expert takes the c tokens of the
+    batch of largest p_{t,e}, c = ceil(capacity_factor * T * k / E) (0 counts as 1: k experts per token
+    on average, top-k's compute). Balanced by construction; a token may get no expert or several.
+    Gates: p at the chosen. Every token lists all E experts (the chosen first) and `kept` marks the
+    chosen pairs: the dispatch computes all E slots and discards the rest (the semantics, not the
+    savings). Not causal: a token's experts depend on later tokens of the batch (docs/design.md §2).
     """
     defaults = dict(c_lb=0.0)  # balanced by construction
     fused = False

@@ -16,7 +16,6 @@ and plots. The run directory is kept safe by support/rundir.py (a lock, atomic c
 guard, one `error:` line for any mistake); the device and the processes by support/launch.py.
 """
 
-import hashlib
 import importlib.util
 import math
 import os
@@ -35,7 +34,7 @@ from support import launch
 from support.data import open_dataset, standard_error, vocab_of
 from support.metrics import RoutingStats
 from support.rundir import Diverged, Interrupted, Run, UserError, check_finite, cli, load_checkpoint
-from support.settings import Layered, declared, notes, parse_args, saved_settings
+from support.settings import Layered, declared, notes, parse_args, resume_settings
 from support.tracking import Tracker
 
 
@@ -145,21 +144,10 @@ def setup(argv):
     settings = Layered(declared(TrainConfig, GPTConfig))
     for origin, values in parse_args(argv, settings.defaults):
         settings.apply(origin, values, explicit=True)
-    ckpt = None
     if settings.values["init_from"] == "resume":
         out_dir = settings.values["out_dir"]
         ckpt = load_checkpoint(out_dir, hint="nothing to resume; drop --init_from=resume to start a run")
-        saved = saved_settings(ckpt, settings.defaults, os.path.join(out_dir, "ckpt.pt"), declared(GPTConfig))
-        settings.apply("checkpoint", saved)
-        conflicts = [k for k in sorted(settings.explicit) if k not in RESUMABLE and settings.values[k] != saved.get(k)]
-        if conflicts:
-            raise UserError(f"resuming keeps the checkpoint's settings, but "
-                            f"{', '.join(f'--{k}={settings.values[k]!r}' for k in conflicts)} differ from it "
-                            f"({', '.join(f'{k}={saved.get(k)!r}' for k in conflicts)}); settings that may change on "
-                            f"resume: {', '.join(RESUMABLE)}")
-        if settings.values["max_iters"] <= ckpt["iter_num"]:
-            raise UserError(f"the checkpoint is at iter {ckpt['iter_num']} and max_iters={settings.values['max_iters']}: "
-                            f"nothing to train (give a larger --max_iters)")
+        resume_settings(settings, ckpt, os.path.join(out_dir, "ckpt.pt"), declared(GPTConfig), RESUMABLE)
         return settings, ckpt
     if settings.values["device"] == "auto":
         settings.apply(*(("GPU preset", GPU_PRESET) if torch.cuda.is_available() else ("CPU preset", CPU_PRESET)))
@@ -426,10 +414,7 @@ def loop(cfg, model_cfg, ckpt, settings, env):
             print(f"note: no samples with expert_parallel; python sample.py --out_dir={cfg.out_dir} reads the checkpoint")
         finish(model, cfg, env.device, data.tokenizer if not ep else None)
     if env.ddp:  # a check that every replica holds the same weights: a hash of the whole model per rank
-        weights = ep.full_state(model, optimizer)[0] if ep else model.state_dict()
-        digest = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in weights.values())).hexdigest()
-        hashes = [None] * env.world
-        torch.distributed.all_gather_object(hashes, digest)
+        hashes = launch.weight_hashes(env, ep.full_state(model, optimizer)[0] if ep else model.state_dict())
         if env.master:
             print(f"ranks hold identical weights: {len(set(hashes)) == 1}")
             run.log({"iter": iter_num, "param_hashes": hashes})

@@ -7,6 +7,7 @@ whether the model fits in memory. Everything is checked before a file is touched
     share(env, fn, *args)         # fn on the first process only; its UserError is raised on every one
 """
 
+import hashlib
 import os
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -64,7 +65,8 @@ def start(cfg, model_cfg):
                         (world % N == 0, f"must divide the number of processes ({world})"),
                         (model_cfg.n_experts % N == 0, f"must divide n_experts ({model_cfg.n_experts})"),
                         (model_cfg.dispatch == "sorted", "needs dispatch=sorted"),
-                        (model_cfg.capacity_factor == 0, "needs capacity_factor=0 (dropless)")):
+                        (model_cfg.capacity_factor == 0, "needs capacity_factor=0 (dropless)"),
+                        (model_cfg.router != "expert_choice", "needs a token-choice router (expert choice drops pairs)")):
             if not ok:
                 raise UserError(f"expert_parallel={N} {why}")
     if ddp:
@@ -98,6 +100,14 @@ def share(env, fn, *args):
 def all_ranks_min(env):
     """A reduce for rundir.check_finite: every process decides alike (one holds a NaN: all stop)."""
     return (lambda t: dist.all_reduce(t, op=dist.ReduceOp.MIN)) if env.ddp else None
+
+
+def weight_hashes(env, weights):
+    """The sha256 of every process's whole model, gathered (identical replicas: one value)."""
+    digest = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in weights.values())).hexdigest()
+    hashes = [None] * env.world
+    dist.all_gather_object(hashes, digest)
+    return hashes
 
 
 def end(env):

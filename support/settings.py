@@ -125,6 +125,22 @@ class Layered:
                          for k, v in self.values.items())
 
 
+def resume_settings(settings, ckpt, path, model_keys, resumable):
+    """On resume the checkpoint's settings replace the defaults; an explicit value that differs is
+    refused unless its key is `resumable` (it would silently continue another experiment)."""
+    saved = saved_settings(ckpt, settings.defaults, path, model_keys)
+    settings.apply("checkpoint", saved)
+    conflicts = [k for k in sorted(settings.explicit) if k not in resumable and settings.values[k] != saved.get(k)]
+    if conflicts:
+        raise UserError(f"resuming keeps the checkpoint's settings, but "
+                        f"{', '.join(f'--{k}={settings.values[k]!r}' for k in conflicts)} differ from it "
+                        f"({', '.join(f'{k}={saved.get(k)!r}' for k in conflicts)}); settings that may change on "
+                        f"resume: {', '.join(resumable)}")
+    if settings.values["max_iters"] <= ckpt["iter_num"]:
+        raise UserError(f"the checkpoint is at iter {ckpt['iter_num']} and max_iters={settings.values['max_iters']}: "
+                        f"nothing to train (give a larger --max_iters)")
+
+
 def saved_settings(ckpt, defaults, path, model_keys):
     """The settings stored in a checkpoint, checked like the command line (model_args wins)."""
     config, model_args = ckpt["config"], ckpt["model_args"]
