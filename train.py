@@ -307,6 +307,10 @@ def train(argv):
 
 
 def loop(cfg, model_cfg, ckpt, settings, env):
+    preset = {k: v for k, v in settings.values.items() if settings.origin[k].endswith("preset")}
+    if env.master and preset:  # (python train.py --help shows every value and its origin)
+        which = "no GPU found: the CPU preset" if "CPU preset" in settings.origin.values() else "the GPU preset"
+        print(f"{which} ({', '.join(f'{k}={v}' for k, v in preset.items())})")
     # the data: the first process prepares it (tokenising once), then every process opens it
     data = launch.share(env, open_dataset, cfg.dataset, model_cfg.vocab_size, env.master) or \
         open_dataset(cfg.dataset, model_cfg.vocab_size, False)
