@@ -6,6 +6,8 @@ are in tests/. Run both: python -m pytest test_all.py tests -n 2
 
   routing semantics           the invariants of every router (docs/design.md §1), naive == sorted dispatch
   losses                      brute force, known values and other papers' normalisations
+  expert choice, groups, KV   expert choice (and its non-causality), DeepSeek-V3's group-limited top-k,
+                              raw and scaled gates, cached generation, head_dim and per-head q/k norm
   ERMoE, R_sp and R_cp        the eigenbasis router's geometry; the two regularisers of Hu et al. 2026
   metrics                     the reference values of docs/design.md §5
   fused routing kernels       Triton and torch.compile == the PyTorch reference, forward and backward,
@@ -952,6 +954,16 @@ def test_ermoe_triton_clamp_gradient_and_rank_check():
             eigen_route(torch.randn(4, 10), torch.ones(4), torch.tensor(1.0), 1, 3, impl)
 
 
+# ------------------------------------------------------------------------------------------------
+# data and tasks
+
+def test_tokenizer_matches_gpt2():
+    enc = gpt2_encoding()
+    assert enc.encode("Hello world") == [15496, 995]
+    assert enc.encode("hello world") == [31373, 995]
+    assert enc.n_vocab == 50257
+
+
 def test_synthetic_mixture_follows_its_definition():
     from support.tasks import SyntheticMixture
     mix = SyntheticMixture(vocab=64, n_sources=3, seg_len=16, branching=3, seed=0)
@@ -971,11 +983,33 @@ def test_synthetic_mixture_follows_its_definition():
     assert all(len(set(range(*a)) & set(range(*b))) > 0 for a, b in zip(mix.ranges, mix.ranges[1:]))
 
 
-# ------------------------------------------------------------------------------------------------
-# data and tasks
+def test_the_whole_split_scores_every_target_exactly_once():
+    from support.data import TextData
+    data = TextData("shakespeare_char", verbose=False)
+    val = data.splits["val"].astype("int64")
+    for S in (64, 100):
+        count, total = 0, 0
+        for x, y, _ in data.whole_split("val", 256, S, "cpu"):
+            scored = y != -100
+            assert torch.equal(x[:, 1:][scored[:, :-1]], y[:, :-1][scored[:, :-1]])  # y is x shifted by one
+            count += int(scored.sum())
+            total += int(y[scored].sum())
+        assert count == len(val) - 1 and total == int(val[1:].sum()), S
 
-def test_tokenizer_matches_gpt2():
-    enc = gpt2_encoding()
-    assert enc.encode("Hello world") == [15496, 995]
-    assert enc.encode("hello world") == [31373, 995]
-    assert enc.n_vocab == 50257
+
+def test_facts_task_holds_its_table_and_scores_every_fact_once():
+    from support.tasks import Facts
+    task = Facts(n_people=50, n_attrs=3, n_values=8, names=(10, 10))
+    assert task.bits == 50 * 3 * 3 and task.vocab_size == 10 + 10 + 3 + 3 * 8
+    seen = set()
+    for x, y, labels in task.whole_split("val", 16, 7, "cpu"):
+        assert x.shape[1] == task.length - 1 == 7
+        assert torch.equal(labels, (y != -100).long()) and int(labels.sum()) == 3 * len(x)
+        for row_x, row_y in zip(x.tolist(), y.tolist()):
+            person = next(i for i in range(50) if task.names[i].tolist() == row_x[:2])
+            for pos in range(2, 7, 2):                                  # attribute token -> its value
+                a = row_x[pos] - task.attr0
+                assert row_y[pos] == task.value0 + a * 8 + int(task.values[person, a])
+                seen.add((person, a))
+    assert len(seen) == 150                                              # every fact once
+    assert task.bits_stored(math.log(8)) == 0.0 and task.bits_stored(0.0) == task.bits

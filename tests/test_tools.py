@@ -88,7 +88,8 @@ def test_analyze_writes_every_plot_for_every_router(tmp_path, router):
         assert f"{name}.png" in stdout
         image = matplotlib.image.imread(out / f"{name}.png")
         assert image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 0, name
-    assert "tokens.png" in (out / "index.html").read_text()
+    index = (out / "index.html").read_text()
+    assert "tokens.png" in index and "each token coloured and numbered by its top-1 expert" in index  # captions
     layers = read_log(out / "log.jsonl")[-1]["layers"]
     assert all("source_nmi" in m for m in layers)
     own = set(ROUTER_CLASSES[router](GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_experts=4,
