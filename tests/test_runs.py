@@ -383,11 +383,11 @@ def test_derived_widths_follow_the_final_settings(tmp_path):
 def test_a_prepared_set_that_does_not_add_up_is_one_error_line(tmp_path):
     """Bins from elsewhere: a train.bin that is not a whole number of tokens, or not the count meta.json
     records, and a meta.json with the wrong types: one error line, the set and the run untouched."""
-    import json
     import shutil
+    from support.data import prepare
     name = f"bins-{os.getpid()}"
     folder = os.path.join(REPO, "data", name)
-    shutil.copytree(os.path.join(REPO, "data", "shakespeare_char"), folder,
+    shutil.copytree(prepare("shakespeare_char", verbose=False), folder,
                     ignore=shutil.ignore_patterns("input.txt"))
     meta = json.load(open(os.path.join(folder, "meta.json")))
     try:
