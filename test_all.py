@@ -1013,3 +1013,17 @@ def test_facts_task_holds_its_table_and_scores_every_fact_once():
                 seen.add((person, a))
     assert len(seen) == 150                                              # every fact once
     assert task.bits_stored(math.log(8)) == 0.0 and task.bits_stored(0.0) == task.bits
+
+
+@pytest.mark.parametrize("name", ["shakespeare_char", "synthetic", "facts", "facts_binary"])
+def test_processes_together_draw_the_single_process_batch(name):
+    """With W processes each rank takes its slice of one global batch: together they see exactly the
+    batch one process with batch W*B draws (what makes DDP and expert parallelism equal to it)."""
+    from support.data import open_dataset
+    data = open_dataset(name, 256, verbose=False)
+    S = 13 if name.startswith("facts") else 16
+    whole = data.batch("train", 8, S, torch.Generator().manual_seed(3), "cpu")
+    parts = [data.batch("train", 4, S, torch.Generator().manual_seed(3), "cpu", rank, 2) for rank in (0, 1)]
+    for i, t in enumerate(whole):
+        if t is not None:
+            assert torch.equal(torch.cat([p[i] for p in parts]), t), (name, i)

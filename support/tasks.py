@@ -128,8 +128,9 @@ class Facts:
             raise UserError(f"this task needs vocab_size >= {self.vocab_size}, got {vocab_size}")
 
     def batch(self, split, batch_size, block_size, generator, device, rank=0, world=1):
-        people = torch.randint(self.N, (batch_size * world,), generator=generator)[rank * batch_size:(rank + 1) * batch_size]
-        return tuple(t.to(device) for t in self.records(people, generator))
+        """A global batch of batch_size * world records (the same on every process), this rank's slice."""
+        people = torch.randint(self.N, (batch_size * world,), generator=generator)
+        return tuple(t[rank * batch_size:(rank + 1) * batch_size].to(device) for t in self.records(people, generator))
 
     def whole_split(self, split, batch_size, block_size, device):
         """Every fact once: all N people, each attribute once (a fixed order per person)."""
