@@ -5,6 +5,7 @@ whether the model fits in memory. Everything is checked before a file is touched
     env = start(cfg, model_cfg)   # env.device, env.dtype, env.ddp, env.rank, env.world, env.master,
                                   # env.accum (micro-steps per process and step), env.autocast
     share(env, fn, *args)         # fn on the first process only; its UserError is raised on every one
+    end(env)                      # the process groups torn down, their threads joined
 """
 
 import hashlib
@@ -14,6 +15,12 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+# Imported before any process group exists, on purpose: its functions take `group=group.WORLD` as
+# a default argument, evaluated at import. DDP imports it lazily, i.e. after init_process_group,
+# and those defaults would then keep the group alive after destroy_process_group; gloo's worker
+# threads outlived Python and now and then aborted the process at exit ("terminate called without
+# an active exception", about 1 run in 10 on a loaded 2-core machine).
+import torch.distributed.nn.functional  # noqa: F401
 
 from support.rundir import UserError
 
@@ -111,5 +118,7 @@ def weight_hashes(env, weights):
 
 
 def end(env):
+    """Destroy the process groups while Python is alive: the last reference to each goes, and its
+    worker threads are joined here, not during interpreter shutdown (see the imports)."""
     if env.ddp:
         dist.destroy_process_group()

@@ -97,6 +97,33 @@ def test_expert_parallel_equals_the_single_process_model(world, layouts):
     torch.multiprocessing.spawn(ep_worker, args=(world, layouts, free_port()), nprocs=world)
 
 
+def gloo_threads():
+    return [name for name in (open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+            if "gloo" in name]
+
+
+def end_worker(rank, port):
+    """DDP as train.py builds it (the launch module imported first), then launch.end: no gloo thread
+    may outlive it; one left running can abort the process during interpreter shutdown."""
+    from types import SimpleNamespace
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from support import launch
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    model = DDP(torch.nn.Linear(4, 4))
+    model(torch.ones(2, 4)).sum().backward()
+    del model
+    assert gloo_threads(), "the check would see gloo's threads"
+    launch.end(SimpleNamespace(ddp=True))
+    assert gloo_threads() == [], gloo_threads()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="threads are listed from /proc (Linux)")
+def test_the_process_group_and_its_threads_are_gone_after_the_run():
+    torch.multiprocessing.spawn(end_worker, args=(free_port(),), nprocs=2)
+
+
 def test_expert_parallel_training_reproduces_one_process_and_resumes_across_layouts(tmp_path):
     launch = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     common = ["--dataset=synthetic", "--vocab_size=64", "--n_experts=4", "--eval_interval=2", "--log_interval=1"]
