@@ -322,7 +322,8 @@ class MoE(nn.Module):
         for e in range(self.w_up.shape[0]):
             tok, slot = torch.where(idx == e)                       # (n_e,), (n_e,) in token order
             if keep is not None:                                    # only the pairs the router uses
-                tok, slot = tok[keep[tok, slot]], slot[keep[tok, slot]]
+                used = keep[tok, slot]                              # (n_e,)
+                tok, slot = tok[used], slot[used]
             if capacity is not None:                                # first come, first served
                 tok, slot = tok[:capacity], slot[:capacity]
                 kept[tok, slot] = True

@@ -31,7 +31,7 @@ from losses import COEFFICIENTS, aux_losses
 from model import GPT, GPTConfig
 from router import ROUTERS
 from support import launch
-from support.data import open_dataset, standard_error, vocab_of
+from support.data import load_tokenizer, open_dataset, standard_error, vocab_of
 from support.metrics import RoutingStats
 from support.rundir import Diverged, Interrupted, Run, UserError, check_finite, cli, load_checkpoint
 from support.settings import Layered, declared, notes, parse_args, resume_settings
@@ -439,8 +439,7 @@ def print_eval(record):
 
 def finish(model, cfg, device, tokenizer):
     """Samples and plots at the end (the checkpoint is already safe on disk)."""
-    from support.data import load_tokenizer
-    from support.plots import plot_run
+    from support.plots import plot_run  # matplotlib: loaded only at the end
     if tokenizer is not None and cfg.num_samples > 0:  # a synthetic task's tokens are not text
         enc = load_tokenizer(tokenizer)
         start = torch.tensor([enc.encode_ordinary("\n")], device=device)

@@ -201,6 +201,11 @@ def read_meta(folder):
     return meta
 
 
+def meta_vocab(meta):
+    """The model vocabulary of a prepared set: as recorded, else its largest id + 1 padded to a multiple of 64."""
+    return meta.get("vocab_size") or -(-(meta["max_id"] + 1) // 64) * 64
+
+
 def vocab_of(name):
     """The model vocabulary a dataset needs, without writing anything (None if it cannot tell yet)."""
     from support.tasks import TASKS
@@ -209,8 +214,7 @@ def vocab_of(name):
     meta = os.path.join(DATA_DIR, name, "meta.json")
     src, tokenizer = source_of(name)
     if os.path.isfile(meta) and (src is None or os.path.getmtime(meta) >= os.path.getmtime(src)):
-        m = read_meta(os.path.dirname(meta))
-        return m.get("vocab_size") or -(-(m["max_id"] + 1) // 64) * 64
+        return meta_vocab(read_meta(os.path.dirname(meta)))
     if tokenizer == "char" and src:
         return len(set(read_text(src, name)))
     return GPT2_VOCAB if tokenizer == "gpt2" else None
@@ -256,7 +260,7 @@ class TextData:
         folder = prepare(name, verbose)
         meta = read_meta(folder)
         self.name, self.tokenizer, self.n_labels = name, meta.get("tokenizer", "gpt2"), 0
-        self.vocab_size = meta.get("vocab_size") or -(-(meta["max_id"] + 1) // 64) * 64
+        self.vocab_size = meta_vocab(meta)
         self.max_id = meta["max_id"]
         self.splits = {split: load_split(folder, split, meta) for split in ("train", "val")}
 
