@@ -50,6 +50,11 @@ Design notes
   chosen for registers, not tuned for bandwidth.
 """
 
+import importlib.machinery
+import importlib.util
+import os
+import sys
+
 import torch
 
 try:
@@ -439,3 +444,47 @@ def fused_eigen_route(u, xnorm, beta, k, r, renormalize=True):
         raise ValueError(f"u has {u.shape[1]} coordinates per token, not a multiple of the rank r={r}")
     _check(u.shape[1] // r, k, u.dtype)
     return _eigen_op(u, xnorm, beta, k, r, renormalize)
+
+
+# ------------------------------------------------------------------------------------------------
+# one name, two packages: Hugging Face's `kernels`
+#
+# transformers (5.x) imports Hugging Face's package `kernels` while it loads, and again inside
+# from_pretrained (`from kernels import Mode`). In a process started at the repository root (a
+# script, pytest, a notebook) this file comes first on sys.path under that name, and sys.modules
+# holds one module per name. Renaming this file was ruled out (the brief names it), and hiding the
+# repository root while transformers loads misses the later imports. So this module also answers
+# for the other package (PEP 562): a public name it does not define, `__version__`, and the folder
+# its submodules come from (`__path__`) are Hugging Face's, loaded on first use. The two share no
+# public name (tests/test_interop.py checks it), so neither side ever gets the other's function.
+
+_hub = None  # Hugging Face's package, once loaded
+
+
+def _hub_package():
+    """Hugging Face's `kernels` package, loaded from sys.path without this folder; None if not installed."""
+    global _hub
+    if _hub is None:
+        here = os.path.dirname(os.path.realpath(__file__))
+        path = [p for p in sys.path if os.path.realpath(p or os.curdir) != here]
+        spec = importlib.machinery.PathFinder.find_spec(__name__, path)
+        if spec is None or spec.submodule_search_locations is None:
+            return None
+        globals()["__path__"] = list(spec.submodule_search_locations)  # where `kernels.<sub>` is found
+        _hub = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(_hub)  # its own `from kernels.x import ...` resolve through __path__
+        except BaseException:
+            _hub = None
+            del globals()["__path__"]
+            raise
+    return _hub
+
+
+def __getattr__(name):
+    if name.startswith("_") and name not in ("__path__", "__version__"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    hub = _hub_package()
+    if hub is None:
+        raise AttributeError(f"module {__name__!r} (this project's kernels.py) has no attribute {name!r}")
+    return globals()["__path__"] if name == "__path__" else getattr(hub, name)

@@ -52,6 +52,10 @@ from einops import rearrange
 
 import kernels
 
+if not hasattr(kernels, "fused_route"):  # the name is Hugging Face's package here (see the end of kernels.py)
+    raise ImportError("`import kernels` found Hugging Face's package (transformers imported it before the repository "
+                      "root was on sys.path): put the repository root first on sys.path before importing transformers")
+
 
 class Routing(NamedTuple):
     """What one MoE layer decided, for the dispatch, the losses and the metrics."""

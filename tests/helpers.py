@@ -23,6 +23,17 @@ TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_siz
         "--n_experts=4", "--top_k=2", "--eval_iters=2", "--log_interval=1", "--num_samples=0", "--compile=False"]
 
 
+def require(module, reason):
+    """Import `module`, or skip the test (with the reason) only when it is not installed at all; an
+    import that fails for any other reason fails the test."""
+    import importlib
+    import importlib.util
+    import pytest
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed: {reason}")
+    return importlib.import_module(module)
+
+
 def cli(entry, *argv):
     """An entry point run in this process exactly as its __main__ runs it: (exit status, stdout, stderr).
     Any exception other than the handled ones propagates, i.e. fails the test (a traceback)."""

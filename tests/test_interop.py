@@ -5,16 +5,18 @@ test-only dependency: these tests skip without it.
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from model import GPT, GPTConfig
-from tests.helpers import REPO, cli, train
+from tests.helpers import REPO, cli, require, train
 
 def hf_models():
     """Small Hugging Face MoE models with random weights, built offline from configs."""
-    transformers = pytest.importorskip("transformers", reason="the interop tests compare against transformers")
+    transformers = require("transformers", "the interop tests compare against it")
     common = dict(vocab_size=96, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -117,7 +119,7 @@ def test_convert_refuses_what_does_not_map(tmp_path):
 
 def test_an_imported_model_samples_and_is_analyzed_with_its_own_tokenizer(tmp_path):
     transformers, models = hf_models()
-    tokenizers = pytest.importorskip("tokenizers")
+    tokenizers = require("tokenizers", "an imported model's tokenizer needs it")
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.train_from_iterator([open(os.path.join(REPO, "data", "shakespeare", "input.txt")).read()[:20000]],
@@ -156,7 +158,7 @@ def test_sigmoid_router_equals_deepseek_v3_moe(renorm):
     """transformers' DeepseekV3MoE with group-limited routing (4 groups, 2 picked), a routed scaling
     factor, a non-zero score-correction bias and a shared expert, against our sigmoid-router MoE block:
     the same experts, the same block output, the same gradients of the input and every weight."""
-    transformers = pytest.importorskip("transformers", reason="the interop tests compare against transformers")
+    transformers = require("transformers", "the interop tests compare against it")
     from model import MoE
     E, G, k, d, f = 8, 4, 2, 32, 16
     hf_cfg = transformers.DeepseekV3Config(hidden_size=d, n_routed_experts=E, num_experts_per_tok=k, n_group=G,
@@ -257,3 +259,83 @@ def test_every_bad_checkpoint_folder_is_one_error_line_and_the_previous_import_i
         assert file_hashes(tmp_path / "ours") == before, folder.name
     code, out, err = cli("tools.convert", "from-hf", tmp_path / "unused", tmp_path / "ours2", "--ignore_unused")
     assert code == 0 and "1 unused tensor(s) left out" in out, err
+
+
+# ------------------------------------------------------------------------------------------------
+# one name, two packages: this project's kernels.py and Hugging Face's `kernels`, which transformers
+# imports while it loads and again inside from_pretrained (kernels.py, its last section)
+
+USER_SCRIPT = """
+import os, sys, tempfile
+import torch
+{imports}
+from transformers import AutoModelForCausalLM, MixtralConfig
+from transformers.models.mixtral import modeling_mixtral
+import kernels
+import router
+cfg = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2)
+with tempfile.TemporaryDirectory() as where:
+    modeling_mixtral.MixtralForCausalLM(cfg).save_pretrained(where)
+    hf = AutoModelForCausalLM.from_pretrained(where)           # imports `kernels` again, lazily
+ours = model.GPT(model.GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=2, n_embd=16, n_experts=4))
+logits = torch.randn(6, 4, requires_grad=True)
+fused, ref = router.topk_route(logits, 2, "triton"), router.topk_route(logits, 2, "torch")  # Triton, interpreted
+assert torch.equal(fused.idx, ref.idx) and torch.allclose(fused.gates, ref.gates)
+fused.gates.sum().backward()
+print("ours:", kernels.fused_route.__module__, os.path.relpath(kernels.__file__))
+print("theirs:", kernels.Mode.__module__, kernels.__version__ == __import__("importlib.metadata").metadata.version("kernels"))
+print("logits:", tuple(ours(torch.zeros(1, 8, dtype=torch.long))[0].shape), type(hf).__name__)
+"""
+
+
+def require_hub_kernels():
+    """Hugging Face's `kernels` package (loaded through kernels.py), or a skip where it is not installed."""
+    import kernels
+    hub = kernels._hub_package()
+    if hub is None:
+        pytest.skip("Hugging Face's kernels package is not installed (transformers < 5 does not need it): no collision")
+    return hub
+
+
+def user_script(code, cwd):
+    """`code` run as a user's script started in `cwd` (sys.path[0] = cwd): (exit status, stdout, stderr)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ""}
+    p = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+@pytest.mark.parametrize("order", ["model first", "transformers first"])
+def test_a_script_at_the_repository_root_uses_transformers_and_the_model_together(order):
+    """Both packages named `kernels` in one process, whichever is imported first: transformers builds, saves
+    and loads a Mixtral (from_pretrained), our model runs, the Triton routing pass runs (interpreted) and equals
+    the reference, and each side's `kernels` names resolve to its own package."""
+    require("transformers", "the interop tests compare against it")
+    require_hub_kernels()
+    imports = "import model" if order == "model first" else "import transformers\nimport model"
+    code, out, err = user_script(USER_SCRIPT.format(imports=imports), REPO)
+    assert code == 0, err
+    assert "ours: kernels kernels.py" in out and "theirs: kernels._internals" in out and " True" in out, out
+    assert "logits: (1, 1, 64) MixtralForCausalLM" in out, out
+
+
+def test_kernels_py_and_hugging_faces_package_share_no_public_name():
+    import kernels
+    hub = require_hub_kernels()
+    assert kernels.fused_route and kernels.CUDAProperties is hub.CUDAProperties  # one module answers for both
+    ours = {n for n in vars(kernels) if not n.startswith("_")} - {"torch", "triton", "tl", "importlib", "os", "sys"}
+    theirs = {n for n in vars(hub) if not n.startswith("_")}
+    assert ours and theirs and not ours & theirs, ours & theirs
+
+
+def test_hugging_faces_kernels_imported_first_is_refused_in_one_line(tmp_path):
+    """The other order, where the collision cannot be undone: transformers loaded Hugging Face's `kernels`
+    before the repository root was on sys.path. Importing the model then says what to do in one line."""
+    require("transformers", "the interop tests compare against it")
+    require_hub_kernels()
+    code, out, err = user_script(f"import sys, transformers, kernels\nsys.path.insert(0, {REPO!r})\nimport model",
+                                 tmp_path)
+    assert code == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("ImportError: `import kernels` found Hugging Face's package") and \
+        "put the repository root first on sys.path" in last, err

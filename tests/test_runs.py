@@ -13,8 +13,8 @@ import torch
 
 from losses import aux_losses
 from model import GPT, GPTConfig
-from tests.helpers import (REPO, ROUTERS, TINY, assert_loadable_and_finite, cli, file_hashes, settings_of, train,
-                           train_losses)
+from tests.helpers import (REPO, ROUTERS, TINY, assert_loadable_and_finite, cli, file_hashes, require, settings_of,
+                           train, train_losses)
 
 
 @pytest.mark.parametrize("router", ROUTERS)
@@ -419,7 +419,7 @@ def test_sample_refuses_abbreviations_and_suggests_the_option():
 
 
 def test_wandb_offline_run_gets_every_term_and_routing_metric(tmp_path, monkeypatch):
-    pytest.importorskip("wandb", reason="run tracking is optional: pip install wandb")
+    require("wandb", "run tracking is optional")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -15,7 +15,7 @@ import torch
 from losses import aux_losses
 from model import GPT, GPTConfig
 from router import ROUTERS as ROUTER_CLASSES
-from tests.helpers import REPO, ROUTERS, TINY, cli, train
+from tests.helpers import REPO, ROUTERS, TINY, cli, require, train
 
 @pytest.mark.parametrize("args", [[], ["--losses", "--steps=1"], ["--model", "--steps=1"], ["--generate", "--steps=1"]])
 def test_bench_smoke_runs(args):
@@ -219,7 +219,7 @@ def test_prepare_streams_equals_a_one_shot_encoding_with_flat_memory_and_is_atom
 # corpora from outside: each bad file one error line, the set already prepared unchanged
 
 def parquet_file(path, texts):
-    pa = pytest.importorskip("pyarrow", reason="parquet needs pyarrow (an optional dependency)")
+    pa = require("pyarrow", "parquet is optional")
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"text": texts, "id": list(range(len(texts)))}), path, row_group_size=64)
 
