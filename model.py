@@ -14,6 +14,7 @@ k experts per token, f expert hidden width, r ERMoE basis rank, nh heads, hs hea
   (the block never asks which one), optional always-on shared experts. Dropless by default; with
   capacity_factor c > 0 each expert takes at most ceil(c*T*k/E) pairs per batch, first come first
   served in token order (Switch, GShard); a dropped pair adds nothing (the residual carries it).
+  Not causal: what an expert drops depends on other tokens of the batch, later ones included.
 - Two dispatch paths with one semantics, tested against each other in output and every gradient:
   `naive` loops over the experts (the lecture one); `sorted` sorts the T*k (token, expert) pairs
   by expert once and runs all experts as one grouped matmul. n_experts=0 is the dense SwiGLU MLP.
@@ -21,7 +22,8 @@ k experts per token, f expert hidden width, r ERMoE basis rank, nh heads, hs hea
   it into auxiliary losses, support/metrics.py into routing metrics. No module keeps losses in globals.
 
 Iso-compute rule: the dense MLP has width ffn_hidden (default 8/3*d rounded up to a multiple of
-64, which gives the 8d^2 parameters of GPT-2's 4d GELU MLP); each expert gets width
+64: 3*d*ffn_hidden parameters, the 8d^2 of GPT-2's 4d GELU MLP at d=384 (1024), 9d^2 at d=128 (384,
+not 341)); each expert gets width
 ffn_hidden // (top_k + n_shared), so a token's active expert compute equals the dense MLP's.
 """
 
@@ -59,11 +61,12 @@ class GPTConfig:
     shared_gate: bool = False   # scale the shared experts' output by sigmoid(x w) per token (Qwen2-MoE)
     expert_hidden: int = 0      # expert width f; 0 = derived: ffn_hidden // (top_k + n_shared), iso-compute
     router: str = "softmax"     # a name in router.ROUTERS: softmax | ermoe | sigmoid | hash | ...
-    gate_renorm: bool = True    # gates = the router's scores renormalised over the k selected (else: the scores)
+    gate_renorm: bool = True    # gates = the router's scores renormalised over the k selected (else: the scores);
+                                # at top_k=1 the score itself (one renormalised gate is 1: no router gradient)
     routed_scale: float = 1.0   # the routed experts' gates are multiplied by this (DeepSeek-V3: 2.5)
     dispatch: str = "sorted"    # 'sorted' (grouped matmul) | 'naive' (per-expert loop, reference)
     router_impl: str = "auto"   # 'auto' (triton on CUDA where the router has a kernel) | torch | compile | triton
-    capacity_factor: float = 0.0  # 0 = dropless; c > 0: each expert takes at most ceil(c*T*k/E) pairs
+    capacity_factor: float = 0.0  # 0 = dropless; c > 0: each expert takes at most ceil(c*T*k/E) pairs (not causal)
     expert_init: str = "random"  # 'random' | 'upcycle': every expert a copy of one MLP + 1% noise
     ermoe_basis: str = "independent"  # ERMoE: 'independent' | 'partitioned' | 'penalty'
     ermoe_rank: int = 0         # ERMoE basis rank r; 0 = derived: n_embd // n_experts (the bases tile R^d)

@@ -165,7 +165,10 @@ class Router(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_experts, self.k, self.renorm, self.impl = cfg.n_experts, cfg.top_k, cfg.gate_renorm, cfg.router_impl
+        self.n_experts, self.k, self.impl = cfg.n_experts, cfg.top_k, cfg.router_impl
+        # at k=1 a renormalised gate is always 1 and the router would get no gradient from the loss:
+        # the gate is then the score itself (Switch Transformer's p)
+        self.renorm = cfg.gate_renorm and cfg.top_k > 1
         self.expert_dim = cfg.n_embd  # the width of the experts' inputs
 
     def forward(self, x, ids=None):

@@ -341,20 +341,41 @@ def test_expert_choice_sorted_dispatch_equals_naive_loop(shared):
     assert naive.router.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("router", ROUTERS + ["expert_choice"])
-def test_only_expert_choice_lets_later_tokens_change_earlier_outputs(router):
+@pytest.mark.parametrize("router,capacity_factor", [(r, 0.0) for r in ROUTERS + ["expert_choice"]] +
+                         [("softmax", 1.0), ("sigmoid", 1.0)])
+def test_only_expert_choice_and_a_capacity_let_later_tokens_change_earlier_outputs(router, capacity_factor):
     """A decoder must not see the future. Token choice routes every token by itself; an expert that
-    chooses compares all the tokens of the batch, so a later token can take an earlier one's place."""
+    chooses compares all the tokens of the batch, so a later token can take an earlier one's place;
+    with a capacity, a later token of one sequence can take the place of an earlier position of the next."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, n_experts=4, top_k=2,
-                          router=router)).eval()
+                          router=router, capacity_factor=capacity_factor)).eval()
     idx = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
     changed = idx.clone()
     changed[:, 12:] = (idx[:, 12:] + 7) % 64                   # the last 4 positions of every sequence
     with torch.no_grad():
         a, b = model(idx, idx)[0], model(changed, changed)[0]
     same_past = torch.allclose(a[:, :12], b[:, :12], atol=1e-6)
-    assert same_past == (router != "expert_choice"), router
+    assert same_past == (router != "expert_choice" and capacity_factor == 0), (router, (a - b)[:, :12].abs().max())
+
+
+@pytest.mark.parametrize("router", [r for r in ROUTERS + ["expert_choice"] if r != "hash"])
+def test_every_router_gets_a_gradient_from_the_loss_at_top_k_1(router):
+    """At k=1 a renormalised gate is exactly 1, and a router whose only way into the loss is its gate
+    would learn nothing: the gate is the router's score instead (Switch Transformer), by default."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, n_experts=4, top_k=1, router=router)
+    assert cfg.gate_renorm  # the default
+    model = GPT(cfg)
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    _, loss, routes = model(idx, idx)  # the language-model loss alone, no auxiliary loss
+    loss.backward()
+    assert all(float(r.gates.max()) < 1 for r in routes), router  # not the constant 1
+    for name, p in model.named_parameters():
+        if ".router." in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, (router, name)
+    if router == "softmax":  # Switch's gate: p of the chosen expert
+        assert torch.allclose(routes[0].gates, routes[0].probs.gather(1, routes[0].idx))
 
 
 def test_group_limited_selection_brute_force():

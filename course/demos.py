@@ -16,7 +16,8 @@ or its fixed sample of 1,024 sequences), mean ± half the spread between seeds.
 
 A run is kept in out-demos/runs/<key>-s<seed>, the key a hash of its resolved settings: an interrupted
 demo picks up where it stopped, and two demos that need the same run share it. Paired comparisons
-("- none" columns) take the difference seed by seed: same seed, same initialisation, same batches.
+("- none" columns) take the difference seed by seed: same seed and batches (and the same initialisation
+where both arms have the same architecture).
 """
 
 import argparse

@@ -91,6 +91,30 @@ check("token 0's experts", order[:k], idx[0])
 check("gates = p renormalised", p.gather(1, idx) / p.gather(1, idx).sum(1, keepdim=True), gates)
 
 # %% [markdown]
+# ## 2b. A trap at k = 1: renormalised gates teach the router nothing
+# With one expert per token, "p renormalised over the chosen" is p_e / p_e = 1 for every token,
+# whatever W is. The block's output no longer depends on the router's weights (only *which*
+# expert, a discrete choice, does), so the loss sends the router no gradient at all and it never
+# learns. Switch Transformer gates by p itself at k = 1; so does this project (`gate_renorm` only
+# applies from k = 2).
+
+# %%
+section("2b. A trap at k = 1: renormalised gates teach the router nothing")
+with torch.enable_grad():
+    W = moe.router.weight.detach().clone().requires_grad_(True)
+    a1 = x @ W.T                                         # (T, E)
+    top1 = a1.argmax(dim=-1, keepdim=True)               # (T, 1) the chosen expert
+    expert_out = torch.randn(T, d)                       # stands for the chosen expert's output
+    for name, g in (("renormalised", a1.gather(1, top1).softmax(dim=-1)),        # = 1 for every token
+                    ("p (Switch)", a1.softmax(dim=-1).gather(1, top1))):        # p of the chosen expert
+        (grad,) = torch.autograd.grad((g * expert_out).pow(2).sum(), W, retain_graph=True)
+        print(f"  k=1, gates {name:<13} {' '.join(f'{v:.3f}' for v in g[:4, 0].tolist())} ...   "
+              f"router gradient norm {grad.norm():.4f}")
+one = MoE(GPTConfig(n_layer=1, n_head=2, n_embd=d, n_experts=E, top_k=1, expert_hidden=f, router_impl="torch"))
+one.router.weight.copy_(moe.router.weight)
+check("library gates at k=1 = p", a1.softmax(dim=-1).gather(1, top1), one.router(x).gates)
+
+# %% [markdown]
 # ## 3. Sort the (token, expert) pairs by expert
 # The T*k pairs are flattened (token-major) and sorted by expert, stably, so each expert's pairs
 # become one contiguous segment. The counts per expert give the segment ends (offsets).

@@ -123,6 +123,9 @@ def model_args_from_hf(hf):
                 gate_renorm=arch == "MixtralForCausalLM" or field(hf, "norm_topk_prob", bool, False),
                 qk_norm=fam.get("qk_norm", False), qk_norm_per_head=fam.get("qk_norm_per_head", False),
                 qkv_bias=fam.get("qkv_bias", False), dropout=0.0)
+    if args["top_k"] == 1 and args["gate_renorm"]:
+        raise UserError(f"config.json ({arch}): one expert per token with renormalised gates (every gate 1) has no "
+                        f"counterpart here: at top_k=1 the gate is the router's probability (Switch Transformer)")
     if args["head_dim"] == 0:
         raise UserError(f"config.json: hidden_size={d} is not divisible by num_attention_heads={heads} and there is "
                         f"no head_dim")
@@ -278,6 +281,7 @@ def to_hf(out_dir, hf_dir, overwrite=False):
     refusals = [(cfg.n_experts > 0, "n_experts=0: a dense model is not a Mixtral"),
                 (cfg.router == "softmax", f"router={cfg.router}: Mixtral routes with a linear softmax router"),
                 (cfg.gate_renorm, "gate_renorm=False: Mixtral renormalises the top-k gates (OLMoE-style gates)"),
+                (cfg.top_k > 1, "top_k=1: Mixtral renormalises its one gate to 1, here it is the router's probability"),
                 (cfg.n_shared == 0, f"n_shared={cfg.n_shared}: Mixtral has no shared experts"),
                 (not cfg.qk_norm, "qk_norm=True: Mixtral has no QK-norm"),
                 (cfg.routed_scale == 1.0, f"routed_scale={cfg.routed_scale}: Mixtral does not scale its gates"),
