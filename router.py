@@ -4,10 +4,11 @@ Routers: from a token's hidden state to its routing decision. One interface, one
 Notation: T tokens (batch x sequence, flattened), d model width, E routed experts, k experts per
 token, f expert width, r the ERMoE basis rank.
 
-The interface (docs/design.md §1). `router(x, ids)` maps the block input x (T, d) and the token ids
-(T,) to a `Routing`: the selected experts idx (T, k), the gates (T, k), the counts (E,), and the
-statistics the losses need, computed from the router's own probabilities. Every router defines
-logits a (T, E) such that p = softmax(a) is its routing distribution:
+A router defines logits a (T, E) (fp32) whose softmax p is its routing distribution, and, where
+its choice is not the top-k of a, `select`. `Router.forward` does the rest the same way for every
+router: the selection (the k largest, ties to the lower expert index), the gates (p renormalised
+over the k selected, = the softmax of the selected logits; gate_renorm=False: p itself), the
+routed scale, a capacity if one is set, and the statistics the losses need, in one `Routing`.
 
   router         logits a                          p                        selection
   softmax        x W^T                             softmax(x W^T)           top-k of a
@@ -17,29 +18,11 @@ logits a (T, E) such that p = softmax(a) is its routing distribution:
   cosine         cos(x W_p, e_i) / tau             softmax(cos / tau)       top-k of a
   expert_choice  x W^T                             softmax(x W^T)           each expert its top-c tokens
 
-Gates are p renormalised over the selection (= softmax of the selected logits), or p at the
-selection with gate_renorm=False (the sigmoid router: its scores s, renormalised or not). A router
-may give a token more slots than top_k and mark in `kept` the pairs it uses (expert choice). Top-k:
-the k largest values, ties to the lower expert index, a NaN counts as the largest value (the order
-of torch.sort). The routing pass (`topk_route`) is the
-one place that picks its implementation: `route_reference` below in PyTorch (read this one), the
-same under torch.compile, or the fused Triton kernel of kernels.py. A router also declares its
-default loss coefficients (`defaults`), whether its selection is the top-k of its logits (`fused`:
-then the Triton kernel can compute it), its own evaluation metrics (`metrics`), an (E, E)
-similarity of its experts for the plots (`similarity`), and an optional hook after every optimizer
-step (`update`, given the step's load summed over micro-batches and processes). Its settings are
-GPTConfig's (model.py), checked and derived there. Adding a router: a class here + one entry in
-ROUTERS.
-
-Design notes
-- Router math is fp32 on purpose, also under bf16 autocast: logits are small, tie-prone and feed
-  a discrete choice; bf16 rounding would flip selections between otherwise identical runs.
-- Ties: torch.topk does not promise which index wins a tie; a stable descending sort does.
-- A balancing bias changes which experts are chosen, never the gates (DeepSeek-V3).
-- Routers get no weight decay (train.py): decay pulls router weights to zero, i.e. the routing
-  towards uniform; for ERMoE it would also fight the basis parametrisation.
-- ERMoE's orthonormality is exact by a QR map (signs fixed so that diag(R) > 0, which makes the
-  map smooth and unique); a penalty alone would keep P_e only near-orthonormal ('penalty' mode).
+Read `Router.forward`, `route_reference` and `select_topk` first: they are the routing of the
+default run. The rest of the file: the other routers, then where the routing pass may run fused
+(`topk_route`: PyTorch, torch.compile or the Triton kernel of kernels.py, the same result). Router
+math is fp32 even under bf16 autocast: logits are small, tie-prone and feed a discrete choice.
+The design notes (ties, bias balancing, no weight decay, ERMoE's QR map) are in docs/design.md §1-2.
 """
 
 import math
@@ -58,18 +41,19 @@ if not hasattr(kernels, "fused_route"):  # the name is Hugging Face's package he
 
 
 class Routing(NamedTuple):
-    """What one MoE layer decided, for the dispatch, the losses and the metrics."""
-    gates: torch.Tensor                     # (T, k) fp32 mixing weights
+    """What one MoE layer decided, for the dispatch, the losses and the metrics. The router fills it;
+    the MoE block adds the experts' activations `acts` after its dispatch."""
+    gates: torch.Tensor                     # (T, k) fp32 mixing weights (0 for a dropped pair)
     idx: torch.Tensor                       # (T, k) int64 selected experts, best first
     counts: torch.Tensor                    # (E,) int32 (token, expert) pairs per expert
     lse: torch.Tensor                       # (T,) logsumexp of the logits (z-loss)
     mass: torch.Tensor                      # (T,) p summed over the selected experts (coupling loss)
     psum: torch.Tensor                      # (E,) p summed over the tokens (load balancing)
     logits: Optional[torch.Tensor] = None   # (T, E) fp32, p = softmax(logits)
-    inputs: Optional[torch.Tensor] = None   # (T, E, r) the experts' inputs, where the router makes them
-    z: Optional[torch.Tensor] = None        # (T, k, f) SwiGLU intermediates of the selected experts
+    expert_inputs: Optional[torch.Tensor] = None  # (T, E, r) what each expert reads, where the router makes it (ERMoE)
+    kept: Optional[torch.Tensor] = None     # (T, k) bool, the pairs that run (expert choice, a capacity); None: all
     penalty: Optional[torch.Tensor] = None  # ERMoE soft-orthogonality penalty ('penalty' basis mode)
-    kept: Optional[torch.Tensor] = None     # (T, k) bool, the pairs that run: the router's, or within capacity
+    acts: Optional[torch.Tensor] = None     # (T, k, f) SwiGLU activations of the selected experts (the MoE block's)
 
     @property
     def probs(self):
@@ -78,19 +62,87 @@ class Routing(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------------
-# the PyTorch routing path: the reference of kernels.py and the version to read
+# the interface, and the routing pass in PyTorch
+
+class Router(nn.Module):
+    """Base of every router: the block input x (T, d) -> Routing. A router defines logits(x, ids);
+    where its choice is not the top-k of the logits, also select(a, ids) (and fused = False)."""
+    defaults = {}        # default loss coefficients of this router (train.py applies them unless set)
+    fused = True         # the selection is the top-k of the logits (so the fused Triton pass applies)
+    per_step = False     # has an update() to call after every optimizer step
+    score_gates = False  # unrenormalised gates: p at the selection; True: the score exp(a) (sigmoid: s itself)
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_experts, self.k, self.impl = cfg.n_experts, cfg.top_k, cfg.router_impl
+        self.expert_width = cfg.n_embd  # the width of the rows the experts read (ERMoE: its rank r)
+        # at k=1 a renormalised gate is always 1 and the router would get no gradient from the loss:
+        # the gate is then the score itself (Switch Transformer's p)
+        self.renorm = cfg.gate_renorm and cfg.top_k > 1
+        self.routed_scale, self.capacity_factor = cfg.routed_scale, cfg.capacity_factor
+
+    def forward(self, x, ids=None):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            a = self.logits(x.float(), ids)                              # (T, E) fp32
+            if self.fused and choose_impl(self.impl, a.shape[1], self.k, a) != "torch":
+                r = topk_route(a, self.k, self.impl, self.renorm)        # compiled or Triton: the same Routing
+            else:
+                r = route_reference(a, self.k, self.renorm, self.select(a, ids), self.score_gates)
+        return self.finish(r)
+
+    def select(self, a, ids):
+        """The selected experts idx (T, k), or None: the top-k of the logits a."""
+        return None
+
+    def finish(self, r):
+        """The routed scale (DeepSeek-V3: 2.5), and a capacity if one is set: dropped pairs get gate 0."""
+        gates = r.gates * self.routed_scale if self.routed_scale != 1.0 else r.gates  # (T, k)
+        if self.capacity_factor > 0:
+            T, k = r.idx.shape
+            kept = capacity_mask(r.idx, math.ceil(self.capacity_factor * T * k / self.n_experts), self.n_experts)
+            return r._replace(gates=gates * kept, kept=kept)
+        return r._replace(gates=gates)
+
+    def metrics(self):
+        """This router's own evaluation metrics (e.g. ERMoE's geometry), a dict of floats."""
+        return {}
+
+    def similarity(self):
+        """An (E, E) similarity of the experts for the plots, or None."""
+        return None
+
+    def update(self, counts):
+        """After every optimizer step (per_step routers), with the step's load (E,) of every process."""
+
+
+def route_reference(logits, k, renormalize=True, idx=None, score_gates=False):
+    """The routing pass in plain PyTorch: logits (T, E) -> Routing. The selection is the top-k of
+    the logits unless a router gives its own `idx` (T, k)."""
+    a = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (T, E) fp32 (fp64 kept for gradcheck)
+    lse = a.logsumexp(dim=-1)                                       # (T,)
+    p = (a - lse[:, None]).exp()                                    # (T, E) full softmax
+    if idx is None:
+        gates, idx = select_topk(a, k, renormalize)                 # (T, k), (T, k)
+    else:
+        gates = gates_of(a, idx, renormalize, score_gates)
+    mass = p.gather(1, idx).sum(dim=-1)                             # (T,)
+    return Routing(gates, idx, expert_counts(idx, a.shape[1]), lse, mass, p.sum(dim=0), a)
+
 
 def select_topk(scores, k, renormalize=True):
-    """Top-k of scores (T, E) fp32, ties to the lower index -> gates (T, k), idx (T, k) int64."""
+    """Top-k of scores (T, E) fp32, ties to the lower index -> gates (T, k), idx (T, k) int64.
+    A stable descending sort gives the tie rule (torch.topk promises none); a NaN counts as the largest."""
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # (T, E), ties: lower first
     idx = order[:, :k]                                                          # (T, k)
     return gates_of(scores, idx, renormalize), idx
 
 
-def gates_of(logits, idx, renormalize=True):
+def gates_of(logits, idx, renormalize=True, score_gates=False):
     top = logits.gather(-1, idx)                                                # (T, k)
     if renormalize:
         return top.softmax(dim=-1)                        # = p renormalised over the k selected
+    if score_gates:
+        return top.exp()                                  # = the router's score (sigmoid: a = log s)
     return (top - logits.logsumexp(dim=-1, keepdim=True)).exp()  # = p at the selected experts
 
 
@@ -101,88 +153,16 @@ def expert_counts(idx, n_experts):
         0, flat, torch.ones_like(flat, dtype=torch.int32))
 
 
-def route_reference(logits, k, renormalize=True, idx=None):
-    """The routing pass in plain PyTorch: logits (T, E) -> Routing. The selection is the top-k of
-    the logits unless a router gives its own `idx` (T, k)."""
-    a = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (T, E) fp32 (fp64 kept for gradcheck)
-    lse = a.logsumexp(dim=-1)                                       # (T,)
-    p = (a - lse[:, None]).exp()                                    # (T, E) full softmax
-    if idx is None:
-        gates, idx = select_topk(a, k, renormalize)                 # (T, k), (T, k)
-    else:
-        gates = gates_of(a, idx, renormalize)
-    mass = p.gather(1, idx).sum(dim=-1)                             # (T,)
-    return Routing(gates, idx, expert_counts(idx, a.shape[1]), lse, mass, p.sum(dim=0), a)
-
-
-IMPLS = ("auto", "torch", "compile", "triton")
-_compiled_reference = None
-
-
-def impl_problem(router, impl, E, k):
-    """Why `router` cannot route E experts top-k with `impl`, or None (GPTConfig checks this early)."""
-    if impl in ("compile", "triton") and not ROUTERS[router].fused:
-        return f"router={router} has no fused routing pass: router_impl={impl} does not apply to it (use auto or torch)"
-    return kernels.triton_unsupported(E, k) if impl == "triton" else None
-
-
-def choose_impl(impl, E, k, x):
-    """'auto' -> the Triton kernel for a CUDA tensor x where it fits, else PyTorch; any other impl as given."""
-    if impl != "auto":
-        return impl
-    return "triton" if x.is_cuda and kernels.triton_unsupported(E, k, x.dtype) is None else "torch"
-
-
-def topk_route(logits, k, impl="torch", renormalize=True):
-    """The routing pass: logits (T, E) -> Routing, by `impl`; the same result for every impl."""
-    T, E = logits.shape
-    if not 1 <= k <= E:
-        raise ValueError(f"need 1 <= k <= E, got k={k}, E={E}")
-    impl = choose_impl(impl, E, k, logits)
-    if impl == "torch":
-        return route_reference(logits, k, renormalize)
-    if impl == "compile":
-        global _compiled_reference
-        if _compiled_reference is None:
-            # dynamic=True: one graph for every number of tokens (and E, k). With static shapes each new T
-            # recompiled, and the 9th shape hit torch.compile's recompile limit (generate() alone has S).
-            _compiled_reference = torch.compile(route_reference, fullgraph=True, dynamic=True)
-        return _compiled_reference(logits, k, renormalize)
-    if impl == "triton":
-        gates, idx, lse, mass, counts, psum = kernels.fused_route(logits, k, renormalize)
-        return Routing(gates, idx, counts, lse, mass, psum, logits)
-    raise ValueError(f"unknown impl '{impl}' ({'|'.join(IMPLS)})")
-
-
-# ------------------------------------------------------------------------------------------------
-# the interface
-
-class Router(nn.Module):
-    """Base of every router: fp32 logits -> Routing. Subclasses define logits() (or forward())."""
-    defaults = {}        # default loss coefficients of this router (train.py applies them unless set)
-    fused = True         # the selection is the top-k of the logits (so the fused Triton pass applies)
-    per_step = False     # has an update() to call after every optimizer step
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.n_experts, self.k, self.impl = cfg.n_experts, cfg.top_k, cfg.router_impl
-        # at k=1 a renormalised gate is always 1 and the router would get no gradient from the loss:
-        # the gate is then the score itself (Switch Transformer's p)
-        self.renorm = cfg.gate_renorm and cfg.top_k > 1
-        self.expert_dim = cfg.n_embd  # the width of the experts' inputs
-
-    def forward(self, x, ids=None):
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return topk_route(self.logits(x.float(), ids), self.k, self.impl, self.renorm)
-
-    def metrics(self):
-        return {}
-
-    def similarity(self):
-        return None
-
-    def update(self, counts):
-        pass
+def capacity_mask(idx, capacity, n_experts):
+    """(T, k) bool: the pairs within their expert's first `capacity`, first come first served in token
+    order, then slot order (Switch, GShard). Which pairs an expert drops depends on the tokens before
+    them in the batch, other sequences included: not causal (docs/design.md §1)."""
+    flat = idx.reshape(-1)                                          # (T*k,)
+    order = torch.sort(flat, stable=True).indices                   # pairs grouped by expert, token order within
+    counts = expert_counts(idx, n_experts)
+    start = (counts.cumsum(0) - counts)[flat[order]]                # (T*k,) first row of each row's expert
+    rank = torch.empty_like(flat).scatter_(0, order, torch.arange(flat.numel(), device=idx.device) - start)
+    return (rank < capacity).view_as(idx)
 
 
 def _cosine_matrix(rows):
@@ -207,18 +187,19 @@ class SoftmaxRouter(Router):
 
 class SigmoidRouter(Router):
     """
-    DeepSeek-V3 (DeepSeek-AI 2024, arXiv 2412.19437, §2.1.2): sigmoid scores s = sigmoid(x W^T); the
-    k experts of largest s + b are selected, where the bias b only selects. Group-limited routing
-    (n_group > 1, DeepSeek-V3: 8 groups, 4 picked): the experts form n_group equal groups, a group is
-    scored by the sum of its two largest s + b, and a token selects among the topk_group best groups
-    only. Gates: s renormalised over the selection, or s itself (gate_renorm=False, transformers'
-    norm_topk_prob=False); the MoE block then scales them by routed_scale (2.5 in V3).
+    DeepSeek-V3 (DeepSeek-AI 2024, arXiv 2412.19437, §2.1.2): sigmoid scores s = sigmoid(x W^T), as
+    logits a = log s (so p = s / sum s); the k experts of largest s + b are selected, where the bias b
+    only selects. Group-limited routing (n_group > 1, DeepSeek-V3: 8 groups, 4 picked): the experts
+    form n_group equal groups, a group is scored by the sum of its two largest s + b, and a token
+    selects among the topk_group best groups only. Gates: s renormalised over the selection, or s
+    itself (gate_renorm=False, transformers' norm_topk_prob=False), times routed_scale (2.5 in V3).
     Auxiliary-loss-free balancing (Wang et al. 2024, arXiv 2408.15664): after every step,
     b_e += rate * sign(mean load - load_e), so overloaded experts get chosen less.
     """
     defaults = dict(c_lb=0.0, c_z=0.0)  # balanced by the bias instead
     fused = False                       # the selection is not the top-k of the logits
     per_step = True
+    score_gates = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -226,9 +207,12 @@ class SigmoidRouter(Router):
         self.register_buffer("bias", torch.zeros(cfg.n_experts))      # (E,) in the checkpoint, no gradient
         self.rate, self.n_group, self.topk_group = cfg.bias_update_rate, cfg.n_group, cfg.topk_group
 
-    def select(self, s):
+    def logits(self, x, ids):
+        return F.logsigmoid(F.linear(x, self.weight.float()))            # (T, E) log s
+
+    def select(self, a, ids):
         """The k experts of s + b (T, E), within the topk_group best groups -> idx (T, k)."""
-        choice = s + self.bias                                            # DeepSeek-V3 Eq. 16: bias to select
+        choice = a.exp() + self.bias                                      # DeepSeek-V3 Eq. 16: bias to select
         if self.n_group > 1:
             T, E = choice.shape
             groups = choice.view(T, self.n_group, E // self.n_group)      # (T, G, E/G)
@@ -237,15 +221,6 @@ class SigmoidRouter(Router):
             allowed = torch.zeros_like(score, dtype=torch.bool).scatter_(1, best, True)
             choice = choice.masked_fill(~allowed.repeat_interleave(E // self.n_group, dim=1), -math.inf)
         return select_topk(choice, self.k)[1]
-
-    def forward(self, x, ids=None):
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            a = F.linear(x.float(), self.weight.float())                 # (T, E)
-            idx = self.select(torch.sigmoid(a))
-            routing = route_reference(F.logsigmoid(a), self.k, True, idx=idx)  # p = s / sum s
-            if not self.renorm:                                          # the raw scores s at the selection
-                routing = routing._replace(gates=torch.sigmoid(a.gather(1, idx)))
-            return routing
 
     @torch.no_grad()
     def update(self, counts):
@@ -273,13 +248,14 @@ class HashRouter(Router):
         table = torch.rand(cfg.vocab_size, cfg.n_experts).argsort(dim=1)[:, :cfg.top_k]  # (V, k) distinct
         self.register_buffer("table", table)
 
-    def forward(self, x, ids=None):
+    def logits(self, x, ids):
         if ids is None:
             raise ValueError("router=hash needs the token ids")
-        idx = self.table[ids]                                            # (T, k)
         logits = torch.full((x.shape[0], self.n_experts), -math.inf, device=x.device)
-        logits = logits.scatter(1, idx, 0.0)                             # p uniform over the k experts
-        return route_reference(logits, self.k, self.renorm, idx=idx)
+        return logits.scatter(1, self.table[ids], 0.0)                   # (T, E) p uniform over the k experts
+
+    def select(self, a, ids):
+        return self.table[ids]                                           # (T, k) in the table's order
 
 
 class CosineRouter(Router):
@@ -329,15 +305,20 @@ class ExpertChoiceRouter(Router):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.weight = nn.Parameter(torch.randn(cfg.n_experts, cfg.n_embd) * 0.02)
-        self.capacity_factor = cfg.capacity_factor or 1.0
+        self.choice_factor = cfg.capacity_factor or 1.0
+        self.capacity_factor = 0.0  # its own capacity, not the token-choice one of Router.finish
+
+    def logits(self, x, ids):
+        return F.linear(x, self.weight.float())                          # (T, E)
 
     def forward(self, x, ids=None):
+        """The experts choose, not the tokens: the one router whose selection is not per token."""
         with torch.autocast(device_type=x.device.type, enabled=False):
-            a = F.linear(x.float(), self.weight.float())                  # (T, E)
+            a = self.logits(x.float(), ids)                               # (T, E)
             T, E = a.shape
             lse = a.logsumexp(dim=-1)                                     # (T,)
             p = (a - lse[:, None]).exp()                                  # (T, E)
-            c = min(T, math.ceil(self.capacity_factor * T * self.k / E))
+            c = min(T, math.ceil(self.choice_factor * T * self.k / E))
             chosen_tok = select_topk(p.T, c)[1]                           # (E, c) each expert's tokens, ties: lower
             chosen = torch.zeros_like(p, dtype=torch.bool).scatter_(0, chosen_tok.T, True)  # (T, E)
             by_score = torch.sort(p, dim=1, descending=True, stable=True).indices           # (T, E)
@@ -345,11 +326,53 @@ class ExpertChoiceRouter(Router):
                                                 stable=True).indices)    # (T, E) the chosen first, by p
             kept = chosen.gather(1, idx)                                  # (T, E)
             gates = p.gather(1, idx) * kept                               # (T, E)
-            return Routing(gates, idx, chosen.sum(0, dtype=torch.int32), lse, (p * chosen).sum(-1), p.sum(0), a,
-                           kept=kept)
+            return self.finish(Routing(gates, idx, chosen.sum(0, dtype=torch.int32), lse, (p * chosen).sum(-1),
+                                       p.sum(0), a, kept=kept))
 
     def similarity(self):
         return _cosine_matrix(self.weight)
+
+
+# ------------------------------------------------------------------------------------------------
+# where the routing pass runs: PyTorch (route_reference), torch.compile, or the Triton kernel
+
+IMPLS = ("auto", "torch", "compile", "triton")
+_compiled_reference = None
+
+
+def impl_problem(router, impl, E, k):
+    """Why `router` cannot route E experts top-k with `impl`, or None (GPTConfig checks this early)."""
+    if impl in ("compile", "triton") and not ROUTERS[router].fused:
+        return f"router={router} has no fused routing pass: router_impl={impl} does not apply to it (use auto or torch)"
+    return kernels.triton_unsupported(E, k) if impl == "triton" else None
+
+
+def choose_impl(impl, E, k, x):
+    """'auto' -> the Triton kernel for a CUDA tensor x where it fits, else PyTorch; any other impl as given."""
+    if impl != "auto":
+        return impl
+    return "triton" if x.is_cuda and kernels.triton_unsupported(E, k, x.dtype) is None else "torch"
+
+
+def topk_route(logits, k, impl="torch", renormalize=True):
+    """The routing pass: logits (T, E) -> Routing, by `impl`; the same result for every impl."""
+    T, E = logits.shape
+    if not 1 <= k <= E:
+        raise ValueError(f"need 1 <= k <= E, got k={k}, E={E}")
+    impl = choose_impl(impl, E, k, logits)
+    if impl == "torch":
+        return route_reference(logits, k, renormalize)
+    if impl == "compile":
+        global _compiled_reference
+        if _compiled_reference is None:
+            # dynamic=True: one graph for every number of tokens (and E, k). With static shapes each new T
+            # recompiled, and the 9th shape hit torch.compile's recompile limit (generate() alone has S).
+            _compiled_reference = torch.compile(route_reference, fullgraph=True, dynamic=True)
+        return _compiled_reference(logits, k, renormalize)
+    if impl == "triton":
+        gates, idx, lse, mass, counts, psum = kernels.fused_route(logits, k, renormalize)
+        return Routing(gates, idx, counts, lse, mass, psum, logits)
+    raise ValueError(f"unknown impl '{impl}' ({'|'.join(IMPLS)})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -407,7 +430,7 @@ class EigenRouter(Router):
     def __init__(self, cfg, beta_init=10.0, beta_max=100.0):
         super().__init__(cfg)
         d, E, r, basis = cfg.n_embd, cfg.n_experts, cfg.ermoe_rank, cfg.ermoe_basis
-        self.E, self.r, self.basis, self.beta_max, self.expert_dim = E, r, basis, beta_max, r
+        self.E, self.r, self.basis, self.beta_max, self.expert_width = E, r, basis, beta_max, r
         if basis == "partitioned":  # (GPTConfig has checked the mode and the rank)
             self.raw = nn.Parameter(torch.randn(d, d) / math.sqrt(d))
         else:
@@ -435,7 +458,7 @@ class EigenRouter(Router):
             u = torch.einsum("td,edr->ter", x, self.bases())                 # (T, E, r)
             routing = eigen_route(u.flatten(1), x.norm(dim=-1), self.beta(), self.k, self.r, self.impl, self.renorm)
         penalty = self.penalty() if self.basis == "penalty" else None
-        return routing._replace(inputs=u * self.lam, penalty=penalty)
+        return self.finish(routing._replace(expert_inputs=u * self.lam, penalty=penalty))
 
     def penalty(self):
         """sum_e ||P_e^T P_e - I||_F^2 (0 in the exact modes, up to rounding)."""

@@ -123,12 +123,12 @@ def test_sorted_dispatch_equals_naive_loop(router, shared):
     for moe in (naive, fast):
         xi = x.clone().requires_grad_(True)
         y, r = moe(xi, ids)
-        loss = (y * g).sum() + specialization_loss(r.z) + load_balancing_loss(r.probs, r.idx)
+        loss = (y * g).sum() + specialization_loss(r.acts) + load_balancing_loss(r.probs, r.idx)
         loss.backward()
         results.append((y, r, xi.grad, {n: p.grad for n, p in moe.named_parameters()}))
     (y1, r1, gx1, gp1), (y2, r2, gx2, gp2) = results
     assert torch.equal(r1.idx, r2.idx) and torch.equal(r1.counts, r2.counts)
-    assert torch.allclose(y1, y2, atol=1e-6) and torch.allclose(r1.z, r2.z, atol=1e-6)
+    assert torch.allclose(y1, y2, atol=1e-6) and torch.allclose(r1.acts, r2.acts, atol=1e-6)
     assert torch.allclose(gx1, gx2, atol=1e-6)
     assert any("router" in n for n in gp1) == any(True for _ in naive.router.parameters())
     for name in gp1:
@@ -140,7 +140,7 @@ def run_and_grads(moe, x, ids):
     xi = x.clone().requires_grad_(True)
     y, r = moe(xi, ids)
     g = torch.Generator().manual_seed(7)
-    ((y.float() * torch.randn(y.shape, generator=g)).sum() + specialization_loss(r.z)).backward()
+    ((y.float() * torch.randn(y.shape, generator=g)).sum() + specialization_loss(r.acts)).backward()
     return y, r, xi.grad, [p.grad for p in moe.parameters()]
 
 
@@ -234,7 +234,7 @@ def test_upcycled_experts_start_as_near_copies():
         assert (rel < 2 * b).all() and (rel > b / 2).all(), rel  # ~1% apart upcycled, ~100% apart at random
     _, r = up.blocks[0].mlp(torch.randn(1, 16, 32))
     from support.metrics import coactivation_cos2
-    assert coactivation_cos2(r.z) > 0.99      # co-activated experts compute nearly the same thing
+    assert coactivation_cos2(r.acts) > 0.99      # co-activated experts compute nearly the same thing
 
 
 def test_dense_model_has_no_routing():
@@ -385,7 +385,7 @@ def test_group_limited_selection_brute_force():
     torch.manual_seed(0)
     s = torch.rand(50, 8)
     router.bias.copy_(torch.randn(8) * 0.1)
-    idx = router.select(s)
+    idx = router.select(s.log(), None)  # the router's logits are log s
     for t in range(50):
         choice = (s[t] + router.bias).tolist()
         groups = [sorted(choice[2 * g:2 * g + 2], reverse=True) for g in range(4)]
@@ -406,7 +406,7 @@ def test_sigmoid_gates_raw_or_renormalised_and_the_routed_scale():
         moe = moe_block("sigmoid", n_experts=6, top_k=2, gate_renorm=renorm, routed_scale=scale)
         y, r = moe(x, ids)
         s = torch.sigmoid(torch.nn.functional.linear(x.view(-1, 32), moe.router.weight)).gather(1, r.idx)
-        assert torch.allclose(r.gates, s / s.sum(-1, keepdim=True) if renorm else s, atol=1e-6)
+        assert torch.allclose(r.gates, scale * (s / s.sum(-1, keepdim=True) if renorm else s), atol=1e-6)
         outs[renorm, scale] = y
     assert torch.allclose(outs[False, 2.5], 2.5 * outs[False, 1.0], atol=1e-6)  # no shared expert: y scales
 
@@ -495,7 +495,7 @@ def test_ermoe_router_logits_and_partitioned_identity():
         router = ermoe_router(basis)
         r = router(x)
         P = router.bases()
-        assert torch.allclose(r.inputs, torch.einsum("td,edr->ter", x, P) * router.lam, atol=1e-6)
+        assert torch.allclose(r.expert_inputs, torch.einsum("td,edr->ter", x, P) * router.lam, atol=1e-6)
         assert torch.allclose(r.logits, router.beta() * eigenbasis_scores(x, P), atol=1e-5)
         assert router.penalty().item() < 1e-10 and math.isclose(router.beta().item(), 10.0, rel_tol=1e-6)
         assert (r.penalty is not None) == (basis == "penalty")
@@ -589,7 +589,7 @@ def test_regulariser_gradients_reach_the_right_parameters(router):
         assert not cp.requires_grad
     for p in [*a.parameters(), xa]:
         p.grad = None
-    specialization_loss(ra.z).backward()
+    specialization_loss(ra.acts).backward()
     assert a.w_gate.grad.abs().sum() > 0 and a.w_up.grad.abs().sum() > 0 and xa.grad.abs().sum() > 0
     assert a.w_down.grad is None
 
@@ -628,7 +628,7 @@ def test_aux_losses_from_fused_stats_equal_the_reference_losses(router):
     _, terms = aux_losses(routes)
     ref = {"lb": sum(load_balancing_loss(r.probs, r.idx) for r in routes),
            "z": sum(z_loss(r.logits) for r in routes),
-           "sp": sum(specialization_loss(r.z) for r in routes),
+           "sp": sum(specialization_loss(r.acts) for r in routes),
            "cp": coupling_loss([r.probs for r in routes], idx_list=[r.idx for r in routes])}
     for name, value in ref.items():
         assert torch.isclose(terms[name], value, rtol=1e-5, atol=1e-6), name
@@ -659,7 +659,7 @@ def test_sigmoid_bias_selects_without_touching_gates_and_the_losses_follow_the_s
 def test_specialization_gradient_reaches_ermoe_bases_and_lambda():
     moe = moe_block("ermoe")
     _, r = moe(torch.randn(1, 16, 32))
-    specialization_loss(r.z).backward()
+    specialization_loss(r.acts).backward()
     assert moe.router.raw.grad.abs().sum() > 0 and moe.router.lam.grad.abs().sum() > 0
     assert moe.router.log_beta.grad is None or moe.router.log_beta.grad.abs().sum() == 0
 
@@ -691,7 +691,7 @@ def test_routing_stats_on_handmade_routes():
     for i in (idx0, idx1):
         counts = torch.zeros(E, dtype=torch.int32).scatter_add_(0, i.reshape(-1), torch.ones(T * k, dtype=torch.int32))
         routes.append(Routing(torch.full((T, k), 0.5), i, counts, torch.zeros(T), torch.full((T,), k / E),
-                              uniform.sum(0), uniform.log(), z=z))
+                              uniform.sum(0), uniform.log(), acts=z))
     stats = RoutingStats()
     stats.update(routes)
     m = stats.summary()

@@ -179,7 +179,7 @@ f_e = counts.float() / (T * k)
 P_e = p.mean(dim=0)
 check("L_lb", E * (f_e * P_e).sum(), load_balancing_loss(p, idx))
 check("L_z", (logits.logsumexp(dim=-1) ** 2).mean(), z_loss(logits))
-z = routing.z.view(T, k, f)                             # the intermediates the dispatch kept
+z = routing.acts.view(T, k, f)                             # the intermediates the dispatch kept
 cos2 = sum(F.cosine_similarity(z[t, i], z[t, j], dim=0) ** 2 for t in range(T) for i in range(k)
            for j in range(k) if i != j) / T
 check("R_sp", cos2, specialization_loss(z))
@@ -216,7 +216,7 @@ print("scores of a vector inside span(P_1):", eigenbasis_scores(inside[None], P)
 ermoe_routing = ermoe(x)
 check("ERMoE logits = beta * s", ermoe.beta() * eigenbasis_scores(x, P), ermoe_routing.logits)
 print("ERMoE picks", ermoe_routing.idx[:4].tolist(), "for the first 4 tokens; the experts read the",
-      f"coordinates lambda * u (T, E, r) = {tuple(ermoe_routing.inputs.shape)}, not x")
+      f"coordinates lambda * u (T, E, r) = {tuple(ermoe_routing.expert_inputs.shape)}, not x")
 
 # %% [markdown]
 # ## What next

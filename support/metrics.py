@@ -98,8 +98,8 @@ class RoutingStats:
             acc["counts"] += r.counts.double().cpu()
             acc["entropy"] += entropy(r.probs).sum().item()
             acc["mass"] += r.mass.double().sum().item()
-            acc["cos2"] += coactivation_cos2(r.z) * T
-            acc["f"] = r.z.shape[-1]
+            acc["cos2"] += coactivation_cos2(r.acts) * T
+            acc["f"] = r.acts.shape[-1]
             if r.kept is not None:  # capacity factor: the (token, expert) pairs that were dropped
                 acc["dropped"] += (~r.kept).double().mean().item() * T
         top1 = [r.idx[:, 0].cpu() for r in routes]                     # (T,) per layer

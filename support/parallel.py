@@ -35,6 +35,8 @@ Checkpoints hold the full model and optimizer state whatever the layout (`full_s
 saved with expert_parallel=2 resumes with 1 and the other way round.
 """
 
+import functools
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -120,14 +122,15 @@ class ExpertParallel:
             lo, hi = self.local(moe.w_up.shape[0])
             for name in EXPERT_PARAMS:
                 setattr(moe, name, nn.Parameter(getattr(moe, name).data[lo:hi].clone()))
-            moe.ep = self
+            moe.dispatch = functools.partial(self.dispatch, moe)
 
-    def dispatch(self, moe, x, coords, idx, gates, counts):
-        """The expert-parallel MoE.forward_sorted: -> y (T, d), z (T, k, f)."""
-        T, k = idx.shape
-        n, E = self.n, counts.numel()
-        order, inverse, tok, e = moe.sort_pairs(idx)                # (T*k,) grouped by expert, hence by rank
-        h = moe.expert_inputs(x, coords, tok, e).to(x.dtype)        # (T*k, d_in) rows to send
+    def dispatch(self, moe, x, r):
+        """The expert-parallel MoE.forward_sorted: x (T, d), Routing -> y (T, d), acts (T, k, f)."""
+        T, k = r.idx.shape
+        n, E = self.n, r.counts.numel()
+        counts = torch.bincount(r.idx.reshape(-1), minlength=E).to(torch.int32)  # (E,) pairs per expert
+        order, inverse, tok, e = moe.sort_pairs(r.idx)              # (T*k,) grouped by expert, hence by rank
+        h = moe.expert_rows(x, r.expert_inputs, tok, e)             # (T*k, d_in) rows to send
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=self.ep_group)  # counts first: (n, E/n) per source
         recv = recv_counts.view(n, E // n)                          # rows from each source, per local expert
@@ -137,11 +140,11 @@ class ExpertParallel:
         local_e = torch.arange(E // n, device=x.device).repeat(n).repeat_interleave(recv.flatten())  # (R,)
         perm = torch.sort(local_e, stable=True).indices             # regroup by local expert
         offs = recv.sum(0).cumsum(0, dtype=torch.int32)             # (E/n,) segment ends
-        a, out = moe.experts(rows[perm], offs)                      # (R, f), (R, d): my experts only
+        a, out = moe.experts(rows[perm], offs)                      # (R, f), (R, d): my experts only, ungated
         back = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=x.device))
         out = Exchange.apply(out[back], recv_sizes, send_sizes, self.ep_group)  # (T*k, d) my pairs' outputs
         a = Exchange.apply(a[back], recv_sizes, send_sizes, self.ep_group)      # (T*k, f) for the R_sp loss
-        out = out * gates.reshape(-1)[order, None].to(out.dtype)    # gate after the expert
+        out = out * r.gates.reshape(-1)[order, None].to(out.dtype)  # gate after the expert
         y = torch.zeros(T, x.shape[1], dtype=out.dtype, device=x.device).index_add(0, tok, out)
         return y.to(x.dtype), a[inverse].view(T, k, -1)
 
