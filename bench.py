@@ -7,6 +7,7 @@ Benchmarks (speed is measured here, never in tests). All ratios come from one pr
     TRITON_INTERPRET=0 python bench.py --resources   # registers/spills of every kernel on an H100, no GPU needed
     python bench.py --parallel   # expert parallelism: memory and traffic per rank (computed), CPU step times
     python bench.py --generate   # sampling with and without the KV cache: tokens/s, side by side
+    python bench.py --breakdown --json out/breakdown.json   # one MoE layer stage by stage; the whole step
 
 On CUDA: timings by triton.testing.do_bench (CUDA events, warm-up, L2 cache cleared before every
 call, median). Achieved bandwidth counts the bytes the op must move at least: forward reads the
@@ -144,7 +145,7 @@ def model_bench(args):
                 cfg = GPTConfig(**base, **extra, **({} if dispatch == "-" else {"dispatch": dispatch}))
                 torch.manual_seed(0)
                 model = GPT(cfg).to(device)
-                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=CUDA)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
                 idx = torch.randint(0, 50257, (B, cfg.block_size), device=device)
                 step = train_step(torch.compile(model) if compiled else model, opt, idx, coefs)
                 if CUDA:
@@ -168,6 +169,157 @@ RESOURCE_JOBS = [  # (kernel, E, k, r, logits dtype, renormalize): the corners o
     *[(kind, E, k, r, "fp32", True) for E, k, r in ((2, 1, 64), (8, 2, 16), (64, 8, 128), (256, 8, 1024))
       for kind in ("eigen_fwd", "eigen_bwd")],
 ]
+
+
+# ------------------------------------------------------------------------------------------------
+# where an MoE layer's time goes
+
+STAGES = ("router logits", "routing pass", "sort pairs", "gather rows", "gate+up matmuls", "SwiGLU",
+          "down matmul+gate", "combine", "acts to tokens", "aux losses")
+AUX = dict(c_lb=0.01, c_z=1e-3, c_sp=2e-3, c_cp=1e-3)  # the default run's coefficients
+
+
+def layer_stages(moe, x):
+    """MoE.forward_sorted (router.Router.forward, model.MoE.forward_sorted, losses.aux_losses) cut into
+    STAGES: for each, a function that runs it forward and backward on its inputs (leaves that need a
+    gradient, as in the model), with a fixed random gradient of its outputs. Also y, to check the cut."""
+    import torch.nn.functional as F
+    from losses import aux_losses
+    from model import grouped_matmul
+    from router import expert_counts, route_reference
+    router, k = moe.router, moe.router.k
+
+    def leaf(t):
+        return t.detach().requires_grad_(t.is_floating_point())
+
+    def stage(fn, *inputs):
+        inputs = [leaf(t) for t in inputs]
+        outs = fn(*inputs)
+        outs = [o for o in (outs if isinstance(outs, tuple) else (outs,)) if o.is_floating_point()]
+        grads = [torch.randn_like(o) for o in outs]
+
+        def run():
+            res = fn(*inputs)
+            res = [o for o in (res if isinstance(res, tuple) else (res,)) if o.is_floating_point()]
+            if res:
+                torch.autograd.backward(res, grads)
+        return outs, run
+
+    def routing(a):
+        r = router.finish(route_reference(a, k, router.renorm))
+        return r.gates, r.lse, r.mass, r.psum, r.idx
+
+    def sort(idx):
+        order, inverse, tok, e = moe.sort_pairs(idx)
+        return order, inverse, tok, expert_counts(idx, moe.w_up.shape[0]).cumsum(0, dtype=torch.int32)
+
+    (a,), s1 = stage(lambda x: router.logits(x, None), x)
+    r = router.finish(route_reference(a.detach(), k, router.renorm))
+    _, s2 = stage(routing, a)
+    order, inverse, tok, offs = sort(r.idx)
+    _, s3 = stage(sort, r.idx)
+    (h,), s4 = stage(lambda x: x.index_select(0, tok), x)
+    f = moe.w_up.shape[2]
+    (g, u), s5 = stage(lambda h: grouped_matmul(h, torch.cat([moe.w_gate, moe.w_up], dim=2), offs).split(f, dim=1)
+                       if f < x.shape[1] else (grouped_matmul(h, moe.w_gate, offs), grouped_matmul(h, moe.w_up, offs)), h)
+    (act,), s6 = stage(lambda g, u: F.silu(g) * u, g, u)
+    gate = r.gates.reshape(-1).index_select(0, order)[:, None]
+    narrow = act.shape[1] < moe.w_down.shape[2]
+    (down,), s7 = stage(lambda act, gate: grouped_matmul(act * gate, moe.w_down, offs) if narrow else
+                        grouped_matmul(act, moe.w_down, offs) * gate, act, gate)
+    (y,), s8 = stage(lambda down: torch.zeros(x.shape, dtype=down.dtype, device=down.device).index_add_(0, tok, down),
+                     down)
+    (acts,), s9 = stage(lambda act: act.index_select(0, inverse).view(*r.idx.shape, -1), act)
+    _, s10 = stage(lambda lse, mass, psum, acts: aux_losses(  # two layers, so that R_cp is not 0
+        [r._replace(lse=lse, mass=mass, psum=psum, acts=acts)] * 2, **AUX, all_terms=False)[0],
+        r.lse, r.mass, r.psum, acts)
+    return [s1, s2, s3, s4, s5, s6, s7, s8, s9, s10], y
+
+
+def breakdown_bench(args):
+    """One MoE layer, forward + backward, stage by stage (each stage timed alone on its own inputs),
+    beside the dense SwiGLU MLP of the same active compute; then the default run's whole training step,
+    dense vs MoE. Interleaved, medians; CPU: 1 and 2 threads."""
+    import json
+    from model import MLP, MoE
+    device = "cuda" if CUDA else "cpu"
+    T, d = (16384, 768) if CUDA else (4096, 256)
+    shapes = [(8, 2), (64, 8), (256, 8)]
+    threads = [torch.get_num_threads()] if CUDA else [1, 2]
+    result = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__, "T": T, "d": d,
+              "layers": [], "step": []}
+    print(f"device: {result['device']}, torch {torch.__version__}; one MoE layer, T={T} tokens, d={d}, fp32, "
+          f"forward+backward, ms (median of {args.steps}); the layer is the sum of its stages, each timed alone")
+    for n_threads in threads:
+        torch.set_num_threads(n_threads)
+        clock = time.process_time if n_threads == 1 and not CUDA else time.perf_counter
+        for E, k in shapes:
+            torch.manual_seed(0)
+            cfg = GPTConfig(n_layer=1, n_head=4, n_embd=d, n_experts=E, top_k=k)
+            moe, dense = MoE(cfg).to(device), MLP(d, cfg.ffn_hidden).to(device)
+            x = torch.randn(T, d, device=device, requires_grad=True)
+            stages, y = layer_stages(moe, x)
+            with torch.no_grad():  # the stages are the model's own code path: the same output
+                assert torch.allclose(y, moe(x[None])[0][0], atol=1e-5)
+            arms = dict(zip(STAGES, stages))
+            gy = torch.randn(T, d, device=device)
+            arms["dense"] = lambda: torch.autograd.backward(dense(x)[0], gy)
+            arms["MoE.forward"] = lambda: torch.autograd.backward(moe(x[None])[0][0], gy)
+            times = {a: [] for a in arms}
+            for fn in arms.values():
+                fn(), fn()
+            for _ in range(args.steps):
+                for a, fn in arms.items():
+                    if CUDA:
+                        torch.cuda.synchronize()
+                    t0 = clock()
+                    fn()
+                    if CUDA:
+                        torch.cuda.synchronize()
+                    times[a].append(clock() - t0)
+            med = {a: statistics.median(v) * 1e3 for a, v in times.items()}
+            stage = {name: med[name] for name in STAGES}
+            layer = sum(stage.values()) - stage["aux losses"]
+            row = {"threads": n_threads, "E": E, "k": k, "f": cfg.expert_hidden, "dense_ms": med["dense"],
+                   "moe_ms": layer, "moe_with_aux_ms": layer + stage["aux losses"],
+                   "module_ms": med["MoE.forward"], "stages_ms": stage}
+            result["layers"].append(row)
+            print(f"\nthreads {n_threads}, E={E}, k={k}, f={cfg.expert_hidden}: dense MLP {med['dense']:.1f}, MoE layer "
+                  f"{row['moe_ms']:.1f} ({row['moe_ms'] / med['dense']:.2f}x; MoE.forward as one: {med['MoE.forward']:.1f}), "
+                  f"with its aux losses {row['moe_with_aux_ms']:.1f} ({row['moe_with_aux_ms'] / med['dense']:.2f}x)")
+            for name, ms in stage.items():
+                print(f"  {name:<18} {ms:8.2f} ms {100 * ms / row['moe_with_aux_ms']:6.1f}%")
+    result["step"] = step_ratios(args, threads)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+        print(f"wrote {args.json}")
+
+
+def step_ratios(args, threads):
+    """The default run's whole training step (CPU preset shape; the GPU default on CUDA), dense vs MoE with
+    the default auxiliary losses: forward, losses, backward, AdamW. Interleaved, medians."""
+    device = "cuda" if CUDA else "cpu"
+    base, B = (dict(vocab_size=65), 64) if CUDA else (dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65), 12)
+    rows = []
+    for n_threads in threads:
+        torch.set_num_threads(n_threads)
+        steps = {}
+        for name, extra, coefs in (("dense", dict(n_experts=0), {}), ("MoE", {}, AUX), ("MoE, no aux", {}, {})):
+            torch.manual_seed(0)
+            model = GPT(GPTConfig(**base, **extra)).to(device)
+            idx = torch.randint(0, 65, (B, model.config.block_size), device=device)
+            steps[name] = train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-4), idx, coefs)
+        times = {n: [] for n in steps}
+        for _ in range(args.steps):
+            for n, step in steps.items():
+                times[n].append(step_timer(step, 1))
+        med = {n: statistics.median(v) * 1e3 for n, v in times.items()}
+        rows.append({"threads": n_threads, **{f"{n}_ms": v for n, v in med.items()}})
+        print(f"\nwhole training step, {base}, batch {B}, threads {n_threads}: dense {med['dense']:.1f} ms, MoE "
+              f"{med['MoE']:.1f} ms ({med['MoE'] / med['dense']:.2f}x), MoE without aux losses {med['MoE, no aux']:.1f} ms "
+              f"({med['MoE, no aux'] / med['dense']:.2f}x)")
+    return rows
 
 
 def resources(args):
@@ -360,6 +512,8 @@ def main(argv):
     mode.add_argument("--resources", action="store_true", help="registers and spills of the kernels on sm_90 (no GPU)")
     mode.add_argument("--parallel", action="store_true", help="expert parallelism: memory, traffic, CPU step times")
     mode.add_argument("--generate", action="store_true", help="sampling tokens/s with and without the KV cache")
+    mode.add_argument("--breakdown", action="store_true", help="one MoE layer stage by stage, and the whole step")
+    parser.add_argument("--json", default=None, help="--breakdown: also write the numbers to this JSON file")
     parser.add_argument("--reps", type=int, default=100, help="do_bench time budget per measurement (ms)")
     parser.add_argument("--steps", type=int, default=20, help="timed train steps per setting (--losses, --model, --parallel)")
     parser.add_argument("--bw", type=float, default=None, help="peak memory bandwidth of the device, GB/s")
@@ -378,6 +532,8 @@ def main(argv):
         generate_bench(args)
     elif args.model:
         model_bench(args)
+    elif args.breakdown:
+        breakdown_bench(args)
     elif args.losses:
         losses_bench(args)
     else:

@@ -49,19 +49,48 @@ def z_loss(logits):
 
 
 def specialization_loss(z, eps=1e-8):
-    """z (T, k, f) intermediates of each token's selected experts -> mean_t sum_{i!=j} cos^2.
-    From the Gram matrix G = z z^T: cos^2_ij = G_ij^2 / (|z_i|^2 |z_j|^2), norms clamped at eps. Not
-    normalising z first saves two passes over (T, k, f) and their backward (2.6x faster on a CPU).
-    The norms are not read off G's diagonal: inductor (torch 2.13, CPU) miscompiles that backward."""
+    """z (T, k, f) intermediates of each token's selected experts -> mean_t sum_{i!=j} cos^2."""
     T, k, f = z.shape
     if k < 2:
         return z.new_zeros((), dtype=torch.float32)
-    z = z.float()
-    G = z @ z.transpose(1, 2)                                               # (T, k, k)
-    sq = (z * z).sum(dim=-1).clamp_min(eps * eps)                           # (T, k) squared norms
-    cos2 = G.pow(2) / (sq[:, :, None] * sq[:, None, :])                     # (T, k, k)
+    z = z.to(torch.promote_types(z.dtype, torch.float32))                   # fp32 (fp64 kept for gradcheck)
+    zn = z / z.norm(dim=-1, keepdim=True).clamp_min(eps)                    # (T, k, f) unit rows
+    cos = zn @ zn.transpose(1, 2)                                          # (T, k, k)
     off = 1.0 - torch.eye(k, device=z.device)                               # ordered pairs i != j
-    return (cos2 * off).sum(dim=(1, 2)).mean()  # a mask multiply, not boolean indexing: compiles
+    return (cos.pow(2) * off).sum(dim=(1, 2)).mean()  # a mask multiply, not boolean indexing: compiles
+
+
+class SpecializationLoss(torch.autograd.Function):
+    """specialization_loss from the Gram matrices G = z z^T (T, k, k), forward and backward one bmm
+    each: cos^2_ij = G_ij^2 / (s_i s_j), s_i = max(G_ii, eps^2). Backward, for i != j:
+    dL/dG_ij = 2 G_ij / (s_i s_j), dL/dG_ii = -2 sum_j cos^2_ij / s_i (where G_ii > eps^2), and
+    dz = (D + D^T) z. Autograd through the reference reads and writes (T, k, f) about four times more
+    (CPU, T=768, k=2, f=192: 0.45 against 0.74 ms forward and backward); tested against it."""
+
+    @staticmethod
+    def forward(ctx, z, eps):
+        T, k, f = z.shape
+        G = torch.bmm(z, z.transpose(1, 2))                                  # (T, k, k)
+        diag = G.diagonal(dim1=1, dim2=2)                                   # (T, k) squared norms
+        s = diag.clamp_min(eps * eps)
+        inv = 1.0 / (s[:, :, None] * s[:, None, :])                         # (T, k, k)
+        off = 1.0 - torch.eye(k, device=z.device, dtype=z.dtype)
+        cos2 = G * G * inv * off                                            # (T, k, k), 0 on the diagonal
+        ctx.save_for_backward(z, G, inv, s, diag > eps * eps, off, cos2)
+        return cos2.sum(dim=(1, 2)).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, G, inv, s, above, off, cos2 = ctx.saved_tensors
+        D = 2 * G * inv * off + torch.diag_embed(-2 * cos2.sum(dim=2) / s * above)  # (T, k, k) dL/dG
+        return torch.bmm((D + D.transpose(1, 2)) * (grad / z.shape[0]), z), None
+
+
+def specialization_fast(z, eps=1e-8):
+    """The same value and gradient as specialization_loss, by SpecializationLoss (what training uses)."""
+    if z.shape[1] < 2:
+        return z.new_zeros((), dtype=torch.float32)
+    return SpecializationLoss.apply(z.to(torch.promote_types(z.dtype, torch.float32)), eps)
 
 
 def topk_mass(probs, k):
@@ -110,7 +139,7 @@ def aux_losses(routes, c_lb=0.0, c_z=0.0, c_sp=0.0, c_cp=0.0, mu_ortho=0.0, all_
     terms = {
         "lb": (c_lb, lambda: sum(balance(r) for r in routes)),
         "z": (c_z, lambda: sum(r.lse.pow(2).mean() for r in routes)),
-        "sp": (c_sp, lambda: sum(specialization_loss(r.acts) for r in routes)),
+        "sp": (c_sp, lambda: sum(specialization_fast(r.acts) for r in routes)),
         "cp": (c_cp, lambda: coupling_from_mass([r.mass for r in routes])),
     }
     if routes[0].penalty is not None:  # ERMoE soft-orthogonality mode

@@ -328,7 +328,12 @@ class MoE(nn.Module):
         """Every expert on its segment of rows h (N, d_in), segments ending at offs (E,), gated by gate
         (N, 1) if given -> the SwiGLU activations a (N, f) and the outputs (N, d). One grouped matmul per
         projection; the gate multiplies the narrower of a and the output ((g a) W = g (a W))."""
-        a = F.silu(grouped_matmul(h, self.w_gate, offs)) * grouped_matmul(h, self.w_up, offs)  # (N, f)
+        f = self.w_up.shape[2]
+        if f < self.w_down.shape[2]:  # narrow experts: one matmul of width 2f runs faster than two of f
+            g, u = grouped_matmul(h, torch.cat([self.w_gate, self.w_up], dim=2), offs).split(f, dim=1)
+        else:                         # (on a CPU: E=64, f=88 1.2x faster; E=8, f=192 1.3x slower with the copy)
+            g, u = grouped_matmul(h, self.w_gate, offs), grouped_matmul(h, self.w_up, offs)
+        a = F.silu(g) * u                                                                       # (N, f)
         if gate is None:
             return a, grouped_matmul(a, self.w_down, offs)
         if a.shape[1] < self.w_down.shape[2]:

@@ -27,7 +27,8 @@ if not torch.cuda.is_available():  # run the Triton kernels in the interpreter, 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: one thread per worker, or the workers'
     torch.set_num_threads(1)                # thread pools spin-wait on each other
 
-from losses import aux_losses, coupling_loss, load_balancing_loss, specialization_loss, z_loss  # noqa: E402
+from losses import (aux_losses, coupling_loss, load_balancing_loss, specialization_fast,  # noqa: E402
+                    specialization_loss, z_loss)
 from model import GPT, MLP, GPTConfig, MoE  # noqa: E402
 from router import ROUTERS as ROUTER_CLASSES  # noqa: E402
 from router import EigenRouter, eigen_route, eigenbasis_scores, select_topk, topk_route  # noqa: E402
@@ -112,10 +113,11 @@ def test_zero_router_ties_go_to_lower_experts():
 
 
 @pytest.mark.parametrize("router", ROUTERS)
-@pytest.mark.parametrize("shared", [0, 1])
-def test_sorted_dispatch_equals_naive_loop(router, shared):
-    naive = moe_block(router, "naive", n_experts=5, top_k=2, n_shared=shared)
-    fast = moe_block(router, "sorted", n_experts=5, top_k=2, n_shared=shared)
+@pytest.mark.parametrize("shared,f", [(0, 0), (1, 0), (0, 16)])
+def test_sorted_dispatch_equals_naive_loop(router, shared, f):
+    """f=16 < d=32: narrow experts, where the fast path fuses gate and up and gates before W_down."""
+    naive = moe_block(router, "naive", n_experts=5, top_k=2, n_shared=shared, expert_hidden=f)
+    fast = moe_block(router, "sorted", n_experts=5, top_k=2, n_shared=shared, expert_hidden=f)
     fast.load_state_dict(naive.state_dict())
     x, ids = block_inputs(3)
     g = torch.randn(3, 16, 32)
@@ -557,6 +559,30 @@ def test_specialization_loss_brute_force_and_known_values():
     assert torch.isclose(specialization_loss(row.expand(4, 3, 8)), torch.tensor(6.0))  # k(k-1) pairs of 1
     assert specialization_loss(torch.eye(3).expand(4, 3, 3)).item() == 0.0           # orthogonal rows
     assert specialization_loss(torch.randn(4, 1, 8)).item() == 0.0                    # k = 1
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 8])
+def test_specialization_fast_equals_the_reference_forward_and_backward(k):
+    """The Gram-matrix form with its own backward (what training uses) against specialization_loss:
+    random rows, a parallel pair, a zero row (the eps clamp) and a row below eps; fp64 and fp32."""
+    torch.manual_seed(k)
+    z = torch.randn(7, k, 5, dtype=torch.float64)
+    if k > 1:
+        z[0, 1] = 3 * z[0, 0]                             # parallel: cos^2 = 1
+        z[1, 0] = 0.0                                     # zero row: norm clamped, cos^2 = 0
+        z[2, 1] = 1e-10                                   # below eps
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        a = z.to(dtype).clone().requires_grad_(True)
+        b = z.to(dtype).clone().requires_grad_(True)
+        fast, ref = specialization_fast(a), specialization_loss(b)
+        assert torch.allclose(fast.double(), ref.double(), rtol=tol, atol=tol), (k, dtype)
+        if k > 1:  # (at k = 1 both are the constant 0)
+            (fast * 1.7).backward()
+            (ref * 1.7).backward()
+            assert torch.allclose(a.grad.double(), b.grad.double(), rtol=tol, atol=tol), (k, dtype)
+    if k > 1:
+        w = torch.randn(4, k, 3, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(specialization_fast, (w,))
 
 
 def test_coupling_loss_brute_force_and_known_values():

@@ -179,7 +179,7 @@ def make_optimizer(model, cfg, device_type):
     for name, p in model.named_parameters():
         (no_decay if p.dim() < 2 or "router" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)  # CPU too: one kernel
 
 
 def train_step(model, optimizer, next_batch, accum, coefs, grad_clip, autocast, log_terms, ddp, routers,
