@@ -309,7 +309,7 @@ def step_ratios(args, threads):
             torch.manual_seed(0)
             model = GPT(GPTConfig(**base, **extra)).to(device)
             idx = torch.randint(0, 65, (B, model.config.block_size), device=device)
-            steps[name] = train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-4), idx, coefs)
+            steps[name] = train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True), idx, coefs)
         times = {n: [] for n in steps}
         for _ in range(args.steps):
             for n, step in steps.items():
