@@ -1,14 +1,18 @@
 """
-A GPT whose feed-forward blocks are top-k routed SwiGLU experts. One file, read top to bottom.
+A GPT whose feed-forward blocks are top-k routed SwiGLU experts. One file, read top to bottom:
+attention, the feed-forward blocks (the dense MLP, the MoE block and its two dispatch paths), the
+GPT; its settings (GPTConfig) and their checks come last.
 
 Notation: B batch, S sequence length, T = B*S tokens, d model width (n_embd), E routed experts,
 k experts per token, f expert hidden width, r ERMoE basis rank, nh heads, hs head size.
 
 - GPT backbone as in nanoGPT (Radford et al. 2019), modernised like Llama: RMSNorm, rotary position
   embeddings (Su et al. 2021), SwiGLU feed-forward (Shazeer 2020), tied embeddings, SDPA attention,
-  a KV cache for sampling. What real MoEs differ in (rope_theta, norm_eps, grouped-query attention,
-  head_dim, untied embeddings, QK-norm, q/k/v biases, a gated shared expert) are options, so that
-  Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE checkpoints map onto this network (tools/convert.py).
+  a KV cache for sampling. nanoGPT's own parts (learned positions, a 4d GELU MLP, LayerNorm) are
+  options, for the ablation that explains the gap to nanoGPT (course/demos.py nanogpt). What other
+  MoE families differ in (rope_theta, norm_eps, grouped-query attention, head_dim, untied
+  embeddings, QK-norm, q/k/v biases, a gated shared expert) are options too, grouped at the end of
+  GPTConfig, so that Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE checkpoints map onto it (tools/convert.py).
 - MoE block (Shazeer et al. 2017; Switch, Fedus et al. 2021; DeepSeekMoE shared experts, Dai et al.
   2024): E routed SwiGLU experts with stacked weights (E, ., .), a router from router.py's registry
   (the block never asks which one), optional always-on shared experts. Dropless by default; with
@@ -23,8 +27,8 @@ k experts per token, f expert hidden width, r ERMoE basis rank, nh heads, hs hea
 
 Iso-compute rule: the dense MLP has width ffn_hidden (default 8/3*d rounded up to a multiple of
 64: 3*d*ffn_hidden parameters, the 8d^2 of GPT-2's 4d GELU MLP at d=384 (1024), 9d^2 at d=128 (384,
-not 341)); each expert gets width
-ffn_hidden // (top_k + n_shared), so a token's active expert compute equals the dense MLP's.
+not 341)); each expert gets width ffn_hidden // (top_k + n_shared), so a token's active expert
+compute equals the dense MLP's.
 """
 
 import math
@@ -36,118 +40,6 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from router import IMPLS, ROUTERS, expert_counts, impl_problem
-
-
-@dataclass
-class GPTConfig:
-    block_size: int = 256       # context length S
-    vocab_size: int = 50304     # token ids; train.py takes the dataset's (GPT-2: 50257 padded to 50304)
-    n_layer: int = 6            # transformer blocks
-    n_head: int = 6             # attention heads
-    n_kv_head: int = 0          # key/value heads (grouped-query attention, divides n_head); 0 = n_head
-    head_dim: int = 0           # width of a head, even (rotary); 0 = derived: n_embd // n_head (Qwen3: set apart)
-    n_embd: int = 384           # model width d
-    dropout: float = 0.0        # dropout probability in [0, 1)
-    rope_theta: float = 10000.0  # rotary base (Mixtral: 1e6)
-    norm_eps: float = 0.0       # RMSNorm epsilon; 0 = the dtype's machine epsilon (torch's default)
-    tie_embeddings: bool = True  # the output layer reuses the input embedding (Press & Wolf 2017)
-    qk_norm: bool = False       # RMSNorm on q and k: over the whole projections (OLMoE) ...
-    qk_norm_per_head: bool = False  # ... or, with this, over each head, one weight for all heads (Qwen3)
-    qkv_bias: bool = False      # biases on the q, k, v projections (Qwen2-MoE)
-    ffn_hidden: int = 0         # dense SwiGLU width; 0 = derived: 8/3 * n_embd rounded up to a multiple of 64
-    n_experts: int = 8          # routed experts E per MoE block; 0 = the dense model
-    top_k: int = 2              # experts per token k
-    n_shared: int = 0           # always-on shared experts (DeepSeekMoE), each of width expert_hidden
-    shared_gate: bool = False   # scale the shared experts' output by sigmoid(x w) per token (Qwen2-MoE)
-    expert_hidden: int = 0      # expert width f; 0 = derived: ffn_hidden // (top_k + n_shared), iso-compute
-    router: str = "softmax"     # a name in router.ROUTERS: softmax | ermoe | sigmoid | hash | ...
-    gate_renorm: bool = True    # gates = the router's scores renormalised over the k selected (else: the scores);
-                                # at top_k=1 the score itself (one renormalised gate is 1: no router gradient)
-    routed_scale: float = 1.0   # the routed experts' gates are multiplied by this (DeepSeek-V3: 2.5)
-    dispatch: str = "sorted"    # 'sorted' (grouped matmul) | 'naive' (per-expert loop, reference)
-    router_impl: str = "auto"   # 'auto' (triton on CUDA where the router has a kernel) | torch | compile | triton
-    capacity_factor: float = 0.0  # 0 = dropless; c > 0: each expert takes at most ceil(c*T*k/E) pairs (not causal)
-    expert_init: str = "random"  # 'random' | 'upcycle': every expert a copy of one MLP + 1% noise
-    ermoe_basis: str = "independent"  # ERMoE: 'independent' | 'partitioned' | 'penalty'
-    ermoe_rank: int = 0         # ERMoE basis rank r; 0 = derived: n_embd // n_experts (the bases tile R^d)
-    bias_update_rate: float = 1e-3  # sigmoid router: balancing bias step per optimizer step (DeepSeek-V3)
-    n_group: int = 1            # sigmoid router: experts in n_group groups; a token first picks topk_group of them
-    topk_group: int = 1         # sigmoid router: groups a token picks (by the sum of each group's 2 best scores)
-
-    def __post_init__(self):
-        """Check every field, then derive the widths left at 0. Raises ValueError naming the field."""
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("ffn_hidden", "n_experts", "n_shared", "expert_hidden", "ermoe_rank", "n_kv_head", "head_dim"):
-            _require(getattr(self, name) >= 0, f"{name} must be >= 0 (0 = derived/off), got {getattr(self, name)}")
-        for name, low in (("rope_theta", 0), ("routed_scale", 0), ("capacity_factor", None), ("bias_update_rate", None)):
-            value = getattr(self, name)  # finite and > low, or >= 0 where low is None
-            _require(math.isfinite(value) and (value > low if low is not None else value >= 0),
-                     f"{name} must be {'> 0' if low is not None else '>= 0'}, got {value}")
-        _require(0 <= self.norm_eps < 1, f"norm_eps must be in [0, 1) (0 = the dtype's epsilon), got {self.norm_eps}")
-        if self.n_kv_head == 0:
-            self.n_kv_head = self.n_head
-        _require(self.n_head % self.n_kv_head == 0, f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
-        _require(not self.shared_gate or self.n_shared > 0, "shared_gate needs shared experts (n_shared > 0)")
-        _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        if self.head_dim == 0:
-            _require(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}) "
-                     f"(or give head_dim)")
-            self.head_dim = self.n_embd // self.n_head
-        _require(self.head_dim % 2 == 0, f"head size {self.head_dim} must be even (rotary)")
-        _require(not self.qk_norm_per_head or self.qk_norm, "qk_norm_per_head needs qk_norm=True")
-        _require(self.n_group >= 1 and 1 <= self.topk_group <= self.n_group,
-                 f"need n_group >= 1 and 1 <= topk_group <= n_group, got {self.n_group} and {self.topk_group}")
-        if self.n_group > 1 and self.n_experts > 0:
-            _require(self.router == "sigmoid", f"n_group applies to router=sigmoid (DeepSeek-V3), not {self.router}")
-            _require(self.n_experts % self.n_group == 0, f"n_group ({self.n_group}) must divide n_experts ({self.n_experts})")
-            _require(self.topk_group * self.n_experts // self.n_group >= self.top_k,
-                     f"topk_group={self.topk_group} groups of {self.n_experts // self.n_group} experts hold fewer than "
-                     f"top_k={self.top_k} experts")
-        _require(self.n_experts == 0 or 1 <= self.top_k <= self.n_experts,
-                 f"top_k must be in [1, n_experts={self.n_experts}], got {self.top_k}")
-        for name, choices in (("router", tuple(ROUTERS)), ("dispatch", ("sorted", "naive")), ("router_impl", IMPLS),
-                              ("expert_init", ("random", "upcycle")),
-                              ("ermoe_basis", ("independent", "partitioned", "penalty"))):
-            _require(getattr(self, name) in choices, f"unknown {name} '{getattr(self, name)}' ({'|'.join(choices)})")
-        if self.n_experts > 0:
-            why = impl_problem(self.router, self.router_impl, self.n_experts, self.top_k)
-            _require(why is None, why)
-        # the widths left at 0, derived from the final settings
-        if self.ffn_hidden == 0:
-            self.ffn_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
-        if self.n_experts > 0 and self.expert_hidden == 0:
-            self.expert_hidden = max(1, self.ffn_hidden // (self.top_k + self.n_shared))
-        if self.router == "ermoe" and self.n_experts > 0:
-            if self.ermoe_rank == 0:
-                self.ermoe_rank = max(1, self.n_embd // self.n_experts)
-            _require(self.ermoe_rank <= self.n_embd, f"ermoe_rank must be <= n_embd={self.n_embd} (an orthonormal "
-                     f"basis of R^d has at most d vectors), got {self.ermoe_rank}")
-            _require(self.ermoe_basis != "partitioned" or self.n_experts * self.ermoe_rank <= self.n_embd,
-                     f"ermoe_basis=partitioned needs n_experts*ermoe_rank <= n_embd, got "
-                     f"{self.n_experts}*{self.ermoe_rank} > {self.n_embd}")
-
-    def param_count(self):
-        """Parameters of the model this config describes, counted without building it (tested
-        against GPT.num_params): lets train.py refuse a model that cannot fit before allocating."""
-        d, E, f = self.n_embd, self.n_experts, self.expert_hidden
-        q, kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim  # widths of q and of k (and v)
-        norms = (2 * self.head_dim if self.qk_norm_per_head else q + kv) if self.qk_norm else 0
-        attn = d * (q + 2 * kv) + q * d + self.qkv_bias * (q + 2 * kv) + norms
-        if E == 0:
-            ffn = 3 * d * self.ffn_hidden
-        else:
-            with torch.random.fork_rng(devices=[]):  # the router is small: build it to count it
-                router = ROUTERS[self.router](self)
-            ffn = E * (2 * router.expert_width + d) * f + 3 * d * self.n_shared * f + self.shared_gate * d + \
-                sum(p.numel() for p in router.parameters())
-        head = 0 if self.tie_embeddings else self.vocab_size * d
-        return self.vocab_size * d + head + self.n_layer * (attn + ffn + 2 * d) + d
-
-
-def _require(ok, message):
-    if not ok:
-        raise ValueError(message)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -190,7 +82,8 @@ class CausalSelfAttention(nn.Module):
         k, v = (rearrange(t, "b s (nh hs) -> b nh s hs", nh=self.n_kv_head) for t in (k, v))
         if self.q_norm is not None and self.per_head:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, nh, S, hs), (B, nkv, S, hs)
+        if cos is not None:                                         # rotary positions (else: learned, in GPT)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, nh, S, hs), (B, nkv, S, hs)
         mask, causal = None, True
         if cache is not None:  # generation: the keys and values of the earlier positions, then these
             if "k" in cache:
@@ -211,17 +104,19 @@ class CausalSelfAttention(nn.Module):
 # feed-forward: dense SwiGLU and the routed experts
 
 class MLP(nn.Module):
-    """Dense SwiGLU: silu(x W_gate) * (x W_up) W_down. Also the shared experts of an MoE block."""
+    """Dense SwiGLU: silu(x W_gate) * (x W_up) W_down. Also the shared experts of an MoE block.
+    gelu=True: nanoGPT's GELU(x W_fc) W_proj instead."""
 
-    def __init__(self, n_embd, hidden, dropout=0.0):
+    def __init__(self, n_embd, hidden, dropout=0.0, gelu=False):
         super().__init__()
-        self.c_gate = nn.Linear(n_embd, hidden, bias=False)
+        self.c_gate = None if gelu else nn.Linear(n_embd, hidden, bias=False)
         self.c_up = nn.Linear(n_embd, hidden, bias=False)
         self.c_proj = nn.Linear(hidden, n_embd, bias=False)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x, ids=None):
-        return self.dropout(self.c_proj(F.silu(self.c_gate(x)) * self.c_up(x))), None
+        h = F.gelu(self.c_up(x)) if self.c_gate is None else F.silu(self.c_gate(x)) * self.c_up(x)
+        return self.dropout(self.c_proj(h)), None
 
 
 def grouped_matmul(h, w, offs):
@@ -352,13 +247,20 @@ class MoE(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # the GPT
 
+def norm(cfg):
+    """RMSNorm (eps 0: the dtype's), or nanoGPT's LayerNorm without bias (eps 0: 1e-5) with norm=layernorm."""
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps or 1e-5, bias=False)
+    return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps or None)
+
+
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.ln_1 = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps or None)
+        self.ln_1 = norm(cfg)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps or None)
-        self.mlp = MoE(cfg) if cfg.n_experts > 0 else MLP(cfg.n_embd, cfg.ffn_hidden, cfg.dropout)
+        self.ln_2 = norm(cfg)
+        self.mlp = MoE(cfg) if cfg.n_experts > 0 else MLP(cfg.n_embd, cfg.ffn_hidden, cfg.dropout, cfg.mlp == "gelu")
 
     def forward(self, x, cos, sin, ids, cache=None):
         x = x + self.attn(self.ln_1(x), cos, sin, cache)
@@ -366,14 +268,84 @@ class Block(nn.Module):
         return x + h, route
 
 
+# ------------------------------------------------------------------------------------------------
+# the settings of the network
+
+@dataclass
+class GPTConfig:
+    # the network: nanoGPT's GPT with rotary positions, SwiGLU and RMSNorm
+    block_size: int = 256       # context length S
+    vocab_size: int = 50304     # token ids; train.py takes the dataset's (GPT-2: 50257 padded to 50304)
+    n_layer: int = 6            # transformer blocks
+    n_head: int = 6             # attention heads
+    n_embd: int = 384           # model width d
+    dropout: float = 0.0        # dropout probability in [0, 1)
+    ffn_hidden: int = 0         # dense MLP width; 0 = derived: 8/3 * n_embd rounded up to a multiple of 64 (gelu: 4d)
+    # the MoE blocks
+    n_experts: int = 8          # routed experts E per MoE block; 0 = the dense model
+    top_k: int = 2              # experts per token k
+    expert_hidden: int = 0      # expert width f; 0 = derived: ffn_hidden // (top_k + n_shared), iso-compute
+    n_shared: int = 0           # always-on shared experts (DeepSeekMoE), each of width expert_hidden
+    router: str = "softmax"     # a name in router.ROUTERS: softmax | ermoe | sigmoid | hash | ...
+    gate_renorm: bool = True    # gates = the router's scores renormalised over the k selected (else: the scores);
+                                # at top_k=1 the score itself (one renormalised gate is 1: no router gradient)
+    routed_scale: float = 1.0   # the routed experts' gates are multiplied by this (DeepSeek-V3: 2.5)
+    capacity_factor: float = 0.0  # 0 = dropless; c > 0: each expert takes at most ceil(c*T*k/E) pairs (not causal)
+    expert_init: str = "random"  # 'random' | 'upcycle': every expert a copy of one MLP + 1% noise
+    dispatch: str = "sorted"    # 'sorted' (grouped matmul) | 'naive' (per-expert loop, reference)
+    router_impl: str = "auto"   # 'auto' (triton on CUDA where the router has a kernel) | torch | compile | triton
+    # settings of one router
+    ermoe_basis: str = "independent"  # ERMoE: 'independent' | 'partitioned' | 'penalty'
+    ermoe_rank: int = 0         # ERMoE basis rank r; 0 = derived: n_embd // n_experts (the bases tile R^d)
+    bias_update_rate: float = 1e-3  # sigmoid router: balancing bias step per optimizer step (DeepSeek-V3)
+    n_group: int = 1            # sigmoid router: experts in n_group groups; a token first picks topk_group of them
+    topk_group: int = 1         # sigmoid router: groups a token picks (by the sum of each group's 2 best scores)
+    # nanoGPT's parts instead of the modern ones (course/demos.py nanogpt switches them one by one)
+    pos_emb: str = "rope"       # 'rope' (rotary) | 'learned' (nanoGPT's position embedding)
+    mlp: str = "swiglu"         # dense MLP: 'swiglu' | 'gelu' (nanoGPT's 4d GELU MLP; the experts stay SwiGLU)
+    norm: str = "rmsnorm"       # 'rmsnorm' | 'layernorm' (nanoGPT's, without bias)
+    # what other families' checkpoints need (tools/convert.py); the defaults are the network above
+    n_kv_head: int = 0          # key/value heads (grouped-query attention, divides n_head); 0 = n_head
+    head_dim: int = 0           # width of a head, even (rotary); 0 = derived: n_embd // n_head (Qwen3: set apart)
+    rope_theta: float = 10000.0  # rotary base (Mixtral: 1e6)
+    norm_eps: float = 0.0       # norm epsilon; 0 = the dtype's machine epsilon for RMSNorm (torch's default), 1e-5 for LayerNorm
+    tie_embeddings: bool = True  # the output layer reuses the input embedding (Press & Wolf 2017)
+    qk_norm: bool = False       # RMSNorm on q and k: over the whole projections (OLMoE) ...
+    qk_norm_per_head: bool = False  # ... or, with this, over each head, one weight for all heads (Qwen3)
+    qkv_bias: bool = False      # biases on the q, k, v projections (Qwen2-MoE)
+    shared_gate: bool = False   # scale the shared experts' output by sigmoid(x w) per token (Qwen2-MoE)
+
+    def __post_init__(self):
+        check_and_derive(self)  # every field checked (ValueError naming it), the widths left at 0 derived
+
+    def param_count(self):
+        """Parameters of the model this config describes, counted without building it (tested
+        against GPT.num_params): lets train.py refuse a model that cannot fit before allocating."""
+        d, E, f = self.n_embd, self.n_experts, self.expert_hidden
+        q, kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim  # widths of q and of k (and v)
+        norms = (2 * self.head_dim if self.qk_norm_per_head else q + kv) if self.qk_norm else 0
+        attn = d * (q + 2 * kv) + q * d + self.qkv_bias * (q + 2 * kv) + norms
+        if E == 0:
+            ffn = (2 if self.mlp == "gelu" else 3) * d * self.ffn_hidden
+        else:
+            with torch.random.fork_rng(devices=[]):  # the router is small: build it to count it
+                router = ROUTERS[self.router](self)
+            ffn = E * (2 * router.expert_width + d) * f + 3 * d * self.n_shared * f + self.shared_gate * d + \
+                sum(p.numel() for p in router.parameters())
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        pos = self.block_size * d if self.pos_emb == "learned" else 0
+        return self.vocab_size * d + pos + head + self.n_layer * (attn + ffn + 2 * d) + d
+
+
 class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" else None  # nanoGPT's
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
-        self.ln_f = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps or None)
+        self.ln_f = norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017)
@@ -415,8 +387,11 @@ class GPT(nn.Module):
         start = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0  # positions already cached
         if start + S > self.config.block_size:
             raise ValueError(f"sequence of length {start + S} exceeds block_size {self.config.block_size}")
-        x = self.drop(self.wte(idx))                                # (B, S, d)
+        x = self.wte(idx)                                           # (B, S, d)
         cos, sin = self.cos[start:start + S], self.sin[start:start + S]  # (S, hs/2)
+        if self.wpe is not None:                                    # learned positions instead of rotary ones
+            x, cos, sin = x + self.wpe(torch.arange(start, start + S, device=idx.device)), None, None
+        x = self.drop(x)
         routes = []
         for i, block in enumerate(self.blocks):
             x, route = block(x, cos, sin, idx, None if cache is None else cache[i])
@@ -457,3 +432,67 @@ class GPT(nn.Module):
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
             idx = torch.cat((idx, nxt), dim=1)
         return idx
+
+
+# ------------------------------------------------------------------------------------------------
+# the checks of the settings (out of the reading path: GPTConfig calls them)
+
+def check_and_derive(cfg):
+    """Check every field of a GPTConfig, then derive the widths left at 0. Raises ValueError naming the field."""
+    for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+        _require(getattr(cfg, name) >= 1, f"{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("ffn_hidden", "n_experts", "n_shared", "expert_hidden", "ermoe_rank", "n_kv_head", "head_dim"):
+        _require(getattr(cfg, name) >= 0, f"{name} must be >= 0 (0 = derived/off), got {getattr(cfg, name)}")
+    for name, low in (("rope_theta", 0), ("routed_scale", 0), ("capacity_factor", None), ("bias_update_rate", None)):
+        value = getattr(cfg, name)  # finite and > low, or >= 0 where low is None
+        _require(math.isfinite(value) and (value > low if low is not None else value >= 0),
+                 f"{name} must be {'> 0' if low is not None else '>= 0'}, got {value}")
+    _require(0 <= cfg.norm_eps < 1, f"norm_eps must be in [0, 1) (0 = the dtype's epsilon), got {cfg.norm_eps}")
+    if cfg.n_kv_head == 0:
+        cfg.n_kv_head = cfg.n_head
+    _require(cfg.n_head % cfg.n_kv_head == 0, f"n_kv_head ({cfg.n_kv_head}) must divide n_head ({cfg.n_head})")
+    _require(not cfg.shared_gate or cfg.n_shared > 0, "shared_gate needs shared experts (n_shared > 0)")
+    _require(0.0 <= cfg.dropout < 1.0, f"dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.head_dim == 0:
+        _require(cfg.n_embd % cfg.n_head == 0, f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head}) "
+                 f"(or give head_dim)")
+        cfg.head_dim = cfg.n_embd // cfg.n_head
+    _require(cfg.head_dim % 2 == 0, f"head size {cfg.head_dim} must be even (rotary)")
+    _require(cfg.mlp == "swiglu" or cfg.n_experts == 0, "mlp=gelu is nanoGPT's dense MLP: set n_experts=0 (experts are SwiGLU)")
+    _require(not cfg.qk_norm_per_head or cfg.qk_norm, "qk_norm_per_head needs qk_norm=True")
+    _require(cfg.n_group >= 1 and 1 <= cfg.topk_group <= cfg.n_group,
+             f"need n_group >= 1 and 1 <= topk_group <= n_group, got {cfg.n_group} and {cfg.topk_group}")
+    if cfg.n_group > 1 and cfg.n_experts > 0:
+        _require(cfg.router == "sigmoid", f"n_group applies to router=sigmoid (DeepSeek-V3), not {cfg.router}")
+        _require(cfg.n_experts % cfg.n_group == 0, f"n_group ({cfg.n_group}) must divide n_experts ({cfg.n_experts})")
+        _require(cfg.topk_group * cfg.n_experts // cfg.n_group >= cfg.top_k,
+                 f"topk_group={cfg.topk_group} groups of {cfg.n_experts // cfg.n_group} experts hold fewer than "
+                 f"top_k={cfg.top_k} experts")
+    _require(cfg.n_experts == 0 or 1 <= cfg.top_k <= cfg.n_experts,
+             f"top_k must be in [1, n_experts={cfg.n_experts}], got {cfg.top_k}")
+    for name, choices in (("router", tuple(ROUTERS)), ("dispatch", ("sorted", "naive")), ("router_impl", IMPLS),
+                          ("expert_init", ("random", "upcycle")),
+                          ("ermoe_basis", ("independent", "partitioned", "penalty")),
+                          ("pos_emb", ("rope", "learned")), ("mlp", ("swiglu", "gelu")), ("norm", ("rmsnorm", "layernorm"))):
+        _require(getattr(cfg, name) in choices, f"unknown {name} '{getattr(cfg, name)}' ({'|'.join(choices)})")
+    if cfg.n_experts > 0:
+        why = impl_problem(cfg.router, cfg.router_impl, cfg.n_experts, cfg.top_k)
+        _require(why is None, why)
+    # the widths left at 0, derived from the final settings
+    if cfg.ffn_hidden == 0:
+        cfg.ffn_hidden = 4 * cfg.n_embd if cfg.mlp == "gelu" else 64 * math.ceil(8 * cfg.n_embd / 3 / 64)
+    if cfg.n_experts > 0 and cfg.expert_hidden == 0:
+        cfg.expert_hidden = max(1, cfg.ffn_hidden // (cfg.top_k + cfg.n_shared))
+    if cfg.router == "ermoe" and cfg.n_experts > 0:
+        if cfg.ermoe_rank == 0:
+            cfg.ermoe_rank = max(1, cfg.n_embd // cfg.n_experts)
+        _require(cfg.ermoe_rank <= cfg.n_embd, f"ermoe_rank must be <= n_embd={cfg.n_embd} (an orthonormal "
+                 f"basis of R^d has at most d vectors), got {cfg.ermoe_rank}")
+        _require(cfg.ermoe_basis != "partitioned" or cfg.n_experts * cfg.ermoe_rank <= cfg.n_embd,
+                 f"ermoe_basis=partitioned needs n_experts*ermoe_rank <= n_embd, got "
+                 f"{cfg.n_experts}*{cfg.ermoe_rank} > {cfg.n_embd}")
+
+
+def _require(ok, message):
+    if not ok:
+        raise ValueError(message)

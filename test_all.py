@@ -219,7 +219,7 @@ def test_param_count_from_the_config_equals_the_model(router):
     for kw in (dict(n_experts=0), dict(n_experts=4, top_k=2), dict(n_experts=6, top_k=1, n_shared=2),
                dict(n_experts=4, ermoe_basis="partitioned"), dict(n_experts=4, ermoe_basis="penalty", ermoe_rank=3),
                dict(n_experts=4, n_kv_head=1, tie_embeddings=False, qk_norm=True, qkv_bias=True, n_shared=1,
-                    shared_gate=True)):
+                    shared_gate=True), dict(n_experts=0, pos_emb="learned", mlp="gelu", norm="layernorm")):
         cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, router=router, **kw)
         assert cfg.param_count() == GPT(cfg).num_params()[0], kw
 
