@@ -33,7 +33,7 @@ from model import GPT, MLP, GPTConfig, MoE  # noqa: E402
 from router import ROUTERS as ROUTER_CLASSES  # noqa: E402
 from router import EigenRouter, eigen_route, eigenbasis_scores, select_topk, topk_route  # noqa: E402
 from support.data import gpt2_encoding  # noqa: E402
-from support.metrics import RoutingStats, load_stats, nmi  # noqa: E402
+from support.metrics import RoutingStats, load_stats, max_violation, nmi  # noqa: E402
 
 # The conformance list: every router here passes every test parametrised by ROUTERS.
 ROUTERS = ["softmax", "ermoe", "sigmoid", "hash", "cosine"]
@@ -727,6 +727,24 @@ def test_routing_stats_on_handmade_routes():
     assert torch.equal(stats.transitions()[0], want)
     assert math.isclose(m[0]["next_cond_entropy"], 0.0, abs_tol=1e-12)  # next layer is determined
     assert math.isclose(m[0]["next_nmi"], 2 * math.log(2) / (math.log(4) + math.log(2)), rel_tol=1e-5)
+
+
+def test_max_violation_by_hand_batch_and_global():
+    """Wang et al.'s MaxVio = (max load - mean load) / mean load, worked by hand: batch 1 loads (6, 2, 2, 2)
+    -> mean 3, (6 - 3) / 3 = 1; batch 2 loads (2, 2, 2, 6) -> 1 as well; both batches together (8, 4, 4, 8)
+    -> mean 6, (8 - 6) / 6 = 1/3: balanced over the split while every batch is not."""
+    from router import Routing
+    assert max_violation(torch.tensor([6, 2, 2, 2])) == 1.0
+    assert max_violation(torch.full((8,), 5)) == 0.0 and max_violation(torch.tensor([12, 0, 0, 0])) == 3.0  # E - 1
+    stats = RoutingStats()
+    for idx in (torch.tensor([[0, 1], [0, 2], [0, 3], [0, 1], [0, 2], [0, 3]]),
+                torch.tensor([[3, 1], [3, 2], [3, 0], [3, 1], [3, 2], [3, 0]])):
+        counts = torch.bincount(idx.reshape(-1), minlength=4).to(torch.int32)
+        p = torch.full((6, 4), 0.25)
+        stats.update([Routing(torch.full((6, 2), 0.5), idx, counts, torch.zeros(6), torch.full((6,), 0.5), p.sum(0),
+                              p.log(), acts=torch.eye(2, 3).expand(6, 2, 3))])
+    m = stats.summary()[0]
+    assert m["maxvio_batch"] == 1.0 and math.isclose(m["maxvio_global"], 1 / 3, rel_tol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,23 +1,30 @@
 """
-The experiments that show why MoE routing matters, one command each: every variant with 3 seeds
-(train.py runs, two at a time on a CPU), then a table and a figure in docs/ (docs/results.md and
-docs/teaching.md read them out). Every number is from the whole val split (or a task's whole table,
-or its fixed sample of 1,024 sequences), mean ± half the spread between seeds.
+The experiments that show why MoE routing matters, one command each: every variant with 5 seeds
+(train.py runs, two at a time on a CPU; 3 seeds where 5 would pass 20 minutes), then a table and a
+figure in docs/ (docs/results.md and the README read them out). Every number is from the whole val
+split (or a task's whole table, or its fixed sample of 1,024 sequences). The statistics are
+support/stats.py's: the mean over seeds with its 95 % t interval; a comparison takes the difference
+seed by seed (the same seed gives both arms the same batches, and the same initialisation where
+they have the same architecture), with its 95 % t interval, and calls it real only when the
+interval excludes zero. No arm is tuned after looking: every arm of a demo runs the same recipe.
 
     python course/demos.py default          # dense vs MoE on the default run, beside nanoGPT's published figure
-    python course/demos.py capacity         # bits of a fact table stored: dense vs E = 4, 8, 16 at the same compute
-    python course/demos.py routing          # a learned router vs a hash table, on a task built to separate them and on one that does not
+    python course/demos.py nanogpt          # nanoGPT's network in this loop, then each modern part alone
+    python course/demos.py hash             # a learned router vs a hash table on the default run
+    python course/demos.py balance          # auxiliary-loss-free balancing (Wang et al. 2024) vs L_lb vs none: MaxVio
+    python course/demos.py capacity         # bits of a fact table stored per parameter: dense sizes vs E = 4, 8, 16
+    python course/demos.py routing          # learned vs hash on a task built to separate them, and on one that is not
     python course/demos.py regularisers     # R_sp and R_cp on the default run, paired by seed: none, Hu et al., 10x
     python course/demos.py regularisers-facts   # the same on the capacity task
     python course/demos.py collapse         # routing collapse and three cures
     python course/demos.py coupling         # the coupling loss, dose-response
     python course/demos.py specialization   # the specialization loss against its random floor
+    python course/demos.py wallclock        # dense vs MoE for the same wall-clock time, and for the same FLOPs
     python course/demos.py routing --seeds 0 --dry   # print the commands only
 
-A run is kept in out-demos/runs/<key>-s<seed>, the key a hash of its resolved settings: an interrupted
-demo picks up where it stopped, and two demos that need the same run share it. Paired comparisons
-("- none" columns) take the difference seed by seed: same seed and batches (and the same initialisation
-where both arms have the same architecture).
+A run is kept in out-demos/runs/<key>-s<seed>, the key a hash of the settings it changes from the
+declared defaults: an interrupted demo picks up where it stopped, and two demos that need the same run
+share it.
 """
 
 import argparse
@@ -33,21 +40,41 @@ import torch  # noqa: E402
 
 from support.plots import plt  # noqa: E402
 from support.rundir import ArgParser, UserError, cli, read_log  # noqa: E402
+from support.stats import fmt_interval, fmt_paired, interval  # noqa: E402
 from tools.ablate import QUICK, REPO, final, final_eval, run_variants  # noqa: E402
 
 SYNTHETIC = ["config/synthetic.py", *QUICK, "--c_sp=0.0", "--c_cp=0.0"]  # the quick ablation of tools/ablate.py
 TEXT = ["--num_samples=0"]                                                # the default run, without samples
 
+DENSE = [*TEXT, "--n_experts=0"]
+NANOGPT_NET = [*DENSE, "--pos_emb=learned", "--mlp=gelu", "--norm=layernorm"]  # GPT-2's parts, as nanoGPT has them
+FACTS = ["config/facts.py"]  # 196,608 bits; the largest model below would hold 2 bits x 80k parameters at most
+
 DEMOS = {
     "default": dict(variants={
-        "dense (n_experts=0)": [*TEXT, "--n_experts=0"],
+        "dense (n_experts=0)": DENSE,
         "MoE, 8 experts top-2 (the default)": TEXT}),
-    "capacity": dict(variants={
-        "dense": ["config/facts.py", "--n_experts=0"],
-        "E=4": ["config/facts.py", "--n_experts=4"],
-        "E=8": ["config/facts.py"],
-        "E=16": ["config/facts.py", "--n_experts=16"]}),
-    "routing": dict(variants={
+    "nanogpt": dict(variants={
+        "nanoGPT's network (learned positions, 4d GELU MLP, LayerNorm)": NANOGPT_NET,
+        "+ rotary positions": [*NANOGPT_NET, "--pos_emb=rope"],
+        "+ SwiGLU MLP (8d/3 -> 384 wide)": [*NANOGPT_NET, "--mlp=swiglu"],
+        "+ RMSNorm": [*NANOGPT_NET, "--norm=rmsnorm"],
+        "all three: the dense twin of the default": DENSE}),
+    "hash": dict(variants={
+        "learned (softmax, the default)": TEXT,
+        "hash (a fixed random token-id table)": [*TEXT, "--router=hash"]}),
+    "balance": dict(variants={
+        "softmax + L_lb (the default)": TEXT,
+        "softmax, no balancing (c_lb=0)": [*TEXT, "--c_lb=0.0"],
+        "sigmoid + bias, loss-free (DeepSeek-V3)": [*TEXT, "--router=sigmoid"]}),
+    "capacity": dict(seeds=3, variants={  # 6 arms x 5 seeds would take ~30 min
+        "dense d=16": [*FACTS, "--n_embd=16", "--n_experts=0"],
+        "dense d=32": [*FACTS, "--n_embd=32", "--n_experts=0"],
+        "dense d=48": [*FACTS, "--n_embd=48", "--n_experts=0"],
+        "MoE d=16, E=4": [*FACTS, "--n_embd=16", "--n_experts=4"],
+        "MoE d=16, E=8": [*FACTS, "--n_embd=16", "--n_experts=8"],
+        "MoE d=16, E=16": [*FACTS, "--n_embd=16", "--n_experts=16"]}),
+    "routing": dict(seeds=3, variants={
         "facts_binary: dense": ["config/facts_binary.py", "--n_experts=0"],
         "facts_binary: hash": ["config/facts_binary.py", "--router=hash"],
         "facts_binary: learned (softmax)": ["config/facts_binary.py"],
@@ -58,22 +85,22 @@ DEMOS = {
         "none (c_sp = c_cp = 0)": [*TEXT, "--c_sp=0.0", "--c_cp=0.0"],
         "Hu et al. (c_sp = 2e-3, c_cp = 1e-3)": TEXT,
         "10x (c_sp = 2e-2, c_cp = 1e-2)": [*TEXT, "--c_sp=0.02", "--c_cp=0.01"]}),
-    "regularisers-facts": dict(variants={
+    "regularisers-facts": dict(seeds=3, variants={
         "none (c_sp = c_cp = 0)": ["config/facts.py"],
         "Hu et al. (c_sp = 2e-3, c_cp = 1e-3)": ["config/facts.py", "--c_sp=0.002", "--c_cp=0.001"],
         "10x (c_sp = 2e-2, c_cp = 1e-2)": ["config/facts.py", "--c_sp=0.02", "--c_cp=0.01"]}),
     # the collapse preset: softmax router, top-1, gates = p, no balancing loss, high learning rate
-    "collapse": dict(variants={
+    "collapse": dict(seeds=3, variants={
         "no balancing": ["config/collapse.py", "--num_samples=0"],
         "L_lb (c_lb=0.01)": ["config/collapse.py", "--num_samples=0", "--c_lb=0.01"],
         "ERMoE (no loss)": ["config/collapse.py", "--num_samples=0", "--router=ermoe"],
         "sigmoid + bias (no loss)": ["config/collapse.py", "--num_samples=0", "--router=sigmoid"]}),
     # the synthetic task; the coupling loss alone (no R_sp) at growing strength
-    "coupling": dict(variants={
+    "coupling": dict(seeds=3, variants={
         f"c_cp={c:g}": ["config/synthetic.py", *QUICK, "--c_lb=0.01", "--c_sp=0.0", f"--c_cp={c}"]
         for c in (0.0, 1e-3, 1e-2, 0.1)}),
     # the specialization loss alone (no R_cp) at growing strength, from random or upcycled experts
-    "specialization": dict(variants={
+    "specialization": dict(seeds=3, variants={
         f"{init}, c_sp={c:g}": ["config/synthetic.py", *QUICK, "--c_lb=0.01", "--c_cp=0.0", f"--c_sp={c}",
                                 f"--expert_init={init}"]
         for init in ("random", "upcycle") for c in (0.0, 2e-3, 0.1)}),
@@ -81,11 +108,13 @@ DEMOS = {
 
 
 def settings_key(args):
-    """A hash of the settings train.py resolves from these arguments (seed and out_dir aside): the same
-    run under any demo's name."""
+    """A hash of the settings train.py resolves from these arguments where they differ from the declared
+    defaults (seed and out_dir aside): the same run under any demo's name, and a new setting with its
+    default changes no key."""
     import train
     settings, _ = train.setup([a if a.startswith("--") else os.path.join(REPO, a) for a in args])  # config files
-    values = {k: v for k, v in settings.values.items() if k not in ("out_dir", "overwrite", "seed")}
+    values = {k: v for k, v in settings.values.items()
+              if k not in ("out_dir", "overwrite", "seed") and v != settings.defaults[k]}
     return hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -96,14 +125,9 @@ def run_dir(out_dir, args, seed):
 # ------------------------------------------------------------------------------------------------
 # numbers from finished runs
 
-def spread(values):
-    """(mean, half the range): the seed spread shown as an error bar."""
-    return float(np.mean(values)), float((max(values) - min(values)) / 2)
-
-
 def fmt(values, digits=3):
-    mean, half = spread(values)
-    return f"{mean:.{digits}f} ± {half:.{digits}f}"
+    """The mean over seeds ± the half-width of its 95 % t interval."""
+    return fmt_interval(values, digits)
 
 
 def value(record, key):
@@ -111,6 +135,10 @@ def value(record, key):
     numbers = final(record)
     if key in ("val_loss", "bits"):
         return numbers[key]
+    if key == "maxvio_batch":  # over batches of the training size: the fixed-batch evaluation, not the whole split
+        return np.mean([m[key] for m in record["layers"]])
+    if key == "dead":          # summed over layers
+        return sum(m[key] for m in numbers["layers"])
     if key == "query_experts":  # the facts tasks: experts used by the answering positions (label 1)
         return np.mean([m["experts_per_label"][1] for m in numbers["layers"]])
     return np.mean([m[key] for m in numbers["layers"] if key in m])
@@ -123,10 +151,10 @@ def table(rows, columns):
 
 
 def paired(runs, name, base, key="val_loss", digits=3):
-    """The difference to `base` seed by seed (same seed, same batches): mean ± half spread."""
+    """The difference to `base` seed by seed (same seed, same batches), its 95 % t interval and verdict."""
     if name == base:
         return "–"
-    return fmt([value(a, key) - value(b, key) for a, b in zip(runs[name], runs[base])], digits)
+    return fmt_paired([value(r, key) for r in runs[name]], [value(r, key) for r in runs[base]], digits)
 
 
 def metric_table(runs, keys, base=None):
@@ -144,7 +172,7 @@ METRICS = [("val_loss", "val loss"), ("entropy_norm", "routing entropy / log E")
 
 def bar_panel(ax, runs, key, title, names=None):
     names = names or list(runs)
-    ys = [spread([value(r, key) for r in runs[n]]) for n in names]
+    ys = [interval([value(r, key) for r in runs[n]]) for n in names]
     ax.bar(range(len(names)), [m for m, _ in ys], yerr=[h for _, h in ys], capsize=3, color="tab:blue")
     ax.set_xticks(range(len(names)), [n.split(" (")[0].split(": ")[-1] for n in names], rotation=20, fontsize=8)
     lo, hi = min(m - h for m, h in ys), max(m + h for m, h in ys)
@@ -181,42 +209,100 @@ def show_default(runs, dirs, path):
                         "- dense (paired)"])
 
 
+NANOGPT_OWN = (1.8983, 0.0044)  # nanoGPT's own code, this recipe, seed 1337, whole val split (docs/results.md)
+
+
+def paired_table(runs, base, extra=(), params=True):
+    """The common table: parameters, val loss, its difference to `base` seed by seed, other metrics."""
+    rows = []
+    for name, records in runs.items():
+        p = records[0]["params"]
+        cells = [f"{p['total'] / 1e6:.2f}M / {p['active'] / 1e6:.2f}M"] if params else []
+        cells += [fmt([value(r, "val_loss") for r in records], 4), paired(runs, name, base, digits=4)]
+        cells += [fmt([value(r, key) for r in records], digits) for key, _, digits in extra]
+        rows.append((name, cells))
+    head = ["parameters total / active"] if params else []
+    return table(rows, head + ["val loss (whole split)", f"- {base.split(' (')[0]} (paired)"] + [t for _, t, _ in extra])
+
+
+def show_nanogpt(runs, dirs, path):
+    names = list(runs)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bar_panel(ax, runs, "val_loss", "val loss, whole split (95 % t interval over seeds)")
+    ax.axhspan(NANOGPT_OWN[0] - 1.96 * NANOGPT_OWN[1], NANOGPT_OWN[0] + 1.96 * NANOGPT_OWN[1], color="k", alpha=0.15,
+               label=f"nanoGPT's own code: {NANOGPT_OWN[0]} (one seed, ± 1.96 standard errors)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    mean, half = interval([value(r, "val_loss") for r in runs[names[0]]])
+    inside = abs(mean - NANOGPT_OWN[0]) <= half + 1.96 * NANOGPT_OWN[1]
+    return paired_table(runs, names[0]) + (
+        f"\nnanoGPT's own code on the same split: {NANOGPT_OWN[0]:.4f} ± {NANOGPT_OWN[1]:.4f} (standard error, one "
+        f"seed). Its network in this loop: {mean:.4f} ± {half:.4f}; the difference {mean - NANOGPT_OWN[0]:+.4f} is "
+        f"{'within' if inside else 'outside'} the two intervals combined.\n")
+
+
+def show_hash(runs, dirs, path):
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    bar_panel(axes[0], runs, "val_loss", "val loss, whole split")
+    bar_panel(axes[1], runs, "entropy_norm", "routing entropy / log E")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return paired_table(runs, list(runs)[0], [("cv", "load CV", 3), ("entropy_norm", "routing entropy / log E", 3)])
+
+
+def show_balance(runs, dirs, path):
+    keys = [("val_loss", "val loss, whole split"), ("maxvio_global", "MaxVio_global (whole val split)"),
+            ("maxvio_batch", "MaxVio_batch (batches of 768 tokens)")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for (key, title), ax in zip(keys, axes):
+        bar_panel(ax, runs, key, title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return paired_table(runs, list(runs)[0], [("maxvio_global", "MaxVio_global", 3), ("maxvio_batch", "MaxVio_batch", 3),
+                                              ("dead", "dead experts (of 4x8)", 1)])
+
+
 def show_capacity(runs, dirs, path):
     names = list(runs)
     bits = {n: [value(r, "bits") for r in runs[n]] for n in names}
     params = {n: runs[n][0]["params"] for n in names}
     from support.tasks import TASKS
-    total_bits = TASKS["facts"]().bits
+    table_bits = TASKS["facts"]().bits
+    dense = [n for n in names if n.startswith("dense")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    xs = np.arange(len(names))
-    ys = [spread(bits[n]) for n in names]
-    axes[0].bar(xs, [m for m, _ in ys], yerr=[h for _, h in ys], capsize=3)
-    axes[0].plot(xs, [2 * params[n]["active"] for n in names], "k_", ms=30, mew=2, label="2 bits x active parameters")
-    axes[0].axhline(total_bits, color="tab:red", ls="--", label=f"the whole table: {total_bits:,.0f} bits")
-    axes[0].set_xticks(xs, names)
-    axes[0].set(title="bits of the table stored (mean ± half spread, 3 seeds)", ylabel="bits")
-    axes[0].legend(fontsize=8)
-    for key, label in (("active", "per active parameter"), ("total", "per parameter (all experts)")):
-        axes[1].plot(xs, [np.mean(bits[n]) / params[n][key] for n in names], "o-", label=label)
-    axes[1].axhline(2.0, color="k", ls="--", lw=1, label="2 bits per parameter (Allen-Zhu & Li, dense)")
-    axes[1].set_xticks(xs, names)
-    axes[1].set(title="bits stored per parameter", ylabel="bits / parameter")
-    axes[1].legend(fontsize=8)
+    for group, style in ((dense, "o-"), ([n for n in names if n not in dense], "s")):
+        xs = [params[n]["total"] for n in group]
+        ys = [interval(bits[n]) for n in group]
+        axes[0].errorbar(xs, [m for m, _ in ys], yerr=[h for _, h in ys], fmt=style, capsize=3,
+                         label="dense, 3 sizes" if group is dense else "MoE at dense d=16's active compute (E = 4, 8, 16)")
+        axes[1].plot(xs, [m / x for (m, _), x in zip(ys, xs)], style, label="per total parameter" if group is dense else None)
+        if group is not dense:
+            axes[1].plot(xs, [m / params[n]["active"] for (m, _), n in zip(ys, group)], "s", mfc="none",
+                         label="MoE per active parameter")
+    x = np.array([min(p["total"] for p in params.values()), max(p["total"] for p in params.values())])
+    for rate in (1, 2):
+        axes[0].plot(x, rate * x, "k--" if rate == 2 else "k:", lw=1, label=f"{rate} bit{'s' * (rate > 1)} per parameter")
+    axes[0].axhline(table_bits, color="tab:red", lw=1, label=f"the whole table: {table_bits:,.0f} bits")
+    axes[0].set(xscale="log", yscale="log", xlabel="total parameters", ylabel="bits stored",
+                title="bits stored against total parameters")
+    axes[1].set(xscale="log", xlabel="total parameters", ylabel="bits / parameter", title="bits per parameter")
+    for ax in axes:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
-    dense = bits[names[0]]
     rows = []
     for n in names:
         p, m = params[n], np.mean(bits[n])
-        gains = [b - d for b, d in zip(bits[n], dense)]               # paired: the same seed
-        mean, half = spread(gains)
         rows.append((n, [f"{p['total'] / 1e3:,.1f}k / {p['active'] / 1e3:,.1f}k", fmt(bits[n], 0),
-                         ", ".join(f"{b / 1e3:.1f}k" for b in bits[n]),
-                         "–" if n == names[0] else f"{mean:,.0f} ± {half:,.0f} ({mean / max(half, 1e-9):.1f} spreads)",
-                         f"{m / p['total']:.2f}", f"{m / p['active']:.2f}"]))
-    return table(rows, ["parameters total / active", "bits stored", "per seed", "gain over dense (paired by seed)",
-                        "bits / parameter", "bits / active parameter"])
+                         f"{m / p['total']:.2f}", f"{m / p['active']:.2f}",
+                         paired(runs, n, names[0], "bits", 0)]))
+    return table(rows, ["parameters total / active", "bits stored", "bits / total parameter", "bits / active parameter",
+                        "- dense d=16 (paired)"])
 
 
 def show_routing(runs, dirs, path):
@@ -312,7 +398,7 @@ def show_coupling(runs, dirs, path):
     xs = [float(n.split("=")[1]) for n in runs]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.3), squeeze=False)
     for (key, title), ax in zip(keys, axes[0]):
-        ys = [spread([value(r, key) for r in records]) for records in runs.values()]
+        ys = [interval([value(r, key) for r in records]) for records in runs.values()]
         ax.errorbar(xs, [m for m, _ in ys], yerr=[h for _, h in ys], fmt="o-", capsize=3)
         ax.set(title=title, xlabel="c_cp")
         ax.set_xscale("symlog", linthresh=1e-3)
@@ -328,7 +414,7 @@ def show_specialization(runs, dirs, path):
     for (key, title), ax in zip(keys, axes[0]):
         for j, init in enumerate(("random", "upcycle")):
             names = [n for n in runs if n.startswith(init)]
-            ys = [spread([value(r, key) for r in runs[n]]) for n in names]
+            ys = [interval([value(r, key) for r in runs[n]]) for n in names]
             xs = np.arange(len(names)) + 0.38 * (j - 0.5)
             ax.bar(xs, [m for m, _ in ys], width=0.36, yerr=[h for _, h in ys], capsize=3, label=f"{init} experts")
             ax.set_xticks(np.arange(len(names)), [n.split(", ")[1] for n in names])
@@ -345,7 +431,8 @@ def show_specialization(runs, dirs, path):
     return metric_table(runs, keys)
 
 
-SHOW = {"default": show_default, "capacity": show_capacity, "routing": show_routing, "regularisers": show_regularisers,
+SHOW = {"default": show_default, "nanogpt": show_nanogpt, "hash": show_hash, "balance": show_balance,
+        "capacity": show_capacity, "routing": show_routing, "regularisers": show_regularisers,
         "regularisers-facts": show_regularisers, "collapse": show_collapse, "coupling": show_coupling,
         "specialization": show_specialization}
 
@@ -353,13 +440,14 @@ SHOW = {"default": show_default, "capacity": show_capacity, "routing": show_rout
 def main(argv):
     parser = ArgParser(prog="python course/demos.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("demo", choices=list(DEMOS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0-4 (0-2 where a demo says so)")
     parser.add_argument("--out_dir", default="out-demos")
     parser.add_argument("--docs", default=os.path.join(REPO, "docs"), help="where the figure and table go")
     parser.add_argument("--jobs", type=int, default=1 if torch.cuda.is_available() else min(2, os.cpu_count() or 1),
                         help="runs at a time (default: 2 on a CPU, each with its share of the cores; 1 on a GPU)")
     parser.add_argument("--dry", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(argv)
+    args.seeds = args.seeds or list(range(DEMOS[args.demo].get("seeds", 5)))
     if min(args.seeds) < 0 or args.jobs < 1:
         raise UserError(f"seeds must be >= 0 and --jobs >= 1, got {args.seeds} and {args.jobs}")
     if not os.path.isdir(args.docs):
@@ -372,7 +460,8 @@ def main(argv):
     runs = {name: [final_eval(d) for d in dirs[name]] for name in variants}
     figure = os.path.join(args.docs, f"demo_{args.demo}.png")
     md = SHOW[args.demo](runs, dirs, figure)
-    md = (f"`python course/demos.py {args.demo}`: seeds {args.seeds}; mean ± half the spread between seeds; the "
+    md = (f"`python course/demos.py {args.demo}`: seeds {args.seeds}; mean ± the half-width of the 95 % t interval "
+          f"over seeds (paired columns: of the difference seed by seed, 'real' when it excludes 0); the "
           f"numbers of the whole val split (a task's whole table or fixed sample), layer means of the routing "
           f"metrics.\n\n" + md)
     with open(os.path.join(args.docs, f"demo_{args.demo}.md"), "w") as fh:

@@ -7,6 +7,7 @@ Reference values (asserted in test_all.py):
   metric                      uniform routing        collapse onto one expert
   load CV = std/mean          0                      sqrt(E-1)
   max/mean load               1                      E
+  MaxVio (global, batch)      0                      E-1
   dead experts (<0.1/E load)  0                      E-1
   routing entropy / log E     1 (uniform p)          0 (one-hot p)
   top-k mass M                k/E (uniform p)        1 (one-hot p)
@@ -30,6 +31,15 @@ def load_stats(counts):
     return {"cv": (load.std(unbiased=False) / mean).item(),
             "max_mean": (load.max() / mean).item(),
             "dead": int((load < 0.1 / E).sum().item())}
+
+
+def max_violation(counts):
+    """MaxVio of Wang et al. 2024 (arXiv 2408.15664, §4.1): (max_e load_e - mean_e load_e) / mean_e load_e,
+    load_e the (token, expert) pairs expert e received: 0 when balanced, E-1 when one expert takes all.
+    Over one batch's counts it is MaxVio_batch, over a whole split's MaxVio_global."""
+    load = counts.double()
+    mean = load.mean()
+    return ((load.max() - mean) / mean).item() if mean > 0 else 0.0
 
 
 def entropy(probs):
@@ -80,7 +90,7 @@ class RoutingStats:
     """
 
     def __init__(self, n_labels=0):
-        self.layers, self.pairs, self.n, self.n_labels = None, None, 0, n_labels
+        self.layers, self.pairs, self.n, self.batches, self.n_labels = None, None, 0, 0, n_labels
 
     @torch.no_grad()
     def update(self, routes, labels=None):
@@ -89,13 +99,14 @@ class RoutingStats:
         E = routes[0].logits.shape[1]
         if self.layers is None:
             self.layers = [{"counts": torch.zeros(E, dtype=torch.float64), "entropy": 0.0, "mass": 0.0,
-                            "cos2": 0.0, "dropped": 0.0,
+                            "cos2": 0.0, "dropped": 0.0, "maxvio_batch": 0.0,
                             "source": torch.zeros(E, max(self.n_labels, 1), dtype=torch.float64)}
                            for _ in routes]
             self.pairs = [torch.zeros(E, E, dtype=torch.float64) for _ in routes[1:]]
         T = routes[0].idx.shape[0]
         for acc, r in zip(self.layers, routes):
             acc["counts"] += r.counts.double().cpu()
+            acc["maxvio_batch"] += max_violation(r.counts)
             acc["entropy"] += entropy(r.probs).sum().item()
             acc["mass"] += r.mass.double().sum().item()
             acc["cos2"] += coactivation_cos2(r.acts) * T
@@ -110,6 +121,7 @@ class RoutingStats:
             for acc, a in zip(self.layers, top1):
                 acc["source"].index_put_((a, labels.reshape(-1).cpu()), ones, accumulate=True)
         self.n += T
+        self.batches += 1
 
     def summary(self):
         """List of per-layer dicts; layer l also carries the coupling to layer l+1."""
@@ -126,6 +138,8 @@ class RoutingStats:
             m["coact_floor"] = m["coact_cos2"] * acc["f"]    # in units of the random floor 1/f
             m["load"] = (acc["counts"] / acc["counts"].sum()).tolist()
             m["dropped"] = acc["dropped"] / self.n
+            m["maxvio_global"] = max_violation(acc["counts"])          # over every batch seen
+            m["maxvio_batch"] = acc["maxvio_batch"] / self.batches     # the mean over batches
             if self.n_labels:
                 m["source_nmi"] = nmi(acc["source"])
                 m["experts_per_label"] = [round(experts_used(col), 4) for col in acc["source"].T]

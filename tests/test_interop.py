@@ -339,3 +339,38 @@ def test_hugging_faces_kernels_imported_first_is_refused_in_one_line(tmp_path):
     last = err.strip().splitlines()[-1]
     assert last.startswith("ImportError: `import kernels` found Hugging Face's package") and \
         "put the repository root first on sys.path" in last, err
+
+
+def test_nanogpt_parts_equal_gpt2_in_transformers():
+    """pos_emb=learned, mlp=gelu, norm=layernorm, n_experts=0: nanoGPT's network (GPT-2 without biases),
+    against transformers' GPT2LMHeadModel with every bias at 0 and exact GELU: logits and gradients."""
+    transformers = require("transformers", "the interop tests compare against it")
+    d, L, V, S = 32, 2, 96, 24
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=V, n_positions=S, n_embd=d, n_layer=L, n_head=4, activation_function="gelu",
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(torch.zeros_like(p) if name.endswith(".bias") else torch.randn_like(p) * 0.1 + ("ln" in name))
+    model = GPT(GPTConfig(block_size=S, vocab_size=V, n_layer=L, n_head=4, n_embd=d, n_experts=0, pos_emb="learned",
+                          mlp="gelu", norm="layernorm")).eval()
+    sd = {"wte.weight": hf.transformer.wte.weight, "wpe.weight": hf.transformer.wpe.weight,
+          "ln_f.weight": hf.transformer.ln_f.weight}
+    for i, h in enumerate(hf.transformer.h):  # Conv1D keeps (in, out): transposed for nn.Linear
+        sd.update({f"blocks.{i}.ln_1.weight": h.ln_1.weight, f"blocks.{i}.ln_2.weight": h.ln_2.weight,
+                   f"blocks.{i}.attn.c_attn.weight": h.attn.c_attn.weight.T, f"blocks.{i}.attn.c_proj.weight": h.attn.c_proj.weight.T,
+                   f"blocks.{i}.mlp.c_up.weight": h.mlp.c_fc.weight.T, f"blocks.{i}.mlp.c_proj.weight": h.mlp.c_proj.weight.T})
+    missing, unexpected = model.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
+    assert missing == ["lm_head.weight"] and not unexpected  # lm_head is tied to wte on both sides
+    ids = torch.randint(0, V, (2, S))
+    a, logits = hf(ids, labels=ids), model(ids, ids)[0]
+    assert close(logits, a.logits)
+    a.loss.backward()
+    torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1)).backward()
+    h = hf.transformer.h
+    for ours_p, theirs in ((model.wpe.weight, hf.transformer.wpe.weight.grad), (model.wte.weight, hf.transformer.wte.weight.grad),
+                           (model.blocks[1].mlp.c_up.weight, h[1].mlp.c_fc.weight.grad.T),
+                           (model.blocks[0].attn.c_attn.weight, h[0].attn.c_attn.weight.grad.T),
+                           (model.blocks[0].ln_1.weight, h[0].ln_1.weight.grad)):
+        assert close(ours_p.grad, theirs)

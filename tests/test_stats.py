@@ -1,0 +1,41 @@
+"""
+The statistics rule of the experiments (support/stats.py) against independent references: the
+t quantiles by integrating Student's density, the interval by hand, the verdicts on made-up data.
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+from support.stats import T975, fmt_paired, interval, paired, t975
+
+
+def t_cdf(x, df, n=400001):
+    """P(T <= x) for Student's t and x > 0: 1/2 (symmetry) + the trapezoid rule on its density from 0 to x."""
+    grid = np.linspace(0.0, x, n)
+    c = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+    pdf = c * (1 + grid ** 2 / df) ** (-(df + 1) / 2)
+    return 0.5 + float(np.sum((pdf[1:] + pdf[:-1]) / 2 * np.diff(grid)))
+
+
+@pytest.mark.parametrize("df", sorted(T975))
+def test_t_quantiles_are_the_975_points_of_the_density(df):
+    """Each table value is the true quantile rounded to 3 decimals: the 0.975 point lies within 0.0005."""
+    assert t_cdf(T975[df] - 5e-4, df) <= 0.975 <= t_cdf(T975[df] + 5e-4, df), df
+
+
+def test_interval_by_hand_and_the_verdict():
+    # 5 seeds around 1.0; the sample standard deviation by hand
+    values = [0.9, 1.0, 1.1, 0.95, 1.05]
+    sd = math.sqrt(sum((v - 1.0) ** 2 for v in values) / 4)         # 0.0790569
+    mean, half = interval(values)
+    assert math.isclose(mean, 1.0) and math.isclose(half, 2.776 * sd / math.sqrt(5))
+    assert t975(7) == 2.365 and t975(22) == 2.086 and t975(1000) == 1.96
+    with pytest.raises(ValueError):
+        t975(0)
+    a = [1.0, 1.1, 1.2, 1.3, 1.4]
+    assert paired([x - 0.05 for x in a], a)[2]                       # the same shift every seed: real
+    assert not paired([x + d for x, d in zip(a, [0.05, -0.04, 0.03, -0.05, 0.02])], a)[2]  # noise: not real
+    assert fmt_paired([2.0, 2.1, 1.9], [2.0, 2.0, 2.0]).endswith("(not established at 3 seeds)")
+    assert "(real)" in fmt_paired([1.0, 1.01, 0.99, 1.0, 1.0], [2.0] * 5)
