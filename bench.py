@@ -21,7 +21,6 @@ import os
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
@@ -102,7 +101,7 @@ def train_step(fwd, opt, idx, coefs):
     def step():
         with autocast:
             _, ce, routes = fwd(idx, idx)
-            aux, _ = aux_losses(routes, **coefs, all_terms=False)
+            aux, _ = aux_losses(routes, coefs, all_terms=False)
         (ce + aux).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -231,7 +230,7 @@ def layer_stages(moe, x):
                      down)
     (acts,), s9 = stage(lambda act: act.index_select(0, inverse).view(*r.idx.shape, -1), act)
     _, s10 = stage(lambda lse, mass, psum, acts: aux_losses(  # two layers, so that R_cp is not 0
-        [r._replace(lse=lse, mass=mass, psum=psum, acts=acts)] * 2, **AUX, all_terms=False)[0],
+        [r._replace(lse=lse, mass=mass, psum=psum, acts=acts)] * 2, AUX, all_terms=False)[0],
         r.lse, r.mass, r.psum, acts)
     return [s1, s2, s3, s4, s5, s6, s7, s8, s9, s10], y
 
@@ -440,6 +439,8 @@ def parallel_table(args):
 def _parallel_steps(rank, world, n, port, cfg, steps, times):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
+    from types import SimpleNamespace
+    from support import launch
     from support.parallel import ExpertParallel, pooled_balance
     from train import train_step
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -452,11 +453,12 @@ def _parallel_steps(rank, world, n, port, cfg, steps, times):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     fwd = model if ep else DDP(model)
     idx = torch.randint(0, cfg["vocab_size"], (8, cfg["block_size"]))
-    coefs = dict(c_lb=0.01, c_z=1e-3, c_sp=2e-3, c_cp=1e-3, mu_ortho=0.0)
+    settings = SimpleNamespace(c_lb=0.01, c_z=1e-3, c_sp=2e-3, c_cp=1e-3, mu_ortho=0.0, grad_clip=1.0)
+    env = launch.Processes("cpu", "float32", rank, world, accum=1, ddp=True)
+    env.ep, env.pool = ep, pooled_balance(dist.group.WORLD)
 
     def step():  # train.py's step as it runs under torchrun: losses, gradient sync, NaN guard, clipping
-        train_step(fwd, opt, lambda: (idx, idx, None), 1, coefs, 1.0, nullcontext(), False, True, model.routers(),
-                   ep, pooled_balance(dist.group.WORLD))
+        train_step(fwd, model, opt, lambda: (idx, idx, None), settings, env)
     measured = []
     for i in range(steps + 2):
         dist.barrier()

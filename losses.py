@@ -119,15 +119,20 @@ def coupling_loss(probs_list, k=None, idx_list=None):
 COEFFICIENTS = {"lb": "c_lb", "z": "c_z", "sp": "c_sp", "cp": "c_cp", "ortho": "mu_ortho"}
 
 
-def aux_losses(routes, c_lb=0.0, c_z=0.0, c_sp=0.0, c_cp=0.0, mu_ortho=0.0, all_terms=True, pool=None):
+def aux_losses(routes, coefs=None, all_terms=True, pool=None):
     """
-    routes: one router.Routing per MoE layer. Returns (total, terms): total is the scalar
-    sum of coefficient * term; terms maps each name to its unscaled value (a tensor). A term whose
-    coefficient is 0 is computed only if all_terms (for the log), and then without autograd graph.
+    routes: one router.Routing per MoE layer; coefs: {setting: coefficient} for the settings of
+    COEFFICIENTS (c_lb, c_z, c_sp, c_cp, mu_ortho; a missing one is 0). Returns (total, terms): total
+    is the scalar sum of coefficient * term; terms maps each name to its unscaled value (a tensor). A
+    term whose coefficient is 0 is computed only if all_terms (for the log), and then without graph.
     pool: (counts, psum, T) -> the same statistics summed over the batches of several processes
     (support/parallel.py), so that L_lb, the one term that is not a mean over tokens, is the loss of
     the global batch (equal local batch sizes assumed). None: this batch alone.
     """
+    coefs = coefs or {}
+    unknown = set(coefs) - set(COEFFICIENTS.values())
+    if unknown:
+        raise ValueError(f"unknown coefficient(s) {sorted(unknown)}; known: {sorted(COEFFICIENTS.values())}")
     if not routes:
         return torch.zeros(()), {}
     T, k = routes[0].idx.shape
@@ -137,15 +142,16 @@ def aux_losses(routes, c_lb=0.0, c_z=0.0, c_sp=0.0, c_cp=0.0, mu_ortho=0.0, all_
         return balance_from_stats(counts, psum, n, k)
 
     terms = {
-        "lb": (c_lb, lambda: sum(balance(r) for r in routes)),
-        "z": (c_z, lambda: sum(r.lse.pow(2).mean() for r in routes)),
-        "sp": (c_sp, lambda: sum(specialization_fast(r.acts) for r in routes)),
-        "cp": (c_cp, lambda: coupling_from_mass([r.mass for r in routes])),
+        "lb": lambda: sum(balance(r) for r in routes),
+        "z": lambda: sum(r.lse.pow(2).mean() for r in routes),
+        "sp": lambda: sum(specialization_fast(r.acts) for r in routes),
+        "cp": lambda: coupling_from_mass([r.mass for r in routes]),
     }
     if routes[0].penalty is not None:  # ERMoE soft-orthogonality mode
-        terms["ortho"] = (mu_ortho, lambda: sum(r.penalty for r in routes))
+        terms["ortho"] = lambda: sum(r.penalty for r in routes)
     total, values = routes[0].logits.new_zeros(()), {}
-    for name, (coef, fn) in terms.items():
+    for name, fn in terms.items():
+        coef = coefs.get(COEFFICIENTS[name], 0.0)
         if coef == 0.0 and not all_terms:
             continue
         with torch.set_grad_enabled(torch.is_grad_enabled() and coef != 0.0):

@@ -247,7 +247,7 @@ def test_dense_model_has_no_routing():
     assert routes == [] and all(isinstance(b.mlp, MLP) for b in model.blocks)
     total, active = model.num_params()
     assert total == active
-    assert aux_losses(routes, c_lb=0.01)[1] == {}
+    assert aux_losses(routes, dict(c_lb=0.01))[1] == {}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -631,7 +631,7 @@ def test_zero_regulariser_coefficients_train_bit_identically():
             idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(step))
             _, ce, routes = model(idx, idx)
             if use_aux_losses:
-                aux, _ = aux_losses(routes, c_lb=0.01, c_z=1e-3, c_sp=0.0, c_cp=0.0)
+                aux, _ = aux_losses(routes, dict(c_lb=0.01, c_z=1e-3, c_sp=0.0, c_cp=0.0))
             else:  # the foundation's loss, written out
                 aux = 0.01 * sum(balance_from_stats(r.counts, r.psum, 32, 2) for r in routes) + \
                     1e-3 * sum(r.lse.pow(2).mean() for r in routes)
@@ -861,7 +861,7 @@ def test_model_with_triton_routing_equals_torch_routing(router):
     for moe in blocks:
         xi = x.clone().requires_grad_(True)
         y, r = moe(xi, ids)
-        _, terms = aux_losses([r, r], c_lb=0.01, c_z=1e-3, c_sp=1e-2, c_cp=1e-2)
+        _, terms = aux_losses([r, r], dict(c_lb=0.01, c_z=1e-3, c_sp=1e-2, c_cp=1e-2))
         ((y ** 2).sum() + sum(terms.values())).backward()
         outs.append((y, xi.grad, [p.grad for p in moe.parameters()]))
     (y1, gx1, gp1), (y2, gx2, gp2) = outs
@@ -882,7 +882,7 @@ def test_whole_model_compiles_fullgraph_forward_and_backward(router):
 
     def step(idx):
         _, ce, routes = model(idx, idx)
-        aux, _ = aux_losses(routes, c_lb=0.01, c_z=1e-3, c_sp=2e-3, c_cp=1e-3)
+        aux, _ = aux_losses(routes, dict(c_lb=0.01, c_z=1e-3, c_sp=2e-3, c_cp=1e-3))
         return ce + aux
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # traces forward and backward

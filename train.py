@@ -16,6 +16,7 @@ and plots. The run directory is kept safe by support/rundir.py (a lock, atomic c
 guard, one `error:` line for any mistake); the device and the processes by support/launch.py.
 """
 
+import functools
 import importlib.util
 import math
 import os
@@ -25,7 +26,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from losses import COEFFICIENTS, aux_losses
 from model import GPT, GPTConfig
@@ -173,7 +173,7 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def make_optimizer(model, cfg, device_type):
+def make_optimizer(model, cfg):
     """AdamW; no weight decay on norms, biases and anything of the router (incl. ERMoE P, lambda, beta)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -182,55 +182,43 @@ def make_optimizer(model, cfg, device_type):
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)  # CPU too: one kernel
 
 
-def train_step(model, optimizer, next_batch, accum, coefs, grad_clip, autocast, log_terms, ddp, routers,
-               ep=None, pool=None):
-    """One optimizer step: `accum` micro-batches of forward + losses + backward, then the NaN/inf
-    guard (before the update, so the weights stay finite), clipping, the AdamW update, and the
-    routers' per-step hooks (e.g. the sigmoid router's bias) with the step's load of every process.
-    ep: an expert-parallel layout (support/parallel.py), which syncs and clips its gradients itself.
-    Returns (CE loss, unscaled auxiliary terms) averaged over the micro-batches (and processes)."""
-    ce_sum, total_sum, terms_sum, counts = 0.0, 0.0, {}, 0
-    hooked = any(r.per_step for r in routers)
-    for micro in range(accum):
-        X, Y, _ = next_batch()
-        if isinstance(model, DDP):  # all-reduce gradients only on the last micro-step
-            model.require_backward_grad_sync = micro == accum - 1
-        with autocast:
-            _, ce, routes = model(X, Y)
-            aux, terms = aux_losses(routes, **coefs, all_terms=log_terms, pool=pool)  # 0-coefficient terms: log steps only
-            loss = (ce + aux) / accum
+def train_step(fwd, model, optimizer, batches, cfg, env):
+    """One optimizer step: env.accum micro-batches of forward, losses and backward, then the NaN/inf
+    guard (before the update, so the weights stay finite), clipping, AdamW, and the routers' per-step
+    hooks (e.g. the sigmoid router's bias) with the step's load. fwd: the module to call (compiled,
+    DDP), model: the GPT itself; env: the processes (support/launch.py; nothing to do with one).
+    Returns (CE loss, unscaled auxiliary terms), means over the micro-batches and processes."""
+    coefs = {c: getattr(cfg, c) for c in COEFFICIENTS.values()}
+    ce_sum, total_sum, terms_sum, load = 0.0, 0.0, {}, 0
+    for micro in range(env.accum):
+        X, Y, _ = batches()
+        env.micro_step(fwd, micro)
+        with env.autocast:
+            _, ce, routes = fwd(X, Y)
+            aux, terms = aux_losses(routes, coefs, pool=env.pool)  # losses.py; 0-coefficient terms: logged only
+            loss = (ce + aux) / env.accum
         loss.backward()
-        ce_sum = ce_sum + ce.detach() / accum
+        ce_sum = ce_sum + ce.detach() / env.accum
         total_sum = total_sum + loss.detach()
         for name, value in terms.items():
-            terms_sum[name] = terms_sum.get(name, 0.0) + value.detach() / accum
-        if hooked:
-            counts = counts + torch.stack([r.counts for r in routes])    # (L, E) load of the step
-    if ep is not None:
-        ep.sync_grads(model)
-    stats = torch.stack([ce_sum, total_sum, *terms_sum.values()]).float()
-    if ddp:  # a NaN on any process stops every process; the logged terms are means over processes
-        torch.distributed.all_reduce(stats)
-        stats /= torch.distributed.get_world_size()
-    ce_f, total_f, *terms_f = stats.tolist()  # the one host sync of a step: needed to stop before the update
-    if not math.isfinite(total_f):
+            terms_sum[name] = terms_sum.get(name, 0.0) + value.detach() / env.accum
+        load = load + torch.stack([r.counts for r in routes]) if routes else load  # (L, E) pairs per expert
+    env.sync_grads(model)
+    ce_f, total_f, *terms_f = env.mean(torch.stack([ce_sum, total_sum, *terms_sum.values()]).float()).tolist()
+    if not math.isfinite(total_f):  # (.tolist() is the one host sync of a step: needed to stop before the update)
         raise Diverged(f"loss is {total_f}")
-    if grad_clip > 0 and ep is not None:
-        ep.clip_grad_norm(model, grad_clip)
-    elif grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if cfg.grad_clip > 0:
+        env.clip(model, cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if hooked:
-        if ddp:  # every process applies the same update from the global load
-            torch.distributed.all_reduce(counts)
-        for router, c in zip(routers, counts):
-            router.update(c)
+    if any(r.per_step for r in model.routers()):
+        for router, counts in zip(model.routers(), env.step_load(load)):
+            router.update(counts)
     return ce_f, dict(zip(terms_sum, terms_f))
 
 
 @torch.no_grad()
-def evaluate(model, data, cfg, model_cfg, autocast, device):
+def evaluate(model, data, cfg, model_cfg, env):
     """Mean loss on the same eval_iters batches of each split, and routing metrics on val."""
     model.eval()
     result, stats = {}, RoutingStats(n_labels=data.n_labels)
@@ -238,8 +226,8 @@ def evaluate(model, data, cfg, model_cfg, autocast, device):
         gen = torch.Generator().manual_seed(1 if split == "train" else 2)  # same batches for every seed
         losses = []
         for _ in range(cfg.eval_iters):
-            X, Y, labels = data.batch(split, cfg.batch_size, model_cfg.block_size, gen, device)
-            with autocast:
+            X, Y, labels = data.batch(split, cfg.batch_size, model_cfg.block_size, gen, env.device)
+            with env.autocast:
                 _, loss, routes = model(X, Y)
             losses.append(loss.float())
             if split == "val":
@@ -250,15 +238,15 @@ def evaluate(model, data, cfg, model_cfg, autocast, device):
 
 
 @torch.no_grad()
-def evaluate_whole(model, data, cfg, model_cfg, autocast, device):
+def evaluate_whole(model, data, cfg, model_cfg, env):
     """The loss on every target of the val split once (for a synthetic task: its fixed sample or its
     whole table), its standard error, the routing metrics on it, and a task's own numbers."""
     model.eval()
     losses, stats = [], RoutingStats(n_labels=data.n_labels)
     # batches of ~16k tokens, fewer where the logits would pass ~256 MB (no gradient here: memory allows)
     rows = max(cfg.batch_size, min(16384, 2 ** 26 // model_cfg.vocab_size) // model_cfg.block_size)
-    for X, Y, labels in data.whole_split("val", rows, model_cfg.block_size, device):
-        with autocast:
+    for X, Y, labels in data.whole_split("val", rows, model_cfg.block_size, env.device):
+        with env.autocast:
             logits, _, routes = model(X, Y)
         ce = F.cross_entropy(logits.float().flatten(0, 1), Y.flatten(), reduction="none")  # (B*S,), 0 at -100
         losses.append(ce[Y.flatten() != -100])
@@ -282,6 +270,8 @@ def with_router_metrics(layers, model):
 # the run
 
 def main(argv):
+    """The run, top to bottom: the settings, the device and processes, the data, the model and its
+    optimizer, the out_dir, then the loop; samples and plots at the end."""
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # progress lines show up at once in a log file too
     if {"-h", "--help"} & set(argv):
@@ -290,139 +280,118 @@ def main(argv):
         print(__doc__ + "\nsettings (--key=value [where the value comes from] what it is):\n" +
               settings.explain(notes(TrainConfig, GPTConfig)))
         return
-    try:
-        train(argv)
-    except KeyboardInterrupt:  # outside the training loop, which says where it stopped
-        raise Interrupted("interrupted (the checkpoint in out_dir, if any, is intact)") from None
-
-
-def train(argv):
     settings, ckpt = setup(argv)
     cfg, model_cfg = settings.build(TrainConfig, GPTConfig)
     env = launch.start(cfg, model_cfg)  # the device, the dtype, the processes: all checked
-    try:
-        loop(cfg, model_cfg, ckpt, settings, env)
-    finally:
-        launch.end(env)
-
-
-def loop(cfg, model_cfg, ckpt, settings, env):
     preset = {k: v for k, v in settings.values.items() if settings.origin[k].endswith("preset")}
     if env.master and preset:  # (python train.py --help shows every value and its origin)
         which = "no GPU found: the CPU preset" if "CPU preset" in settings.origin.values() else "the GPU preset"
         print(f"{which} ({', '.join(f'{k}={v}' for k, v in preset.items())})")
-    # the data: the first process prepares it (tokenising once), then every process opens it
-    data = launch.share(env, open_dataset, cfg.dataset, model_cfg.vocab_size, env.master) or \
-        open_dataset(cfg.dataset, model_cfg.vocab_size, False)
-    data.check(model_cfg.block_size, model_cfg.vocab_size)
-    torch.manual_seed(cfg.seed)
-    model = GPT(model_cfg).to(env.device)
-    if ckpt:  # checked before the out_dir is touched; a checkpoint always holds the whole model
-        try:
-            model.load_state_dict(ckpt["model"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise UserError(f"checkpoint weights do not match its model_args ({str(err).splitlines()[0]})") from None
-    ep = None
-    if cfg.expert_parallel > 1:
-        from support.parallel import ExpertParallel
-        ep = ExpertParallel(cfg.expert_parallel)
-        ep.shard(model)  # keep this rank's E/N experts of every layer
-    optimizer = make_optimizer(model, cfg, env.device_type)
-    if ckpt and ckpt["optimizer"] is not None:  # None: imported weights (tools/convert.py), a fresh optimizer
-        try:
-            optimizer.load_state_dict(ep.shard_optimizer_state(ckpt["optimizer"], optimizer, model) if ep
-                                      else ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise UserError(f"checkpoint optimizer state does not match the model ({str(err).splitlines()[0]})") from None
-    config = {**asdict(cfg), **asdict(model_cfg)}
-    run = Run(cfg.out_dir, env.master)
-    launch.share(env, run.open, ckpt, cfg.overwrite)  # lock, refuse to replace another run, cut the log
-    run.tracker = Tracker(cfg, config, env.master)     # wandb, if asked
-    batch_gen = torch.Generator().manual_seed(cfg.seed)  # one global batch per step, sliced per process
-    iter_num, best_val = 0, float("inf")
-    if ckpt:
-        if ckpt["batch_rng"]:  # (none: imported weights) one state resumes any number of processes
-            batch_gen.set_state(ckpt["batch_rng"][0])
-        torch.set_rng_state(ckpt["torch_rng"])
-        iter_num, best_val = ckpt["iter_num"], ckpt["best_val"]
-        run.resumed(iter_num)
+    try:
+        # the data: the first process prepares it (tokenising once), then every process opens it
+        data = launch.share(env, open_dataset, cfg.dataset, model_cfg.vocab_size, env.master) or \
+            open_dataset(cfg.dataset, model_cfg.vocab_size, False)
+        data.check(model_cfg.block_size, model_cfg.vocab_size)
+        # the model and its optimizer
+        torch.manual_seed(cfg.seed)
+        model = GPT(model_cfg).to(env.device)
+        if ckpt:  # checked before the out_dir is touched; a checkpoint always holds the whole model
+            load_state(model.load_state_dict, ckpt["model"], "checkpoint weights do not match its model_args")
+        fwd = env.attach(model, cfg)  # the module to call: this rank's experts, compiled, DDP (support/launch.py)
+        optimizer = make_optimizer(model, cfg)
+        if ckpt and ckpt["optimizer"] is not None:  # None: imported weights (tools/convert.py), a fresh optimizer
+            state = env.ep.shard_optimizer_state(ckpt["optimizer"], optimizer, model) if env.ep else ckpt["optimizer"]
+            load_state(optimizer.load_state_dict, state, "checkpoint optimizer state does not match the model")
+        # the out_dir, and where a resumed run stands
+        config = {**asdict(cfg), **asdict(model_cfg)}
+        run = Run(cfg.out_dir, env.master)
+        launch.share(env, run.open, ckpt, cfg.overwrite)  # lock, refuse to replace another run, cut the log
+        run.tracker = Tracker(cfg, config, env.master)     # wandb, if asked
+        batch_gen = torch.Generator().manual_seed(cfg.seed)  # one global batch per step, sliced per process
+        batches = functools.partial(data.batch, "train", cfg.batch_size, model_cfg.block_size, batch_gen, env.device,
+                                    env.rank, env.world)
+        iter_num, best_val = 0, float("inf")
+        if ckpt:
+            if ckpt["batch_rng"]:  # (none: imported weights) one state resumes any number of processes
+                batch_gen.set_state(ckpt["batch_rng"][0])
+            torch.set_rng_state(ckpt["torch_rng"])
+            iter_num, best_val = ckpt["iter_num"], ckpt["best_val"]
+            run.resumed(iter_num)
+            if env.master:
+                print(f"resumed from {cfg.out_dir}/ckpt.pt at iter {iter_num}")
+        total, active = model.num_params()
         if env.master:
-            print(f"resumed from {cfg.out_dir}/ckpt.pt at iter {iter_num}")
-    total, active = model.num_params()
-    if env.master:
-        widths = f"expert width f={model_cfg.expert_hidden}" if model_cfg.n_experts else f"MLP width {model_cfg.ffn_hidden}"
-        print(f"parameters: {total / 1e6:.2f}M total, {active / 1e6:.2f}M active per token "
-              f"({model_cfg.n_experts} experts, top-{model_cfg.top_k}, {widths}, router={model_cfg.router})")
-    fwd = torch.compile(model) if cfg.compile else model
-    if env.ddp and ep is None:  # plain data parallel; expert parallel syncs its gradients itself
-        fwd = DDP(fwd, device_ids=[int(os.environ["LOCAL_RANK"])] if env.device_type == "cuda" else None)
-    pool = None
-    if env.ddp and cfg.balance_stats == "global":
-        from support.parallel import pooled_balance
-        pool = pooled_balance(torch.distributed.group.WORLD)
-    coefs = {c: getattr(cfg, c) for c in COEFFICIENTS.values()}
-
-    def state():  # what a checkpoint holds (with expert parallelism, gathered from every process)
-        weights, opt = ep.full_state(model, optimizer) if ep else (model.state_dict(), optimizer.state_dict())
-        return {"model": weights, "optimizer": opt, "model_args": asdict(model_cfg), "config": config,
-                "iter_num": iter_num, "best_val": best_val, "batch_rng": [batch_gen.get_state()],
-                "torch_rng": torch.get_rng_state(), "tokenizer": data.tokenizer}
-
-    def next_batch():
-        return data.batch("train", cfg.batch_size, model_cfg.block_size, batch_gen, env.device, env.rank, env.world)
-
-    tokens_per_iter = cfg.batch_size * model_cfg.block_size * env.accum * env.world
-    t_start = t_last = time.time()
-    start_iter = iter_num
-    with run.guard(lambda: iter_num):  # Ctrl-C or divergence: one line saying where, the checkpoint intact
-        while True:
-            lr = get_lr(iter_num, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
-                result, layers = evaluate(model, data, cfg, model_cfg, env.autocast, env.device)
-                check_finite(result, model.parameters(), launch.all_ranks_min(env))  # never save a NaN
-                best = result["val_loss"] < best_val
-                best_val = min(best_val, result["val_loss"])
-                run.checkpoint(state, iter_num, best)
-                final = iter_num >= cfg.max_iters
-                record = {"iter": iter_num, **result, "layers": layers, "final": final}
-                if final:
-                    record["whole"] = evaluate_whole(model, data, cfg, model_cfg, env.autocast, env.device)
-                    record["params"] = {"total": total, "active": active}
-                    record["time_s"] = round(time.time() - t_start, 1)   # this process's training and evaluations
-                if env.master:
-                    print_eval(record)
-                run.log(record)
-            if iter_num >= cfg.max_iters:
-                break
-            log_step = (iter_num + 1) % cfg.log_interval == 0
-            lossf, terms = train_step(fwd, optimizer, next_batch, env.accum, coefs, cfg.grad_clip, env.autocast,
-                                      log_step, env.ddp, model.routers(), ep, pool)
-            iter_num += 1
-            if env.master and log_step:
-                now = time.time()
-                dt, t_last = (now - t_last) / cfg.log_interval, now
-                eta = (cfg.max_iters - iter_num) * (now - t_start) / (iter_num - start_iter)
-                terms_f = {k: round(float(v), 6) for k, v in terms.items()}
-                print(f"iter {iter_num}: loss {lossf:.4f} | {' '.join(f'{k} {v:.3f}' for k, v in terms_f.items())} | "
-                      f"{dt * 1000:.0f} ms, {tokens_per_iter / dt:,.0f} tok/s, eta {eta / 60:.1f} min")
-                run.log({"iter": iter_num, "train_loss": lossf, "lr": lr, **terms_f,
-                         **{f"{k}_scaled": round(coefs[COEFFICIENTS[k]] * v, 6) for k, v in terms_f.items()}})
-    if env.master:
-        same = [what for what, recipe in NANOGPT.items() if cfg.dataset == "shakespeare_char"
-                and all(settings.values[k] == v for k, v in recipe.items())]
-        print(f"done: {iter_num - start_iter} steps in {(time.time() - t_start) / 60:.1f} min, best val loss "
-              f"{best_val:.4f}" + (f"; nanoGPT's published figure for this recipe: {same[0]}" if same else ""))
-        if ep:  # generation would need every process in step: sample from the checkpoint instead
-            print(f"note: no samples with expert_parallel; python sample.py --out_dir={cfg.out_dir} reads the checkpoint")
-        finish(model, cfg, env.device, data.tokenizer if not ep else None)
-    if env.ddp:  # a check that every replica holds the same weights: a hash of the whole model per rank
-        hashes = launch.weight_hashes(env, ep.full_state(model, optimizer)[0] if ep else model.state_dict())
+            widths = f"expert width f={model_cfg.expert_hidden}" if model_cfg.n_experts else f"MLP width {model_cfg.ffn_hidden}"
+            print(f"parameters: {total / 1e6:.2f}M total, {active / 1e6:.2f}M active per token "
+                  f"({model_cfg.n_experts} experts, top-{model_cfg.top_k}, {widths}, router={model_cfg.router})")
+        tokens_per_iter = cfg.batch_size * model_cfg.block_size * env.accum * env.world
+        t_start = t_last = time.time()
+        start_iter = iter_num
+        # the loop
+        with run.guard(lambda: iter_num):  # Ctrl-C or divergence: one line saying where, the checkpoint intact
+            while True:
+                lr = get_lr(iter_num, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
+                    result, layers = evaluate(model, data, cfg, model_cfg, env)
+                    check_finite(result, model.parameters(), launch.all_ranks_min(env))  # never save a NaN
+                    best = result["val_loss"] < best_val
+                    best_val = min(best_val, result["val_loss"])
+                    if iter_num != run.saved_iter:  # with expert parallelism every process gathers the state
+                        weights, opt = env.full_state(model, optimizer)
+                        run.checkpoint({"model": weights, "optimizer": opt, "model_args": asdict(model_cfg),
+                                        "config": config, "iter_num": iter_num, "best_val": best_val,
+                                        "batch_rng": [batch_gen.get_state()], "torch_rng": torch.get_rng_state(),
+                                        "tokenizer": data.tokenizer}, iter_num, best)
+                    record = {"iter": iter_num, **result, "layers": layers, "final": iter_num >= cfg.max_iters}
+                    if record["final"]:
+                        record["whole"] = evaluate_whole(model, data, cfg, model_cfg, env)
+                        record["params"] = {"total": total, "active": active}
+                        record["time_s"] = round(time.time() - t_start, 1)   # this process's training and evaluations
+                    if env.master:
+                        print_eval(record)
+                    run.log(record)
+                if iter_num >= cfg.max_iters:
+                    break
+                lossf, terms = train_step(fwd, model, optimizer, batches, cfg, env)
+                iter_num += 1
+                if env.master and iter_num % cfg.log_interval == 0:
+                    now = time.time()
+                    dt, t_last = (now - t_last) / cfg.log_interval, now
+                    eta = (cfg.max_iters - iter_num) * (now - t_start) / (iter_num - start_iter)
+                    terms_f = {k: round(float(v), 6) for k, v in terms.items()}
+                    print(f"iter {iter_num}: loss {lossf:.4f} | {' '.join(f'{k} {v:.3f}' for k, v in terms_f.items())} | "
+                          f"{dt * 1000:.0f} ms, {tokens_per_iter / dt:,.0f} tok/s, eta {eta / 60:.1f} min")
+                    run.log({"iter": iter_num, "train_loss": lossf, "lr": lr, **terms_f,
+                             **{f"{k}_scaled": round(getattr(cfg, COEFFICIENTS[k]) * v, 6) for k, v in terms_f.items()}})
+        # the end: samples, plots, and with several processes a check that their weights agree
         if env.master:
-            print(f"ranks hold identical weights: {len(set(hashes)) == 1}")
-            run.log({"iter": iter_num, "param_hashes": hashes})
-    run.tracker.finish()
+            same = [what for what, recipe in NANOGPT.items() if cfg.dataset == "shakespeare_char"
+                    and all(settings.values[k] == v for k, v in recipe.items())]
+            print(f"done: {iter_num - start_iter} steps in {(time.time() - t_start) / 60:.1f} min, best val loss "
+                  f"{best_val:.4f}" + (f"; nanoGPT's published figure for this recipe: {same[0]}" if same else ""))
+            if env.ep:  # generation would need every process in step: sample from the checkpoint instead
+                print(f"note: no samples with expert_parallel; python sample.py --out_dir={cfg.out_dir} reads the checkpoint")
+            finish(model, cfg, env.device, data.tokenizer if not env.ep else None)
+        if env.ddp:  # every replica should hold the same weights: a hash of the whole model per rank
+            hashes = launch.weight_hashes(env, env.full_state(model, optimizer)[0])
+            if env.master:
+                print(f"ranks hold identical weights: {len(set(hashes)) == 1}")
+                run.log({"iter": iter_num, "param_hashes": hashes})
+        run.tracker.finish()
+    except KeyboardInterrupt:  # outside the training loop, which says where it stopped
+        raise Interrupted("interrupted (the checkpoint in out_dir, if any, is intact)") from None
+    finally:
+        launch.end(env)
+
+
+def load_state(load, state, what):
+    """load(state), a mismatch one UserError line (a checkpoint from elsewhere)."""
+    try:
+        load(state)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise UserError(f"{what} ({str(err).splitlines()[0]})") from None
 
 
 def print_eval(record):

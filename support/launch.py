@@ -4,14 +4,20 @@ whether the model fits in memory. Everything is checked before a file is touched
 
     env = start(cfg, model_cfg)   # env.device, env.dtype, env.ddp, env.rank, env.world, env.master,
                                   # env.accum (micro-steps per process and step), env.autocast
+    fwd = env.attach(model, cfg)  # expert parallel: keep this rank's experts; DDP and compile wrap the model
     share(env, fn, *args)         # fn on the first process only; its UserError is raised on every one
     end(env)                      # the process groups torn down, their threads joined
+
+What several processes add to a training step is here too, as methods of `env` that do nothing
+with one process (train.train_step calls them): `micro_step` (DDP syncs gradients on the last
+micro-step only), `pool` (L_lb's statistics of the global batch), `sync_grads` (expert parallel
+averages its gradients itself), `mean` (the logged numbers of all processes), `clip` (one norm over
+the whole model) and `step_load` (the routers' per-step hook sees every process's load).
 """
 
 import hashlib
 import os
 from contextlib import nullcontext
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -81,10 +87,67 @@ def start(cfg, model_cfg):
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-    return SimpleNamespace(device=device, device_type=device_type, dtype=dtype, autocast=autocast, ddp=ddp,
-                           rank=rank, world=world, master=rank == 0, accum=accum // world)
+    return Processes(device, dtype, rank, world, accum // world, ddp)
+
+
+class Processes:
+    """The device and processes of a run, and what several processes add to a step."""
+
+    def __init__(self, device, dtype, rank=0, world=1, accum=1, ddp=False):
+        self.device, self.dtype, self.rank, self.world, self.accum, self.ddp = device, dtype, rank, world, accum, ddp
+        self.device_type = "cuda" if device.startswith("cuda") else "cpu"
+        self.autocast = torch.autocast(self.device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+        self.master = rank == 0
+        self.ep = None      # a support.parallel.ExpertParallel once the experts are split over processes
+        self.pool = None    # losses.aux_losses' pool: L_lb's statistics over every process's batch
+
+    def attach(self, model, cfg):
+        """Expert parallel: keep this rank's experts of every layer (call after loading the full weights).
+        -> the module to call: torch.compile'd if asked, wrapped in DDP for plain data parallelism."""
+        if cfg.expert_parallel > 1:
+            from support.parallel import ExpertParallel
+            self.ep = ExpertParallel(cfg.expert_parallel)
+            self.ep.shard(model)
+        if self.ddp and cfg.balance_stats == "global":
+            from support.parallel import pooled_balance
+            self.pool = pooled_balance(dist.group.WORLD)
+        fwd = torch.compile(model) if cfg.compile else model
+        if self.ddp and self.ep is None:  # expert parallel syncs its gradients itself
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            fwd = DDP(fwd, device_ids=[int(os.environ["LOCAL_RANK"])] if self.device_type == "cuda" else None)
+        return fwd
+
+    def micro_step(self, fwd, micro):
+        """DDP all-reduces the gradients only on the last micro-step of a step."""
+        if hasattr(fwd, "require_backward_grad_sync"):
+            fwd.require_backward_grad_sync = micro == self.accum - 1
+
+    def sync_grads(self, model):
+        if self.ep is not None:
+            self.ep.sync_grads(model)
+
+    def mean(self, stats):
+        """stats (n,) -> the mean over processes (a NaN on any process reaches every one)."""
+        if self.ddp:
+            dist.all_reduce(stats)
+            stats /= self.world
+        return stats
+
+    def clip(self, model, max_norm):
+        if self.ep is not None:
+            self.ep.clip_grad_norm(model, max_norm)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+    def step_load(self, counts):
+        """counts (L, E) of this process's micro-batches -> those of every process (the same update everywhere)."""
+        if self.ddp:
+            dist.all_reduce(counts)
+        return counts
+
+    def full_state(self, model, optimizer):
+        """(model state, optimizer state) of the whole model: with expert parallelism gathered from every rank."""
+        return self.ep.full_state(model, optimizer) if self.ep else (model.state_dict(), optimizer.state_dict())
 
 
 def share(env, fn, *args):

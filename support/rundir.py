@@ -282,12 +282,10 @@ class Run:
         """A process that did not open() the directory learns where the checkpoint is."""
         self.saved_iter = iter_num
 
-    def checkpoint(self, state, iter_num, best):
-        """Write ckpt.pt (and best.pt if best) from state(), a function every process calls: with
-        expert parallelism the state is gathered from all processes."""
+    def checkpoint(self, ckpt, iter_num, best):
+        """Write ckpt.pt (and best.pt if best) from the first process (every process calls this)."""
         if iter_num == self.saved_iter:
             return
-        ckpt = state()
         if self.master:
             save_checkpoint(ckpt, self.out_dir, best)
         self.saved_iter = iter_num

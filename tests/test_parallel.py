@@ -60,7 +60,7 @@ def ep_worker(rank, world, layouts, port):
 
             def loss_of(model, x, group):
                 logits, ce, routes = model(x, x)
-                aux, _ = aux_losses(routes, **coefs, pool=group and pooled_balance(group))
+                aux, _ = aux_losses(routes, coefs, pool=group and pooled_balance(group))
                 return logits, ce + aux, routes
             ref_logits, ref_loss, _ = loss_of(full, ids, None)     # the single-process model, whole batch
             ref_loss.backward()

@@ -39,7 +39,7 @@ def test_tiny_model_loss_falls(router):
     losses = []
     for _ in range(30):
         _, ce, routes = model(X, Y)
-        aux, _ = aux_losses(routes, c_lb=0.01)
+        aux, _ = aux_losses(routes, dict(c_lb=0.01))
         (ce + aux).backward()
         opt.step()
         opt.zero_grad()

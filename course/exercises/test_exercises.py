@@ -229,7 +229,7 @@ def test_ex8_a_new_router_through_the_interface(monkeypatch):
     same("CentroidRouter.logits", attempt(router.logits, x, None), want, atol=1e-4)
     idx = torch.randint(0, 32, (2, 8))
     _, ce, routes = model(idx, idx)
-    aux, _ = losses.aux_losses(routes, c_lb=0.01, c_z=1e-3, c_sp=2e-3, c_cp=1e-3)
+    aux, _ = losses.aux_losses(routes, dict(c_lb=0.01, c_z=1e-3, c_sp=2e-3, c_cp=1e-3))
     (ce + aux).backward()
     r = routes[0]
     if not (r.idx.shape == (16, 2) and int(r.counts.sum()) == 32 and torch.allclose(r.gates.sum(-1), torch.ones(16))):
