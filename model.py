@@ -31,6 +31,7 @@ not 341)); each expert gets width ffn_hidden // (top_k + n_shared), so a token's
 compute equals the dense MLP's.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from router import IMPLS, ROUTERS, expert_counts, impl_problem
+from support.checks import check_and_derive
 
 
 # ------------------------------------------------------------------------------------------------
@@ -107,16 +109,28 @@ class MLP(nn.Module):
     """Dense SwiGLU: silu(x W_gate) * (x W_up) W_down. Also the shared experts of an MoE block.
     gelu=True: nanoGPT's GELU(x W_fc) W_proj instead."""
 
-    def __init__(self, n_embd, hidden, dropout=0.0, gelu=False):
+    def __init__(self, n_embd, hidden, dropout=0.0, gelu=False, act=None):
         super().__init__()
         self.c_gate = None if gelu else nn.Linear(n_embd, hidden, bias=False)
         self.c_up = nn.Linear(n_embd, hidden, bias=False)
         self.c_proj = nn.Linear(hidden, n_embd, bias=False)
         self.dropout = nn.Dropout(dropout)
+        self.act = act or gated_act
 
     def forward(self, x, ids=None):
-        h = F.gelu(self.c_up(x)) if self.c_gate is None else F.silu(self.c_gate(x)) * self.c_up(x)
+        h = F.gelu(self.c_up(x)) if self.c_gate is None else self.act(self.c_gate(x), self.c_up(x))
         return self.dropout(self.c_proj(h)), None
+
+
+def gated_act(g, u, kind="swiglu", limit=0.0):
+    """SwiGLU, silu(g) * u (Shazeer 2020), of the gate and up projections g, u. Other families' variants:
+    limit > 0 clamps first, g <= limit and |u| <= limit (DeepSeek-V4, gpt-oss); kind='gpt_oss' is
+    (u + 1) * g * sigmoid(1.702 g) (gpt-oss's experts)."""
+    if limit > 0:
+        g, u = g.clamp(max=limit), u.clamp(-limit, limit)
+    if kind == "gpt_oss":
+        return (u + 1) * g * torch.sigmoid(1.702 * g)
+    return F.silu(g) * u
 
 
 def grouped_matmul(h, w, offs):
@@ -149,15 +163,19 @@ def grouped_matmul(h, w, offs):
 class MoE(nn.Module):
     """E routed SwiGLU experts behind a router, plus optional always-on shared experts."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer=0):
         super().__init__()
-        self.router = ROUTERS[cfg.router](cfg)   # first: keeps the parameter initialisation order
+        self.router = ROUTERS[cfg.router](cfg, layer)   # first: keeps the parameter initialisation order
         E, d, f, d_in = cfg.n_experts, cfg.n_embd, cfg.expert_hidden, self.router.expert_width
         self.w_gate = nn.Parameter(torch.randn(E, d_in, f) * 0.02)   # (E, d_in, f)
         self.w_up = nn.Parameter(torch.randn(E, d_in, f) * 0.02)     # (E, d_in, f)
         self.w_down = nn.Parameter(torch.randn(E, f, d) * 0.02)      # (E, f, d)
+        self.act = functools.partial(gated_act, kind=cfg.expert_act, limit=cfg.swiglu_limit)
+        self.biases = nn.ParameterList([nn.Parameter(torch.zeros(E, n)) for n in (f, f, d)]) if cfg.expert_bias \
+            else None                                               # gate, up, down (gpt-oss)
+        self.n_zero = cfg.zero_experts
         # n_shared experts of width f side by side = one SwiGLU of width n_shared*f
-        self.shared = MLP(d, cfg.n_shared * f) if cfg.n_shared > 0 else None
+        self.shared = MLP(d, cfg.n_shared * f, act=self.act) if cfg.n_shared > 0 else None
         self.shared_gate = nn.Linear(d, 1, bias=False) if cfg.shared_gate else None
         self.dropout = nn.Dropout(cfg.dropout)
         # the dispatch: the lecture's loop or the grouped matmul (support/parallel.py swaps in its own
@@ -169,6 +187,8 @@ class MoE(nn.Module):
         B, S, d = x.shape
         x = x.reshape(B * S, d)                                     # (T, d)
         r = self.router(x, None if ids is None else ids.reshape(-1))  # router.py: idx (T, k), gates (T, k)
+        if self.n_zero:                                             # LongCat's zero-compute experts
+            return self.with_zero_experts(x, r, B, S)
         y, acts = self.dispatch(x, r)                               # (T, d), (T, k, f)
         if r.kept is not None:                                      # a dropped pair's activations count as 0
             acts = acts * r.kept[..., None]
@@ -179,6 +199,14 @@ class MoE(nn.Module):
             y = y + shared
         return self.dropout(y.view(B, S, d)), r._replace(acts=acts)
 
+    def with_zero_experts(self, x, r, B, S):
+        """LongCat-Flash: a pair on a zero-compute expert (id >= E) adds g * x and runs no expert. Those
+        pairs go to expert 0 with gate 0 (computed, then discarded); the Routing keeps their ids."""
+        zero = r.idx >= self.w_up.shape[0]                          # (T, k)
+        y, acts = self.dispatch(x, r._replace(idx=r.idx.masked_fill(zero, 0), gates=r.gates.masked_fill(zero, 0.0)))
+        y = y + x * (r.gates * zero).sum(dim=-1, keepdim=True).to(x.dtype)
+        return self.dropout(y.view(B, S, -1)), r._replace(acts=acts * ~zero[..., None])
+
     def forward_naive(self, x, r):
         """The lecture version: for each expert, find its (token, slot) pairs, run it, add the gated output."""
         T, k = r.idx.shape
@@ -187,8 +215,11 @@ class MoE(nn.Module):
         for e in range(self.w_up.shape[0]):
             tok, slot = torch.where(r.idx == e)                     # (n_e,), (n_e,) in token order
             h = self.expert_rows(x, r.expert_inputs, tok, e)        # (n_e, d_in)
-            a = F.silu(h @ self.w_gate[e]) * (h @ self.w_up[e])     # (n_e, f)
-            out = a @ self.w_down[e]                                # (n_e, d)
+            g, u = h @ self.w_gate[e], h @ self.w_up[e]             # (n_e, f) each
+            if self.biases is not None:                             # (gpt-oss)
+                g, u = g + self.biases[0][e], u + self.biases[1][e]
+            a = self.act(g, u)                                      # (n_e, f) SwiGLU
+            out = a @ self.w_down[e] if self.biases is None else a @ self.w_down[e] + self.biases[2][e]  # (n_e, d)
             y = y.index_add(0, tok, (out * r.gates[tok, slot, None]).to(y.dtype))
             acts = acts.index_put((tok, slot), a.to(acts.dtype))
         return y, acts
@@ -200,7 +231,7 @@ class MoE(nn.Module):
         offs = expert_counts(r.idx, self.w_up.shape[0]).cumsum(0, dtype=torch.int32)  # (E,) segment ends
         h = self.expert_rows(x, r.expert_inputs, tok, e)            # (T*k, d_in)
         gate = r.gates.reshape(-1).index_select(0, order)[:, None]  # (T*k, 1)
-        a, out = self.experts(h, offs, gate)                        # (T*k, f), (T*k, d) gated
+        a, out = self.experts(h, offs, gate, e)                     # (T*k, f), (T*k, d) gated
         y = torch.zeros(T, x.shape[1], dtype=out.dtype, device=x.device).index_add_(0, tok, out)
         return y.to(x.dtype), a.index_select(0, inverse).view(T, k, -1)  # acts back in token order
 
@@ -219,16 +250,22 @@ class MoE(nn.Module):
         h = x.index_select(0, tok) if expert_inputs is None else expert_inputs[tok, e]  # (N, d_in)
         return h.to(x.dtype)
 
-    def experts(self, h, offs, gate=None):
+    def experts(self, h, offs, gate=None, e=None):
         """Every expert on its segment of rows h (N, d_in), segments ending at offs (E,), gated by gate
         (N, 1) if given -> the SwiGLU activations a (N, f) and the outputs (N, d). One grouped matmul per
-        projection; the gate multiplies the narrower of a and the output ((g a) W = g (a W))."""
+        projection; the gate multiplies the narrower of a and the output ((g a) W = g (a W)). e (N,):
+        each row's expert, for the expert biases (gpt-oss), which add after each projection."""
         f = self.w_up.shape[2]
         if f < self.w_down.shape[2]:  # narrow experts: one matmul of width 2f runs faster than two of f
             g, u = grouped_matmul(h, torch.cat([self.w_gate, self.w_up], dim=2), offs).split(f, dim=1)
         else:                         # (on a CPU: E=64, f=88 1.2x faster; E=8, f=192 1.3x slower with the copy)
             g, u = grouped_matmul(h, self.w_gate, offs), grouped_matmul(h, self.w_up, offs)
-        a = F.silu(g) * u                                                                       # (N, f)
+        if self.biases is not None:
+            g, u = g + self.biases[0][e], u + self.biases[1][e]
+        a = self.act(g, u)                                                                      # (N, f)
+        if self.biases is not None:   # the bias inside the gated output (gpt-oss): no gating before W_down
+            out = grouped_matmul(a, self.w_down, offs) + self.biases[2][e]
+            return a, out if gate is None else out * gate.to(out.dtype)
         if gate is None:
             return a, grouped_matmul(a, self.w_down, offs)
         if a.shape[1] < self.w_down.shape[2]:
@@ -255,12 +292,13 @@ def norm(cfg):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer=0):
         super().__init__()
         self.ln_1 = norm(cfg)
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = norm(cfg)
-        self.mlp = MoE(cfg) if cfg.n_experts > 0 else MLP(cfg.n_embd, cfg.ffn_hidden, cfg.dropout, cfg.mlp == "gelu")
+        moe = cfg.n_experts > 0 and layer >= cfg.first_dense_layers
+        self.mlp = MoE(cfg, layer) if moe else MLP(cfg.n_embd, cfg.ffn_hidden, cfg.dropout, cfg.mlp == "gelu")
 
     def forward(self, x, cos, sin, ids, cache=None):
         x = x + self.attn(self.ln_1(x), cos, sin, cache)
@@ -300,6 +338,18 @@ class GPTConfig:
     bias_update_rate: float = 1e-3  # sigmoid router: balancing bias step per optimizer step (DeepSeek-V3)
     n_group: int = 1            # sigmoid router: experts in n_group groups; a token first picks topk_group of them
     topk_group: int = 1         # sigmoid router: groups a token picks (by the sum of each group's 2 best scores)
+    # the switches other MoE families combine (docs/routers.md: each family is a setting of these)
+    router_bias: bool = False   # softmax/sigmoid router: a learned bias on the logits (gpt-oss)
+    select_bias: bool = False   # softmax router: select the top-k of p + b, b balanced per step (ERNIE-4.5, LongCat)
+    score_fn: str = "sigmoid"   # sigmoid router's score: 'sigmoid' (DeepSeek-V3) | 'sqrt_softplus' (DeepSeek-V4)
+    renorm_floor: float = 0.0   # renormalised gates: scores / max(their sum, this) (ERNIE-4.5: 1e-12); 0 = none
+    gate_input: bool = False    # the gate scales the expert's input, not its output (Llama 4)
+    zero_experts: int = 0       # router choices that compute nothing and return the token (LongCat-Flash)
+    expert_act: str = "swiglu"  # 'swiglu' | 'gpt_oss': (up + 1) * g * sigmoid(1.702 g)
+    swiglu_limit: float = 0.0   # clamp g <= limit, |up| <= limit before the activation (gpt-oss 7, DeepSeek-V4 10)
+    expert_bias: bool = False   # biases on the experts' projections (gpt-oss)
+    first_dense_layers: int = 0  # the first layers have a dense MLP of width ffn_hidden, no MoE (GLM-4.5)
+    hash_layers: int = 0        # sigmoid router: the first layers select by a fixed token-id table (DeepSeek-V4)
     # nanoGPT's parts instead of the modern ones (course/demos.py nanogpt switches them one by one)
     pos_emb: str = "rope"       # 'rope' (rotary) | 'learned' (nanoGPT's position embedding)
     mlp: str = "swiglu"         # dense MLP: 'swiglu' | 'gelu' (nanoGPT's 4d GELU MLP; the experts stay SwiGLU)
@@ -315,8 +365,8 @@ class GPTConfig:
     qkv_bias: bool = False      # biases on the q, k, v projections (Qwen2-MoE)
     shared_gate: bool = False   # scale the shared experts' output by sigmoid(x w) per token (Qwen2-MoE)
 
-    def __post_init__(self):
-        check_and_derive(self)  # every field checked (ValueError naming it), the widths left at 0 derived
+    def __post_init__(self):  # every field checked (ValueError naming it), the widths left at 0 derived
+        check_and_derive(self, ROUTERS, IMPLS, impl_problem)
 
     def param_count(self):
         """Parameters of the model this config describes, counted without building it (tested
@@ -325,16 +375,17 @@ class GPTConfig:
         q, kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim  # widths of q and of k (and v)
         norms = (2 * self.head_dim if self.qk_norm_per_head else q + kv) if self.qk_norm else 0
         attn = d * (q + 2 * kv) + q * d + self.qkv_bias * (q + 2 * kv) + norms
-        if E == 0:
-            ffn = (2 if self.mlp == "gelu" else 3) * d * self.ffn_hidden
-        else:
+        dense = (2 if self.mlp == "gelu" else 3) * d * self.ffn_hidden
+        moe, n_moe = 0, 0 if E == 0 else self.n_layer - self.first_dense_layers
+        if n_moe:
             with torch.random.fork_rng(devices=[]):  # the router is small: build it to count it
                 router = ROUTERS[self.router](self)
-            ffn = E * (2 * router.expert_width + d) * f + 3 * d * self.n_shared * f + self.shared_gate * d + \
-                sum(p.numel() for p in router.parameters())
+            moe = E * (2 * router.expert_width + d) * f + 3 * d * self.n_shared * f + self.shared_gate * d + \
+                sum(p.numel() for p in router.parameters()) + self.expert_bias * E * (2 * f + d)
         head = 0 if self.tie_embeddings else self.vocab_size * d
         pos = self.block_size * d if self.pos_emb == "learned" else 0
-        return self.vocab_size * d + pos + head + self.n_layer * (attn + ffn + 2 * d) + d
+        return self.vocab_size * d + pos + head + self.n_layer * (attn + 2 * d) + n_moe * moe + \
+            (self.n_layer - n_moe) * dense + d
 
 
 class GPT(nn.Module):
@@ -344,7 +395,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" else None  # nanoGPT's
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.blocks = nn.ModuleList([Block(cfg, layer) for layer in range(cfg.n_layer)])
         self.ln_f = norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -376,8 +427,9 @@ class GPT(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         cfg, inactive = self.config, 0
         if cfg.n_experts > 0:
-            experts = sum(getattr(b.mlp, w).numel() for b in self.blocks for w in ("w_gate", "w_up", "w_down"))
-            inactive = experts * (cfg.n_experts - cfg.top_k) // cfg.n_experts
+            experts = sum(getattr(b.mlp, w).numel() for b in self.blocks if isinstance(b.mlp, MoE)
+                          for w in ("w_gate", "w_up", "w_down"))
+            inactive = experts * max(cfg.n_experts - cfg.top_k, 0) // cfg.n_experts
         return total, total - inactive
 
     def forward(self, idx, targets=None, cache=None):
@@ -432,67 +484,3 @@ class GPT(nn.Module):
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
             idx = torch.cat((idx, nxt), dim=1)
         return idx
-
-
-# ------------------------------------------------------------------------------------------------
-# the checks of the settings (out of the reading path: GPTConfig calls them)
-
-def check_and_derive(cfg):
-    """Check every field of a GPTConfig, then derive the widths left at 0. Raises ValueError naming the field."""
-    for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-        _require(getattr(cfg, name) >= 1, f"{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("ffn_hidden", "n_experts", "n_shared", "expert_hidden", "ermoe_rank", "n_kv_head", "head_dim"):
-        _require(getattr(cfg, name) >= 0, f"{name} must be >= 0 (0 = derived/off), got {getattr(cfg, name)}")
-    for name, low in (("rope_theta", 0), ("routed_scale", 0), ("capacity_factor", None), ("bias_update_rate", None)):
-        value = getattr(cfg, name)  # finite and > low, or >= 0 where low is None
-        _require(math.isfinite(value) and (value > low if low is not None else value >= 0),
-                 f"{name} must be {'> 0' if low is not None else '>= 0'}, got {value}")
-    _require(0 <= cfg.norm_eps < 1, f"norm_eps must be in [0, 1) (0 = the dtype's epsilon), got {cfg.norm_eps}")
-    if cfg.n_kv_head == 0:
-        cfg.n_kv_head = cfg.n_head
-    _require(cfg.n_head % cfg.n_kv_head == 0, f"n_kv_head ({cfg.n_kv_head}) must divide n_head ({cfg.n_head})")
-    _require(not cfg.shared_gate or cfg.n_shared > 0, "shared_gate needs shared experts (n_shared > 0)")
-    _require(0.0 <= cfg.dropout < 1.0, f"dropout must be in [0, 1), got {cfg.dropout}")
-    if cfg.head_dim == 0:
-        _require(cfg.n_embd % cfg.n_head == 0, f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head}) "
-                 f"(or give head_dim)")
-        cfg.head_dim = cfg.n_embd // cfg.n_head
-    _require(cfg.head_dim % 2 == 0, f"head size {cfg.head_dim} must be even (rotary)")
-    _require(cfg.mlp == "swiglu" or cfg.n_experts == 0, "mlp=gelu is nanoGPT's dense MLP: set n_experts=0 (experts are SwiGLU)")
-    _require(not cfg.qk_norm_per_head or cfg.qk_norm, "qk_norm_per_head needs qk_norm=True")
-    _require(cfg.n_group >= 1 and 1 <= cfg.topk_group <= cfg.n_group,
-             f"need n_group >= 1 and 1 <= topk_group <= n_group, got {cfg.n_group} and {cfg.topk_group}")
-    if cfg.n_group > 1 and cfg.n_experts > 0:
-        _require(cfg.router == "sigmoid", f"n_group applies to router=sigmoid (DeepSeek-V3), not {cfg.router}")
-        _require(cfg.n_experts % cfg.n_group == 0, f"n_group ({cfg.n_group}) must divide n_experts ({cfg.n_experts})")
-        _require(cfg.topk_group * cfg.n_experts // cfg.n_group >= cfg.top_k,
-                 f"topk_group={cfg.topk_group} groups of {cfg.n_experts // cfg.n_group} experts hold fewer than "
-                 f"top_k={cfg.top_k} experts")
-    _require(cfg.n_experts == 0 or 1 <= cfg.top_k <= cfg.n_experts,
-             f"top_k must be in [1, n_experts={cfg.n_experts}], got {cfg.top_k}")
-    for name, choices in (("router", tuple(ROUTERS)), ("dispatch", ("sorted", "naive")), ("router_impl", IMPLS),
-                          ("expert_init", ("random", "upcycle")),
-                          ("ermoe_basis", ("independent", "partitioned", "penalty")),
-                          ("pos_emb", ("rope", "learned")), ("mlp", ("swiglu", "gelu")), ("norm", ("rmsnorm", "layernorm"))):
-        _require(getattr(cfg, name) in choices, f"unknown {name} '{getattr(cfg, name)}' ({'|'.join(choices)})")
-    if cfg.n_experts > 0:
-        why = impl_problem(cfg.router, cfg.router_impl, cfg.n_experts, cfg.top_k)
-        _require(why is None, why)
-    # the widths left at 0, derived from the final settings
-    if cfg.ffn_hidden == 0:
-        cfg.ffn_hidden = 4 * cfg.n_embd if cfg.mlp == "gelu" else 64 * math.ceil(8 * cfg.n_embd / 3 / 64)
-    if cfg.n_experts > 0 and cfg.expert_hidden == 0:
-        cfg.expert_hidden = max(1, cfg.ffn_hidden // (cfg.top_k + cfg.n_shared))
-    if cfg.router == "ermoe" and cfg.n_experts > 0:
-        if cfg.ermoe_rank == 0:
-            cfg.ermoe_rank = max(1, cfg.n_embd // cfg.n_experts)
-        _require(cfg.ermoe_rank <= cfg.n_embd, f"ermoe_rank must be <= n_embd={cfg.n_embd} (an orthonormal "
-                 f"basis of R^d has at most d vectors), got {cfg.ermoe_rank}")
-        _require(cfg.ermoe_basis != "partitioned" or cfg.n_experts * cfg.ermoe_rank <= cfg.n_embd,
-                 f"ermoe_basis=partitioned needs n_experts*ermoe_rank <= n_embd, got "
-                 f"{cfg.n_experts}*{cfg.ermoe_rank} > {cfg.n_embd}")
-
-
-def _require(ok, message):
-    if not ok:
-        raise ValueError(message)

@@ -72,36 +72,42 @@ class Router(nn.Module):
     per_step = False     # has an update() to call after every optimizer step
     score_gates = False  # unrenormalised gates: p at the selection; True: the score exp(a) (sigmoid: s itself)
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer=0):
         super().__init__()
-        self.n_experts, self.k, self.impl = cfg.n_experts, cfg.top_k, cfg.router_impl
+        self.n_experts = cfg.n_experts + cfg.zero_experts  # the router's choices (LongCat's zero-compute ones too)
+        self.k, self.impl = cfg.top_k, cfg.router_impl
         self.expert_width = cfg.n_embd  # the width of the rows the experts read (ERMoE: its rank r)
         # at k=1 a renormalised gate is always 1 and the router would get no gradient from the loss:
         # the gate is then the score itself (Switch Transformer's p)
-        self.renorm = cfg.gate_renorm and cfg.top_k > 1
-        self.routed_scale, self.capacity_factor = cfg.routed_scale, cfg.capacity_factor
+        self.renorm, self.floor = cfg.gate_renorm and cfg.top_k > 1, cfg.renorm_floor
+        self.routed_scale, self.capacity_factor, self.gate_input = cfg.routed_scale, cfg.capacity_factor, cfg.gate_input
 
     def forward(self, x, ids=None):
         with torch.autocast(device_type=x.device.type, enabled=False):
-            a = self.logits(x.float(), ids)                              # (T, E) fp32
+            x = x.float()
+            a = self.logits(x, ids)                                      # (T, E) fp32
             if self.fused and choose_impl(self.impl, a.shape[1], self.k, a) != "torch":
                 r = topk_route(a, self.k, self.impl, self.renorm)        # compiled or Triton: the same Routing
             else:
-                r = route_reference(a, self.k, self.renorm, self.select(a, ids), self.score_gates)
-        return self.finish(r)
+                r = route_reference(a, self.k, self.renorm, self.select(a, ids), self.score_gates, self.floor)
+        return self.finish(r, x)
 
     def select(self, a, ids):
         """The selected experts idx (T, k), or None: the top-k of the logits a."""
         return None
 
-    def finish(self, r):
-        """The routed scale (DeepSeek-V3: 2.5), and a capacity if one is set: dropped pairs get gate 0."""
-        gates = r.gates * self.routed_scale if self.routed_scale != 1.0 else r.gates  # (T, k)
+    def finish(self, r, x):
+        """The routed scale (DeepSeek-V3: 2.5); a capacity if one is set (dropped pairs get gate 0); with
+        gate_input the gates move onto what the experts read, g * x, and their outputs add ungated (Llama 4)."""
+        gates, kept = (r.gates * self.routed_scale if self.routed_scale != 1.0 else r.gates), r.kept  # (T, k)
         if self.capacity_factor > 0:
             T, k = r.idx.shape
             kept = capacity_mask(r.idx, math.ceil(self.capacity_factor * T * k / self.n_experts), self.n_experts)
-            return r._replace(gates=gates * kept, kept=kept)
-        return r._replace(gates=gates)
+            gates = gates * kept
+        if self.gate_input:
+            g = torch.zeros(r.idx.shape[0], self.n_experts, device=x.device).scatter(1, r.idx, gates)  # (T, E)
+            return r._replace(gates=torch.ones_like(gates), expert_inputs=x[:, None, :] * g[..., None], kept=kept)
+        return r._replace(gates=gates, kept=kept)
 
     def metrics(self):
         """This router's own evaluation metrics (e.g. ERMoE's geometry), a dict of floats."""
@@ -115,16 +121,15 @@ class Router(nn.Module):
         """After every optimizer step (per_step routers), with the step's load (E,) of every process."""
 
 
-def route_reference(logits, k, renormalize=True, idx=None, score_gates=False):
+def route_reference(logits, k, renormalize=True, idx=None, score_gates=False, floor=0.0):
     """The routing pass in plain PyTorch: logits (T, E) -> Routing. The selection is the top-k of
-    the logits unless a router gives its own `idx` (T, k)."""
+    the logits unless a router gives its own `idx` (T, k); gates_of says the rest."""
     a = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (T, E) fp32 (fp64 kept for gradcheck)
     lse = a.logsumexp(dim=-1)                                       # (T,)
     p = (a - lse[:, None]).exp()                                    # (T, E) full softmax
     if idx is None:
-        gates, idx = select_topk(a, k, renormalize)                 # (T, k), (T, k)
-    else:
-        gates = gates_of(a, idx, renormalize, score_gates)
+        idx = select_topk(a, k)[1]                                  # (T, k)
+    gates = gates_of(a, idx, renormalize, score_gates, floor)       # (T, k)
     mass = p.gather(1, idx).sum(dim=-1)                             # (T,)
     return Routing(gates, idx, expert_counts(idx, a.shape[1]), lse, mass, p.sum(dim=0), a)
 
@@ -137,8 +142,13 @@ def select_topk(scores, k, renormalize=True):
     return gates_of(scores, idx, renormalize), idx
 
 
-def gates_of(logits, idx, renormalize=True, score_gates=False):
+def gates_of(logits, idx, renormalize=True, score_gates=False, floor=0.0):
+    """The gates of the selected experts idx (T, k): p renormalised over them (with a floor: divided by
+    max(sum, floor), ERNIE-4.5's), or p itself, or the router's score exp(a) (score_gates: sigmoid)."""
     top = logits.gather(-1, idx)                                                # (T, k)
+    if renormalize and floor > 0:                         # the scores over max(their sum, floor)
+        w = top.exp() if score_gates else (top - logits.logsumexp(dim=-1, keepdim=True)).exp()
+        return w / w.sum(dim=-1, keepdim=True).clamp_min(floor)
     if renormalize:
         return top.softmax(dim=-1)                        # = p renormalised over the k selected
     if score_gates:
@@ -172,17 +182,44 @@ def _cosine_matrix(rows):
 
 
 class SoftmaxRouter(Router):
-    """The linear router of Switch / GShard / Mixtral: a = x W^T."""
+    """The linear router of Switch / GShard / Mixtral: a = x W^T (+ a learned bias with router_bias:
+    gpt-oss). With select_bias the k experts of largest p + b are selected, b a bias that only selects,
+    balanced after every step as the sigmoid router's (ERNIE-4.5, LongCat-Flash)."""
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.weight = nn.Parameter(torch.randn(cfg.n_experts, cfg.n_embd) * 0.02)
+    def __init__(self, cfg, layer=0):
+        super().__init__(cfg, layer)
+        self.weight = nn.Parameter(torch.randn(self.n_experts, cfg.n_embd) * 0.02)
+        self.logit_bias = nn.Parameter(torch.zeros(self.n_experts)) if cfg.router_bias else None
+        if cfg.select_bias:
+            self.register_buffer("bias", torch.zeros(self.n_experts))    # (E,) in the checkpoint, no gradient
+            self.fused, self.per_step, self.rate = False, True, cfg.bias_update_rate
 
     def logits(self, x, ids):
-        return F.linear(x, self.weight.float())                          # (T, E)
+        bias = None if self.logit_bias is None else self.logit_bias.float()
+        return F.linear(x, self.weight.float(), bias)                    # (T, E)
+
+    def select(self, a, ids):
+        return select_topk(a.softmax(dim=-1) + self.bias, self.k)[1] if self.per_step else None
+
+    def update(self, counts):
+        if self.per_step:
+            balance_bias(self, counts)
 
     def similarity(self):
         return _cosine_matrix(self.weight)
+
+
+@torch.no_grad()
+def balance_bias(router, counts):
+    """Auxiliary-loss-free balancing (Wang et al. 2024, arXiv 2408.15664, Algorithm 1): after every step,
+    b_e += rate * sign(mean load - load_e), so that overloaded experts get selected less."""
+    load = counts.float()
+    router.bias += router.rate * torch.sign(load.mean() - load)
+
+
+def random_table(cfg):
+    """A fixed random token id -> k distinct experts table (vocab_size, k) (hash layers)."""
+    return torch.rand(cfg.vocab_size, cfg.n_experts).argsort(dim=1)[:, :cfg.top_k]
 
 
 class SigmoidRouter(Router):
@@ -193,25 +230,36 @@ class SigmoidRouter(Router):
     form n_group equal groups, a group is scored by the sum of its two largest s + b, and a token
     selects among the topk_group best groups only. Gates: s renormalised over the selection, or s
     itself (gate_renorm=False, transformers' norm_topk_prob=False), times routed_scale (2.5 in V3).
-    Auxiliary-loss-free balancing (Wang et al. 2024, arXiv 2408.15664): after every step,
-    b_e += rate * sign(mean load - load_e), so overloaded experts get chosen less.
+    Balanced by the bias (balance_bias). Switches of other families: score_fn=sqrt_softplus,
+    s = sqrt(softplus(x W^T)) (DeepSeek-V4); router_bias (a learned logit bias); hash layers (the
+    first hash_layers layers select by a fixed token-id table, the scores still weight: DeepSeek-V4).
     """
     defaults = dict(c_lb=0.0, c_z=0.0)  # balanced by the bias instead
     fused = False                       # the selection is not the top-k of the logits
     per_step = True
     score_gates = True
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.weight = nn.Parameter(torch.randn(cfg.n_experts, cfg.n_embd) * 0.02)
-        self.register_buffer("bias", torch.zeros(cfg.n_experts))      # (E,) in the checkpoint, no gradient
-        self.rate, self.n_group, self.topk_group = cfg.bias_update_rate, cfg.n_group, cfg.topk_group
+    def __init__(self, cfg, layer=0):
+        super().__init__(cfg, layer)
+        self.weight = nn.Parameter(torch.randn(self.n_experts, cfg.n_embd) * 0.02)
+        self.logit_bias = nn.Parameter(torch.zeros(self.n_experts)) if cfg.router_bias else None
+        self.register_buffer("bias", torch.zeros(self.n_experts))      # (E,) in the checkpoint, no gradient
+        self.rate, self.n_group, self.topk_group, self.score_fn = (cfg.bias_update_rate, cfg.n_group, cfg.topk_group,
+                                                                   cfg.score_fn)
+        self.register_buffer("table", random_table(cfg) if layer < cfg.hash_layers else None)  # (V, k) hash layers
 
     def logits(self, x, ids):
-        return F.logsigmoid(F.linear(x, self.weight.float()))            # (T, E) log s
+        z = F.linear(x, self.weight.float(), None if self.logit_bias is None else self.logit_bias.float())
+        if self.score_fn == "sqrt_softplus":
+            return 0.5 * torch.log(F.softplus(z))                         # (T, E) log s, s = sqrt(softplus(z))
+        return F.logsigmoid(z)                                            # (T, E) log s
 
     def select(self, a, ids):
         """The k experts of s + b (T, E), within the topk_group best groups -> idx (T, k)."""
+        if self.table is not None:                                        # a hash layer: a fixed table selects
+            if ids is None:
+                raise ValueError("hash layers need the token ids")
+            return self.table[ids]
         choice = a.exp() + self.bias                                      # DeepSeek-V3 Eq. 16: bias to select
         if self.n_group > 1:
             T, E = choice.shape
@@ -222,10 +270,8 @@ class SigmoidRouter(Router):
             choice = choice.masked_fill(~allowed.repeat_interleave(E // self.n_group, dim=1), -math.inf)
         return select_topk(choice, self.k)[1]
 
-    @torch.no_grad()
     def update(self, counts):
-        load = counts.float()
-        self.bias += self.rate * torch.sign(load.mean() - load)         # Wang et al. 2024, Algorithm 1
+        balance_bias(self, counts)
 
     def metrics(self):
         return {"bias_range": (self.bias.max() - self.bias.min()).item()}
@@ -243,10 +289,9 @@ class HashRouter(Router):
     defaults = dict(c_lb=0.0, c_z=0.0, c_cp=0.0)  # constants here: no router parameter to move
     fused = False
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        table = torch.rand(cfg.vocab_size, cfg.n_experts).argsort(dim=1)[:, :cfg.top_k]  # (V, k) distinct
-        self.register_buffer("table", table)
+    def __init__(self, cfg, layer=0):
+        super().__init__(cfg, layer)
+        self.register_buffer("table", random_table(cfg))                  # (V, k) distinct experts
 
     def logits(self, x, ids):
         if ids is None:
@@ -268,8 +313,8 @@ class CosineRouter(Router):
     """
     dim = 16
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, layer=0):
+        super().__init__(cfg, layer)
         d_low = min(self.dim, cfg.n_embd)
         self.proj = nn.Parameter(torch.randn(d_low, cfg.n_embd) * 0.02)  # (d_low, d)
         self.centroids = nn.Parameter(nn.init.orthogonal_(torch.empty(cfg.n_experts, d_low)))
@@ -302,8 +347,8 @@ class ExpertChoiceRouter(Router):
     defaults = dict(c_lb=0.0)  # balanced by construction
     fused = False
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, layer=0):
+        super().__init__(cfg, layer)
         self.weight = nn.Parameter(torch.randn(cfg.n_experts, cfg.n_embd) * 0.02)
         self.choice_factor = cfg.capacity_factor or 1.0
         self.capacity_factor = 0.0  # its own capacity, not the token-choice one of Router.finish
@@ -327,7 +372,7 @@ class ExpertChoiceRouter(Router):
             kept = chosen.gather(1, idx)                                  # (T, E)
             gates = p.gather(1, idx) * kept                               # (T, E)
             return self.finish(Routing(gates, idx, chosen.sum(0, dtype=torch.int32), lse, (p * chosen).sum(-1),
-                                       p.sum(0), a, kept=kept))
+                                       p.sum(0), a, kept=kept), x)
 
     def similarity(self):
         return _cosine_matrix(self.weight)
@@ -427,8 +472,8 @@ class EigenRouter(Router):
     """
     defaults = dict(c_lb=0.0, c_z=0.0)  # the paper's claim: balance from the geometry
 
-    def __init__(self, cfg, beta_init=10.0, beta_max=100.0):
-        super().__init__(cfg)
+    def __init__(self, cfg, layer=0, beta_init=10.0, beta_max=100.0):
+        super().__init__(cfg, layer)
         d, E, r, basis = cfg.n_embd, cfg.n_experts, cfg.ermoe_rank, cfg.ermoe_basis
         self.E, self.r, self.basis, self.beta_max, self.expert_width = E, r, basis, beta_max, r
         if basis == "partitioned":  # (GPTConfig has checked the mode and the rank)
@@ -458,7 +503,7 @@ class EigenRouter(Router):
             u = torch.einsum("td,edr->ter", x, self.bases())                 # (T, E, r)
             routing = eigen_route(u.flatten(1), x.norm(dim=-1), self.beta(), self.k, self.r, self.impl, self.renorm)
         penalty = self.penalty() if self.basis == "penalty" else None
-        return self.finish(routing._replace(expert_inputs=u * self.lam, penalty=penalty))
+        return self.finish(routing._replace(expert_inputs=u * self.lam, penalty=penalty), x)
 
     def penalty(self):
         """sum_e ||P_e^T P_e - I||_F^2 (0 in the exact modes, up to rounding)."""

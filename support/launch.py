@@ -79,6 +79,8 @@ def start(cfg, model_cfg):
                         (model_cfg.n_experts % N == 0, f"must divide n_experts ({model_cfg.n_experts})"),
                         (model_cfg.dispatch == "sorted", "needs dispatch=sorted"),
                         (model_cfg.capacity_factor == 0, "needs capacity_factor=0 (dropless)"),
+                        (not (model_cfg.expert_bias or model_cfg.zero_experts or model_cfg.gate_input),
+                         "has no expert_bias, zero_experts or gate_input"),
                         (model_cfg.router != "expert_choice", "needs a token-choice router (expert choice drops pairs)")):
             if not ok:
                 raise UserError(f"expert_parallel={N} {why}")

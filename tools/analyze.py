@@ -53,11 +53,11 @@ def probe(model, idx):
 def expert_cos2(moe, x, ids):
     """(E, E) mean over tokens of cos^2 between experts' intermediates when all run on the same x."""
     T = x.shape[0]
-    coords = moe.router(x, ids).expert_inputs  # what the experts read, where the router makes it (ERMoE)
+    expert_inputs = moe.router(x, ids).expert_inputs  # what the experts read, where the router makes it (ERMoE)
     tok = torch.arange(T)
     z = torch.stack([F.silu(h @ moe.w_gate[e]) * (h @ moe.w_up[e])
                      for e in range(moe.w_up.shape[0])
-                     for h in [moe.expert_rows(x, coords, tok, e).float()]])  # (E, T, f)
+                     for h in [moe.expert_rows(x, expert_inputs, tok, e).float()]])  # (E, T, f)
     zn = F.normalize(z, dim=-1)
     return torch.einsum("itf,jtf->ijt", zn, zn).pow(2).mean(-1)                 # (E, E)
 

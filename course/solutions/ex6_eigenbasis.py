@@ -4,5 +4,5 @@ import torch
 
 
 def eigenbasis_score(x, P):
-    coords = torch.stack([x @ P[e] for e in range(P.shape[0])], dim=1)   # (T, E, r)
-    return coords.norm(dim=-1) / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    u = torch.stack([x @ P[e] for e in range(P.shape[0])], dim=1)        # (T, E, r) coordinates
+    return u.norm(dim=-1) / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
