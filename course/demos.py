@@ -67,6 +67,7 @@ DEMOS = {
         "softmax + L_lb (the default)": TEXT,
         "softmax, no balancing (c_lb=0)": [*TEXT, "--c_lb=0.0"],
         "sigmoid + bias, loss-free (DeepSeek-V3)": [*TEXT, "--router=sigmoid"]}),
+    "wallclock": dict(variants=lambda out_dir: wallclock_variants(out_dir)),
     "capacity": dict(seeds=3, variants={  # 6 arms x 5 seeds would take ~30 min
         "dense d=16": [*FACTS, "--n_embd=16", "--n_experts=0"],
         "dense d=32": [*FACTS, "--n_embd=32", "--n_experts=0"],
@@ -105,6 +106,55 @@ DEMOS = {
                                 f"--expert_init={init}"]
         for init in ("random", "upcycle") for c in (0.0, 2e-3, 0.1)}),
 }
+
+
+def step_time_ratio(steps=40):
+    """t(MoE step) / t(dense step) of the default run's training step (train.train_step: forward, the
+    auxiliary losses, backward, AdamW), on this machine, one thread, the two interleaved in one process."""
+    import time
+    import train
+    from support import launch
+    torch.set_num_threads(1)
+    env, timed = launch.Processes("cpu", "float32"), {}
+    for name, args in (("dense", DENSE), ("moe", TEXT)):
+        settings, _ = train.setup(args)
+        cfg, model_cfg = settings.build(train.TrainConfig, train.GPTConfig)
+        torch.manual_seed(0)
+        model = train.GPT(model_cfg)
+        opt, ids = train.make_optimizer(model, cfg), torch.randint(0, 65, (cfg.batch_size, model_cfg.block_size))
+        timed[name] = (lambda m=model, o=opt, c=cfg: train.train_step(m, m, o, lambda: (ids, ids, None), c, env), [])
+    for i in range(steps + 3):
+        for name, (step, times) in timed.items():
+            t0 = time.process_time()
+            step()
+            if i >= 3:
+                times.append(time.process_time() - t0)
+    return float(np.median(timed["moe"][1]) / np.median(timed["dense"][1]))
+
+
+def wallclock_variants(out_dir):
+    """The MoE default run (2,000 steps) and the dense model given its time: its steps times the measured
+    step-time ratio (kept in out_dir/wallclock.json, so that a rerun finds the same runs), or its FLOPs:
+    6 x active parameters + the attention's 12 L d S per token (PaLM's count)."""
+    path = os.path.join(out_dir, "wallclock.json")
+    if not os.path.exists(path):
+        os.makedirs(out_dir, exist_ok=True)
+        print("measuring the step-time ratio of MoE and dense, side by side ...", flush=True)
+        with open(path, "w") as fh:
+            json.dump({"ratio": round(step_time_ratio(), 4)}, fh)
+    with open(path) as fh:
+        ratio = json.load(fh)["ratio"]
+    from model import GPT, GPTConfig
+    flops = {}
+    for name, extra in (("dense", dict(n_experts=0)), ("moe", {})):
+        cfg = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, **extra)
+        with torch.device("meta"):
+            active = GPT(cfg).num_params()[1]
+        flops[name] = 6 * active + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    same_time, same_flops = round(2000 * ratio), round(2000 * flops["moe"] / flops["dense"])
+    return {"MoE, 8 experts top-2 (the default, 2,000 steps)": TEXT,
+            f"dense, the same time ({same_time:,} steps; step-time ratio {ratio:.3f})": [*DENSE, f"--max_iters={same_time}"],
+            f"dense, the same FLOPs ({same_flops:,} steps)": [*DENSE, f"--max_iters={same_flops}"]}
 
 
 def settings_key(args):
@@ -431,7 +481,27 @@ def show_specialization(runs, dirs, path):
     return metric_table(runs, keys)
 
 
+def show_wallclock(runs, dirs, path):
+    names = list(runs)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, name in enumerate(names):
+        curves = [[(r["iter"], r["val_loss"]) for r in read_log(os.path.join(d, "log.jsonl")) if "val_loss" in r]
+                  for d in dirs[name]]
+        axes[0].plot([it for it, _ in curves[0]], np.mean([[v for _, v in c] for c in curves], axis=0), "o-", ms=3,
+                     label=name.split(" (")[0])
+    axes[0].set(xlabel="iter", ylabel="val loss (fixed batches, mean of seeds)", ylim=(1.5, 2.2), title="by step")
+    axes[0].legend(fontsize=8)
+    bar_panel(axes[1], runs, "val_loss", "val loss, whole split (95 % t interval)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    times = {n: fmt([r["time_s"] for r in runs[n]], 0) for n in names}
+    return paired_table(runs, names[0]) + "\nthe runs' own wall times (s, two runs at a time, one thread each): " + \
+        "; ".join(f"{n.split(' (')[0]}: {t}" for n, t in times.items()) + "\n"
+
+
 SHOW = {"default": show_default, "nanogpt": show_nanogpt, "hash": show_hash, "balance": show_balance,
+        "wallclock": show_wallclock,
         "capacity": show_capacity, "routing": show_routing, "regularisers": show_regularisers,
         "regularisers-facts": show_regularisers, "collapse": show_collapse, "coupling": show_coupling,
         "specialization": show_specialization}
@@ -453,6 +523,8 @@ def main(argv):
     if not os.path.isdir(args.docs):
         raise UserError(f"--docs={args.docs} is not a directory")
     variants, out_dir = DEMOS[args.demo]["variants"], os.path.abspath(args.out_dir)
+    if callable(variants):  # measured on this machine first (wallclock)
+        variants = variants(out_dir)
     dirs = {name: [run_dir(out_dir, a, s) for s in args.seeds] for name, a in variants.items()}
     place = {(name, s): d for name in variants for s, d in zip(args.seeds, dirs[name])}
     if run_variants(variants, [], args.seeds, out_dir, args.dry, args.jobs, lambda n, s: place[n, s]) is None:
