@@ -16,6 +16,13 @@ Notation: T tokens, E routed experts, k experts per token, f expert hidden width
   gradient; for most routers the selection is the top-k of p),
   R_cp = - mean_t sum_{l=1}^{L-1} M^l_t * M^{l+1}_t. Our reading: mean over tokens, sum over the
   L-1 consecutive pairs.
+- sequence_balance_loss: DeepSeek-V3's complementary sequence-wise balance loss (arXiv 2412.19437,
+  Eq. 17-20): L_lb per sequence, f_e = E/(k S) #{t: e in top-k of p_t}, P_e = mean_t p_te over the
+  S tokens of one sequence, then the mean over sequences. The top-k is of the scores themselves,
+  without a balancing bias (the paper's Topk(s)); p the normalised scores (sigmoid: s / sum s).
+- StepBalance: the global-batch load balancing of Qiu et al. 2025 (arXiv 2501.11873): L_lb with f_e
+  from the counts of every micro-batch of the step so far (and of every process), P_e from this
+  micro-batch; the running mean over micro-batches is Megatron's global_aux_loss.
 - aux_losses: all of the above for every MoE layer of a forward pass, unscaled and combined with
   their coefficients. Per-layer terms are summed over layers, as each layer adds its own term.
 
@@ -41,6 +48,36 @@ def load_balancing_loss(probs, idx):
     """probs (T, E) full softmax, idx (T, k) selected experts -> scalar E * sum_e f_e P_e."""
     T, E = probs.shape
     return balance_from_stats(expert_counts(idx, E), probs.float().sum(dim=0), T, idx.shape[1])
+
+
+def sequence_balance_loss(probs, k, seq_len):
+    """probs (T, E), T = B * seq_len in sequence order -> mean_b sum_e f_be P_be (DeepSeek-V3, Eq. 17-20)."""
+    T, E = probs.shape
+    p = probs.float().view(T // seq_len, seq_len, E)                                # (B, S, E)
+    top = p.topk(k, dim=-1).indices.flatten(1)                                      # (B, S*k) unbiased top-k
+    hits = torch.zeros(p.shape[0], E, device=p.device).scatter_add_(1, top, torch.ones_like(top, dtype=p.dtype))
+    return ((hits * E / (k * seq_len)) * p.mean(dim=1)).sum(dim=-1).mean()          # f_be carries no gradient
+
+
+class StepBalance:
+    """aux_losses' `pool` for the global-batch balance (Qiu et al. 2025): f_e of layer l from the counts of
+    every micro-batch of this step so far (summed over processes by `reduce`, a function that all-reduces
+    a tensor in place; None: one process), P_e from this micro-batch. Call reset() at every step."""
+
+    def __init__(self, reduce=None, world=1):
+        self.reduce, self.world, self.seen = reduce, world, {}
+
+    def reset(self):
+        self.seen = {}
+
+    def __call__(self, layer, counts, psum, T):
+        counts = counts.detach().double().clone()                         # (E,) this micro-batch's
+        if self.reduce is not None:
+            self.reduce(counts)                                           # ... of every process
+        total, n = self.seen.get(layer, (0.0, 0))
+        total, n = total + counts, n + 1
+        self.seen[layer] = (total, n)
+        return total / n / self.world, psum, T     # counts per T local tokens, so f_e = mean count / (T_global k)
 
 
 def z_loss(logits):
@@ -116,18 +153,19 @@ def coupling_loss(probs_list, k=None, idx_list=None):
 
 
 # each term's name (in the log) -> the setting that scales it
-COEFFICIENTS = {"lb": "c_lb", "z": "c_z", "sp": "c_sp", "cp": "c_cp", "ortho": "mu_ortho"}
+COEFFICIENTS = {"lb": "c_lb", "z": "c_z", "sp": "c_sp", "cp": "c_cp", "seq": "c_seq", "ortho": "mu_ortho"}
 
 
-def aux_losses(routes, coefs=None, all_terms=True, pool=None):
+def aux_losses(routes, coefs=None, all_terms=True, pool=None, seq_len=None):
     """
     routes: one router.Routing per MoE layer; coefs: {setting: coefficient} for the settings of
     COEFFICIENTS (c_lb, c_z, c_sp, c_cp, mu_ortho; a missing one is 0). Returns (total, terms): total
     is the scalar sum of coefficient * term; terms maps each name to its unscaled value (a tensor). A
     term whose coefficient is 0 is computed only if all_terms (for the log), and then without graph.
-    pool: (counts, psum, T) -> the same statistics summed over the batches of several processes
-    (support/parallel.py), so that L_lb, the one term that is not a mean over tokens, is the loss of
-    the global batch (equal local batch sizes assumed). None: this batch alone.
+    pool: (layer, counts, psum, T) -> L_lb's statistics over more than this batch: the batches of every
+    process (support/parallel.pooled_balance) or of every micro-batch of the step (StepBalance), so
+    that L_lb, the one term that is not a mean over tokens, is the loss of the global batch (equal
+    local batch sizes assumed). None: this batch alone. seq_len: the sequence length, for L_seq.
     """
     coefs = coefs or {}
     unknown = set(coefs) - set(COEFFICIENTS.values())
@@ -137,16 +175,18 @@ def aux_losses(routes, coefs=None, all_terms=True, pool=None):
         return torch.zeros(()), {}
     T, k = routes[0].idx.shape
 
-    def balance(r):
-        counts, psum, n = (pool or (lambda *stats: stats))(r.counts, r.psum, T)
+    def balance(layer, r):
+        counts, psum, n = pool(layer, r.counts, r.psum, T) if pool else (r.counts, r.psum, T)
         return balance_from_stats(counts, psum, n, k)
 
     terms = {
-        "lb": lambda: sum(balance(r) for r in routes),
+        "lb": lambda: sum(balance(layer, r) for layer, r in enumerate(routes)),
         "z": lambda: sum(r.lse.pow(2).mean() for r in routes),
         "sp": lambda: sum(specialization_fast(r.acts) for r in routes),
         "cp": lambda: coupling_from_mass([r.mass for r in routes]),
     }
+    if seq_len and coefs.get("c_seq"):  # DeepSeek-V3's sequence-wise balance
+        terms["seq"] = lambda: sum(sequence_balance_loss(r.probs, k, seq_len) for r in routes)
     if routes[0].penalty is not None:  # ERMoE soft-orthogonality mode
         terms["ortho"] = lambda: sum(r.penalty for r in routes)
     total, values = routes[0].logits.new_zeros(()), {}

@@ -307,6 +307,58 @@ def test_load_balancing_reference_values_and_other_normalisations():
     assert torch.isclose(load_balancing_loss(layers[0][0], layers[0][1][:, :1]), switch)  # = Switch at k=1
 
 
+def test_sequence_balance_loss_brute_force():
+    """DeepSeek-V3 Eq. 17-20 by loops: per sequence, f_i = E/(k S) * #{t: i among the k largest s'_t},
+    P_i = mean_t s'_ti; the mean over sequences of sum_i f_i P_i. 1 when every sequence is balanced."""
+    from losses import sequence_balance_loss
+    torch.manual_seed(0)
+    B, S, E, k = 3, 5, 6, 2
+    p = torch.softmax(torch.randn(B * S, E, dtype=torch.float64), -1).requires_grad_(True)
+    total = 0.0
+    for b in range(B):
+        rows = p[b * S:(b + 1) * S]
+        for i in range(E):
+            hits = sum(1 for t in range(S) if i in brute_topk(rows[t].tolist(), k))
+            total = total + E / (k * S) * hits * rows[:, i].mean()
+    want = total / B
+    got = sequence_balance_loss(p, k, S)
+    assert torch.isclose(got.double(), want)
+    g1, = torch.autograd.grad(got, p)
+    g2, = torch.autograd.grad(want, p)
+    assert torch.allclose(g1.double(), g2, atol=1e-6)
+    uniform = torch.full((B * S, E), 1.0 / E)              # P_i = 1/E and sum_i f_i = E, whatever the top-k
+    assert torch.isclose(sequence_balance_loss(uniform, k, S), torch.tensor(1.0))
+
+
+def test_global_batch_balance_by_hand_over_micro_batches_and_processes():
+    """Qiu et al. 2025: micro-batch m of a step uses f_e = (counts of micro-batches 1..m, of every process,
+    averaged over m) / (T_global k) and its own P_e. The other process is simulated by a reduce that adds
+    known counts; the loop below is the formula written out."""
+    from losses import StepBalance, balance_from_stats
+    torch.manual_seed(0)
+    T, E, k, M = 8, 4, 2, 3
+    other = [torch.tensor([4, 4, 4, 4], dtype=torch.float64), torch.tensor([16, 0, 0, 0], dtype=torch.float64),
+             torch.tensor([0, 8, 8, 0], dtype=torch.float64)]           # the other process's counts per micro-batch
+    step = {"m": 0}
+
+    def reduce(t):
+        t += other[step["m"]]
+    pool = StepBalance(reduce, world=2)
+    seen = torch.zeros(E, dtype=torch.float64)
+    for m in range(M):
+        step["m"] = m
+        idx = torch.randint(0, E, (T, k))
+        counts = torch.bincount(idx.reshape(-1), minlength=E)
+        psum = torch.softmax(torch.randn(T, E), -1).sum(0)
+        got = balance_from_stats(*pool(0, counts, psum, T), k)
+        seen += counts.double() + other[m]
+        f = seen / (m + 1) / (2 * T * k)                                 # the global tokens: 2 processes x T
+        want = E * sum(f[e] * psum[e] / T for e in range(E))
+        assert torch.isclose(got.double(), want.double()), m
+    pool.reset()
+    assert pool.seen == {}
+
+
 # ------------------------------------------------------------------------------------------------
 # expert choice, DeepSeek-V3's group-limited routing, cached generation, the attention options
 

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from losses import COEFFICIENTS, aux_losses
+from losses import COEFFICIENTS, StepBalance, aux_losses
 from model import GPT, GPTConfig
 from router import ROUTERS
 from support import launch
@@ -61,6 +61,7 @@ class TrainConfig:
     c_z: float = 1e-3                    # router z-loss (a router may default to 0: ermoe, sigmoid, hash)
     c_sp: float = 2e-3                   # specialization loss (Hu et al. 2026, Eq. 4); 0 = off
     c_cp: float = 1e-3                   # cross-layer coupling loss (Hu et al. 2026, Eq. 7); 0 = off
+    c_seq: float = 0.0                   # DeepSeek-V3's sequence-wise balance loss (its Eq. 17-20; V3: 1e-4); 0 = off
     mu_ortho: float = 1e-2               # soft orthogonality penalty, only with ermoe_basis='penalty'
     # optimizer: AdamW, linear warmup then cosine decay to min_lr
     learning_rate: float = 1e-3          # peak learning rate
@@ -78,7 +79,8 @@ class TrainConfig:
     compile: bool = True                 # torch.compile the model (off in the CPU preset unless set)
     seed: int = 1337                     # seed of the initialisation and the training batches
     expert_parallel: int = 1             # N > 1: each MoE layer's experts split over N processes (torchrun)
-    balance_stats: str = "global"        # L_lb's statistics over all processes' batches ('global') or each one's ('local')
+    balance_stats: str = "global"        # L_lb's statistics: all processes' batches ('global'), each one's ('local'), or
+                                         # every micro-batch of the step and every process ('step', Qiu et al. 2025)
     # tracking (log.jsonl always; wandb on request, support/tracking.py)
     wandb_log: bool = False              # also send every log record to Weights & Biases (pip install wandb)
     wandb_project: str = "nanomoe-routing"  # the wandb project
@@ -103,7 +105,8 @@ class TrainConfig:
                  f"device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
         _require(self.dataset != "", "dataset is empty: give a name under data/, or a task such as synthetic")
         _require(self.expert_parallel >= 1, f"expert_parallel must be >= 1 (1 = off), got {self.expert_parallel}")
-        _require(self.balance_stats in ("global", "local"), f"balance_stats must be global or local, got '{self.balance_stats}'")
+        _require(self.balance_stats in ("global", "local", "step"),
+                 f"balance_stats must be global, local or step, got '{self.balance_stats}'")
         _require(self.out_dir != "", "out_dir is empty: give a directory, e.g. --out_dir=out")
         _require(not self.wandb_log or importlib.util.find_spec("wandb") is not None,
                  "wandb_log=True needs the wandb package (pip install wandb)")
@@ -190,12 +193,14 @@ def train_step(fwd, model, optimizer, batches, cfg, env):
     Returns (CE loss, unscaled auxiliary terms), means over the micro-batches and processes."""
     coefs = {c: getattr(cfg, c) for c in COEFFICIENTS.values()}
     ce_sum, total_sum, terms_sum, load = 0.0, 0.0, {}, 0
+    if isinstance(env.pool, StepBalance):  # L_lb's counts of this step's micro-batches: none yet
+        env.pool.reset()
     for micro in range(env.accum):
         X, Y, _ = batches()
         env.micro_step(fwd, micro)
         with env.autocast:
             _, ce, routes = fwd(X, Y)
-            aux, terms = aux_losses(routes, coefs, pool=env.pool)  # losses.py; 0-coefficient terms: logged only
+            aux, terms = aux_losses(routes, coefs, pool=env.pool, seq_len=X.shape[1])  # losses.py; 0-coefficient terms: logged only
             loss = (ce + aux) / env.accum
         loss.backward()
         ce_sum = ce_sum + ce.detach() / env.accum
@@ -298,6 +303,8 @@ def main(argv):
         if ckpt:  # checked before the out_dir is touched; a checkpoint always holds the whole model
             load_state(model.load_state_dict, ckpt["model"], "checkpoint weights do not match its model_args")
         fwd = env.attach(model, cfg)  # the module to call: this rank's experts, compiled, DDP (support/launch.py)
+        if cfg.balance_stats == "step":  # L_lb's f over the step's micro-batches and processes (Qiu et al. 2025)
+            env.pool = StepBalance(launch.all_reduce_sum(env), env.world)
         optimizer = make_optimizer(model, cfg)
         if ckpt and ckpt["optimizer"] is not None:  # None: imported weights (tools/convert.py), a fresh optimizer
             state = env.ep.shard_optimizer_state(ckpt["optimizer"], optimizer, model) if env.ep else ckpt["optimizer"]

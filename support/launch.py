@@ -174,6 +174,11 @@ def all_ranks_min(env):
     return (lambda t: dist.all_reduce(t, op=dist.ReduceOp.MIN)) if env.ddp else None
 
 
+def all_reduce_sum(env):
+    """A function that sums a tensor over every process in place (None with one process)."""
+    return (lambda t: dist.all_reduce(t)) if env.ddp else None
+
+
 def weight_hashes(env, weights):
     """The sha256 of every process's whole model, gathered (identical replicas: one value)."""
     digest = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in weights.values())).hexdigest()

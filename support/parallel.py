@@ -86,7 +86,7 @@ def all_reduce_sum(x, group=None):
 def pooled_balance(group):
     """losses.aux_losses' `pool`: the load-balancing statistics (counts, psum, T) of the batches of every
     process in `group`, i.e. of the global batch (the psum sum is differentiable; counts carry no gradient)."""
-    def pool(counts, psum, T):
+    def pool(layer, counts, psum, T):
         counts = counts.clone()
         dist.all_reduce(counts, group=group)
         return counts, all_reduce_sum(psum, group), T * dist.get_world_size(group)
