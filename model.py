@@ -165,7 +165,9 @@ class MoE(nn.Module):
 
     def __init__(self, cfg, layer=0):
         super().__init__()
-        self.router = ROUTERS[cfg.router](cfg, layer)   # first: keeps the parameter initialisation order
+        self.router = ROUTERS[cfg.router](cfg)   # first: keeps the parameter initialisation order
+        if layer < cfg.hash_layers:             # DeepSeek-V4's first layers: a fixed token-id table selects
+            self.router.hash_layer(cfg)
         E, d, f, d_in = cfg.n_experts, cfg.n_embd, cfg.expert_hidden, self.router.expert_width
         self.w_gate = nn.Parameter(torch.randn(E, d_in, f) * 0.02)   # (E, d_in, f)
         self.w_up = nn.Parameter(torch.randn(E, d_in, f) * 0.02)     # (E, d_in, f)

@@ -72,7 +72,7 @@ class Router(nn.Module):
     per_step = False     # has an update() to call after every optimizer step
     score_gates = False  # unrenormalised gates: p at the selection; True: the score exp(a) (sigmoid: s itself)
 
-    def __init__(self, cfg, layer=0):
+    def __init__(self, cfg):
         super().__init__()
         self.n_experts = cfg.n_experts + cfg.zero_experts  # the router's choices (LongCat's zero-compute ones too)
         self.k, self.impl = cfg.top_k, cfg.router_impl
@@ -186,8 +186,8 @@ class SoftmaxRouter(Router):
     gpt-oss). With select_bias the k experts of largest p + b are selected, b a bias that only selects,
     balanced after every step as the sigmoid router's (ERNIE-4.5, LongCat-Flash)."""
 
-    def __init__(self, cfg, layer=0):
-        super().__init__(cfg, layer)
+    def __init__(self, cfg):
+        super().__init__(cfg)
         self.weight = nn.Parameter(torch.randn(self.n_experts, cfg.n_embd) * 0.02)
         self.logit_bias = nn.Parameter(torch.zeros(self.n_experts)) if cfg.router_bias else None
         if cfg.select_bias:
@@ -239,14 +239,18 @@ class SigmoidRouter(Router):
     per_step = True
     score_gates = True
 
-    def __init__(self, cfg, layer=0):
-        super().__init__(cfg, layer)
+    def __init__(self, cfg):
+        super().__init__(cfg)
         self.weight = nn.Parameter(torch.randn(self.n_experts, cfg.n_embd) * 0.02)
         self.logit_bias = nn.Parameter(torch.zeros(self.n_experts)) if cfg.router_bias else None
         self.register_buffer("bias", torch.zeros(self.n_experts))      # (E,) in the checkpoint, no gradient
         self.rate, self.n_group, self.topk_group, self.score_fn = (cfg.bias_update_rate, cfg.n_group, cfg.topk_group,
                                                                    cfg.score_fn)
-        self.register_buffer("table", random_table(cfg) if layer < cfg.hash_layers else None)  # (V, k) hash layers
+        self.register_buffer("table", None)                             # (V, k) in a hash layer (hash_layer)
+
+    def hash_layer(self, cfg):
+        """Make this a hash layer (the first hash_layers layers of DeepSeek-V4): a fixed random table selects."""
+        self.table = random_table(cfg)
 
     def logits(self, x, ids):
         z = F.linear(x, self.weight.float(), None if self.logit_bias is None else self.logit_bias.float())
@@ -289,8 +293,8 @@ class HashRouter(Router):
     defaults = dict(c_lb=0.0, c_z=0.0, c_cp=0.0)  # constants here: no router parameter to move
     fused = False
 
-    def __init__(self, cfg, layer=0):
-        super().__init__(cfg, layer)
+    def __init__(self, cfg):
+        super().__init__(cfg)
         self.register_buffer("table", random_table(cfg))                  # (V, k) distinct experts
 
     def logits(self, x, ids):
@@ -313,8 +317,8 @@ class CosineRouter(Router):
     """
     dim = 16
 
-    def __init__(self, cfg, layer=0):
-        super().__init__(cfg, layer)
+    def __init__(self, cfg):
+        super().__init__(cfg)
         d_low = min(self.dim, cfg.n_embd)
         self.proj = nn.Parameter(torch.randn(d_low, cfg.n_embd) * 0.02)  # (d_low, d)
         self.centroids = nn.Parameter(nn.init.orthogonal_(torch.empty(cfg.n_experts, d_low)))
@@ -347,8 +351,8 @@ class ExpertChoiceRouter(Router):
     defaults = dict(c_lb=0.0)  # balanced by construction
     fused = False
 
-    def __init__(self, cfg, layer=0):
-        super().__init__(cfg, layer)
+    def __init__(self, cfg):
+        super().__init__(cfg)
         self.weight = nn.Parameter(torch.randn(cfg.n_experts, cfg.n_embd) * 0.02)
         self.choice_factor = cfg.capacity_factor or 1.0
         self.capacity_factor = 0.0  # its own capacity, not the token-choice one of Router.finish
@@ -472,8 +476,8 @@ class EigenRouter(Router):
     """
     defaults = dict(c_lb=0.0, c_z=0.0)  # the paper's claim: balance from the geometry
 
-    def __init__(self, cfg, layer=0, beta_init=10.0, beta_max=100.0):
-        super().__init__(cfg, layer)
+    def __init__(self, cfg, beta_init=10.0, beta_max=100.0):
+        super().__init__(cfg)
         d, E, r, basis = cfg.n_embd, cfg.n_experts, cfg.ermoe_rank, cfg.ermoe_basis
         self.E, self.r, self.basis, self.beta_max, self.expert_width = E, r, basis, beta_max, r
         if basis == "partitioned":  # (GPTConfig has checked the mode and the rank)

@@ -26,12 +26,12 @@ def grade(package=None, env_extra=None):
 
 def test_exercise_grader_accepts_the_key_rejects_the_stubs_and_explains_a_wrong_answer(tmp_path):
     key = grade("solutions")
-    assert key.returncode == 0 and "8 passed" in key.stdout, key.stdout[-3000:]
+    assert key.returncode == 0 and "9 passed" in key.stdout, key.stdout[-3000:]
     stubs = grade()
-    assert stubs.returncode == 1 and "8 failed" in stubs.stdout
+    assert stubs.returncode == 1 and "9 failed" in stubs.stdout
     # each stub named once at least (the short summary may repeat it, depending on terminal width)
     unwritten = set(re.findall(r"(ex\d_\w+)\.\w+ is not written yet", stubs.stdout))
-    assert len(unwritten) == 8, stubs.stdout[-3000:]
+    assert len(unwritten) == 9, stubs.stdout[-3000:]
     wrong = tmp_path / "wrong"  # the key with two bugs in one exercise: ties to the higher index, gates unscaled
     import shutil
     shutil.copytree(os.path.join(REPO, "course", "solutions"), wrong)

@@ -11,9 +11,9 @@ import os
 import pytest
 import torch
 
-from model import GPTConfig, MoE
-from support.settings import read_config_file
-from tests.helpers import REPO, require
+from tests.helpers import REPO, require  # first: it sets TRITON_INTERPRET before router.py imports triton
+from model import GPTConfig, MoE  # noqa: E402
+from support.settings import read_config_file  # noqa: E402
 
 D, F_, E, K, V = 32, 16, 8, 2, 50     # width, expert width, experts, top-k, vocabulary of the hash table
 FAMILIES = ["gpt_oss", "deepseek_v4", "llama4", "glm4_moe", "minimax_m2", "ernie4_5_moe", "longcat_flash", "qwen3_next"]

@@ -374,3 +374,20 @@ def test_nanogpt_parts_equal_gpt2_in_transformers():
                            (model.blocks[0].attn.c_attn.weight, h[0].attn.c_attn.weight.grad.T),
                            (model.blocks[0].ln_1.weight, h[0].ln_1.weight.grad)):
         assert close(ours_p.grad, theirs)
+
+
+@pytest.mark.parametrize("family, arch", [
+    ("gpt_oss", "GptOssForCausalLM"), ("deepseek_v4", "DeepseekV4ForCausalLM"), ("llama4_text", "Llama4ForCausalLM"),
+    ("glm4_moe", "Glm4MoeForCausalLM"), ("minimax_m2", "MiniMaxM2ForCausalLM"), ("ernie4_5_moe", "Ernie4_5_MoeForCausalLM"),
+    ("longcat_flash", "LongcatFlashForCausalLM"), ("qwen3_next", "Qwen3NextForCausalLM")])
+def test_the_atlas_families_are_refused_in_one_line_naming_the_missing_piece(tmp_path, family, arch):
+    """A real transformers config of each family (written by transformers itself): refused before anything is
+    written, one line, naming what the model lacks."""
+    from tools.convert import NOT_YET
+    transformers = require("transformers", "the interop tests compare against it")
+    config = transformers.AutoConfig.for_model(family)
+    config.architectures = [arch]
+    config.save_pretrained(tmp_path / "hf")
+    code, out, err = cli("tools.convert", "from-hf", tmp_path / "hf", tmp_path / "ours")
+    assert code == 1 and err.count("\n") == 1, err
+    assert NOT_YET[config.architectures[0]] in err and not (tmp_path / "ours").exists()

@@ -236,3 +236,58 @@ def test_ex8_a_new_router_through_the_interface(monkeypatch):
         differs("routing through CentroidRouter breaks an invariant (k experts per token, gates sum to 1)")
     if centroids[0].grad is None or centroids[0].grad.abs().sum() == 0:
         differs("no gradient reaches the centroids: are the logits computed from them?")
+
+
+@grades
+def test_ex9_a_family_as_settings():
+    import importlib.util
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed: this exercise compares with its ERNIE-4.5 block")
+    import transformers
+    wanted = attempt(load("ex9_family").settings)
+    if not isinstance(wanted, dict):
+        pytest.fail(f"settings() should return a dict of GPTConfig settings, returned {type(wanted).__name__}",
+                    pytrace=False)
+    try:
+        cfg = GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=32, **{**wanted, "n_experts": 8, "top_k": 2,
+                                                                         "expert_hidden": 8})
+    except (TypeError, ValueError) as err:
+        pytest.fail(f"GPTConfig refuses these settings: {err}", pytrace=False)
+    hf = transformers.models.ernie4_5_moe.modeling_ernie4_5_moe.Ernie4_5_MoeSparseMoeBlock(
+        transformers.Ernie4_5_MoeConfig(hidden_size=16, moe_intermediate_size=8, moe_num_experts=8, moe_k=2,
+                                        moe_num_shared_experts=2))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, p in sorted(hf.named_parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    gate, up = hf.experts.gate_up_proj.chunk(2, dim=1)
+    theirs = {"router.weight": hf.gate.weight, "w_gate": gate.transpose(1, 2), "w_up": up.transpose(1, 2),
+              "w_down": hf.experts.down_proj.transpose(1, 2), "router.bias": hf.gate.moe_statics.e_score_correction_bias[0],
+              "shared.c_gate.weight": hf.shared_experts.gate_proj.weight,
+              "shared.c_up.weight": hf.shared_experts.up_proj.weight, "shared.c_proj.weight": hf.shared_experts.down_proj.weight}
+    state = moe.state_dict()
+    for name, t in theirs.items():
+        if name not in state:
+            differs({"router.bias": "your router has no bias that selects (the correction bias b)",
+                     "router.weight": "your router is not a linear router with weights W"}.get(
+                name, f"your block has no {name} (the shared experts?)"))
+        elif tuple(state[name].shape) != tuple(t.shape):
+            differs(f"{name} has shape {tuple(state[name].shape)}, ERNIE's {tuple(t.shape)} (how many shared experts?)")
+        else:
+            state[name].copy_(t.detach())
+    extra = set(state) - set(theirs)
+    if extra:
+        differs(f"your block has parameters ERNIE's has not: {sorted(extra)}")
+    if FOUND:
+        return
+    x = torch.randn(1, 24, 16, generator=g)
+    picked = []
+    hook = hf.gate.register_forward_hook(lambda mod, inp, out: picked.append(out[2]))
+    want = hf(x)
+    hook.remove()
+    got, r = moe(x)
+    if not torch.equal(picked[0].sort(-1).values, r.idx.sort(-1).values):
+        differs("the selected experts differ: is the bias added to the scores that select (p + b), and to p, not to the logits?")
+    same("the block output", got, want, atol=1e-5, rtol=1e-4)
