@@ -39,7 +39,7 @@ def test_exercise_grader_accepts_the_key_rejects_the_stubs_and_explains_a_wrong_
     src = src.replace("(-row[e], e)", "(-row[e], -e)").replace("return w / w.sum(dim=1, keepdim=True)", "return w")
     (wrong / "ex1_topk.py").write_text(src)
     res = grade("wrong", {"PYTHONPATH": str(tmp_path)})
-    assert res.returncode == 1 and "1 failed, 7 passed" in res.stdout, res.stdout[-3000:]
+    assert res.returncode == 1 and "1 failed, 8 passed" in res.stdout, res.stdout[-3000:]
     # one run reports both: every check of the exercise runs before the verdict
     assert "ties go to the lower expert index" in res.stdout and "gates(renormalize=True): differs" in res.stdout
 
@@ -49,5 +49,5 @@ def test_the_exercises_folder_is_the_handout():
     names = sorted(os.listdir(os.path.join(REPO, "course", "exercises")))
     assert not [n for n in names if "solution" in n]
     stubs = [n for n in names if n.startswith("ex") and n.endswith(".py")]
-    assert len(stubs) == 8 and all("raise NotImplementedError" in open(os.path.join(REPO, "course", "exercises", n)).read()
+    assert len(stubs) == 9 and all("raise NotImplementedError" in open(os.path.join(REPO, "course", "exercises", n)).read()
                                    for n in stubs)
