@@ -4,11 +4,10 @@ Routers: from a token's hidden state to its routing decision. One interface, one
 Notation: T tokens (batch x sequence, flattened), d model width, E routed experts, k experts per
 token, f expert width, r the ERMoE basis rank.
 
-A router defines logits a (T, E) (fp32) whose softmax p is its routing distribution, and, where
-its choice is not the top-k of a, `select`. `Router.forward` does the rest the same way for every
-router: the selection (the k largest, ties to the lower expert index), the gates (p renormalised
-over the k selected, = the softmax of the selected logits; gate_renorm=False: p itself), the
-routed scale, a capacity if one is set, and the statistics the losses need, in one `Routing`.
+A router defines logits a (T, E) (fp32) whose softmax p is its routing distribution, and, where its
+choice is not the top-k of a, `select`. `Router.forward` does the rest alike for every router: the
+selection (the k largest, ties to the lower index), the gates (p renormalised over the k selected),
+the routed scale, a capacity, and the statistics the losses need, in one `Routing`.
 
   router         logits a                          p                        selection
   softmax        x W^T                             softmax(x W^T)           top-k of a
@@ -18,11 +17,9 @@ routed scale, a capacity if one is set, and the statistics the losses need, in o
   cosine         cos(x W_p, e_i) / tau             softmax(cos / tau)       top-k of a
   expert_choice  x W^T                             softmax(x W^T)           each expert its top-c tokens
 
-Read `Router.forward`, `route_reference` and `select_topk` first: they are the routing of the
-default run. The rest of the file: the other routers, then where the routing pass may run fused
-(`topk_route`: PyTorch, torch.compile or the Triton kernel of kernels.py, the same result). Router
-math is fp32 even under bf16 autocast: logits are small, tie-prone and feed a discrete choice.
-The design notes (ties, bias balancing, no weight decay, ERMoE's QR map) are in docs/design.md §1-2.
+Read `Router.forward`, `route_reference` and `select_topk` first: the routing of the default run.
+Then the other routers, where the routing pass may run fused (`topk_route`), and ERMoE. Router math
+is fp32 even under bf16 autocast; the design notes are in docs/design.md §1-2 and docs/routers.md.
 """
 
 import math
@@ -41,8 +38,7 @@ if not hasattr(kernels, "fused_route"):  # the name is Hugging Face's package he
 
 
 class Routing(NamedTuple):
-    """What one MoE layer decided, for the dispatch, the losses and the metrics. The router fills it;
-    the MoE block adds the experts' activations `acts` after its dispatch."""
+    """What one MoE layer decided (the router fills it; the MoE block adds `acts` after its dispatch)."""
     gates: torch.Tensor                     # (T, k) fp32 mixing weights (0 for a dropped pair)
     idx: torch.Tensor                       # (T, k) int64 selected experts, best first
     counts: torch.Tensor                    # (E,) int32 (token, expert) pairs per expert
@@ -77,8 +73,7 @@ class Router(nn.Module):
         self.n_experts = cfg.n_experts + cfg.zero_experts  # the router's choices (LongCat's zero-compute ones too)
         self.k, self.impl = cfg.top_k, cfg.router_impl
         self.expert_width = cfg.n_embd  # the width of the rows the experts read (ERMoE: its rank r)
-        # at k=1 a renormalised gate is always 1 and the router would get no gradient from the loss:
-        # the gate is then the score itself (Switch Transformer's p)
+        # at k=1 a renormalised gate is always 1 (no router gradient): the gate is the score (Switch's p)
         self.renorm, self.floor = cfg.gate_renorm and cfg.top_k > 1, cfg.renorm_floor
         self.routed_scale, self.capacity_factor, self.gate_input = cfg.routed_scale, cfg.capacity_factor, cfg.gate_input
 
@@ -164,9 +159,8 @@ def expert_counts(idx, n_experts):
 
 
 def capacity_mask(idx, capacity, n_experts):
-    """(T, k) bool: the pairs within their expert's first `capacity`, first come first served in token
-    order, then slot order (Switch, GShard). Which pairs an expert drops depends on the tokens before
-    them in the batch, other sequences included: not causal (docs/design.md §1)."""
+    """(T, k) bool: the pairs within their expert's first `capacity`, first come first served in token then
+    slot order (Switch, GShard). Not causal: earlier tokens of the batch decide (docs/design.md §1)."""
     flat = idx.reshape(-1)                                          # (T*k,)
     order = torch.sort(flat, stable=True).indices                   # pairs grouped by expert, token order within
     counts = expert_counts(idx, n_experts)
@@ -175,16 +169,14 @@ def capacity_mask(idx, capacity, n_experts):
     return (rank < capacity).view_as(idx)
 
 
-def _cosine_matrix(rows):
-    """(E, E) cosine similarity between the rows of a matrix."""
+def _cosine_matrix(rows):  # (E, E) cosine similarity of the rows
     unit = F.normalize(rows.detach().float(), dim=-1)
     return unit @ unit.T
 
 
 class SoftmaxRouter(Router):
-    """The linear router of Switch / GShard / Mixtral: a = x W^T (+ a learned bias with router_bias:
-    gpt-oss). With select_bias the k experts of largest p + b are selected, b a bias that only selects,
-    balanced after every step as the sigmoid router's (ERNIE-4.5, LongCat-Flash)."""
+    """The linear router of Switch / GShard / Mixtral: a = x W^T (+ a bias: router_bias, gpt-oss). select_bias:
+    the top-k of p + b, b a bias that only selects, balanced as the sigmoid router's (ERNIE-4.5, LongCat)."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -211,8 +203,7 @@ class SoftmaxRouter(Router):
 
 @torch.no_grad()
 def balance_bias(router, counts):
-    """Auxiliary-loss-free balancing (Wang et al. 2024, arXiv 2408.15664, Algorithm 1): after every step,
-    b_e += rate * sign(mean load - load_e), so that overloaded experts get selected less."""
+    """Loss-free balancing (Wang et al. 2024, arXiv 2408.15664, Alg. 1): b_e += rate * sign(mean load - load_e)."""
     load = counts.float()
     router.bias += router.rate * torch.sign(load.mean() - load)
 
@@ -223,17 +214,11 @@ def random_table(cfg):
 
 
 class SigmoidRouter(Router):
-    """
-    DeepSeek-V3 (DeepSeek-AI 2024, arXiv 2412.19437, §2.1.2): sigmoid scores s = sigmoid(x W^T), as
-    logits a = log s (so p = s / sum s); the k experts of largest s + b are selected, where the bias b
-    only selects. Group-limited routing (n_group > 1, DeepSeek-V3: 8 groups, 4 picked): the experts
-    form n_group equal groups, a group is scored by the sum of its two largest s + b, and a token
-    selects among the topk_group best groups only. Gates: s renormalised over the selection, or s
-    itself (gate_renorm=False, transformers' norm_topk_prob=False), times routed_scale (2.5 in V3).
-    Balanced by the bias (balance_bias). Switches of other families: score_fn=sqrt_softplus,
-    s = sqrt(softplus(x W^T)) (DeepSeek-V4); router_bias (a learned logit bias); hash layers (the
-    first hash_layers layers select by a fixed token-id table, the scores still weight: DeepSeek-V4).
-    """
+    """DeepSeek-V3 (arXiv 2412.19437, §2.1.2): scores s = sigmoid(x W^T) as logits a = log s (p = s / sum s);
+    the k experts of largest s + b are selected, b a bias that only selects (balance_bias); with n_group
+    > 1 only within the topk_group best groups, a group scored by its two largest s + b. Gates: s
+    renormalised, or s (gate_renorm=False), times routed_scale. score_fn=sqrt_softplus: s =
+    sqrt(softplus(x W^T)), and hash layers, a fixed token-id table selecting (DeepSeek-V4)."""
     defaults = dict(c_lb=0.0, c_z=0.0)  # balanced by the bias instead
     fused = False                       # the selection is not the top-k of the logits
     per_step = True
@@ -285,11 +270,8 @@ class SigmoidRouter(Router):
 
 
 class HashRouter(Router):
-    """
-    Hash layers (Roller et al. 2021, arXiv 2106.04426): every token id goes to k fixed experts,
-    drawn at random once (a table in the checkpoint), gates 1/k. Nothing is learned: the baseline
-    that shows what learned routing adds.
-    """
+    """Hash layers (Roller et al. 2021, arXiv 2106.04426): every token id goes to k fixed random experts (a
+    table in the checkpoint), gates 1/k. Nothing is learned: the baseline that shows what learning adds."""
     defaults = dict(c_lb=0.0, c_z=0.0, c_cp=0.0)  # constants here: no router parameter to move
     fused = False
 
@@ -308,13 +290,9 @@ class HashRouter(Router):
 
 
 class CosineRouter(Router):
-    """
-    X-MoE (Chi et al. 2022, "On the Representation Collapse of Sparse Mixture of Experts", §3):
-    project x to a low dimension (16 here), score each expert by the cosine to its embedding e_i,
-    divide by a learned temperature: a = cos(x W_p, e_i) / tau. The natural comparison for ERMoE's
-    cosine-to-subspace score. Our choices: 1/tau starts at 10 (ERMoE's beta here) and is at most
-    100; embeddings start orthogonal.
-    """
+    """X-MoE (Chi et al. 2022, §3): a = cos(x W_p, e_i) / tau, x projected to 16 dimensions, e_i an expert
+    embedding, tau learned: the comparison for ERMoE's cosine-to-subspace score. Our choices: 1/tau
+    starts at 10 (ERMoE's beta) and is at most 100; the embeddings start orthogonal."""
     dim = 16
 
     def __init__(self, cfg):
@@ -340,14 +318,10 @@ class CosineRouter(Router):
 
 
 class ExpertChoiceRouter(Router):
-    """
-    Expert choice (Zhou et al. 2022, §3): with p = softmax(x W^T), each expert takes the c tokens of the
-    batch of largest p_{t,e}, c = ceil(capacity_factor * T * k / E) (0 counts as 1: k experts per token
-    on average, top-k's compute). Balanced by construction; a token may get no expert or several.
-    Gates: p at the chosen. Every token lists all E experts (the chosen first) and `kept` marks the
-    chosen pairs: the dispatch computes all E slots and discards the rest (the semantics, not the
-    savings). Not causal: a token's experts depend on later tokens of the batch (docs/design.md §2).
-    """
+    """Expert choice (Zhou et al. 2022, §3): each expert takes the c tokens of the batch of largest p_te,
+    c = ceil(capacity_factor * T * k / E) (0 counts as 1), gates p. Every token lists all E experts, the
+    chosen first, `kept` marking them (the dispatch computes all E and discards the rest). Balanced by
+    construction; not causal: a token's experts depend on later tokens (docs/design.md §2)."""
     defaults = dict(c_lb=0.0)  # balanced by construction
     fused = False
 
@@ -414,8 +388,7 @@ def topk_route(logits, k, impl="torch", renormalize=True):
     if impl == "compile":
         global _compiled_reference
         if _compiled_reference is None:
-            # dynamic=True: one graph for every number of tokens (and E, k). With static shapes each new T
-            # recompiled, and the 9th shape hit torch.compile's recompile limit (generate() alone has S).
+            # dynamic=True: one graph for every T (static shapes hit the recompile limit at the 9th)
             _compiled_reference = torch.compile(route_reference, fullgraph=True, dynamic=True)
         return _compiled_reference(logits, k, renormalize)
     if impl == "triton":
@@ -428,8 +401,7 @@ def topk_route(logits, k, impl="torch", renormalize=True):
 # ERMoE eigenbasis router
 
 def eigen_score(u, xnorm):
-    """s_{t,e} = ||u_e|| / ||x_t|| from the coordinates u (T, E, r) = P_e^T x and ||x|| (T,) -> (T, E):
-    the cosine between x_t and span(P_e). ||x|| is clamped at 1e-6 (a zero token scores 0)."""
+    """s_te = ||u_e|| / ||x_t|| (T, E), u = P_e^T x (T, E, r): the cosine to span(P_e); ||x|| >= 1e-6."""
     return u.norm(dim=-1) / xnorm.clamp_min(1e-6)[:, None]
 
 
@@ -439,8 +411,7 @@ def eigenbasis_scores(x, P):
 
 
 def eigen_route(u, xnorm, beta, k, r, impl="torch", renormalize=True):
-    """The ERMoE routing pass: coordinates u (T, E*r), ||x|| (T,), beta () -> Routing with logits
-    a = beta * s. The Triton kernel fuses the score into the pass; otherwise it is eigen_score."""
+    """The ERMoE routing pass: u (T, E*r), ||x|| (T,), beta () -> Routing, logits beta * s (fused on Triton)."""
     if r < 1 or u.shape[1] % r != 0:
         raise ValueError(f"u has {u.shape[1]} coordinates per token, not a multiple of the rank r={r}")
     E = u.shape[1] // r
@@ -459,21 +430,12 @@ def orthonormal(raw):
 
 
 class EigenRouter(Router):
-    """
-    ERMoE (Cheng et al. 2025, arXiv 2511.10971), in this project's language-model reading
-    (docs/design.md §2). Expert e owns an orthonormal basis P_e (d, r); the score
-    s_{t,e} = ||P_e^T x_t|| / ||x_t|| is the cosine between the token and the expert's subspace and
-    the logits are beta * s. The coordinates u_e = P_e^T x used for routing are also the expert's
-    input, scaled per direction by a learnable lambda. The score is fused into the routing pass
-    (eigen_route above; kernels.fused_eigen_route on the GPU).
-
-    basis modes:
-      'independent': each expert its own orthonormal P_e (subspaces may overlap)
-      'partitioned': P_e are column blocks of one orthogonal d x d matrix (disjoint subspaces; with
-                     E*r = d every token satisfies sum_e s_{t,e}^2 = 1)
-      'penalty'    : P_e free, pulled towards orthonormality by mu * sum_e ||P_e^T P_e - I||_F^2
-                     (the soft ablation; the penalty is returned in the Routing)
-    """
+    """ERMoE (Cheng et al. 2025, arXiv 2511.10971), this project's language-model reading (docs/design.md
+    §2): expert e owns an orthonormal basis P_e (d, r); the logits are beta * s, s_te = ||P_e^T x_t|| /
+    ||x_t|| the cosine between the token and the expert's subspace; the coordinates P_e^T x, scaled by
+    a learned lambda, are also what the expert reads. The score is fused into the routing pass (eigen_route;
+    kernels.fused_eigen_route on a GPU). Bases: 'independent' (each its own), 'partitioned' (blocks of one
+    orthogonal d x d matrix: disjoint), 'penalty' (free, pulled to orthonormal by mu * ||P^T P - I||^2)."""
     defaults = dict(c_lb=0.0, c_z=0.0)  # the paper's claim: balance from the geometry
 
     def __init__(self, cfg, beta_init=10.0, beta_max=100.0):
