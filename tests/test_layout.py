@@ -94,3 +94,51 @@ def test_every_file_the_docs_name_exists():
                     path.endswith(".md") and os.path.exists(os.path.join(os.path.dirname(path), name))):
                 missing.append(f"{os.path.relpath(path, REPO)}: {name}")
     assert seen > 50 and not missing, missing
+
+
+def test_one_step_of_the_default_run_has_no_forwarding_wrapper_and_no_long_signature():
+    """The student's path, traced: every project function that one training step of the default run calls
+    (train.train_step down to the top-k) takes at most 6 parameters, none is a wrapper whose body only
+    forwards its arguments to another call, and the top-k is at most three calls below MoE.forward."""
+    import sys
+    import torch
+    import train
+    from support import launch
+    settings, _ = train.setup([])                                   # the default run (the CPU preset)
+    cfg, model_cfg = settings.build(train.TrainConfig, train.GPTConfig)
+    cfg.compile = False
+    env = launch.Processes("cpu", "float32")
+    torch.manual_seed(0)
+    model = train.GPT(model_cfg)
+    opt = train.make_optimizer(model, cfg)
+    ids = torch.randint(0, model_cfg.vocab_size, (2, model_cfg.block_size))
+    calls, stack, hops = {}, [], []
+
+    def profile(frame, event, arg):
+        code = frame.f_code
+        if not code.co_filename.startswith(REPO) or code.co_name.startswith("<"):
+            return
+        if event == "call":
+            where = (os.path.relpath(code.co_filename, REPO), code.co_firstlineno, code.co_name)
+            calls[where] = code.co_argcount + code.co_kwonlyargcount - (code.co_varnames[:1] == ("self",))
+            stack.append(code.co_qualname)
+            if code.co_name == "select_topk" and "MoE.forward" in stack:
+                hops.append(len(stack) - 1 - stack.index("MoE.forward"))   # project frames in between
+        elif event == "return" and stack:
+            stack.pop()
+    sys.setprofile(profile)
+    try:
+        train.train_step(model, model, opt, lambda: (ids, ids, None), cfg, env)
+    finally:
+        sys.setprofile(None)
+    assert hops and max(hops) <= 3, hops                                # MoE.forward -> ... -> select_topk
+    for (path, line, name), n in calls.items():
+        assert n <= 6, f"{path}:{line} {name} takes {n} parameters"
+        fn = next(f for f in ast.walk(ast.parse(open(os.path.join(REPO, path)).read()))
+                  if isinstance(f, ast.FunctionDef) and f.lineno == line or
+                  isinstance(f, ast.FunctionDef) and f.decorator_list and f.decorator_list[0].lineno == line)
+        body = [s for s in fn.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+        forwards = (len(body) == 1 and isinstance(body[0], ast.Return) and isinstance(body[0].value, ast.Call)
+                    and [a.id for a in body[0].value.args if isinstance(a, ast.Name)] ==
+                    [a.arg for a in fn.args.args if a.arg != "self"] and not body[0].value.keywords)
+        assert not forwards, f"{path}:{line} {name} only forwards its arguments"
