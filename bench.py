@@ -247,7 +247,8 @@ def breakdown_bench(args):
     threads = [torch.get_num_threads()] if CUDA else [1, 2]
     result = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__, "T": T, "d": d,
               "layers": [], "step": []}
-    print(f"device: {result['device']}, torch {torch.__version__}; one MoE layer, T={T} tokens, d={d}, fp32, "
+    print(f"device: {result['device']}, torch {torch.__version__}; one MoE layer, T={T} tokens, d={d}, "
+          f"{'bf16' if CUDA else 'fp32'}, "
           f"forward+backward, ms (median of {args.steps}); the layer is the sum of its stages, each timed alone")
     for n_threads in threads:
         torch.set_num_threads(n_threads)
@@ -255,13 +256,14 @@ def breakdown_bench(args):
         for E, k in shapes:
             torch.manual_seed(0)
             cfg = GPTConfig(n_layer=1, n_head=4, n_embd=d, n_experts=E, top_k=k)
-            moe, dense = MoE(cfg).to(device), MLP(d, cfg.ffn_hidden).to(device)
-            x = torch.randn(T, d, device=device, requires_grad=True)
+            dtype = torch.bfloat16 if CUDA else torch.float32  # bf16 on a GPU: its grouped GEMM takes bf16 only
+            moe, dense = MoE(cfg).to(device, dtype), MLP(d, cfg.ffn_hidden).to(device, dtype)
+            x = torch.randn(T, d, device=device, dtype=dtype, requires_grad=True)
             stages, y = layer_stages(moe, x)
             with torch.no_grad():  # the stages are the model's own code path: the same output
-                assert torch.allclose(y, moe(x[None])[0][0], atol=1e-5)
+                assert torch.allclose(y.float(), moe(x[None])[0][0].float(), atol=1e-5 if not CUDA else 2e-2)
             arms = dict(zip(STAGES, stages))
-            gy = torch.randn(T, d, device=device)
+            gy = torch.randn(T, d, device=device, dtype=dtype)
             arms["dense"] = lambda: torch.autograd.backward(dense(x)[0], gy)
             arms["MoE.forward"] = lambda: torch.autograd.backward(moe(x[None])[0][0], gy)
             times = {a: [] for a in arms}
@@ -309,15 +311,34 @@ def step_ratios(args, threads):
             model = GPT(GPTConfig(**base, **extra)).to(device)
             idx = torch.randint(0, 65, (B, model.config.block_size), device=device)
             steps[name] = train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True), idx, coefs)
-        times = {n: [] for n in steps}
+        times, memory = {n: [] for n in steps}, {}
+        for n, step in steps.items():  # the peak memory of each, alone
+            if CUDA:
+                torch.cuda.reset_peak_memory_stats()
+            step()
+            memory[n] = torch.cuda.max_memory_allocated() / 2**30 if CUDA else float("nan")
         for _ in range(args.steps):
             for n, step in steps.items():
                 times[n].append(step_timer(step, 1))
         med = {n: statistics.median(v) * 1e3 for n, v in times.items()}
-        rows.append({"threads": n_threads, **{f"{n}_ms": v for n, v in med.items()}})
+        tokens = B * GPTConfig(**base).block_size
+        row = {"threads": n_threads, **{f"{n}_ms": v for n, v in med.items()},
+               **{f"{n}_tokens_per_s": tokens / v * 1e3 for n, v in med.items()},
+               **({f"{n}_peak_GiB": m for n, m in memory.items()} if CUDA else {})}
+        peak = next((v for kk, v in PEAK_BF16_TFLOPS.items() if CUDA and kk in torch.cuda.get_device_name()), None)
+        if peak:  # MFU: 6 x active parameters + the attention's 12 L d S per token (PaLM's count)
+            for n, extra in (("dense", dict(n_experts=0)), ("MoE", {})):
+                cfg = GPTConfig(**base, **extra)
+                with torch.device("meta"):
+                    active = GPT(cfg).num_params()[1]
+                flops = tokens * (6 * active + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size)
+                row[f"{n}_mfu"] = flops / (med[n] / 1e3) / (peak * 1e12)
+        rows.append(row)
         print(f"\nwhole training step, {base}, batch {B}, threads {n_threads}: dense {med['dense']:.1f} ms, MoE "
-              f"{med['MoE']:.1f} ms ({med['MoE'] / med['dense']:.2f}x), MoE without aux losses {med['MoE, no aux']:.1f} ms "
-              f"({med['MoE, no aux'] / med['dense']:.2f}x)")
+              f"{med['MoE']:.1f} ms ({med['MoE'] / med['dense']:.2f}x; tokens/s {med['dense'] / med['MoE']:.2f}x the "
+              f"dense model's), MoE without aux losses {med['MoE, no aux']:.1f} ms ({med['MoE, no aux'] / med['dense']:.2f}x)"
+              + (f"; peak memory dense {memory['dense']:.2f} GiB, MoE {memory['MoE']:.2f} GiB" if CUDA else "")
+              + (f"; MFU dense {100 * row['dense_mfu']:.1f}%, MoE {100 * row['MoE_mfu']:.1f}%" if peak else ""))
     return rows
 
 

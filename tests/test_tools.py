@@ -31,7 +31,8 @@ def test_gpu_check_without_a_gpu_says_what_it_would_run(tmp_path):
     code, out, err = cli("tools.gpu_check", f"--out_dir={tmp_path / 'check'}")
     assert code == 0, err
     assert "no CUDA device here: a dry run" in out and "minutes at most in all" in out
-    for what in ("pytest test_all.py", "bench.py --reps 25", "bench.py --model", "bench.py --generate", "train.py"):
+    for what in ("pytest test_all.py", "bench.py --reps 25", "bench.py --model", "bench.py --breakdown", "bench.py --generate",
+                 "train.py"):
         assert what in out, what
     minutes = float(out.split(" minutes at most")[0].split()[-1])
     assert minutes <= 8.0 and not (tmp_path / "check").exists()   # a dry run writes nothing

@@ -10,8 +10,10 @@ such with the end of its output, and the next step runs anyway:
   1. the fast test suite on CUDA (test_all.py: the Triton kernels against the PyTorch reference on the GPU)
   2. the routing kernel table: torch vs torch.compile vs Triton, forward and forward+backward (bench.py)
   3. the whole-model benchmark: dense vs MoE, naive vs sorted, eager vs compiled (bench.py --model)
-  4. sampling with and without the KV cache (bench.py --generate)
-  5. a short default run: the GPU preset for 300 steps (train.py), its step time and losses
+  4. where an MoE layer's time goes, stage by stage (bf16), and the default run's whole step, dense vs
+     MoE: tokens/s, MFU and peak memory of each (bench.py --breakdown; the target: MoE >= 0.85x dense)
+  5. sampling with and without the KV cache (bench.py --generate)
+  6. a short default run: the GPU preset for 300 steps (train.py), its step time and losses
 
 The report holds the device, the versions, each command with its exit status and time, and its output.
 """
@@ -31,9 +33,11 @@ import torch  # noqa: E402
 from support.rundir import ArgParser, check_writable_dir, cli  # noqa: E402
 
 STEPS = [  # (title, command, time limit in seconds)
-    ("fast tests on CUDA", [sys.executable, "-m", "pytest", "test_all.py", "-q", "-p", "no:cacheprovider"], 120),
-    ("routing kernels: torch vs compile vs triton", [sys.executable, "bench.py", "--reps", "25"], 120),
-    ("whole model: dense vs MoE, naive vs sorted", [sys.executable, "bench.py", "--model", "--steps", "5"], 120),
+    ("fast tests on CUDA", [sys.executable, "-m", "pytest", "test_all.py", "-q", "-p", "no:cacheprovider"], 90),
+    ("routing kernels: torch vs compile vs triton", [sys.executable, "bench.py", "--reps", "25"], 90),
+    ("whole model: dense vs MoE, naive vs sorted", [sys.executable, "bench.py", "--model", "--steps", "5"], 90),
+    ("an MoE layer stage by stage; the whole step: tokens/s, MFU, memory",
+     [sys.executable, "bench.py", "--breakdown", "--steps", "10"], 90),
     ("sampling with and without the KV cache", [sys.executable, "bench.py", "--generate", "--steps", "3"], 30),
     ("a short default run (GPU preset, 300 steps)",
      [sys.executable, "train.py", "--max_iters=300", "--eval_interval=100", "--eval_iters=20", "--log_interval=50",
@@ -60,7 +64,8 @@ def main(argv):
     parser.add_argument("--dry", action="store_true", help="print the steps, run nothing")
     args = parser.parse_args(argv)
     out_dir = os.path.abspath(args.out_dir)
-    steps = [(t, c + ([f"--out_dir={os.path.join(out_dir, 'run')}"] if "train.py" in c else []), s) for t, c, s in STEPS]
+    steps = [(t, c + ([f"--out_dir={os.path.join(out_dir, 'run')}"] if "train.py" in c else []) +
+              ([f"--json={os.path.join(out_dir, 'breakdown.json')}"] if "--breakdown" in c else []), s) for t, c, s in STEPS]
     if args.dry or not torch.cuda.is_available():
         print(("dry run: " if args.dry else "no CUDA device here: a dry run. ") +
               f"On a GPU this runs, in {REPO}, and writes {out_dir}/report.md:")
