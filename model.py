@@ -54,7 +54,11 @@ def rotary_cache(block_size, head_size, base=10000.0):
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate pairs (x1, x2) of the two halves of each head by position-dependent angles."""
+    """Rotate pairs (x1, x2) of the two halves of each head by position-dependent angles. With fewer angles
+    than hs/2 (rotary_dim: GLM-4.5, MiniMax-M2) only the first 2 * cos.shape[-1] dims rotate."""
+    if 2 * cos.shape[-1] < x.shape[-1]:
+        r = 2 * cos.shape[-1]
+        return torch.cat([apply_rotary(x[..., :r], cos, sin), x[..., r:]], dim=-1)
     x1, x2 = x.chunk(2, dim=-1)                                   # (B, nh, S, hs/2) each
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
@@ -360,6 +364,7 @@ class GPTConfig:
     n_kv_head: int = 0          # key/value heads (grouped-query attention, divides n_head); 0 = n_head
     head_dim: int = 0           # width of a head, even (rotary); 0 = derived: n_embd // n_head (Qwen3: set apart)
     rope_theta: float = 10000.0  # rotary base (Mixtral: 1e6)
+    rotary_dim: int = 0         # dims of each head that rotate, the first ones (GLM-4.5: half); 0 = all
     norm_eps: float = 0.0       # norm epsilon; 0 = the dtype's machine epsilon for RMSNorm (torch's default), 1e-5 for LayerNorm
     tie_embeddings: bool = True  # the output layer reuses the input embedding (Press & Wolf 2017)
     qk_norm: bool = False       # RMSNorm on q and k: over the whole projections (OLMoE) ...
@@ -402,7 +407,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017)
-        cos, sin = rotary_cache(cfg.block_size, cfg.head_dim, cfg.rope_theta)
+        cos, sin = rotary_cache(cfg.block_size, cfg.rotary_dim or cfg.head_dim, cfg.rope_theta)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.apply(self._init_weights)

@@ -31,6 +31,8 @@ def check_and_derive(cfg, routers, impls, impl_problem):
                  f"(or give head_dim)")
         cfg.head_dim = cfg.n_embd // cfg.n_head
     _require(cfg.head_dim % 2 == 0, f"head size {cfg.head_dim} must be even (rotary)")
+    _require(cfg.rotary_dim % 2 == 0 and 0 <= cfg.rotary_dim <= cfg.head_dim,
+             f"rotary_dim must be even and in [0, head size {cfg.head_dim}] (0 = all), got {cfg.rotary_dim}")
     _require(cfg.mlp == "swiglu" or cfg.n_experts == 0, "mlp=gelu is nanoGPT's dense MLP: set n_experts=0 (experts are SwiGLU)")
     _require(not cfg.qk_norm_per_head or cfg.qk_norm, "qk_norm_per_head needs qk_norm=True")
     _require(cfg.n_group >= 1 and 1 <= cfg.topk_group <= cfg.n_group,

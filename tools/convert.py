@@ -50,6 +50,11 @@ FAMILIES = {  # architecture -> where its MoE lives and what it needs from our m
                                 n_experts="num_experts", qkv_bias=True, shared="shared_expert"),
     "Qwen3MoeForCausalLM": dict(moe="mlp", experts=("gate_proj", "up_proj", "down_proj"), width="moe_intermediate_size",
                                 n_experts="num_experts", qk_norm=True, qk_norm_per_head=True),
+    # DeepSeek-V3-style sigmoid routing (docs/routers.md), with partial rotary positions
+    "Glm4MoeForCausalLM": dict(moe="mlp", experts=("gate_proj", "up_proj", "down_proj"), width="moe_intermediate_size",
+                               n_experts="n_routed_experts", sigmoid="gate", shared="shared_experts"),
+    "MiniMaxM2ForCausalLM": dict(moe="block_sparse_moe", experts=("w1", "w3", "w2"), width="intermediate_size",
+                                 n_experts="num_local_experts", sigmoid="block", qk_norm=True),
 }
 
 
@@ -62,8 +67,6 @@ NOT_YET = {
                              "and compressed sparse attention",
     "Llama4ForCausalLM": "chunked attention and NoPE layers with attention-temperature tuning",
     "Llama4ForConditionalGeneration": "chunked attention, NoPE layers and the vision tower",
-    "Glm4MoeForCausalLM": "partial rotary positions (partial_rotary_factor)",
-    "MiniMaxM2ForCausalLM": "partial rotary positions (rotary_dim)",
     "Ernie4_5_MoeForCausalLM": "interleaved (GPT-J style) rotary positions",
     "LongcatFlashForCausalLM": "multi-head latent attention and two attention sublayers per layer",
     "Qwen3NextForCausalLM": "Gated DeltaNet linear-attention layers, gated attention and zero-centred RMSNorm",
@@ -122,7 +125,8 @@ def model_args_from_hf(hf):
     checks = [
         (field(hf, "hidden_act", str, "silu") == "silu", f"hidden_act={hf.get('hidden_act')} (the experts here are SwiGLU)"),
         (not uses_window or window >= max_pos, f"sliding_window={window} (attention here sees the whole context)"),
-        (not field(hf, "attention_bias", bool, False), "attention_bias=true (only q/k/v biases map, as in Qwen2-MoE)"),
+        (not field(hf, "attention_bias", bool, False) or arch == "Glm4MoeForCausalLM",
+         "attention_bias=true (only q/k/v biases map, as in Qwen2-MoE and GLM-4.5)"),
         (hf.get("clip_qkv") is None, f"clip_qkv={hf.get('clip_qkv')}"),
         (not hf.get("mlp_only_layers"), f"mlp_only_layers={hf.get('mlp_only_layers')} (dense layers between the MoE "
                                         f"layers: every layer here is an MoE layer)"),
@@ -148,6 +152,21 @@ def model_args_from_hf(hf):
     if args["head_dim"] == 0:
         raise UserError(f"config.json: hidden_size={d} is not divisible by num_attention_heads={heads} and there is "
                         f"no head_dim")
+    rope = hf.get("rope_parameters") or {}
+    factor = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) if isinstance(rope, dict) else 1.0
+    if factor != 1.0:  # GLM-4.5 and MiniMax-M2 rotate the first part of each head only
+        args["rotary_dim"] = int(round(args["head_dim"] * float(field({"f": factor}, "f", float, low=0, high=1))))
+    if fam.get("sigmoid"):  # DeepSeek-V3's router: sigmoid scores, a select-only bias, groups, the routed scale
+        args.update(router="sigmoid", gate_renorm=field(hf, "norm_topk_prob", bool, True),
+                    routed_scale=float(field(hf, "routed_scaling_factor", float, 1.0, low=1e-9)),
+                    n_group=field(hf, "n_group", int, 1, low=1), topk_group=field(hf, "topk_group", int, 1, low=1),
+                    first_dense_layers=field(hf, "first_k_dense_replace", int, 0, low=0),
+                    ffn_hidden=field(hf, "intermediate_size", int, low=1),
+                    n_shared=field(hf, "n_shared_experts", int, 0, low=0) if fam.get("shared") else 0)
+        if arch == "Glm4MoeForCausalLM":
+            args.update(qkv_bias=field(hf, "attention_bias", bool, False), qk_norm=field(hf, "use_qk_norm", bool, False),
+                        qk_norm_per_head=field(hf, "use_qk_norm", bool, False))
+        return arch, args
     if fam.get("shared") and field(hf, "shared_expert_intermediate_size", int, 0, low=0):
         width = hf["shared_expert_intermediate_size"]
         if width % args["expert_hidden"]:
@@ -250,7 +269,15 @@ def from_hf(hf_dir, out_dir, overwrite=False, ignore_unused=False):
             sd[f"{ours}.attn.q_norm.weight"] = w.get(f"{a}.q_norm.weight", (cfg.head_dim if per_head else q,))
             sd[f"{ours}.attn.k_norm.weight"] = w.get(f"{a}.k_norm.weight", (cfg.head_dim if per_head else kv,))
         m = f"{hf}.{fam['moe']}"
+        if i < cfg.first_dense_layers:  # a dense layer (GLM-4.5's first_k_dense_replace)
+            for ours_name, hf_name, shape in (("c_gate", "gate_proj", (cfg.ffn_hidden, d)),
+                                              ("c_up", "up_proj", (cfg.ffn_hidden, d)), ("c_proj", "down_proj", (d, cfg.ffn_hidden))):
+                sd[f"{ours}.mlp.{ours_name}.weight"] = w.get(f"{m}.{hf_name}.weight", shape)
+            continue
         sd[f"{ours}.mlp.router.weight"] = w.get(f"{m}.gate.weight", (E, d))
+        if fam.get("sigmoid"):  # the bias that only selects: on the gate (GLM-4.5) or on the block (MiniMax-M2)
+            where = f"{m}.gate" if fam["sigmoid"] == "gate" else m
+            sd[f"{ours}.mlp.router.bias"] = w.get(f"{where}.e_score_correction_bias", (E,))
         if f"{m}.experts.gate_up_proj" in w:  # the fused layout of newer transformers: (E, 2f, d), (E, d, f)
             gate, up = w.get(f"{m}.experts.gate_up_proj", (E, 2 * f, d)).chunk(2, dim=1)
             down = w.get(f"{m}.experts.down_proj", (E, d, f))
@@ -264,7 +291,8 @@ def from_hf(hf_dir, out_dir, overwrite=False, ignore_unused=False):
             for ours_name, hf_name, shape in (("c_gate", "gate_proj", (width, d)), ("c_up", "up_proj", (width, d)),
                                               ("c_proj", "down_proj", (d, width))):
                 sd[f"{ours}.mlp.shared.{ours_name}.weight"] = w.get(f"{s}.{hf_name}.weight", shape)
-            sd[f"{ours}.mlp.shared_gate.weight"] = w.get(f"{m}.{fam['shared']}_gate.weight", (1, d))
+            if cfg.shared_gate:
+                sd[f"{ours}.mlp.shared_gate.weight"] = w.get(f"{m}.{fam['shared']}_gate.weight", (1, d))
     unused = w.unused()
     if unused and not ignore_unused:  # weights dropped on import: a wrong model that looks right
         raise UserError(f"the checkpoint has {len(unused)} tensor(s) this conversion does not use: "
