@@ -8,7 +8,7 @@ take and where it came from.
     python train.py --init_from=resume --max_iters=4000   # continue out/ckpt.pt with its own settings
     torchrun --standalone --nproc_per_node=2 train.py # DDP, one process per GPU (gloo on CPU)
 
-Loss (docs/design.md §3): CE + c_lb*L_lb + c_z*L_z + c_sp*R_sp + c_cp*R_cp (+ mu_ortho * penalty).
+Loss (docs/design.md §3): CE + c_lb*L_lb + c_z*L_z + c_sp*R_sp + c_cp*R_cp (+ c_seq*L_seq + mu_ortho * penalty).
 Every `eval_interval` steps: train/val loss on fixed batches and per-layer routing metrics
 (support/metrics.py), printed and appended to out_dir/log.jsonl; out_dir/ckpt.pt is written, and
 best.pt when the val loss is the lowest so far. At the end: the loss on the whole val split, samples
