@@ -29,6 +29,7 @@ from support.data import DATA_DIR, source_of  # noqa: E402
 from support.plots import plt  # noqa: E402
 from support.tasks import TASKS  # noqa: E402
 from support.rundir import ArgParser, UserError, cli, read_log  # noqa: E402
+from support.stats import interval  # noqa: E402
 
 VARIANTS = {  # name -> train.py overrides; the defaults are c_lb=0.01, c_z=1e-3, c_sp=2e-3, c_cp=1e-3
     "dense": ["--n_experts=0"],
@@ -94,7 +95,7 @@ def summarise(record):
 
 
 def table(results, seeds):
-    """Markdown: mean over seeds, and +- half the range between seeds (the seed noise to compare with)."""
+    """Markdown: mean over seeds ± the half-width of its 95 % t interval (support/stats.py)."""
     known = {key for key, _, _ in COLUMNS}
     extra = sorted({k for runs in results.values() for r in runs for k in r} - known)
     cols = [c for c in COLUMNS if any(c[0] in r for runs in results.values() for r in runs)]
@@ -108,12 +109,11 @@ def table(results, seeds):
             if not vals:
                 cells.append("–")
                 continue
-            cell = fmt.format(np.mean(vals))
-            if len(vals) > 1:
-                cell += " ± " + fmt.format((max(vals) - min(vals)) / 2)
+            mean, half = interval(vals)
+            cell = fmt.format(mean) + (" ± " + fmt.format(half) if len(vals) > 1 else "")
             cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + f"\n\nmean over seeds {seeds} ± half the spread between seeds; " \
+    return "\n".join(lines) + f"\n\nmean over seeds {seeds} ± the half-width of its 95 % t interval; " \
         "metrics are layer means (dead experts: summed over layers) at the final evaluation.\n"
 
 
