@@ -351,8 +351,17 @@ def show_capacity(runs, dirs, path):
         rows.append((n, [f"{p['total'] / 1e3:,.1f}k / {p['active'] / 1e3:,.1f}k", fmt(bits[n], 0),
                          f"{m / p['total']:.2f}", f"{m / p['active']:.2f}",
                          paired(runs, n, names[0], "bits", 0)]))
+    import train
+    settings, _ = train.setup([os.path.join(REPO, "config", "facts.py")])
+    facts = TASKS["facts"]()
+    exposures = settings.values["batch_size"] * settings.values["max_iters"] / facts.N
+    biggest = max(p["total"] for p in params.values())
     return table(rows, ["parameters total / active", "bits stored", "bits / total parameter", "bits / active parameter",
-                        "- dense d=16 (paired)"])
+                        "- dense d=16 (paired)"]) + (
+        f"\nExposures: every person's record is seen {exposures:.0f} times ({settings.values['batch_size']} records "
+        f"a step, {settings.values['max_iters']:,} steps, {facts.N:,} people). Every model is capacity-limited: the "
+        f"table holds {table_bits:,.0f} bits, {table_bits / biggest:.1f}x the largest model's {biggest:,} parameters "
+        f"(Allen-Zhu & Li: ~1 bit per parameter at 100 exposures, ~2 at 1,000).\n")
 
 
 def show_routing(runs, dirs, path):
