@@ -294,7 +294,34 @@ def breakdown_bench(args):
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)
-        print(f"wrote {args.json}")
+        breakdown_figure(result, os.path.splitext(args.json)[0] + ".png")
+        print(f"wrote {args.json} and its figure")
+
+
+def breakdown_figure(result, path):
+    """One bar per (threads, E, k): the MoE layer's stages stacked, beside the dense MLP's bar; in units
+    of the dense MLP's time, so that 1 is break-even."""
+    from support.plots import plt
+    rows = result["layers"]
+    fig, ax = plt.subplots(figsize=(10, 0.55 * 2 * len(rows) + 2.0))
+    colors = plt.get_cmap("tab20")
+    for i, row in enumerate(rows):
+        y, left = 2 * i, 0.0
+        for j, name in enumerate(STAGES):
+            width = row["stages_ms"][name] / row["dense_ms"]
+            ax.barh(y, width, left=left, color=colors(j), label=name if i == 0 else None)
+            left += width
+        ax.barh(y + 0.8, 1.0, color="0.6", label="dense MLP" if i == 0 else None)
+        ax.text(left + 0.02, y, f"{left:.2f}x", va="center", fontsize=8)
+    ax.set_yticks([2 * i + 0.4 for i in range(len(rows))],
+                  [f"E={r['E']}, k={r['k']}, {r['threads']} thread{'s' * (r['threads'] > 1)}" for r in rows])
+    ax.axvline(1.0, color="k", lw=1, ls="--")
+    ax.set(xlabel="time / the dense MLP's (forward + backward)", title=f"one MoE layer, T={result['T']}, "
+           f"d={result['d']}, {result['device']}: where the time goes")
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=7, ncol=6, loc="lower center")
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def step_ratios(args, threads):
