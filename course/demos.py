@@ -352,7 +352,7 @@ def show_capacity(runs, dirs, path):
                          f"{m / p['total']:.2f}", f"{m / p['active']:.2f}",
                          paired(runs, n, names[0], "bits", 0)]))
     import train
-    settings, _ = train.setup([os.path.join(REPO, "config", "facts.py")])
+    settings, _ = train.setup([os.path.join(REPO, FACTS[0])])
     facts = TASKS["facts"]()
     exposures = settings.values["batch_size"] * settings.values["max_iters"] / facts.N
     biggest = max(p["total"] for p in params.values())
