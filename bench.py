@@ -205,7 +205,7 @@ def layer_stages(moe, x):
         return outs, run
 
     def routing(a):
-        r = router.finish(route_reference(a, k, router.renorm))
+        r = router.finish(route_reference(a, k, router.renorm), x)
         return r.gates, r.lse, r.mass, r.psum, r.idx
 
     def sort(idx):
@@ -213,7 +213,7 @@ def layer_stages(moe, x):
         return order, inverse, tok, expert_counts(idx, moe.w_up.shape[0]).cumsum(0, dtype=torch.int32)
 
     (a,), s1 = stage(lambda x: router.logits(x, None), x)
-    r = router.finish(route_reference(a.detach(), k, router.renorm))
+    r = router.finish(route_reference(a.detach(), k, router.renorm), x)
     _, s2 = stage(routing, a)
     order, inverse, tok, offs = sort(r.idx)
     _, s3 = stage(sort, r.idx)

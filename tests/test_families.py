@@ -23,15 +23,6 @@ def rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
-def fill(module, seed, std=0.2):
-    """Every parameter and float buffer ~ N(0, std^2): blocks built alone are not initialised."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, t in sorted([*module.named_parameters(), *module.named_buffers()], key=lambda kv: kv[0]):
-            if t.is_floating_point():
-                t.copy_(torch.randn(t.shape, generator=g) * std)
-
-
 def same(t):
     return t
 

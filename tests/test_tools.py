@@ -25,6 +25,16 @@ def test_bench_smoke_runs(args):
     assert {"": "vs compile", "--losses": "overhead", "--model": "MFU", "--generate": "speed-up"}[args[0] if args else ""] in out
 
 
+def test_bench_breakdown_writes_its_table_json_and_figure(tmp_path):
+    path = tmp_path / "breakdown.json"
+    code, out, err = cli("bench", "--breakdown", "--steps=1", "--reps=5", f"--json={path}")
+    assert code == 0, err[-2000:]
+    result = json.loads(path.read_text())
+    assert path.with_suffix(".png").stat().st_size > 0 and "whole training step" in out
+    for layer in result["layers"]:  # every stage timed, each a share of the layer
+        assert len(layer["stages_ms"]) >= 8 and all(v > 0 for v in layer["stages_ms"].values()), layer
+
+
 def test_gpu_check_without_a_gpu_says_what_it_would_run(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: the check would run for real")
