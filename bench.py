@@ -326,11 +326,15 @@ def breakdown_figure(result, path):
 
 def step_ratios(args, threads):
     """The default run's whole training step (CPU preset shape; the GPU default on CUDA), dense vs MoE with
-    the default auxiliary losses: forward, losses, backward, AdamW. Interleaved, medians."""
+    the default auxiliary losses: forward, losses, backward, AdamW. Interleaved, medians. On a CPU also
+    wider models and more tokens per step at one thread: where the MoE's overhead shrinks (the crossover
+    on the wall clock needs the step ratio below 1 + what the MoE gains per step)."""
     device = "cuda" if CUDA else "cpu"
-    base, B = (dict(vocab_size=65), 64) if CUDA else (dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65), 12)
+    cpu = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65)
+    runs = [(n, dict(vocab_size=65), 64) for n in threads] if CUDA else \
+        [(n, cpu, 12) for n in threads] + [(1, {**cpu, "n_embd": d}, 12) for d in (256, 512)] + [(1, cpu, 48)]
     rows = []
-    for n_threads in threads:
+    for n_threads, base, B in runs:
         torch.set_num_threads(n_threads)
         steps = {}
         for name, extra, coefs in (("dense", dict(n_experts=0), {}), ("MoE", {}, AUX), ("MoE, no aux", {}, {})):
@@ -349,7 +353,7 @@ def step_ratios(args, threads):
                 times[n].append(step_timer(step, 1))
         med = {n: statistics.median(v) * 1e3 for n, v in times.items()}
         tokens = B * GPTConfig(**base).block_size
-        row = {"threads": n_threads, **{f"{n}_ms": v for n, v in med.items()},
+        row = {"threads": n_threads, "n_embd": GPTConfig(**base).n_embd, "batch": B, **{f"{n}_ms": v for n, v in med.items()},
                **{f"{n}_tokens_per_s": tokens / v * 1e3 for n, v in med.items()},
                **({f"{n}_peak_GiB": m for n, m in memory.items()} if CUDA else {})}
         peak = next((v for kk, v in PEAK_BF16_TFLOPS.items() if CUDA and kk in torch.cuda.get_device_name()), None)
