@@ -390,6 +390,7 @@ def main(argv):
     except KeyboardInterrupt:  # outside the training loop, which says where it stopped
         raise Interrupted("interrupted (the checkpoint in out_dir, if any, is intact)") from None
     finally:
+        fwd = None  # DDP's reducer holds the process group: dropped now, before the group (see launch.end)
         launch.end(env)
 
 

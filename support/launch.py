@@ -189,6 +189,9 @@ def weight_hashes(env, weights):
 
 def end(env):
     """Destroy the process groups while Python is alive: the last reference to each goes, and its
-    worker threads are joined here, not during interpreter shutdown (see the imports)."""
+    worker threads are joined here, not during interpreter shutdown (see the imports). Drop the DDP
+    wrapper first: its reducer frees a group it holds the last reference to with the GIL held,
+    while a gloo thread may wait for the GIL to free a finished collective's tensor: a deadlock
+    (seen at the end of a run, now and then)."""
     if env.ddp:
         dist.destroy_process_group()
