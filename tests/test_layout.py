@@ -16,7 +16,8 @@ def project_modules():
     """{module name: path} of every Python file of the project (tests aside)."""
     found = {}
     for root, dirs, files in os.walk(REPO):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("tests", "data", "__pycache__")]
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("tests", "data", "__pycache__")
+                   and not os.path.exists(os.path.join(root, d, "pyvenv.cfg"))]  # a venv in the clone
         for f in files:
             if f.endswith(".py") and f != "__init__.py":
                 rel = os.path.relpath(os.path.join(root, f), REPO)[:-3]
@@ -113,10 +114,11 @@ def test_one_step_of_the_default_run_has_no_forwarding_wrapper_and_no_long_signa
     opt = train.make_optimizer(model, cfg)
     ids = torch.randint(0, model_cfg.vocab_size, (2, model_cfg.block_size))
     calls, stack, hops = {}, [], []
+    ours = set(project_modules().values())  # not the packages of a .venv inside the clone
 
     def profile(frame, event, arg):
         code = frame.f_code
-        if not code.co_filename.startswith(REPO) or code.co_name.startswith("<"):
+        if code.co_filename not in ours or code.co_name.startswith("<"):  # the project's frames only
             return
         if event == "call":
             where = (os.path.relpath(code.co_filename, REPO), code.co_firstlineno, code.co_name)
