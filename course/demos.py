@@ -1,7 +1,8 @@
 """
-The experiments that show why MoE routing matters, one command each: every variant with 5 seeds
-(train.py runs, two at a time on a CPU; 3 seeds where 5 would pass 20 minutes), then a table and a
-figure in docs/ (docs/results.md and the README read them out). Every number is from the whole val
+The experiments that show why MoE routing matters, one command each: every variant of a headline
+comparison with 5 seeds, of the task and course demos with 3 (train.py runs, two at a time on a CPU:
+a run of the default shape takes 3.5-5 min at one thread, so a demo of 5 seeds of it takes 20-36
+min on 2 cores; demos share their runs), then a table and a figure in docs/ (docs/results.md and the README read them out). Every number is from the whole val
 split (or a task's whole table, or its fixed sample of 1,024 sequences). The statistics are
 support/stats.py's: the mean over seeds with its 95 % t interval; a comparison takes the difference
 seed by seed (the same seed gives both arms the same batches, and the same initialisation where
