@@ -152,7 +152,7 @@ def model_bench(args):
                 dt = step_timer(step, args.steps)
                 total, active = model.num_params()
                 tokens = B * cfg.block_size
-                flops = tokens * (6 * active + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size)
+                flops = tokens * model.flops_per_token()
                 mfu = f"{100 * flops / dt / (peak * 1e12):5.1f}%" if peak else "     -"
                 mem = torch.cuda.max_memory_allocated() / 2**30 if CUDA else float("nan")
                 print(f"{label:>14} {dispatch:>8} {str(compiled):>8} | {dt * 1e3:8.1f} {tokens / dt:9.0f} {mem:8.2f}"
@@ -357,12 +357,10 @@ def step_ratios(args, threads):
                **{f"{n}_tokens_per_s": tokens / v * 1e3 for n, v in med.items()},
                **({f"{n}_peak_GiB": m for n, m in memory.items()} if CUDA else {})}
         peak = next((v for kk, v in PEAK_BF16_TFLOPS.items() if CUDA and kk in torch.cuda.get_device_name()), None)
-        if peak:  # MFU: 6 x active parameters + the attention's 12 L d S per token (PaLM's count)
+        if peak:  # MFU by GPT.flops_per_token
             for n, extra in (("dense", dict(n_experts=0)), ("MoE", {})):
-                cfg = GPTConfig(**base, **extra)
                 with torch.device("meta"):
-                    active = GPT(cfg).num_params()[1]
-                flops = tokens * (6 * active + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size)
+                    flops = tokens * GPT(GPTConfig(**base, **extra)).flops_per_token()
                 row[f"{n}_mfu"] = flops / (med[n] / 1e3) / (peak * 1e12)
         rows.append(row)
         print(f"\nwhole training step, {base}, batch {B}, threads {n_threads}: dense {med['dense']:.1f} ms, MoE "

@@ -193,9 +193,7 @@ class MoE(nn.Module):
         B, S, d = x.shape
         x = x.reshape(B * S, d)                                     # (T, d)
         r = self.router(x, None if ids is None else ids.reshape(-1))  # router.py: idx (T, k), gates (T, k)
-        if self.n_zero:                                             # LongCat's zero-compute experts
-            return self.with_zero_experts(x, r, B, S)
-        y, acts = self.dispatch(x, r)                               # (T, d), (T, k, f)
+        y, acts = self.dispatch(x, r) if not self.n_zero else self.with_zero_experts(x, r)  # (T, d), (T, k, f)
         if r.kept is not None:                                      # a dropped pair's activations count as 0
             acts = acts * r.kept[..., None]
         if self.shared is not None:
@@ -205,13 +203,12 @@ class MoE(nn.Module):
             y = y + shared
         return self.dropout(y.view(B, S, d)), r._replace(acts=acts)
 
-    def with_zero_experts(self, x, r, B, S):
-        """LongCat-Flash: a pair on a zero-compute expert (id >= E) adds g * x and runs no expert. Those
-        pairs go to expert 0 with gate 0 (computed, then discarded); the Routing keeps their ids."""
+    def with_zero_experts(self, x, r):
+        """The dispatch with LongCat-Flash's zero-compute experts: a pair on one (id >= E) adds g * x and runs
+        no expert. Those pairs go to expert 0 with gate 0 (computed, then discarded); the Routing keeps their ids."""
         zero = r.idx >= self.w_up.shape[0]                          # (T, k)
         y, acts = self.dispatch(x, r._replace(idx=r.idx.masked_fill(zero, 0), gates=r.gates.masked_fill(zero, 0.0)))
-        y = y + x * (r.gates * zero).sum(dim=-1, keepdim=True).to(x.dtype)
-        return self.dropout(y.view(B, S, -1)), r._replace(acts=acts * ~zero[..., None])
+        return y + x * (r.gates * zero).sum(dim=-1, keepdim=True).to(x.dtype), acts * ~zero[..., None]
 
     def forward_naive(self, x, r):
         """The lecture version: for each expert, find its (token, slot) pairs, run it, add the gated output."""
@@ -438,6 +435,11 @@ class GPT(nn.Module):
                           for w in ("w_gate", "w_up", "w_down"))
             inactive = experts * max(cfg.n_experts - cfg.top_k, 0) // cfg.n_experts
         return total, total - inactive
+
+    def flops_per_token(self):
+        """Training FLOPs per token: 6 x the active parameters + the attention's 12 L d S (PaLM, App. B)."""
+        cfg = self.config
+        return 6 * self.num_params()[1] + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     def forward(self, idx, targets=None, cache=None):
         """idx (B, S) token ids -> (logits, cross-entropy loss or None, [Routing per MoE layer]).

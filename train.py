@@ -304,7 +304,7 @@ def main(argv):
             load_state(model.load_state_dict, ckpt["model"], "checkpoint weights do not match its model_args")
         fwd = env.attach(model, cfg)  # the module to call: this rank's experts, compiled, DDP (support/launch.py)
         if cfg.balance_stats == "step":  # L_lb's f over the step's micro-batches and processes (Qiu et al. 2025)
-            env.pool = StepBalance(launch.all_reduce_sum(env), env.world)
+            env.pool = StepBalance(launch.all_ranks_sum(env), env.world)
         optimizer = make_optimizer(model, cfg)
         if ckpt and ckpt["optimizer"] is not None:  # None: imported weights (tools/convert.py), a fresh optimizer
             state = env.ep.shard_optimizer_state(ckpt["optimizer"], optimizer, model) if env.ep else ckpt["optimizer"]

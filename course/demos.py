@@ -136,7 +136,7 @@ def step_time_ratio(steps=40):
 def wallclock_variants(out_dir):
     """The MoE default run (2,000 steps) and the dense model given its time: its steps times the measured
     step-time ratio (kept in out_dir/wallclock.json, so that a rerun finds the same runs), or its FLOPs:
-    6 x active parameters + the attention's 12 L d S per token (PaLM's count)."""
+    GPT.flops_per_token."""
     path = os.path.join(out_dir, "wallclock.json")
     if not os.path.exists(path):
         os.makedirs(out_dir, exist_ok=True)
@@ -148,10 +148,9 @@ def wallclock_variants(out_dir):
     from model import GPT, GPTConfig
     flops = {}
     for name, extra in (("dense", dict(n_experts=0)), ("moe", {})):
-        cfg = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, **extra)
         with torch.device("meta"):
-            active = GPT(cfg).num_params()[1]
-        flops[name] = 6 * active + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+            flops[name] = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65,
+                                        **extra)).flops_per_token()
     same_time, same_flops = round(2000 * ratio), round(2000 * flops["moe"] / flops["dense"])
     return {"MoE, 8 experts top-2 (the default, 2,000 steps)": TEXT,
             f"dense, the same time ({same_time:,} steps; step-time ratio {ratio:.3f})": [*DENSE, f"--max_iters={same_time}"],

@@ -174,7 +174,7 @@ def all_ranks_min(env):
     return (lambda t: dist.all_reduce(t, op=dist.ReduceOp.MIN)) if env.ddp else None
 
 
-def all_reduce_sum(env):
+def all_ranks_sum(env):
     """A function that sums a tensor over every process in place (None with one process)."""
     return (lambda t: dist.all_reduce(t)) if env.ddp else None
 

@@ -203,3 +203,16 @@ def test_a_model_mixing_dense_hash_and_topk_layers_trains(tmp_path):
     assert torch.allclose(routes[0].gates.sum(-1), torch.ones(32))        # the learned scores, renormalised
     code, out, err = cli("train", *TINY, "--router=softmax", "--hash_layers=1", f"--out_dir={tmp_path / 'x'}")
     assert code == 1 and "hash_layers applies to router=sigmoid" in err
+
+
+def test_zero_compute_experts_keep_the_shared_experts():
+    """LongCat's zero-compute experts beside shared experts: the shared output still adds (it once did not)."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=32, block_size=8, n_experts=4, top_k=2,
+                    zero_experts=2, n_shared=1)
+    moe, x = MoE(cfg), torch.randn(1, 8, 16)
+    y, r = moe(x)
+    assert (r.idx >= 4).any() and (r.idx < 4).any()                 # both kinds of pair are exercised
+    shared = moe.shared(x.view(8, 16))[0].view(1, 8, 16)
+    moe.shared = None
+    assert torch.allclose(y - moe(x)[0], shared, atol=1e-6)
