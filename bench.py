@@ -8,6 +8,7 @@ Benchmarks (speed is measured here, never in tests). All ratios come from one pr
     python bench.py --parallel   # expert parallelism: memory and traffic per rank (computed), CPU step times
     python bench.py --generate   # sampling with and without the KV cache: tokens/s, side by side
     python bench.py --breakdown --json out/breakdown.json   # one MoE layer stage by stage; the whole step
+    python bench.py --malloc     # the default step with glibc's allocator as it comes, then as train.py sets it
 
 On CUDA: timings by triton.testing.do_bench (CUDA events, warm-up, L2 cache cleared before every
 call, median). Achieved bandwidth counts the bytes the op must move at least: forward reads the
@@ -371,6 +372,54 @@ def step_ratios(args, threads):
     return rows
 
 
+def malloc_child(keep, steps, out):
+    """In a fresh process: train.py's own training step of the default run (train.train_step: forward, the
+    auxiliary losses, backward, clipping, AdamW), dense and MoE interleaved, one thread, with glibc's
+    allocator as it comes or as support/launch.keep_freed_memory sets it -> out: {name: (ms, page faults)}."""
+    import resource
+    import train
+    from support import launch
+    if not keep:
+        launch.keep_freed_memory = lambda: None  # launch.Processes sets it on a CPU
+    torch.set_num_threads(1)
+    env, steps_of = launch.Processes("cpu", "float32"), {}
+    for name, args in (("dense", ["--n_experts=0"]), ("MoE", [])):
+        cfg, model_cfg = train.setup(args)[0].build(train.TrainConfig, train.GPTConfig)  # the CPU preset
+        torch.manual_seed(0)
+        model = train.GPT(model_cfg)
+        opt, ids = train.make_optimizer(model, cfg), torch.randint(0, 65, (cfg.batch_size, model_cfg.block_size))
+        steps_of[name] = lambda m=model, o=opt, c=cfg, i=ids: train.train_step(m, m, o, lambda: (i, i, None), c, env)
+    times, faults = {n: [] for n in steps_of}, {n: 0 for n in steps_of}
+    for i in range(steps + 3):
+        for name, step in steps_of.items():
+            before, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
+            step()
+            if i >= 3:  # after the first touch of every page
+                times[name].append(time.process_time() - t0)
+                faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    out.put({n: (statistics.median(times[n]) * 1e3, faults[n] / steps) for n in steps_of})
+
+
+def malloc_bench(args):
+    """Why train.py sets glibc's allocator (support/launch.keep_freed_memory): each setting in its own process,
+    twice, alternating (the machine drifts)."""
+    import multiprocessing as mp
+    if CUDA:
+        print("--malloc measures the CPU default's steps: on a GPU, PyTorch's caching allocator keeps freed memory anyway")
+        return
+    ctx = mp.get_context("spawn")  # a fresh interpreter: glibc's settings as they come
+    print("train.py's training step of the default run, one thread, dense and MoE interleaved: ms per step "
+          "(process time, median; page faults per step)")
+    for keep in (False, True, False, True):
+        out = ctx.Queue()
+        child = ctx.Process(target=malloc_child, args=(keep, args.steps, out))
+        child.start()
+        r = out.get()
+        child.join()
+        print(f"{'kept (train.py)' if keep else 'as glibc comes':<16}: dense {r['dense'][0]:6.1f} ({r['dense'][1]:5.0f}), "
+              f"MoE {r['MoE'][0]:6.1f} ({r['MoE'][1]:5.0f}), ratio {r['MoE'][0] / r['dense'][0]:.2f}x")
+
+
 def resources(args):
     """
     Compile every kernel variant in RESOURCE_JOBS for an H100 (sm_90) without a GPU and read the
@@ -565,11 +614,15 @@ def main(argv):
     mode.add_argument("--parallel", action="store_true", help="expert parallelism: memory, traffic, CPU step times")
     mode.add_argument("--generate", action="store_true", help="sampling tokens/s with and without the KV cache")
     mode.add_argument("--breakdown", action="store_true", help="one MoE layer stage by stage, and the whole step")
+    mode.add_argument("--malloc", action="store_true", help="the default step with and without keeping freed memory")
     parser.add_argument("--json", default=None, help="--breakdown: also write the numbers to this JSON file")
     parser.add_argument("--reps", type=int, default=100, help="do_bench time budget per measurement (ms)")
     parser.add_argument("--steps", type=int, default=20, help="timed train steps per setting (--losses, --model, --parallel)")
     parser.add_argument("--bw", type=float, default=None, help="peak memory bandwidth of the device, GB/s")
     args = parser.parse_args(argv)
+    if not CUDA:  # as train.py runs on a CPU (support/launch.py); --malloc compares it with glibc's default
+        from support.launch import keep_freed_memory
+        keep_freed_memory()
     if args.reps < 1 or args.steps < 1:
         raise UserError(f"--reps and --steps must be >= 1, got {args.reps} and {args.steps}")
     if args.bw is not None and not 0 < args.bw < float("inf"):
@@ -586,6 +639,8 @@ def main(argv):
         model_bench(args)
     elif args.breakdown:
         breakdown_bench(args)
+    elif args.malloc:
+        malloc_bench(args)
     elif args.losses:
         losses_bench(args)
     else:

@@ -21,6 +21,7 @@ interval excludes zero. No arm is tuned after looking: every arm of a demo runs 
     python course/demos.py coupling         # the coupling loss, dose-response
     python course/demos.py specialization   # the specialization loss against its random floor
     python course/demos.py wallclock        # dense vs MoE for the same wall-clock time, and for the same FLOPs
+    python course/demos.py crossover        # the same time at 4x the tokens per step (batch 48, 500 steps)
     python course/demos.py routing --seeds 0 --dry   # print the commands only
 
 A run is kept in out-demos/runs/<key>-s<seed>, the key a hash of the settings it changes from the
@@ -69,6 +70,7 @@ DEMOS = {
         "softmax, no balancing (c_lb=0)": [*TEXT, "--c_lb=0.0"],
         "sigmoid + bias, loss-free (DeepSeek-V3)": [*TEXT, "--router=sigmoid"]}),
     "wallclock": dict(variants=lambda out_dir: wallclock_variants(out_dir)),
+    "crossover": dict(variants=lambda out_dir: crossover_variants(out_dir)),
     "capacity": dict(seeds=3, variants={  # 6 arms x 5 seeds would take ~30 min
         "dense d=16": [*FACTS, "--n_embd=16", "--n_experts=0"],
         "dense d=32": [*FACTS, "--n_embd=32", "--n_experts=0"],
@@ -109,15 +111,16 @@ DEMOS = {
 }
 
 
-def step_time_ratio(steps=40):
-    """t(MoE step) / t(dense step) of the default run's training step (train.train_step: forward, the
-    auxiliary losses, backward, AdamW), on this machine, one thread, the two interleaved in one process."""
+def step_time_ratio(extra=(), steps=40):
+    """t(MoE step) / t(dense step) of the default run's training step with the settings `extra`
+    (train.train_step: forward, the auxiliary losses, backward, AdamW), on this machine, one thread,
+    the two interleaved in one process."""
     import time
     import train
     from support import launch
     torch.set_num_threads(1)
     env, timed = launch.Processes("cpu", "float32"), {}
-    for name, args in (("dense", DENSE), ("moe", TEXT)):
+    for name, args in (("dense", [*DENSE, *extra]), ("moe", [*TEXT, *extra])):
         settings, _ = train.setup(args)
         cfg, model_cfg = settings.build(train.TrainConfig, train.GPTConfig)
         torch.manual_seed(0)
@@ -133,18 +136,22 @@ def step_time_ratio(steps=40):
     return float(np.median(timed["moe"][1]) / np.median(timed["dense"][1]))
 
 
-def wallclock_variants(out_dir):
-    """The MoE default run (2,000 steps) and the dense model given its time: its steps times the measured
-    step-time ratio (kept in out_dir/wallclock.json, so that a rerun finds the same runs), or its FLOPs:
-    GPT.flops_per_token."""
-    path = os.path.join(out_dir, "wallclock.json")
+def measured_ratio(out_dir, name, extra=()):
+    """step_time_ratio(extra), measured once and kept in out_dir/<name>.json: a rerun finds the same runs."""
+    path = os.path.join(out_dir, f"{name}.json")
     if not os.path.exists(path):
         os.makedirs(out_dir, exist_ok=True)
         print("measuring the step-time ratio of MoE and dense, side by side ...", flush=True)
         with open(path, "w") as fh:
-            json.dump({"ratio": round(step_time_ratio(), 4)}, fh)
+            json.dump({"ratio": round(step_time_ratio(extra), 4)}, fh)
     with open(path) as fh:
-        ratio = json.load(fh)["ratio"]
+        return json.load(fh)["ratio"]
+
+
+def wallclock_variants(out_dir):
+    """The MoE default run (2,000 steps) and the dense model given its time: its steps times the measured
+    step-time ratio, or its FLOPs: GPT.flops_per_token."""
+    ratio = measured_ratio(out_dir, "wallclock")
     from model import GPT, GPTConfig
     flops = {}
     for name, extra in (("dense", dict(n_experts=0)), ("moe", {})):
@@ -155,6 +162,20 @@ def wallclock_variants(out_dir):
     return {"MoE, 8 experts top-2 (the default, 2,000 steps)": TEXT,
             f"dense, the same time ({same_time:,} steps; step-time ratio {ratio:.3f})": [*DENSE, f"--max_iters={same_time}"],
             f"dense, the same FLOPs ({same_flops:,} steps)": [*DENSE, f"--max_iters={same_flops}"]}
+
+
+BATCH_4X = ["--batch_size=48"]  # 4x the default's tokens per step; 500 steps: the default's tokens in all
+
+
+def crossover_variants(out_dir):
+    """The same time at 4x the tokens per step, where bench.py --breakdown measures a smaller MoE step
+    overhead than at the default's batch: does the MoE win on the wall clock there?"""
+    ratio = measured_ratio(out_dir, "crossover", BATCH_4X)
+    same_time = round(500 * ratio)
+    return {"MoE, batch 48 (500 steps)": [*TEXT, *BATCH_4X, "--max_iters=500"],
+            f"dense, batch 48, the same time ({same_time:,} steps; step-time ratio {ratio:.3f})":
+                [*DENSE, *BATCH_4X, f"--max_iters={same_time}"],
+            "dense, batch 48, the same steps (500): the MoE's gain per step": [*DENSE, *BATCH_4X, "--max_iters=500"]}
 
 
 def settings_key(args):
@@ -510,7 +531,7 @@ def show_wallclock(runs, dirs, path):
 
 
 SHOW = {"default": show_default, "nanogpt": show_nanogpt, "hash": show_hash, "balance": show_balance,
-        "wallclock": show_wallclock,
+        "wallclock": show_wallclock, "crossover": show_wallclock,
         "capacity": show_capacity, "routing": show_routing, "regularisers": show_regularisers,
         "regularisers-facts": show_regularisers, "collapse": show_collapse, "coupling": show_coupling,
         "specialization": show_specialization}
