@@ -8,7 +8,7 @@ Benchmarks (speed is measured here, never in tests). All ratios come from one pr
     python bench.py --parallel   # expert parallelism: memory and traffic per rank (computed), CPU step times
     python bench.py --generate   # sampling with and without the KV cache: tokens/s, side by side
     python bench.py --breakdown --json out/breakdown.json   # one MoE layer stage by stage; the whole step
-    python bench.py --malloc     # the default step with glibc's allocator as it comes, then as train.py sets it
+    python bench.py --malloc     # the default step with glibc's allocator as it comes and as train.py sets it, twice each
 (--breakdown and --malloc, and the training-step closure the modes share, are in tools/breakdown.py.)
 
 On CUDA: timings by triton.testing.do_bench (CUDA events, warm-up, L2 cache cleared before every
@@ -340,7 +340,8 @@ def main(argv):
     mode.add_argument("--malloc", action="store_true", help="the default step with and without keeping freed memory")
     parser.add_argument("--json", default=None, help="--breakdown: also write the numbers to this JSON file")
     parser.add_argument("--reps", type=int, default=100, help="do_bench time budget per measurement (ms)")
-    parser.add_argument("--steps", type=int, default=20, help="timed train steps per setting (--losses, --model, --parallel)")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="timed train steps per setting (--losses, --model, --parallel, --breakdown, --malloc)")
     parser.add_argument("--bw", type=float, default=None, help="peak memory bandwidth of the device, GB/s")
     args = parser.parse_args(argv)
     if not CUDA:  # as train.py runs on a CPU (support/launch.py); --malloc compares it with glibc's default

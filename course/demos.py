@@ -113,7 +113,7 @@ DEMOS = {
 
 def step_time_ratio(extra=(), steps=40):
     """t(MoE step) / t(dense step) of the default run's training step with the settings `extra`
-    (train.train_step: forward, the auxiliary losses, backward, AdamW), on this machine, one thread,
+    (train.train_step: forward, the auxiliary losses, backward, clipping, AdamW), on this machine, one thread,
     the two interleaved in one process."""
     import time
     import train
@@ -126,7 +126,7 @@ def step_time_ratio(extra=(), steps=40):
         torch.manual_seed(0)
         model = train.GPT(model_cfg)
         opt, ids = train.make_optimizer(model, cfg), torch.randint(0, 65, (cfg.batch_size, model_cfg.block_size))
-        timed[name] = (lambda m=model, o=opt, c=cfg: train.train_step(m, m, o, lambda: (ids, ids, None), c, env), [])
+        timed[name] = (lambda m=model, o=opt, c=cfg, i=ids: train.train_step(m, m, o, lambda: (i, i, None), c, env), [])
     for i in range(steps + 3):
         for name, (step, times) in timed.items():
             t0 = time.process_time()
@@ -553,7 +553,7 @@ def main(argv):
     if not os.path.isdir(args.docs):
         raise UserError(f"--docs={args.docs} is not a directory")
     variants, out_dir = DEMOS[args.demo]["variants"], os.path.abspath(args.out_dir)
-    if callable(variants):  # measured on this machine first (wallclock)
+    if callable(variants):  # measured on this machine first (wallclock, crossover)
         variants = variants(out_dir)
     dirs = {name: [run_dir(out_dir, a, s) for s in args.seeds] for name, a in variants.items()}
     place = {(name, s): d for name in variants for s, d in zip(args.seeds, dirs[name])}

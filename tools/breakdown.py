@@ -9,10 +9,12 @@ comes against support/launch.keep_freed_memory. Run through bench.py:
 
 Notation: T tokens, d model width, E experts, k experts per token, f expert hidden width.
 On CUDA: bf16, T=16384, d=768, the GPU default's step, MFU and peak memory; on a CPU: fp32, T=4096,
-d=256, the CPU default's step, 1 and 2 threads (one thread timed by process time).
+d=256, the CPU default's step, 1 and 2 threads (a layer's stages at one thread timed by process time,
+whole steps by wall time).
 """
 
 import os
+import queue
 import statistics
 import time
 
@@ -293,7 +295,10 @@ def malloc_bench(args):
         out = ctx.Queue()
         child = ctx.Process(target=malloc_child, args=(keep, args.steps, out))
         child.start()
-        r = out.get()
+        try:
+            r = out.get(timeout=600)
+        except queue.Empty:
+            raise RuntimeError(f"the measuring process ended without a result (exit code {child.exitcode})") from None
         child.join()
         print(f"{'kept (train.py)' if keep else 'as glibc comes':<16}: dense {r['dense'][0]:6.1f} ({r['dense'][1]:5.0f}), "
               f"MoE {r['MoE'][0]:6.1f} ({r['MoE'][1]:5.0f}), ratio {r['MoE'][0] / r['dense'][0]:.2f}x")
