@@ -1,13 +1,14 @@
 """
 The experiments that show why MoE routing matters, one command each: every variant of a headline
 comparison with 5 seeds, of the task and course demos with 3 (train.py runs, two at a time on a CPU:
-a run of the default shape takes 3.5-5 min at one thread, so a demo of 5 seeds of it takes 20-36
-min on 2 cores; demos share their runs), then a table and a figure in docs/ (docs/results.md and the README read them out). Every number is from the whole val
-split (or a task's whole table, or its fixed sample of 1,024 sequences). The statistics are
-support/stats.py's: the mean over seeds with its 95 % t interval; a comparison takes the difference
-seed by seed (the same seed gives both arms the same batches, and the same initialisation where
-they have the same architecture), with its 95 % t interval, and calls it real only when the
-interval excludes zero. No arm is tuned after looking: every arm of a demo runs the same recipe.
+a run of the default shape takes 3.5-5 min at one thread, so a demo of 5 seeds of it takes 20-36 min
+on 2 cores; demos share their runs), then a table and a figure in docs/ (docs/results.md and the
+README read them out). Every number is from the whole val split (or a task's whole table, or its
+fixed sample of 1,024 sequences). The statistics are support/stats.py's: the mean over seeds with
+its 95 % t interval; a comparison takes the difference seed by seed (the same seed gives both arms
+the same batches, and the same initialisation where they have the same architecture), with its 95 %
+t interval, and calls it real only when the interval excludes zero. No arm is tuned after looking:
+every arm of a demo runs the same recipe.
 
     python course/demos.py default          # dense vs MoE on the default run, beside nanoGPT's published figure
     python course/demos.py nanogpt          # nanoGPT's network in this loop, then each modern part alone
@@ -112,28 +113,13 @@ DEMOS = {
 
 
 def step_time_ratio(extra=(), steps=40):
-    """t(MoE step) / t(dense step) of the default run's training step with the settings `extra`
-    (train.train_step: forward, the auxiliary losses, backward, clipping, AdamW), on this machine, one thread,
-    the two interleaved in one process."""
-    import time
-    import train
-    from support import launch
+    """t(MoE step) / t(dense step) of train.py's training step of the default run with the settings
+    `extra` (tools/breakdown.py: forward, the auxiliary losses, backward, clipping, AdamW), on this
+    machine, one thread, the two interleaved in one process."""
+    from tools.breakdown import default_steps, interleaved
     torch.set_num_threads(1)
-    env, timed = launch.Processes("cpu", "float32"), {}
-    for name, args in (("dense", [*DENSE, *extra]), ("moe", [*TEXT, *extra])):
-        settings, _ = train.setup(args)
-        cfg, model_cfg = settings.build(train.TrainConfig, train.GPTConfig)
-        torch.manual_seed(0)
-        model = train.GPT(model_cfg)
-        opt, ids = train.make_optimizer(model, cfg), torch.randint(0, 65, (cfg.batch_size, model_cfg.block_size))
-        timed[name] = (lambda m=model, o=opt, c=cfg, i=ids: train.train_step(m, m, o, lambda: (i, i, None), c, env), [])
-    for i in range(steps + 3):
-        for name, (step, times) in timed.items():
-            t0 = time.process_time()
-            step()
-            if i >= 3:
-                times.append(time.process_time() - t0)
-    return float(np.median(timed["moe"][1]) / np.median(timed["dense"][1]))
+    times = interleaved(default_steps(extra), steps)
+    return float(times["MoE"][0] / times["dense"][0])
 
 
 def measured_ratio(out_dir, name, extra=()):

@@ -253,32 +253,45 @@ def step_ratios(args, threads):
     return rows
 
 
-def malloc_child(keep, steps, out):
-    """In a fresh process: train.py's own training step of the default run (train.train_step: forward, the
-    auxiliary losses, backward, clipping, AdamW), dense and MoE interleaved, one thread, with glibc's
-    allocator as it comes or as support/launch.keep_freed_memory sets it -> out: {name: (ms, page faults)}."""
-    import resource
+def default_steps(extra=()):
+    """train.py's own training step of the CPU default run with the settings `extra` (train.train_step:
+    forward, the auxiliary losses, backward, clipping, AdamW), dense and MoE -> {name: step closure}."""
     import train
     from support import launch
-    if not keep:
-        launch.keep_freed_memory = lambda: None  # launch.Processes sets it on a CPU
-    torch.set_num_threads(1)
-    env, steps_of = launch.Processes("cpu", "float32"), {}
+    env, steps = launch.Processes("cpu", "float32"), {}
     for name, args in (("dense", ["--n_experts=0"]), ("MoE", [])):
-        cfg, model_cfg = train.setup(args)[0].build(train.TrainConfig, train.GPTConfig)  # the CPU preset
+        cfg, model_cfg = train.setup([*args, *extra])[0].build(train.TrainConfig, train.GPTConfig)  # the CPU preset
         torch.manual_seed(0)
         model = train.GPT(model_cfg)
         opt, ids = train.make_optimizer(model, cfg), torch.randint(0, 65, (cfg.batch_size, model_cfg.block_size))
-        steps_of[name] = lambda m=model, o=opt, c=cfg, i=ids: train.train_step(m, m, o, lambda: (i, i, None), c, env)
-    times, faults = {n: [] for n in steps_of}, {n: 0 for n in steps_of}
-    for i in range(steps + 3):
-        for name, step in steps_of.items():
+        steps[name] = lambda m=model, o=opt, c=cfg, i=ids: train.train_step(m, m, o, lambda: (i, i, None), c, env)
+    return steps
+
+
+def interleaved(steps, n, warmup=3):
+    """Each closure of `steps` run warmup + n times, in turns (the machine's drift hits all alike) ->
+    {name: (median process-time seconds, minor page faults per step)}, counted after the warm-up, when
+    every page has been touched once."""
+    import resource
+    times, faults = {name: [] for name in steps}, dict.fromkeys(steps, 0)
+    for i in range(warmup + n):
+        for name, step in steps.items():
             before, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
             step()
-            if i >= 3:  # after the first touch of every page
+            if i >= warmup:
                 times[name].append(time.process_time() - t0)
                 faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    out.put({n: (statistics.median(times[n]) * 1e3, faults[n] / steps) for n in steps_of})
+    return {name: (statistics.median(times[name]), faults[name] / n) for name in steps}
+
+
+def malloc_child(keep, steps, out):
+    """In a fresh process: default_steps() interleaved at one thread, with glibc's allocator as it comes or
+    as support/launch.keep_freed_memory sets it -> out: {name: (ms, page faults) per step}."""
+    from support import launch
+    if not keep:
+        launch.keep_freed_memory = lambda: None  # launch.Processes sets it on a CPU: the counterfactual
+    torch.set_num_threads(1)
+    out.put({name: (t * 1e3, f) for name, (t, f) in interleaved(default_steps(), steps).items()})
 
 
 def malloc_bench(args):
