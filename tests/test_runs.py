@@ -14,7 +14,7 @@ import torch
 from losses import aux_losses
 from model import GPT, GPTConfig
 from tests.helpers import (REPO, ROUTERS, TINY, assert_loadable_and_finite, cli, file_hashes, require, settings_of,
-                           train, train_losses)
+                           train, train_losses, train_subprocess)
 
 
 @pytest.mark.parametrize("router", ROUTERS)
@@ -423,7 +423,11 @@ def test_wandb_offline_run_gets_every_term_and_routing_metric(tmp_path, monkeypa
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    out = train(tmp_path / "run", "--max_iters=2", "--eval_interval=2", "--wandb_log=True", "--wandb_run_name=tiny")
+    # its own process, as users run it: wandb's finish() only tells its service process to close the run's
+    # file (wandb 0.31, a message with no reply); the process's exit waits for the service to finish writing
+    done = train_subprocess(tmp_path / "run", "--max_iters=2", "--eval_interval=2", "--wandb_log=True",
+                            "--wandb_run_name=tiny")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr
     runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
     assert len(runs) == 1, os.listdir(tmp_path / "wandb")
     # an offline run is one protobuf log (run-*.wandb); the names of what was logged are in it as text
@@ -431,4 +435,4 @@ def test_wandb_offline_run_gets_every_term_and_routing_metric(tmp_path, monkeypa
     for key in ("train_loss", "lb", "z", "sp", "cp", "lb_scaled", "lr", "val_loss", "layer0/cv", "layer1/entropy_norm",
                 "layer0/topk_mass", "layer0/coact_cos2", "whole/val_loss", "params/total", "tiny", "wandb_project"):
         assert key.encode() in record, key
-    assert "iter 2:" in out
+    assert "iter 2:" in done.stdout
