@@ -45,10 +45,12 @@ def step():
     opt.zero_grad(set_to_none=True)
 for _ in range(3):  # the first touch of the pages, in either case
     step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+faults = []
+for _ in range(10):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sorted(faults)[5])  # the median step: a step that grows the heap faults on its new pages either way
 """
 
 
@@ -63,7 +65,7 @@ def test_keep_freed_memory_stops_the_page_faults_of_fresh_tensors():
                              timeout=120, env=env)
         assert res.returncode == 0, res.stderr[-2000:]
         faults[keep] = float(res.stdout.split()[-1])
-    # glibc as it comes: the default MoE step gives back and faults in again thousands of pages per step
+    # glibc as it comes: the default MoE step gives back and faults in again hundreds to thousands of pages
     assert faults[False] > 500 and faults[True] < faults[False] / 10, faults
 
 
