@@ -23,6 +23,7 @@ every arm of a demo runs the same recipe.
     python course/demos.py specialization   # the specialization loss against its random floor
     python course/demos.py wallclock        # dense vs MoE for the same wall-clock time, and for the same FLOPs
     python course/demos.py crossover        # the same time at 4x the tokens per step (batch 48, 500 steps)
+    python course/demos.py crossover-top1   # the same with top-1 routing (Switch Transformer): a cheaper MoE step
     python course/demos.py routing --seeds 0 --dry   # print the commands only
 
 A run is kept in out-demos/runs/<key>-s<seed>, the key a hash of the settings it changes from the
@@ -71,7 +72,8 @@ DEMOS = {
         "softmax, no balancing (c_lb=0)": [*TEXT, "--c_lb=0.0"],
         "sigmoid + bias, loss-free (DeepSeek-V3)": [*TEXT, "--router=sigmoid"]}),
     "wallclock": dict(variants=lambda out_dir: wallclock_variants(out_dir)),
-    "crossover": dict(variants=lambda out_dir: crossover_variants(out_dir)),
+    "crossover": dict(variants=lambda out_dir: crossover_variants(out_dir, "crossover")),
+    "crossover-top1": dict(variants=lambda out_dir: crossover_variants(out_dir, "crossover-top1", TOP_1, "MoE top-1")),
     "capacity": dict(seeds=3, variants={  # 6 arms x 5 seeds would take ~30 min
         "dense d=16": [*FACTS, "--n_embd=16", "--n_experts=0"],
         "dense d=32": [*FACTS, "--n_embd=32", "--n_experts=0"],
@@ -112,24 +114,24 @@ DEMOS = {
 }
 
 
-def step_time_ratio(extra=(), steps=40):
+def step_time_ratio(extra=(), moe=(), steps=40):
     """t(MoE step) / t(dense step) of train.py's training step of the default run with the settings
-    `extra` (tools/breakdown.py: forward, the auxiliary losses, backward, clipping, AdamW), on this
-    machine, one thread, the two interleaved in one process."""
+    `extra` (and the MoE's own `moe`; tools/breakdown.py: forward, the auxiliary losses, backward,
+    clipping, AdamW), on this machine, one thread, the two interleaved in one process."""
     from tools.breakdown import default_steps, interleaved
     torch.set_num_threads(1)
-    times = interleaved(default_steps(extra), steps)
+    times = interleaved(default_steps(extra, moe), steps)
     return float(times["MoE"][0] / times["dense"][0])
 
 
-def measured_ratio(out_dir, name, extra=()):
-    """step_time_ratio(extra), measured once and kept in out_dir/<name>.json: a rerun finds the same runs."""
+def measured_ratio(out_dir, name, extra=(), moe=()):
+    """step_time_ratio(extra, moe), measured once and kept in out_dir/<name>.json: a rerun finds the same runs."""
     path = os.path.join(out_dir, f"{name}.json")
     if not os.path.exists(path):
         os.makedirs(out_dir, exist_ok=True)
         print("measuring the step-time ratio of MoE and dense, side by side ...", flush=True)
         with open(path, "w") as fh:
-            json.dump({"ratio": round(step_time_ratio(extra), 4)}, fh)
+            json.dump({"ratio": round(step_time_ratio(extra, moe), 4)}, fh)
     with open(path) as fh:
         return json.load(fh)["ratio"]
 
@@ -151,14 +153,16 @@ def wallclock_variants(out_dir):
 
 
 BATCH_4X = ["--batch_size=48"]  # 4x the default's tokens per step; 500 steps: the default's tokens in all
+TOP_1 = ["--top_k=1"]           # Switch Transformer's routing: one expert per token, each as wide as the dense MLP
 
 
-def crossover_variants(out_dir):
+def crossover_variants(out_dir, name, moe=(), label="MoE"):
     """The same time at 4x the tokens per step, where bench.py --breakdown measures a smaller MoE step
-    overhead than at the default's batch: does the MoE win on the wall clock there?"""
-    ratio = measured_ratio(out_dir, "crossover", BATCH_4X)
+    overhead than at the default's batch: does the MoE (with its settings `moe`) win on the wall clock
+    there? The dense arms are the same runs for every MoE tried."""
+    ratio = measured_ratio(out_dir, name, BATCH_4X, moe)
     same_time = round(500 * ratio)
-    return {"MoE, batch 48 (500 steps)": [*TEXT, *BATCH_4X, "--max_iters=500"],
+    return {f"{label}, batch 48 (500 steps)": [*TEXT, *BATCH_4X, *moe, "--max_iters=500"],
             f"dense, batch 48, the same time ({same_time:,} steps; step-time ratio {ratio:.3f})":
                 [*DENSE, *BATCH_4X, f"--max_iters={same_time}"],
             "dense, batch 48, the same steps (500): the MoE's gain per step": [*DENSE, *BATCH_4X, "--max_iters=500"]}
@@ -517,7 +521,7 @@ def show_wallclock(runs, dirs, path):
 
 
 SHOW = {"default": show_default, "nanogpt": show_nanogpt, "hash": show_hash, "balance": show_balance,
-        "wallclock": show_wallclock, "crossover": show_wallclock,
+        "wallclock": show_wallclock, "crossover": show_wallclock, "crossover-top1": show_wallclock,
         "capacity": show_capacity, "routing": show_routing, "regularisers": show_regularisers,
         "regularisers-facts": show_regularisers, "collapse": show_collapse, "coupling": show_coupling,
         "specialization": show_specialization}
@@ -539,7 +543,7 @@ def main(argv):
     if not os.path.isdir(args.docs):
         raise UserError(f"--docs={args.docs} is not a directory")
     variants, out_dir = DEMOS[args.demo]["variants"], os.path.abspath(args.out_dir)
-    if callable(variants):  # measured on this machine first (wallclock, crossover)
+    if callable(variants):  # measured on this machine first (wallclock, crossover, crossover-top1)
         variants = variants(out_dir)
     dirs = {name: [run_dir(out_dir, a, s) for s in args.seeds] for name, a in variants.items()}
     place = {(name, s): d for name in variants for s, d in zip(args.seeds, dirs[name])}

@@ -178,8 +178,9 @@ def tiny_logs(tmp_path_factory):
     return logs
 
 
-@pytest.mark.parametrize("demo", ["default", "nanogpt", "hash", "balance", "wallclock", "crossover", "capacity",
-                                  "routing", "regularisers", "regularisers-facts", "collapse", "coupling", "specialization"])
+@pytest.mark.parametrize("demo", ["default", "nanogpt", "hash", "balance", "wallclock", "crossover", "crossover-top1",
+                                  "capacity", "routing", "regularisers", "regularisers-facts", "collapse", "coupling",
+                                  "specialization"])
 def test_demo_tables_and_figures_from_finished_runs(tmp_path, demo, tiny_logs):
     """demos.py on runs that are already finished (copies of a real tiny run's log, with known val
     losses and bits): it trains nothing, and its table holds each variant's mean over the seeds ± the
@@ -187,7 +188,7 @@ def test_demo_tables_and_figures_from_finished_runs(tmp_path, demo, tiny_logs):
     apart have a sample standard deviation d / sqrt(2), so the half-width is t_{0.975, 1} * d / 2."""
     from course import demos
     variants = demos.DEMOS[demo]["variants"]
-    if callable(variants):  # wallclock, crossover: the step-time ratio as if measured already
+    if callable(variants):  # wallclock, crossover(-top1): the step-time ratio as if measured already
         os.makedirs(tmp_path / "runs")
         (tmp_path / "runs" / f"{demo}.json").write_text(json.dumps({"ratio": 1.3}))
         variants = variants(str(tmp_path / "runs"))
@@ -212,8 +213,8 @@ def test_demo_tables_and_figures_from_finished_runs(tmp_path, demo, tiny_logs):
     assert out.count("already done") == 2 * len(variants)
     table = (tmp_path / "docs" / f"demo_{demo}.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| variant |")).split(" | ")
-    digits = 4 if demo in ("default", "nanogpt", "hash", "balance", "wallclock", "crossover", "regularisers",
-                           "regularisers-facts") else 3
+    digits = 4 if demo in ("default", "nanogpt", "hash", "balance", "wallclock", "crossover", "crossover-top1",
+                           "regularisers", "regularisers-facts") else 3
     column, want = ((header.index("bits stored"), lambda i: f"{1000 * (i + 1) + 5:.0f} ± {12.706 * 10 / 2:.0f}")
                     if demo == "capacity" else
                     (next(j for j, h in enumerate(header) if h.startswith("val loss")),

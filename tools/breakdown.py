@@ -209,12 +209,13 @@ def breakdown_figure(result, path):
 def step_ratios(args, threads):
     """The default run's whole training step (CPU preset shape; the GPU default on CUDA), dense vs MoE with
     the default auxiliary losses: forward, losses, backward, AdamW. Interleaved, medians. On a CPU also
-    wider models and more tokens per step at one thread: where the MoE's overhead shrinks (the crossover
-    on the wall clock needs the step ratio below 1 + what the MoE gains per step)."""
+    wider models, more tokens per step and top-1 routing at one thread: where the MoE's overhead shrinks
+    (the crossover on the wall clock needs the step ratio below 1 + what the MoE gains per step)."""
     device = "cuda" if CUDA else "cpu"
     cpu = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65)
     runs = [(n, dict(vocab_size=65), 64) for n in threads] if CUDA else \
-        [(n, cpu, 12) for n in threads] + [(1, {**cpu, "n_embd": d}, 12) for d in (256, 512)] + [(1, cpu, 48)]
+        [(n, cpu, 12) for n in threads] + [(1, {**cpu, "n_embd": d}, 12) for d in (256, 512)] + \
+        [(1, cpu, 48), (1, {**cpu, "top_k": 1}, 48)]  # the last: top-1 routing (Switch), experts as wide as the MLP
     rows = []
     for n_threads, base, B in runs:
         torch.set_num_threads(n_threads)
@@ -234,8 +235,10 @@ def step_ratios(args, threads):
             for n, step in steps.items():
                 times[n].append(step_timer(step, 1))
         med = {n: statistics.median(v) * 1e3 for n, v in times.items()}
-        tokens = B * GPTConfig(**base).block_size
-        row = {"threads": n_threads, "n_embd": GPTConfig(**base).n_embd, "batch": B, **{f"{n}_ms": v for n, v in med.items()},
+        shape = GPTConfig(**base)
+        tokens = B * shape.block_size
+        row = {"threads": n_threads, "n_embd": shape.n_embd, "top_k": shape.top_k, "batch": B,
+               **{f"{n}_ms": v for n, v in med.items()},
                **{f"{n}_tokens_per_s": tokens / v * 1e3 for n, v in med.items()},
                **({f"{n}_peak_GiB": m for n, m in memory.items()} if CUDA else {})}
         peak = next((v for kk, v in PEAK_BF16_TFLOPS.items() if CUDA and kk in torch.cuda.get_device_name()), None)
@@ -253,14 +256,15 @@ def step_ratios(args, threads):
     return rows
 
 
-def default_steps(extra=()):
+def default_steps(extra=(), moe=()):
     """train.py's own training step of the CPU default run with the settings `extra` (train.train_step:
-    forward, the auxiliary losses, backward, clipping, AdamW), dense and MoE -> {name: step closure}."""
+    forward, the auxiliary losses, backward, clipping, AdamW), dense and MoE (with the MoE's own settings
+    `moe` too) -> {name: step closure}."""
     import train
     from support import launch
     env, steps = launch.Processes("cpu", "float32"), {}
-    for name, args in (("dense", ["--n_experts=0"]), ("MoE", [])):
-        cfg, model_cfg = train.setup([*args, *extra])[0].build(train.TrainConfig, train.GPTConfig)  # the CPU preset
+    for name, args in (("dense", [*extra, "--n_experts=0"]), ("MoE", [*extra, *moe])):  # dense whatever extra says
+        cfg, model_cfg = train.setup(args)[0].build(train.TrainConfig, train.GPTConfig)  # the CPU preset
         torch.manual_seed(0)
         model = train.GPT(model_cfg)
         opt, ids = train.make_optimizer(model, cfg), torch.randint(0, 65, (cfg.batch_size, model_cfg.block_size))
