@@ -1,7 +1,7 @@
 """
 The experiments that show why MoE routing matters, one command each: every variant of a headline
 comparison with 5 seeds, of the task and course demos with 3 (train.py runs, two at a time on a CPU:
-a run of the default shape takes 3.5-5 min at one thread, so a demo of 5 seeds of it takes 20-36 min
+a run of the default shape takes 2.7-5 min at one thread, so a demo of 5 seeds of it takes 20-36 min
 on 2 cores; demos share their runs), then a table and a figure in docs/ (docs/results.md and the
 README read them out). Every number is from the whole val split (or a task's whole table, or its
 fixed sample of 1,024 sequences). The statistics are support/stats.py's: the mean over seeds with
