@@ -39,9 +39,9 @@ def keep_freed_memory():
     """On Linux with glibc: serve CPU tensors from the heap and keep what is freed for the next ones.
     glibc as it comes maps fresh pages for large blocks and gives them back when freed, so many new
     activations and gradients page-fault on their first write: the default MoE training step took
-    ~4,300 faults and the dense one 200-500 on this project's 2-core machine, 25-35 and 0 with this,
-    and the MoE step went from 1.34-1.40x the dense one to 1.29-1.31x (`python bench.py --malloc`;
-    one MoE layer at E=64, k=8: 1.79x -> 1.56x the dense MLP). The price: up to 1 GiB of freed
+    ~4,800 faults (median step) on this project's 2-core machine, 1 with this, and went from
+    1.34-1.40x the dense step to 1.25-1.31x (`python bench.py --malloc`; one MoE layer at E=64, k=8:
+    1.79x -> 1.56x the dense MLP). The price: up to 1 GiB of freed
     memory stays with the process. PyTorch's CPU tuning guide suggests another allocator (jemalloc,
     tcmalloc) for the same reason; this needs nothing installed. Elsewhere (macOS, musl) it does nothing."""
     try:

@@ -27,44 +27,15 @@ def test_bench_smoke_runs(args):
             "--malloc": "page faults"}[args[0] if args else ""] in out
 
 
-STEPS = """
-import resource, sys, torch
-sys.path.insert(0, {repo!r})
-from losses import aux_losses
-from model import GPT, GPTConfig
-from support.launch import keep_freed_memory
-if {keep}:
-    assert keep_freed_memory()
-torch.set_num_threads(1)
-model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65))  # the CPU default
-opt, idx = torch.optim.AdamW(model.parameters(), fused=True), torch.randint(0, 65, (12, 64))
-def step():
-    _, ce, routes = model(idx, idx)
-    (ce + aux_losses(routes, dict(c_lb=0.01, c_z=1e-3, c_sp=2e-3, c_cp=1e-3))[0]).backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-for _ in range(3):  # the first touch of the pages, in either case
-    step()
-faults = []
-for _ in range(10):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    step()
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(sorted(faults)[5])  # the median step: a step that grows the heap faults on its new pages either way
-"""
-
-
-def test_keep_freed_memory_stops_the_page_faults_of_fresh_tensors():
+def test_keep_freed_memory_stops_the_page_faults_of_fresh_tensors(monkeypatch):
+    """train.py's own default step (tools/breakdown.malloc_run, what `bench.py --malloc` measures), in a
+    fresh process with glibc as it comes and with launch.Processes keeping freed memory."""
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc's allocator settings: Linux only")
-    faults = {}
-    for keep in (False, True):
-        env = {k: v for k, v in os.environ.items()  # glibc as it comes: no other allocator, no tunables
-               if k != "LD_PRELOAD" and not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
-        res = subprocess.run([sys.executable, "-c", STEPS.format(repo=REPO, keep=keep)], capture_output=True, text=True,
-                             timeout=120, env=env)
-        assert res.returncode == 0, res.stderr[-2000:]
-        faults[keep] = float(res.stdout.split()[-1])
+    from tools.breakdown import malloc_run
+    for key in [k for k in os.environ if k == "LD_PRELOAD" or k.startswith(("MALLOC_", "GLIBC_TUNABLES"))]:
+        monkeypatch.delenv(key)  # glibc as it comes: no other allocator, no tunables
+    faults = {keep: malloc_run(keep, 10)["MoE"][1] for keep in (False, True)}  # median page faults per step
     # glibc as it comes: the default MoE step gives back and faults in again hundreds to thousands of pages
     assert faults[False] > 500 and faults[True] < faults[False] / 10, faults
 

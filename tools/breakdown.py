@@ -274,18 +274,19 @@ def default_steps(extra=(), moe=()):
 
 def interleaved(steps, n, warmup=3):
     """Each closure of `steps` run warmup + n times, in turns (the machine's drift hits all alike) ->
-    {name: (median process-time seconds, minor page faults per step)}, counted after the warm-up, when
-    every page has been touched once."""
+    {name: (median process-time seconds, median minor page faults per step)}, after the warm-up, when
+    every page has been touched once (the median: a step that grows the heap faults on its new pages
+    whatever the allocator keeps)."""
     import resource
-    times, faults = {name: [] for name in steps}, dict.fromkeys(steps, 0)
+    times, faults = {name: [] for name in steps}, {name: [] for name in steps}
     for i in range(warmup + n):
         for name, step in steps.items():
             before, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
             step()
             if i >= warmup:
                 times[name].append(time.process_time() - t0)
-                faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    return {name: (statistics.median(times[name]), faults[name] / n) for name in steps}
+                faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return {name: (statistics.median(times[name]), statistics.median(faults[name])) for name in steps}
 
 
 def malloc_child(keep, steps, out):
@@ -298,24 +299,31 @@ def malloc_child(keep, steps, out):
     out.put({name: (t * 1e3, f) for name, (t, f) in interleaved(default_steps(), steps).items()})
 
 
+def malloc_run(keep, steps):
+    """malloc_child in a fresh interpreter (spawned: glibc's settings as they come, unless the caller's
+    environment preloads another allocator) -> {name: (ms, page faults) per step}."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    child = ctx.Process(target=malloc_child, args=(keep, steps, out))
+    child.start()
+    try:
+        result = out.get(timeout=600)
+    except queue.Empty:
+        raise RuntimeError(f"the measuring process ended without a result (exit code {child.exitcode})") from None
+    child.join()
+    return result
+
+
 def malloc_bench(args):
     """Why train.py sets glibc's allocator (support/launch.keep_freed_memory): each setting in its own process,
     twice, alternating (the machine drifts)."""
-    import multiprocessing as mp
     if CUDA:
         print("--malloc measures the CPU default's steps: on a GPU, PyTorch's caching allocator keeps freed memory anyway")
         return
-    ctx = mp.get_context("spawn")  # a fresh interpreter: glibc's settings as they come
     print("train.py's training step of the default run, one thread, dense and MoE interleaved: ms per step "
-          "(process time, median; page faults per step)")
+          "(process time, median; page faults per step, median)")
     for keep in (False, True, False, True):
-        out = ctx.Queue()
-        child = ctx.Process(target=malloc_child, args=(keep, args.steps, out))
-        child.start()
-        try:
-            r = out.get(timeout=600)
-        except queue.Empty:
-            raise RuntimeError(f"the measuring process ended without a result (exit code {child.exitcode})") from None
-        child.join()
+        r = malloc_run(keep, args.steps)
         print(f"{'kept (train.py)' if keep else 'as glibc comes':<16}: dense {r['dense'][0]:6.1f} ({r['dense'][1]:5.0f}), "
               f"MoE {r['MoE'][0]:6.1f} ({r['MoE'][1]:5.0f}), ratio {r['MoE'][0] / r['dense'][0]:.2f}x")
