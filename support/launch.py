@@ -9,7 +9,7 @@ whether the model fits in memory. Everything is checked before a file is touched
     end(env)                      # the process groups torn down, their threads joined
 
 On a CPU, Processes also tells glibc to keep freed memory (keep_freed_memory: page faults cost the
-MoE step ~5 % here).
+MoE step 5-10 % here: `python bench.py --malloc`).
 
 What several processes add to a training step is here too, as methods of `env` that do nothing
 with one process (train.train_step calls them): `micro_step` (DDP syncs gradients on the last
