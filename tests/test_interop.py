@@ -383,7 +383,7 @@ def test_nanogpt_parts_equal_gpt2_in_transformers():
 def test_the_atlas_families_are_refused_in_one_line_naming_the_missing_piece(tmp_path, family, arch):
     """A real transformers config of each family (written by transformers itself): refused before anything is
     written, one line, naming what the model lacks."""
-    from tools.convert import NOT_YET
+    from tools.hf_config import NOT_YET
     transformers = require("transformers", "the interop tests compare against it")
     config = transformers.AutoConfig.for_model(family)
     config.architectures = [arch]

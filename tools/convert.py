@@ -1,7 +1,7 @@
 """
 Checkpoints in and out: Hugging Face MoE folders <-> this project's out_dir/ckpt.pt.
 
-    python tools/convert.py from-hf HF_DIR OUT_DIR   # Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE -> OUT_DIR/ckpt.pt (+ tokenizer)
+    python tools/convert.py from-hf HF_DIR OUT_DIR   # Mixtral, OLMoE, Qwen2/3-MoE, GLM-4.5, MiniMax-M2 -> OUT_DIR/ckpt.pt
     python tools/convert.py to-hf OUT_DIR HF_DIR     # our ckpt.pt -> a Mixtral folder transformers loads
     add --overwrite to replace an existing OUT_DIR/ckpt.pt or a non-empty HF_DIR, and --ignore_unused
     to convert a checkpoint that holds tensors the mapping does not use (refused otherwise, naming them)
@@ -25,7 +25,10 @@ transformers with random weights):
 
 Routing: Mixtral renormalises the top-k gates (gate_renorm=True); OLMoE and Qwen2-MoE do so only
 with norm_topk_prob. Files are read and written with the safetensors package alone; transformers
-is not needed (the tests use it as the reference). What does not map is refused, naming the field.
+is not needed (the tests use it as the reference). Every key of config.json is read (with transformers'
+default for the family), refused by name where it changes the computation and nothing here matches
+it, or ignored for a stated reason (the tables below; docs/real-models.md). FP8 weights with block
+scales (DeepSeek-V3's format) are dequantised to fp32.
 """
 
 import json
@@ -40,140 +43,7 @@ import torch  # noqa: E402
 
 from model import GPT, GPTConfig  # noqa: E402
 from support.rundir import UserError, cli, load_checkpoint, save_checkpoint  # noqa: E402
-
-FAMILIES = {  # architecture -> where its MoE lives and what it needs from our model
-    "MixtralForCausalLM": dict(moe="block_sparse_moe", experts=("w1", "w3", "w2"), width="intermediate_size",
-                               n_experts="num_local_experts"),
-    "OlmoeForCausalLM": dict(moe="mlp", experts=("gate_proj", "up_proj", "down_proj"), width="intermediate_size",
-                             n_experts="num_experts", qk_norm=True),
-    "Qwen2MoeForCausalLM": dict(moe="mlp", experts=("gate_proj", "up_proj", "down_proj"), width="moe_intermediate_size",
-                                n_experts="num_experts", qkv_bias=True, shared="shared_expert"),
-    "Qwen3MoeForCausalLM": dict(moe="mlp", experts=("gate_proj", "up_proj", "down_proj"), width="moe_intermediate_size",
-                                n_experts="num_experts", qk_norm=True, qk_norm_per_head=True),
-    # DeepSeek-V3-style sigmoid routing (docs/routers.md), with partial rotary positions
-    "Glm4MoeForCausalLM": dict(moe="mlp", experts=("gate_proj", "up_proj", "down_proj"), width="moe_intermediate_size",
-                               n_experts="n_routed_experts", sigmoid="gate", shared="shared_experts"),
-    "MiniMaxM2ForCausalLM": dict(moe="block_sparse_moe", experts=("w1", "w3", "w2"), width="intermediate_size",
-                                 n_experts="num_local_experts", sigmoid="block", qk_norm=True),
-}
-
-
-# The families of the router atlas (docs/routers.md): their routing and experts map onto this model's
-# settings (tests/test_families.py), but each one's attention or residual stream needs a part this
-# model does not have. An import is refused in one line that names it.
-NOT_YET = {
-    "GptOssForCausalLM": "attention sinks, sliding-window attention and YaRN rotary positions",
-    "DeepseekV4ForCausalLM": "hyper-connections (4 residual streams), a shared key-value head with low-rank queries "
-                             "and compressed sparse attention",
-    "Llama4ForCausalLM": "chunked attention and NoPE layers with attention-temperature tuning",
-    "Llama4ForConditionalGeneration": "chunked attention, NoPE layers and the vision tower",
-    "Ernie4_5_MoeForCausalLM": "interleaved (GPT-J style) rotary positions",
-    "LongcatFlashForCausalLM": "multi-head latent attention and two attention sublayers per layer",
-    "Qwen3NextForCausalLM": "Gated DeltaNet linear-attention layers, gated attention and zero-centred RMSNorm",
-}
-
-MISSING = object()
-
-
-def field(hf, name, kind, default=MISSING, low=None, high=None):
-    """config.json's `name`, checked: its type (int, float, bool, str), and low <= value (<= high)."""
-    if hf.get(name) is None:
-        if default is MISSING:
-            raise UserError(f"config.json has no '{name}', which the conversion needs")
-        return default
-    value = hf[name]
-    ok = {int: type(value) is int, bool: type(value) is bool, str: type(value) is str,
-          float: type(value) in (int, float) and math.isfinite(value)}[kind]
-    if ok and low is not None:
-        ok = low <= value and (high is None or value <= high)
-    if not ok:
-        what = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[kind]
-        bounds = "" if low is None else f" >= {low}" if high is None else f" in [{low}, {high}]"
-        raise UserError(f"config.json: {name} must be {what}{bounds}, got {value!r}")
-    return value
-
-
-def rope_theta_of(hf):
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if not isinstance(rope, dict):
-        raise UserError(f"config.json: rope_parameters must be an object, got {rope!r}")
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise UserError(f"config.json: rope type '{rope.get('rope_type', rope.get('type'))}' (scaled rotary "
-                        f"positions) has no counterpart here")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    return float(field({"rope_theta": theta}, "rope_theta", float, low=1e-12))
-
-
-def model_args_from_hf(hf):
-    """GPTConfig fields from a Hugging Face config.json, each checked where it is read; refuse, naming
-    the field, what does not map."""
-    if not isinstance(hf, dict):
-        raise UserError("config.json is not a JSON object")
-    arch = (hf.get("architectures") or ["?"])[0]
-    if arch in NOT_YET:
-        raise UserError(f"config.json: {arch}: its router and experts map (docs/routers.md), but this model has no "
-                        f"{NOT_YET[arch]}")
-    if arch not in FAMILIES:
-        raise UserError(f"config.json: architecture '{arch}' is not one of {', '.join(FAMILIES)}")
-    fam = FAMILIES[arch]
-    d, heads = field(hf, "hidden_size", int, low=1), field(hf, "num_attention_heads", int, low=1)
-    max_pos = field(hf, "max_position_embeddings", int, 4096, low=1)
-    window = field(hf, "sliding_window", int, 0, low=0)
-    uses_window = field(hf, "use_sliding_window", bool, window > 0)
-    experts_key = fam["n_experts"] if fam["n_experts"] in hf else "num_local_experts"
-    n_experts = field(hf, experts_key, int, low=1)
-    checks = [
-        (field(hf, "hidden_act", str, "silu") == "silu", f"hidden_act={hf.get('hidden_act')} (the experts here are SwiGLU)"),
-        (not uses_window or window >= max_pos, f"sliding_window={window} (attention here sees the whole context)"),
-        (not field(hf, "attention_bias", bool, False) or arch == "Glm4MoeForCausalLM",
-         "attention_bias=true (only q/k/v biases map, as in Qwen2-MoE and GLM-4.5)"),
-        (hf.get("clip_qkv") is None, f"clip_qkv={hf.get('clip_qkv')}"),
-        (not hf.get("mlp_only_layers"), f"mlp_only_layers={hf.get('mlp_only_layers')} (dense layers between the MoE "
-                                        f"layers: every layer here is an MoE layer)"),
-        (field(hf, "decoder_sparse_step", int, 1) == 1, f"decoder_sparse_step={hf.get('decoder_sparse_step')} (dense "
-                                                         f"layers between the MoE layers: every layer here is an MoE layer)"),
-    ]
-    for ok, what in checks:
-        if not ok:
-            raise UserError(f"config.json ({arch}): {what} has no counterpart in this model")
-    args = dict(vocab_size=field(hf, "vocab_size", int, low=1), n_embd=d, n_layer=field(hf, "num_hidden_layers", int, low=1),
-                n_head=heads, n_kv_head=field(hf, "num_key_value_heads", int, heads, low=1),
-                head_dim=field(hf, "head_dim", int, 0, low=1) or (d // heads if d % heads == 0 else 0),
-                block_size=max_pos, norm_eps=float(field(hf, "rms_norm_eps", float, 1e-6, low=0, high=0.5)),
-                rope_theta=rope_theta_of(hf), tie_embeddings=field(hf, "tie_word_embeddings", bool, False),
-                n_experts=n_experts, top_k=field(hf, "num_experts_per_tok", int, low=1, high=n_experts),
-                expert_hidden=field(hf, fam["width"], int, low=1), router="softmax",
-                gate_renorm=arch == "MixtralForCausalLM" or field(hf, "norm_topk_prob", bool, False),
-                qk_norm=fam.get("qk_norm", False), qk_norm_per_head=fam.get("qk_norm_per_head", False),
-                qkv_bias=fam.get("qkv_bias", False), dropout=0.0)
-    if args["top_k"] == 1 and args["gate_renorm"]:
-        raise UserError(f"config.json ({arch}): one expert per token with renormalised gates (every gate 1) has no "
-                        f"counterpart here: at top_k=1 the gate is the router's probability (Switch Transformer)")
-    if args["head_dim"] == 0:
-        raise UserError(f"config.json: hidden_size={d} is not divisible by num_attention_heads={heads} and there is "
-                        f"no head_dim")
-    rope = hf.get("rope_parameters") or {}
-    factor = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) if isinstance(rope, dict) else 1.0
-    if factor != 1.0:  # GLM-4.5 and MiniMax-M2 rotate the first part of each head only
-        args["rotary_dim"] = int(round(args["head_dim"] * float(field({"f": factor}, "f", float, low=0, high=1))))
-    if fam.get("sigmoid"):  # DeepSeek-V3's router: sigmoid scores, a select-only bias, groups, the routed scale
-        args.update(router="sigmoid", gate_renorm=field(hf, "norm_topk_prob", bool, True),
-                    routed_scale=float(field(hf, "routed_scaling_factor", float, 1.0, low=1e-9)),
-                    n_group=field(hf, "n_group", int, 1, low=1), topk_group=field(hf, "topk_group", int, 1, low=1),
-                    first_dense_layers=field(hf, "first_k_dense_replace", int, 0, low=0),
-                    ffn_hidden=field(hf, "intermediate_size", int, low=1),
-                    n_shared=field(hf, "n_shared_experts", int, 0, low=0) if fam.get("shared") else 0)
-        if arch == "Glm4MoeForCausalLM":
-            args.update(qkv_bias=field(hf, "attention_bias", bool, False), qk_norm=field(hf, "use_qk_norm", bool, False),
-                        qk_norm_per_head=field(hf, "use_qk_norm", bool, False))
-        return arch, args
-    if fam.get("shared") and field(hf, "shared_expert_intermediate_size", int, 0, low=0):
-        width = hf["shared_expert_intermediate_size"]
-        if width % args["expert_hidden"]:
-            raise UserError(f"config.json: shared_expert_intermediate_size={width} is not a multiple of the expert "
-                            f"width {args['expert_hidden']} (shared experts here are n_shared experts of that width)")
-        args.update(n_shared=width // args["expert_hidden"], shared_gate=True)
-    return arch, args
+from tools.hf_config import FAMILIES, model_args_from_hf  # noqa: E402
 
 
 def read_json(path):
@@ -186,9 +56,13 @@ def read_json(path):
 
 class SafeTensors:
     """The tensors of a folder's *.safetensors files (one file or an index), read one at a time, each
-    checked for its shape and a floating-point dtype; `unused()` names the ones never read."""
+    checked for its shape and a floating-point dtype; `unused()` names the ones never read. FP8 weights
+    (float8_e4m3fn) are dequantised with their block scales (blocks: (rows, columns) of config.json's
+    quantization_config): each block of the weight times its entry of `weight_scale_inv` (DeepSeek-V3's
+    and MiniMax-M2's format), in fp32; an FP8 weight without its scales is refused."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, blocks=None):
+        self.blocks = blocks
         from safetensors import safe_open
         index = os.path.join(folder, "model.safetensors.index.json")
         if os.path.exists(index):
@@ -216,7 +90,18 @@ class SafeTensors:
         return name in self.where
 
     def get(self, name, shape):
-        """The tensor `name`, which must have `shape` and a floating-point dtype."""
+        """The tensor `name`, which must have `shape` and a floating-point dtype, in fp32."""
+        tensor = self.load(name)
+        if tuple(tensor.shape) != tuple(shape):
+            raise UserError(f"tensor '{name}' has shape {tuple(tensor.shape)}, expected {tuple(shape)} from config.json")
+        if tensor.dtype == torch.float8_e4m3fn:
+            return self.dequantise(name, tensor)
+        if not tensor.is_floating_point() or tensor.dtype.itemsize == 1:
+            raise UserError(f"tensor '{name}' has dtype {tensor.dtype}, expected a floating-point tensor (FP8: "
+                            f"float8_e4m3fn with block scales)")
+        return tensor.float()
+
+    def load(self, name):
         if name not in self.where:
             raise UserError(f"the checkpoint has no tensor '{name}'")
         try:
@@ -224,12 +109,24 @@ class SafeTensors:
         except Exception as err:  # the data behind the header is missing
             raise UserError(f"{self.where[name]}: tensor '{name}' cannot be read ({str(err).splitlines()[0]}); was "
                             f"the download cut short?") from None
-        if tuple(tensor.shape) != tuple(shape):
-            raise UserError(f"tensor '{name}' has shape {tuple(tensor.shape)}, expected {tuple(shape)} from config.json")
-        if not tensor.is_floating_point():
-            raise UserError(f"tensor '{name}' has dtype {tensor.dtype}, expected a floating-point tensor")
         self.read.add(name)
-        return tensor.float()
+        return tensor
+
+    def dequantise(self, name, tensor):
+        """An FP8 weight (rows, cols) times its scales (ceil(rows / bm), ceil(cols / bn)), block by block."""
+        scale_name = name.removesuffix("weight") + "weight_scale_inv"
+        if scale_name not in self.where or self.blocks is None:
+            why = f"no '{scale_name}'" if scale_name not in self.where else "no quantization_config in config.json"
+            raise UserError(f"tensor '{name}' is FP8 ({tensor.dtype}) with {why}: its values without their block "
+                            f"scales would be a wrong model")
+        bm, bn = self.blocks
+        rows, cols = tensor.shape
+        scale = self.load(scale_name).float()
+        if tuple(scale.shape) != (math.ceil(rows / bm), math.ceil(cols / bn)):
+            raise UserError(f"tensor '{scale_name}' has shape {tuple(scale.shape)}, expected "
+                            f"{(math.ceil(rows / bm), math.ceil(cols / bn))} for blocks of {bm}x{bn}")
+        full = scale.repeat_interleave(bm, dim=0)[:rows].repeat_interleave(bn, dim=1)[:, :cols]  # (rows, cols)
+        return tensor.float() * full
 
     def unused(self):
         return sorted(set(self.where) - self.read)
@@ -243,13 +140,13 @@ def from_hf(hf_dir, out_dir, overwrite=False, ignore_unused=False):
         raise UserError(f"no config.json in {hf_dir} (a Hugging Face model folder)")
     if os.path.exists(os.path.join(out_dir, "ckpt.pt")) and not overwrite:
         raise UserError(f"{out_dir}/ckpt.pt exists; pass --overwrite to replace it")
-    arch, args = model_args_from_hf(read_json(path))
+    arch, args, unknown, blocks = model_args_from_hf(read_json(path))
     fam = FAMILIES[arch]
     try:
         cfg = GPTConfig(**args)
     except ValueError as err:
         raise UserError(f"config.json ({arch}) gives a model this project cannot build: {err}") from None
-    w = SafeTensors(hf_dir)
+    w = SafeTensors(hf_dir, blocks)
     d, V, E, f = cfg.n_embd, cfg.vocab_size, cfg.n_experts, cfg.expert_hidden
     q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     sd = {"wte.weight": w.get("model.embed_tokens.weight", (V, d)), "ln_f.weight": w.get("model.norm.weight", (d,))}
@@ -294,6 +191,11 @@ def from_hf(hf_dir, out_dir, overwrite=False, ignore_unused=False):
             if cfg.shared_gate:
                 sd[f"{ours}.mlp.shared_gate.weight"] = w.get(f"{m}.{fam['shared']}_gate.weight", (1, d))
     unused = w.unused()
+    scales = [n for n in unused if n.endswith(("_scale", "_scale_inv"))]
+    if scales:  # never dropped: the scales of quantised weights (an FP8 weight is refused without its own)
+        raise UserError(f"the checkpoint has {len(scales)} quantisation scale(s) this conversion does not use: "
+                        f"{', '.join(scales[:3])}{', ...' if len(scales) > 3 else ''} (quantised weights of a kind "
+                        f"read nowhere here)")
     if unused and not ignore_unused:  # weights dropped on import: a wrong model that looks right
         raise UserError(f"the checkpoint has {len(unused)} tensor(s) this conversion does not use: "
                         f"{', '.join(unused[:5])}{', ...' if len(unused) > 5 else ''}; pass --ignore_unused to "
@@ -314,6 +216,8 @@ def from_hf(hf_dir, out_dir, overwrite=False, ignore_unused=False):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if os.path.exists(os.path.join(hf_dir, name)):
             shutil.copy(os.path.join(hf_dir, name), os.path.join(out_dir, name))
+    if unknown:  # transformers' model reads none of them either (tests/test_interop.py checks its code)
+        print(f"note: config.json keys not read (nor by transformers' {arch}): {', '.join(unknown)}")
     n = sum(v.numel() for k, v in sd.items() if k != "lm_head.weight" or not cfg.tie_embeddings)
     print(f"{arch} -> {out_dir}/ckpt.pt: {cfg.n_layer} layers, d={cfg.n_embd}, {cfg.n_experts} experts top-{cfg.top_k} "
           f"(f={cfg.expert_hidden}{f', {cfg.n_shared} shared' if cfg.n_shared else ''}), {n / 1e6:.2f}M parameters"
