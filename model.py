@@ -338,6 +338,9 @@ class GPTConfig:
     # settings of one router
     ermoe_basis: str = "independent"  # ERMoE: 'independent' | 'partitioned' | 'penalty'
     ermoe_rank: int = 0         # ERMoE basis rank r; 0 = derived: n_embd // n_experts (the bases tile R^d)
+    ermoe_input: str = "coords"  # ERMoE: what the experts read: 'coords' (lambda * P_e^T x, r wide) | 'token' (x, d wide)
+    ermoe_beta: float = 10.0    # ERMoE: the initial logit scale beta (logits beta * s, s in [0, 1])
+    ermoe_beta_learned: bool = True  # ERMoE: beta learned (at most 100) or fixed at ermoe_beta
     bias_update_rate: float = 1e-3  # sigmoid router: balancing bias step per optimizer step (DeepSeek-V3)
     n_group: int = 1            # sigmoid router: experts in n_group groups; a token first picks topk_group of them
     topk_group: int = 1         # sigmoid router: groups a token picks (by the sum of each group's 2 best scores)

@@ -438,17 +438,26 @@ class EigenRouter(Router):
     orthogonal d x d matrix: disjoint), 'penalty' (free, pulled to orthonormal by mu * ||P^T P - I||^2)."""
     defaults = dict(c_lb=0.0, c_z=0.0)  # the paper's claim: balance from the geometry
 
-    def __init__(self, cfg, beta_init=10.0, beta_max=100.0):
+    def __init__(self, cfg, beta_max=100.0):
         super().__init__(cfg)
         d, E, r, basis = cfg.n_embd, cfg.n_experts, cfg.ermoe_rank, cfg.ermoe_basis
-        self.E, self.r, self.basis, self.beta_max, self.expert_width = E, r, basis, beta_max, r
+        self.E, self.r, self.basis, self.beta_max = E, r, basis, beta_max
+        self.read_coords = cfg.ermoe_input == "coords"
+        self.expert_width = r if self.read_coords else d
         if basis == "partitioned":  # (GPTConfig has checked the mode and the rank)
             self.raw = nn.Parameter(torch.randn(d, d) / math.sqrt(d))
         else:
             init = torch.randn(E, d, r) / math.sqrt(d)
             self.raw = nn.Parameter(orthonormal(init) if basis == "penalty" else init)
-        self.log_beta = nn.Parameter(torch.tensor(math.log(beta_init)))
-        self.lam = nn.Parameter(torch.ones(E, r))  # per-direction scales of the expert inputs
+        log_beta = torch.tensor(math.log(cfg.ermoe_beta))
+        if cfg.ermoe_beta_learned:
+            self.log_beta = nn.Parameter(log_beta)
+        else:
+            self.register_buffer("log_beta", log_beta)
+        self.lam = nn.Parameter(torch.ones(E, r)) if self.read_coords else None  # per-direction input scales
+        if cfg.select_bias:
+            self.register_buffer("bias", torch.zeros(E))    # (E,) in the checkpoint, no gradient
+            self.fused, self.per_step, self.rate = False, True, cfg.bias_update_rate
 
     def bases(self):
         """P (E, d, r) in fp32."""
@@ -467,9 +476,18 @@ class EigenRouter(Router):
         with torch.autocast(device_type=x.device.type, enabled=False):  # QR and coordinates in fp32
             x = x.float()
             u = torch.einsum("td,edr->ter", x, self.bases())                 # (T, E, r)
-            routing = eigen_route(u.flatten(1), x.norm(dim=-1), self.beta(), self.k, self.r, self.impl, self.renorm)
+            if self.per_step:  # the loss-free bias selects: the top-k of p + b
+                a = self.beta() * eigen_score(u, x.norm(dim=-1))             # (T, E)
+                routing = route_reference(a, self.k, self.renorm, select_topk(a.softmax(dim=-1) + self.bias, self.k)[1])
+            else:
+                routing = eigen_route(u.flatten(1), x.norm(dim=-1), self.beta(), self.k, self.r, self.impl, self.renorm)
         penalty = self.penalty() if self.basis == "penalty" else None
-        return self.finish(routing._replace(expert_inputs=u * self.lam, penalty=penalty), x)
+        inputs = u * self.lam if self.read_coords else None
+        return self.finish(routing._replace(expert_inputs=inputs, penalty=penalty), x)
+
+    def update(self, counts):
+        if self.per_step:
+            balance_bias(self, counts)
 
     def penalty(self):
         """sum_e ||P_e^T P_e - I||_F^2 (0 in the exact modes, up to rounding)."""

@@ -51,6 +51,7 @@ SYNTHETIC = ["config/synthetic.py", *QUICK, "--c_sp=0.0", "--c_cp=0.0"]  # the q
 TEXT = ["--num_samples=0"]                                                # the default run, without samples
 
 DENSE = [*TEXT, "--n_experts=0"]
+ERMOE = [*TEXT, "--router=ermoe"]                                         # its defaults: c_lb = c_z = 0
 NANOGPT_NET = [*DENSE, "--pos_emb=learned", "--mlp=gelu", "--norm=layernorm"]  # GPT-2's parts, as nanoGPT has them
 FACTS = ["config/facts.py"]  # 196,608 bits; the largest model below would hold 2 bits x 80k parameters at most
 
@@ -67,6 +68,17 @@ DEMOS = {
     "hash": dict(variants={
         "learned (softmax, the default)": TEXT,
         "hash (a fixed random token-id table)": [*TEXT, "--router=hash"]}),
+    "ermoe": dict(seeds=3, variants={  # the search: one change each from ERMoE as configured (config/ermoe.py)
+        "softmax + L_lb (the default)": TEXT,
+        "ERMoE as configured": ERMOE,
+        "ERMoE, c_cp=0": [*ERMOE, "--c_cp=0.0"],
+        "ERMoE, experts read the token": [*ERMOE, "--ermoe_input=token"],
+        "ERMoE, beta fixed at 10": [*ERMOE, "--ermoe_beta_learned=False"],
+        "ERMoE, beta learned from 1": [*ERMOE, "--ermoe_beta=1.0"],
+        "ERMoE, partitioned bases": [*ERMOE, "--ermoe_basis=partitioned"],
+        "ERMoE, rank 64": [*ERMOE, "--ermoe_rank=64"],
+        "ERMoE, loss-free bias": [*ERMOE, "--select_bias=True"],
+        "ERMoE, L_lb (c_lb=0.01)": [*ERMOE, "--c_lb=0.01"]}),
     "balance": dict(variants={
         "softmax + L_lb (the default)": TEXT,
         "softmax, no balancing (c_lb=0)": [*TEXT, "--c_lb=0.0"],
@@ -520,7 +532,7 @@ def show_wallclock(runs, dirs, path):
         "; ".join(f"{n.split(' (')[0]}: {t}" for n, t in times.items()) + "\n"
 
 
-SHOW = {"default": show_default, "nanogpt": show_nanogpt, "hash": show_hash, "balance": show_balance,
+SHOW = {"default": show_default, "ermoe": show_hash, "nanogpt": show_nanogpt, "hash": show_hash, "balance": show_balance,
         "wallclock": show_wallclock, "crossover": show_wallclock, "crossover-top1": show_wallclock,
         "capacity": show_capacity, "routing": show_routing, "regularisers": show_regularisers,
         "regularisers-facts": show_regularisers, "collapse": show_collapse, "coupling": show_coupling,

@@ -16,7 +16,7 @@ def check_and_derive(cfg, routers, impls, impl_problem):
                  "zero_experts", "first_dense_layers", "hash_layers"):
         _require(getattr(cfg, name) >= 0, f"{name} must be >= 0 (0 = derived/off), got {getattr(cfg, name)}")
     for name, low in (("rope_theta", 0), ("routed_scale", 0), ("capacity_factor", None), ("bias_update_rate", None),
-                      ("renorm_floor", None), ("swiglu_limit", None)):
+                      ("renorm_floor", None), ("swiglu_limit", None), ("ermoe_beta", 0)):
         value = getattr(cfg, name)  # finite and > low, or >= 0 where low is None
         _require(math.isfinite(value) and (value > low if low is not None else value >= 0),
                  f"{name} must be {'> 0' if low is not None else '>= 0'}, got {value}")
@@ -50,7 +50,7 @@ def check_and_derive(cfg, routers, impls, impl_problem):
              f"({cfg.n_layer})")
     linear = ("softmax", "sigmoid")  # the switches of other families apply to the linear routers
     for name, on, routers_ok in (("router_bias", cfg.router_bias, linear), ("gate_input", cfg.gate_input, linear),
-                                 ("zero_experts", cfg.zero_experts > 0, linear), ("select_bias", cfg.select_bias, ("softmax",)),
+                                 ("zero_experts", cfg.zero_experts > 0, linear), ("select_bias", cfg.select_bias, ("softmax", "ermoe")),
                                  ("hash_layers", cfg.hash_layers > 0, ("sigmoid",)),
                                  ("score_fn", cfg.score_fn != "sigmoid", ("sigmoid",))):
         _require(not on or cfg.n_experts == 0 or cfg.router in routers_ok,
@@ -61,6 +61,7 @@ def check_and_derive(cfg, routers, impls, impl_problem):
     for name, choices in (("router", tuple(routers)), ("dispatch", ("sorted", "naive")), ("router_impl", impls),
                           ("expert_init", ("random", "upcycle")),
                           ("ermoe_basis", ("independent", "partitioned", "penalty")),
+                          ("ermoe_input", ("coords", "token")),
                           ("pos_emb", ("rope", "learned")), ("mlp", ("swiglu", "gelu")), ("norm", ("rmsnorm", "layernorm")),
                           ("score_fn", ("sigmoid", "sqrt_softplus")), ("expert_act", ("swiglu", "gpt_oss"))):
         _require(getattr(cfg, name) in choices, f"unknown {name} '{getattr(cfg, name)}' ({'|'.join(choices)})")
