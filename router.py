@@ -213,6 +213,19 @@ def random_table(cfg):
     return torch.rand(cfg.vocab_size, cfg.n_experts).argsort(dim=1)[:, :cfg.top_k]
 
 
+def balanced_table(counts, n_experts, k):
+    """Roller et al.'s balanced assignment (§3.2) for k experts per token: the ids in order of frequency (counts
+    (V,), ties to the lower id), each to the k experts with the fewest expected pairs so far (ties to the lower
+    expert) -> (V, k) table whose load is as even as the token frequencies allow."""
+    load, table = [0] * n_experts, torch.empty(len(counts), k, dtype=torch.long)
+    for i in torch.sort(counts, descending=True, stable=True).indices.tolist():
+        chosen = sorted(range(n_experts), key=lambda e: (load[e], e))[:k]
+        table[i] = torch.tensor(chosen)
+        for e in chosen:
+            load[e] += int(counts[i])
+    return table
+
+
 class SigmoidRouter(Router):
     """DeepSeek-V3 (arXiv 2412.19437, §2.1.2): scores s = sigmoid(x W^T) as logits a = log s (p = s / sum s);
     the k experts of largest s + b are selected, b a bias that only selects (balance_bias); with n_group
@@ -287,6 +300,25 @@ class HashRouter(Router):
 
     def select(self, a, ids):
         return self.table[ids]                                           # (T, k) in the table's order
+
+    def balance(self, counts):
+        """Replace the random table by the frequency-balanced one for these token counts (V,)."""
+        self.table.copy_(balanced_table(counts, self.n_experts, self.k))
+
+
+class TokenTableRouter(Router):
+    """A learned logit table indexed by the token id: a = T[id] (V, E), top-k, p renormalised. What a hash
+    table has (the routing is tied to the id) and what it lacks (learned), for the hash comparison of
+    course/demos.py. Initialised at the scale of the linear router's logits, std 0.02 sqrt(d)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.table = nn.Parameter(torch.randn(cfg.vocab_size, self.n_experts) * 0.02 * math.sqrt(cfg.n_embd))
+
+    def logits(self, x, ids):
+        if ids is None:
+            raise ValueError("router=token_table needs the token ids")
+        return self.table.float()[ids]                                   # (T, E)
 
 
 class CosineRouter(Router):
@@ -515,4 +547,4 @@ class EigenRouter(Router):
 
 
 ROUTERS = {"softmax": SoftmaxRouter, "ermoe": EigenRouter, "sigmoid": SigmoidRouter, "hash": HashRouter,
-           "cosine": CosineRouter, "expert_choice": ExpertChoiceRouter}
+           "cosine": CosineRouter, "expert_choice": ExpertChoiceRouter, "token_table": TokenTableRouter}

@@ -63,6 +63,10 @@ class TrainConfig:
     c_cp: float = 1e-3                   # cross-layer coupling loss (Hu et al. 2026, Eq. 7); 0 = off
     c_seq: float = 0.0                   # DeepSeek-V3's sequence-wise balance loss (its Eq. 17-20; V3: 1e-4); 0 = off
     mu_ortho: float = 1e-2               # soft orthogonality penalty, only with ermoe_basis='penalty'
+    # routers held still (course/demos.py hash-why)
+    router_frozen_from: int = -1         # the routers' parameters stop learning at this step (0: a random router that
+                                         # never learns; StableMoE trains, then freezes it); -1 = never
+    hash_balanced: bool = False          # router=hash: Roller et al.'s table balanced by the train split's token counts
     # optimizer: AdamW, linear warmup then cosine decay to min_lr
     learning_rate: float = 1e-3          # peak learning rate
     max_iters: int = 5000                # optimizer steps in all (0 = evaluate only)
@@ -108,6 +112,7 @@ class TrainConfig:
         _require(self.balance_stats in ("global", "local", "step"),
                  f"balance_stats must be global, local or step, got '{self.balance_stats}'")
         _require(self.out_dir != "", "out_dir is empty: give a directory, e.g. --out_dir=out")
+        _require(self.router_frozen_from >= -1, f"router_frozen_from must be >= -1 (-1 = never), got {self.router_frozen_from}")
         _require(not self.wandb_log or importlib.util.find_spec("wandb") is not None,
                  "wandb_log=True needs the wandb package (pip install wandb)")
 
@@ -177,11 +182,15 @@ def get_lr(it, cfg):
 
 
 def make_optimizer(model, cfg):
-    """AdamW; no weight decay on norms, biases and anything of the router (incl. ERMoE P, lambda, beta)."""
-    decay, no_decay = [], []
+    """AdamW; no weight decay on norms, biases and anything of the router (incl. ERMoE P, lambda, beta). With
+    router_frozen_from >= 0 the routers' parameters form a third group, whose learning rate is 0 from then on."""
+    decay, no_decay, routers = [], [], []
     for name, p in model.named_parameters():
-        (no_decay if p.dim() < 2 or "router" in name else decay).append(p)
+        frozen = cfg.router_frozen_from >= 0 and "router" in name
+        (routers if frozen else no_decay if p.dim() < 2 or "router" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.router_frozen_from >= 0:
+        groups.append({"params": routers, "weight_decay": 0.0, "frozen_from": cfg.router_frozen_from})
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)  # CPU too: one kernel
 
 
@@ -223,8 +232,10 @@ def train_step(fwd, model, optimizer, batches, cfg, env):
 
 
 @torch.no_grad()
-def evaluate(model, data, cfg, model_cfg, env):
-    """Mean loss on the same eval_iters batches of each split, and routing metrics on val."""
+def evaluate(model, data, cfg, model_cfg, env, last_sets=None):
+    """Mean loss on the same eval_iters batches of each split, and routing metrics on val (with the sets of
+    experts of the last evaluation of the same batches, last_sets: the routing fluctuation since then).
+    -> (losses, per-layer metrics, this evaluation's sets of experts)."""
     model.eval()
     result, stats = {}, RoutingStats(n_labels=data.n_labels)
     for split in ("train", "val"):
@@ -236,10 +247,10 @@ def evaluate(model, data, cfg, model_cfg, env):
                 _, loss, routes = model(X, Y)
             losses.append(loss.float())
             if split == "val":
-                stats.update(routes, labels)
+                stats.update(routes, labels, X)
         result[f"{split}_loss"] = torch.stack(losses).mean().item()
     model.train()
-    return result, with_router_metrics(stats.summary(), model)
+    return result, with_router_metrics(stats.summary(last_sets), model), stats.sets()
 
 
 @torch.no_grad()
@@ -255,7 +266,7 @@ def evaluate_whole(model, data, cfg, model_cfg, env):
             logits, _, routes = model(X, Y)
         ce = F.cross_entropy(logits.float().flatten(0, 1), Y.flatten(), reduction="none")  # (B*S,), 0 at -100
         losses.append(ce[Y.flatten() != -100])
-        stats.update(routes, labels)
+        stats.update(routes, labels, X)
     model.train()
     losses = torch.cat(losses).double().cpu()
     whole = {"val_loss": losses.mean().item(), "se": standard_error(losses), "targets": len(losses),
@@ -300,6 +311,11 @@ def main(argv):
         # the model and its optimizer
         torch.manual_seed(cfg.seed)
         model = GPT(model_cfg).to(env.device)
+        if cfg.hash_balanced and not ckpt:  # (a resumed run has its table in the checkpoint)
+            _require(model_cfg.router == "hash" and hasattr(data, "token_counts"),
+                     f"hash_balanced needs router=hash and a text dataset, got router={model_cfg.router}, {cfg.dataset}")
+            for router in model.routers():
+                router.balance(data.token_counts())
         if ckpt:  # checked before the out_dir is touched; a checkpoint always holds the whole model
             load_state(model.load_state_dict, ckpt["model"], "checkpoint weights do not match its model_args")
         fwd = env.attach(model, cfg)  # the module to call: this rank's experts, compiled, DDP (support/launch.py)
@@ -317,7 +333,7 @@ def main(argv):
         batch_gen = torch.Generator().manual_seed(cfg.seed)  # one global batch per step, sliced per process
         batches = functools.partial(data.batch, "train", cfg.batch_size, model_cfg.block_size, batch_gen, env.device,
                                     env.rank, env.world)
-        iter_num, best_val = 0, float("inf")
+        iter_num, best_val, last_sets = 0, float("inf"), None
         if ckpt:
             if ckpt["batch_rng"]:  # (none: imported weights) one state resumes any number of processes
                 batch_gen.set_state(ckpt["batch_rng"][0])
@@ -338,10 +354,10 @@ def main(argv):
         with run.guard(lambda: iter_num):  # Ctrl-C or divergence: one line saying where, the checkpoint intact
             while True:
                 lr = get_lr(iter_num, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                for group in optimizer.param_groups:  # (a frozen group: 0 from its step on)
+                    group["lr"] = lr if iter_num < group.get("frozen_from", math.inf) else 0.0
                 if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
-                    result, layers = evaluate(model, data, cfg, model_cfg, env)
+                    result, layers, last_sets = evaluate(model, data, cfg, model_cfg, env, last_sets)
                     check_finite(result, model.parameters(), launch.all_ranks_min(env))  # never save a NaN
                     best = result["val_loss"] < best_val
                     best_val = min(best_val, result["val_loss"])

@@ -7,7 +7,8 @@ Data for a run: tokenizers, text datasets as token bins, batches, and the whole-
   a tokenizer.json (an imported model's, through the `tokenizers` package). A checkpoint records
   its tokenizer as a spec: "gpt2", {"chars": "..."}, or the path of a tokenizer.json.
 - Datasets by name (`open_dataset`): `shakespeare_char` (the shipped text, 65 characters, nanoGPT's
-  90/10 split by characters), `shakespeare` (the same text in GPT-2 BPE, 90/10), any data/<name>/
+  90/10 split by characters), `shakespeare` (the same text in GPT-2 BPE, 90/10), `shakespeare_bpe` (the
+  same, keeping only the GPT-2 ids the text uses, renumbered: a ~11k-wide output layer), any data/<name>/
   holding an input.txt (GPT-2 BPE) or the bins of tools/prepare.py, and the synthetic tasks of
   support/tasks.py. Text is tokenised once into uint16 bins (uint32 above 65,536 ids): temp files
   renamed into place, meta.json last, so a set without meta.json is incomplete and never used.
@@ -85,11 +86,31 @@ class JsonTokenizer:
         return self.tok.decode(ids)
 
 
+class SubsetTokenizer:
+    """GPT-2's BPE restricted to the ids a corpus uses, renumbered 0..n-1 in GPT-2's order (a small output
+    layer for a small corpus: shakespeare_bpe)."""
+
+    def __init__(self, gpt2_ids):
+        self.enc, self.ids, self.n_vocab, self.eot_token = gpt2_encoding(), list(gpt2_ids), len(gpt2_ids), None
+        self.index = {t: i for i, t in enumerate(self.ids)}
+
+    def encode_ordinary(self, text):
+        ids = self.enc.encode_ordinary(text)
+        missing = [t for t in ids if t not in self.index]
+        if missing:
+            raise UserError(f"the text has GPT-2 tokens outside this model's vocabulary: "
+                            f"{self.enc.decode(missing[:5])!r}")
+        return [self.index[t] for t in ids]
+
+    def decode(self, ids):
+        return self.enc.decode([self.ids[i] for i in ids])
+
+
 def load_tokenizer(spec=None):
-    """A tokenizer from its spec: None or "gpt2", {"chars": alphabet}, a tokenizer.json, or a folder
-    holding one (an imported model's out_dir; without one, GPT-2's)."""
+    """A tokenizer from its spec: None or "gpt2", {"chars": alphabet}, {"gpt2_ids": [...]}, a tokenizer.json,
+    or a folder holding one (an imported model's out_dir; without one, GPT-2's)."""
     if isinstance(spec, dict):
-        return CharTokenizer(spec["chars"])
+        return SubsetTokenizer(spec["gpt2_ids"]) if "gpt2_ids" in spec else CharTokenizer(spec["chars"])
     if spec and os.path.isdir(spec):
         spec = os.path.join(spec, "tokenizer.json") if os.path.exists(os.path.join(spec, "tokenizer.json")) else None
     if not spec or spec == "gpt2":
@@ -123,6 +144,7 @@ def finish_bins(folder, parts, meta):
 BUILT_IN = {  # name -> (the text under data/, tokenizer): tokenised on first use
     "shakespeare_char": ("shakespeare/input.txt", "char"),
     "shakespeare": ("shakespeare/input.txt", "gpt2"),
+    "shakespeare_bpe": ("shakespeare/input.txt", "gpt2_subset"),  # GPT-2 BPE, only the ids the text uses
 }
 
 
@@ -161,6 +183,9 @@ def prepare(name, verbose=True):
     if tokenizer == "char":
         spec = {"chars": "".join(sorted(set(text)))}
         enc, vocab = CharTokenizer(spec["chars"]), len(spec["chars"])
+    elif tokenizer == "gpt2_subset":
+        spec = {"gpt2_ids": sorted(set(gpt2_encoding().encode_ordinary(text)))}
+        enc, vocab = SubsetTokenizer(spec["gpt2_ids"]), padded(len(spec["gpt2_ids"]))
     else:
         spec, enc, vocab = "gpt2", gpt2_encoding(), GPT2_VOCAB
     ids = [np.array(enc.encode_ordinary(part), dtype=np.uint16) for part in (text[:n], text[n:])]  # < 2**16
@@ -201,9 +226,14 @@ def read_meta(folder):
     return meta
 
 
+def padded(n):
+    """n token ids padded to a multiple of 64 (nanoGPT's, for the output layer's matmul)."""
+    return -(-n // 64) * 64
+
+
 def meta_vocab(meta):
     """The model vocabulary of a prepared set: as recorded, else its largest id + 1 padded to a multiple of 64."""
-    return meta.get("vocab_size") or -(-(meta["max_id"] + 1) // 64) * 64
+    return meta.get("vocab_size") or padded(meta["max_id"] + 1)
 
 
 def vocab_of(name):
@@ -217,6 +247,8 @@ def vocab_of(name):
         return meta_vocab(read_meta(os.path.dirname(meta)))
     if tokenizer == "char" and src:
         return len(set(read_text(src, name)))
+    if tokenizer == "gpt2_subset" and src:
+        return padded(len(set(gpt2_encoding().encode_ordinary(read_text(src, name)))))
     return GPT2_VOCAB if tokenizer == "gpt2" else None
 
 
@@ -271,6 +303,10 @@ class TextData:
                                 f"block_size+1 = {block_size + 1} (use a smaller --block_size or more text)")
         if self.max_id >= vocab_size:
             raise UserError(f"dataset '{self.name}' has token id {self.max_id}, outside vocab_size={vocab_size}")
+
+    def token_counts(self, split="train"):
+        """(vocab_size,) int64 occurrences of each token id in a split."""
+        return torch.from_numpy(np.bincount(self.splits[split], minlength=self.vocab_size).astype(np.int64))
 
     def batch(self, split, batch_size, block_size, generator, device, rank=0, world=1):
         """(x, y, None): no labels for text."""

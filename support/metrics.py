@@ -15,6 +15,9 @@ Reference values (asserted in test_all.py):
   dropped pairs (capacity c)  0 (dropless)           1 - c/E (k=1, one expert takes every pair)
   NMI(layer l, layer l+1)     0 if independent       1 if one is a relabelling of the other
   experts used by a label     E (spread evenly)      1 (exp of the entropy of its top-1 experts)
+  routing fluctuation         0 (no token's set of experts changed since the last evaluation) ... 1 (all did)
+  token-id binding            1 (each id always to one set: hash) ... ~1/C(E,k) (sets at random, ids seen often)
+  logit_mean, logit_top       each expert's mean logit, and the largest logit's mean: the scale of the router
 """
 
 import math
@@ -82,32 +85,75 @@ def coactivation_cos2(z):
     return ((cos2.sum(dim=(1, 2)) - cos2.diagonal(dim1=1, dim2=2).sum(-1)) / (k * (k - 1))).mean().item()
 
 
+def expert_sets(r):
+    """(T, k) each token's selected experts in ascending order (a set: the order within the top-k is not
+    kept), -1 for a dropped pair (a capacity, expert choice), int16."""
+    idx = r.idx if r.kept is None else r.idx.masked_fill(~r.kept, -1)
+    return idx.sort(dim=-1).values.to(torch.int16).cpu()
+
+
+def fluctuation(sets, previous):
+    """Routing fluctuation (StableMoE, Dai et al. 2022, §2.2): the fraction of tokens whose set of selected
+    experts differs from `previous`, the same tokens' sets at the last evaluation: sets (T, k) sorted rows."""
+    return (sets != previous).any(dim=-1).double().mean().item()
+
+
+def id_binding(ids, sets):
+    """Token-id binding: per token id, the share of its occurrences sent to its most common set of experts,
+    averaged over the ids weighted by their count (= the sum of those largest counts / T). ids (T,), sets
+    (T, k) sorted rows. 1 for a hash table; near 1/C(E,k) where the set ignores the id."""
+    set_id = torch.unique(sets, dim=0, return_inverse=True)[1]          # (T,) one number per distinct set
+    n_sets = int(set_id.max()) + 1
+    codes, counts = torch.unique(ids.long().cpu() * n_sets + set_id, return_counts=True)  # each (id, set) pair
+    owner = codes // n_sets                                              # the id of each pair
+    best = torch.zeros(int(owner.max()) + 1, dtype=counts.dtype).scatter_reduce(0, owner, counts, "amax")
+    return best.sum().item() / len(ids)
+
+
 class RoutingStats:
     """
     Accumulates routing of every MoE layer over batches; `summary()` gives per-layer metrics.
     With n_labels > 0, update() also takes a label per token (e.g. the synthetic task's source)
-    and the summary gains NMI(top-1 expert, label) per layer: the specialization metric.
+    and the summary gains NMI(top-1 expert, label) per layer: the specialization metric. With the
+    token ids, the summary gains the token-id binding, and given the sets of the last evaluation of
+    the same tokens (`sets()`), the routing fluctuation.
     """
 
     def __init__(self, n_labels=0):
         self.layers, self.pairs, self.n, self.batches, self.n_labels = None, None, 0, 0, n_labels
+        self.ids, self.chosen = [], None   # token ids and per layer each token's expert set, batch by batch
+
+    def sets(self):
+        """Per layer, every token's set of experts (T, k), in the order the batches came."""
+        return [torch.cat(c) for c in self.chosen] if self.chosen else None
 
     @torch.no_grad()
-    def update(self, routes, labels=None):
+    def update(self, routes, labels=None, ids=None):
         if not routes:
             return
         E = routes[0].logits.shape[1]
         if self.layers is None:
             self.layers = [{"counts": torch.zeros(E, dtype=torch.float64), "entropy": 0.0, "mass": 0.0,
+                            "logits": torch.zeros(E, dtype=torch.float64), "top_logit": 0.0, "finite": True,
                             "cos2": 0.0, "dropped": 0.0, "maxvio_batch": 0.0,
                             "source": torch.zeros(E, max(self.n_labels, 1), dtype=torch.float64)}
                            for _ in routes]
             self.pairs = [torch.zeros(E, E, dtype=torch.float64) for _ in routes[1:]]
+            self.chosen = [[] for _ in routes]
         T = routes[0].idx.shape[0]
+        for chosen, r in zip(self.chosen, routes):
+            chosen.append(expert_sets(r))
+        if ids is not None:
+            self.ids.append(ids.reshape(-1).cpu())
         for acc, r in zip(self.layers, routes):
             acc["counts"] += r.counts.double().cpu()
             acc["maxvio_batch"] += max_violation(r.counts)
             acc["entropy"] += entropy(r.probs).sum().item()
+            a = r.logits.detach().double()                             # (T, E) the scale of the router's logits
+            acc["finite"] = acc["finite"] and bool(torch.isfinite(a).all())  # (hash: -inf off its table)
+            if acc["finite"]:
+                acc["logits"] += a.sum(dim=0).cpu()
+                acc["top_logit"] += a.max(dim=-1).values.sum().item()
             acc["mass"] += r.mass.double().sum().item()
             acc["cos2"] += coactivation_cos2(r.acts) * T
             acc["f"] = r.acts.shape[-1]
@@ -123,11 +169,13 @@ class RoutingStats:
         self.n += T
         self.batches += 1
 
-    def summary(self):
-        """List of per-layer dicts; layer l also carries the coupling to layer l+1."""
+    def summary(self, previous=None):
+        """List of per-layer dicts; layer l also carries the coupling to layer l+1. previous: the sets()
+        of the last evaluation of the same tokens, for the routing fluctuation."""
         if self.layers is None:
             return []
-        out = []
+        out, sets = [], self.sets()
+        ids = torch.cat(self.ids) if self.ids else None
         E = self.layers[0]["counts"].numel()
         for i, acc in enumerate(self.layers):
             m = load_stats(acc["counts"])
@@ -137,12 +185,19 @@ class RoutingStats:
             m["coact_cos2"] = acc["cos2"] / self.n
             m["coact_floor"] = m["coact_cos2"] * acc["f"]    # in units of the random floor 1/f
             m["load"] = (acc["counts"] / acc["counts"].sum()).tolist()
+            if acc["finite"]:  # the mean logit of each expert, and of the largest one (ERMoE: beta times the cosine)
+                m["logit_mean"] = (acc["logits"] / self.n).tolist()
+                m["logit_top"] = acc["top_logit"] / self.n
             m["dropped"] = acc["dropped"] / self.n
             m["maxvio_global"] = max_violation(acc["counts"])          # over every batch seen
             m["maxvio_batch"] = acc["maxvio_batch"] / self.batches     # the mean over batches
             if self.n_labels:
                 m["source_nmi"] = nmi(acc["source"])
                 m["experts_per_label"] = [round(experts_used(col), 4) for col in acc["source"].T]
+            if ids is not None:
+                m["id_binding"] = id_binding(ids, sets[i])
+            if previous is not None and previous[i].shape == sets[i].shape:
+                m["fluctuation"] = fluctuation(sets[i], previous[i])
             if i < len(self.pairs):
                 mi, hx, hy, h_cond = mutual_information(self.pairs[i])
                 m["next_nmi"] = nmi(self.pairs[i])

@@ -17,7 +17,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: one thread per worker 
     torch.set_num_threads(1)
 
 # The conformance list: every router here passes every test parametrised by ROUTERS.
-ROUTERS = ["softmax", "ermoe", "sigmoid", "hash", "cosine"]
+ROUTERS = ["softmax", "ermoe", "sigmoid", "hash", "cosine", "token_table"]
 
 TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
         "--n_experts=4", "--top_k=2", "--eval_iters=2", "--log_interval=1", "--num_samples=0", "--compile=False"]

@@ -48,7 +48,7 @@ COLUMNS = [("val_loss", "val loss", "{:.3f}"), ("cv", "load CV", "{:.3f}"), ("de
            ("entropy_norm", "entropy/logE", "{:.3f}"), ("coact_cos2", "co-act cos²", "{:.4f}"),
            ("coact_floor", "co-act cos² × f", "{:.2f}"),
            ("next_nmi", "NMI l→l+1", "{:.3f}"), ("source_nmi", "NMI(expert, source)", "{:.3f}")]
-SKIP = {"load", "entropy", "max_mean", "next_cond_entropy", "topk_mass"}  # lists, or shown another way
+SKIP = {"load", "entropy", "max_mean", "next_cond_entropy", "topk_mass", "logit_top"}  # lists, or shown another way
 
 
 def slug(name):
