@@ -370,7 +370,7 @@ def main(argv):
                     record = {"iter": iter_num, **result, "layers": layers, "final": iter_num >= cfg.max_iters}
                     if record["final"]:
                         record["whole"] = evaluate_whole(model, data, cfg, model_cfg, env)
-                        record["params"] = {"total": total, "active": active}
+                        record["params"] = {"total": total, "active": active, "embedding": model.wte.weight.numel()}
                         record["time_s"] = round(time.time() - t_start, 1)   # this process's training and evaluations
                     if env.master:
                         print_eval(record)

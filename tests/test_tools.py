@@ -5,6 +5,7 @@ and the compiled training step.
 
 import json
 import re
+import shutil
 import os
 import subprocess
 import sys
@@ -197,6 +198,14 @@ def test_demo_tables_and_figures_from_finished_runs(tmp_path, demo, tiny_logs):
     import matplotlib.image
     image = matplotlib.image.imread(tmp_path / "docs" / f"demo_{demo}.png")
     assert image.shape[0] > 100 and image.std() > 0
+    # the per-seed JSON beside the table rebuilds it, and the figure, with no run left to read
+    doc = json.loads((tmp_path / "docs" / f"demo_{demo}.json").read_text())
+    assert set(doc["runs"]) == set(variants) and all(len(v) == 2 for v in doc["runs"].values())
+    shutil.rmtree(tmp_path / "runs")
+    (tmp_path / "docs" / f"demo_{demo}.png").unlink()
+    code, out, err = cli("course.demos", demo, "--tables_only", "--docs", tmp_path / "docs")
+    assert code == 0 and "already done" not in out, err
+    assert (tmp_path / "docs" / f"demo_{demo}.md").read_text() == table and (tmp_path / "docs" / f"demo_{demo}.png").exists()
 
 
 def test_ablation_harness_dry_run_has_every_router():

@@ -13,6 +13,7 @@ stopped. Writes out_dir/ablation.md and out_dir/ablation.png.
 """
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -94,12 +95,17 @@ def summarise(record):
     return out
 
 
-def table(results, seeds):
-    """Markdown: mean over seeds ± the half-width of its 95 % t interval (support/stats.py)."""
+def columns(results):
+    """(key, title, format) of every column the table shows: the known metrics, then the routers' own."""
     known = {key for key, _, _ in COLUMNS}
     extra = sorted({k for runs in results.values() for r in runs for k in r} - known)
     cols = [c for c in COLUMNS if any(c[0] in r for runs in results.values() for r in runs)]
-    cols += [(k, k, "{:.3g}") for k in extra]  # the routers' own metrics
+    return cols + [(k, k, "{:.3g}") for k in extra]
+
+
+def table(results, seeds):
+    """Markdown: mean over seeds ± the half-width of its 95 % t interval (support/stats.py)."""
+    cols = columns(results)
     lines = ["| variant | " + " | ".join(title for _, title, _ in cols) + " |",
              "|---|" + "---|" * len(cols)]
     for name, runs in results.items():
@@ -219,9 +225,13 @@ def main(argv):
     header = f"Ablation on `{args.dataset}`{' (quick)' if args.quick else ''}: train.py {' '.join(base)}\n\n"
     with open(os.path.join(out_dir, "ablation.md"), "w") as fh:
         fh.write(header + md)
+    with open(os.path.join(out_dir, "ablation.json"), "w") as fh:  # the per-seed numbers of every cell
+        json.dump({"command": f"python tools/ablate.py {' '.join(argv)}", "seeds": args.seeds,
+                   "columns": [{"key": k, "title": t, "format": f} for k, t, f in columns(results)],
+                   "runs": results}, fh, indent=1)
     overlay(out_dir, args.variants, args.seeds, os.path.join(out_dir, "ablation.png"))
     print(header + md)
-    print(f"wrote {out_dir}/ablation.md and {out_dir}/ablation.png")
+    print(f"wrote {out_dir}/ablation.md, ablation.json and ablation.png")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,109 @@
+"""
+The published results, recomputed from what the repository holds: every cell of every committed
+docs/demo_*.md table (the markdown as committed, not the code that wrote it) from the per-seed numbers
+in the JSON beside it, with this file's own statistics (Student's t from its integrated density, not
+support/stats.py): means, 95 % half-widths, paired differences and their verdicts, per-seed values,
+parameter counts.
+"""
+
+import glob
+import json
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+
+from tests.helpers import REPO
+from tests.test_stats import t_cdf_integrated
+
+DOCS = os.path.join(REPO, "docs")
+# demos whose committed table predates the per-seed JSON (to be re-run; the closing note says which)
+NOT_YET_RERUN = {"balance", "capacity", "collapse", "coupling", "crossover", "crossover-top1", "default", "hash",
+                 "nanogpt", "regularisers", "regularisers-facts", "routing", "specialization", "wallclock"}
+
+
+def t975(df):
+    lo, hi = 0.0, 20.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf_integrated(mid, df, n=20001) < 0.975 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mean_half(values):
+    v = np.asarray(values, dtype=np.float64)
+    return v.mean(), t975(len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
+
+
+def decimals(text):
+    return len(text.split(".")[1]) if "." in text else 0
+
+
+def same_at_printed_digits(printed, value):
+    """The printed number equals value rounded to its digits (one unit in the last place of slack for ties)."""
+    return abs(float(printed.replace(",", "")) - value) <= 10 ** -decimals(printed) * 0.5 + 1e-12
+
+
+def table_rows(md):
+    lines = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split(" | ")] for line in lines)}
+
+
+def demo_files():
+    return sorted(glob.glob(os.path.join(DOCS, "demo_*.md")))
+
+
+def test_every_demo_table_has_its_per_seed_json():
+    missing = [os.path.basename(md) for md in demo_files() if not os.path.exists(md[:-3] + ".json")]
+    assert sorted(missing) == sorted(f"demo_{d}.md" for d in NOT_YET_RERUN), missing
+
+
+@pytest.mark.parametrize("md_path", [p for p in demo_files() if os.path.exists(p[:-3] + ".json")],
+                         ids=lambda p: os.path.basename(p))
+def test_every_cell_recomputes_from_the_per_seed_json(md_path):
+    doc = json.load(open(md_path[:-3] + ".json"))
+    rows = table_rows(open(md_path).read())
+    runs = doc["runs"]
+    assert set(rows) == set(runs), (set(rows) ^ set(runs))
+    for name, cells in rows.items():
+        assert len(cells) == len(doc["columns"]), name
+        for text, col in zip(cells, doc["columns"]):
+            where = (os.path.basename(md_path), name, col["title"])
+            vals = [r.get(col["key"]) for r in runs[name]] if col["kind"] != "params" else None
+            if text == "–":
+                assert col["kind"] == "params" or any(v is None for v in vals) or (
+                    col["kind"] == "paired" and base_of(doc, col, name) == name), where
+                continue
+            if col["kind"] == "mean":
+                m, h = re.fullmatch(r"([-\d.,]+) ± ([\d.,]+)", text).groups()
+                mean, half = mean_half(vals)
+                assert same_at_printed_digits(m, mean) and same_at_printed_digits(h, half), (where, text, mean, half)
+            elif col["kind"] == "paired":
+                m, h, verdict = re.fullmatch(r"([-+\d.,]+) ± ([\d.,]+) \((.*)\)", text).groups()
+                base = [r[col["key"]] for r in runs[base_of(doc, col, name)]]
+                mean, half = mean_half([a - b for a, b in zip(vals, base)])
+                assert same_at_printed_digits(m, mean) and same_at_printed_digits(h, half), (where, text, mean, half)
+                assert (verdict == "real") == (abs(mean) > half), (where, text)
+                if verdict == "real":  # the printed interval does not touch zero
+                    assert abs(float(m)) > float(h), (where, text)
+            elif col["kind"] == "seeds":
+                assert all(same_at_printed_digits(t, v) for t, v in zip(text.split(", "), vals)), (where, text)
+            elif col["kind"] == "worst":
+                assert same_at_printed_digits(text, max(vals)), (where, text)
+            elif col["kind"] == "ratio":
+                assert same_at_printed_digits(text, np.mean(vals) / runs[name][0][col["base"]]), (where, text)
+            elif col["kind"] == "params":
+                p = runs[name][0]["params"]
+                total, active = (float(t.rstrip("kM").replace(",", "")) * (1e3 if t.endswith("k") else 1e6)
+                                 for t in text.split(" / "))
+                unit = 1e3 if text.endswith("k") else 1e6
+                assert abs(total - p["total"]) <= unit * 10 ** -col["digits"] / 2 + 1e-6, (where, text)
+                assert abs(active - p["active"]) <= unit * 10 ** -col["digits"] / 2 + 1e-6, (where, text)
+            else:
+                raise AssertionError(f"unknown column kind {col['kind']}")
+
+
+def base_of(doc, col, name):
+    return doc["bases"][name] if col.get("base") == "@learned" else col.get("base")
