@@ -12,7 +12,8 @@ every arm of a demo runs the same recipe.
 
     python course/demos.py default          # dense vs MoE on the default run, beside nanoGPT's published figure
     python course/demos.py nanogpt          # nanoGPT's network in this loop, then each modern part alone
-    python course/demos.py hash             # a learned router vs a hash table on the default run
+    python course/demos.py hash             # a learned router vs a hash table on the default run (and ERMoE, dense)
+    python course/demos.py hash-why         # the gap taken apart: frozen routers, a learned id table, a balanced hash
     python course/demos.py balance          # auxiliary-loss-free balancing (Wang et al. 2024) vs L_lb vs none: MaxVio
     python course/demos.py capacity         # bits of a fact table stored per parameter: dense sizes vs E = 4, 8, 16
     python course/demos.py routing          # learned vs hash on a task built to separate them, and on one that is not
@@ -51,6 +52,9 @@ TEXT = ["--num_samples=0"]                                                # the 
 
 DENSE = [*TEXT, "--n_experts=0"]
 ERMOE = [*TEXT, "--router=ermoe"]                                         # its defaults: c_lb = c_z = 0
+ERMOE_FIXED = ["config/ermoe.py", *TEXT]                                  # ERMoE as its config file sets it
+HASH = [*TEXT, "--router=hash"]
+LEARNED_HASH_LOSSES = [*TEXT, "--select_bias=True", "--c_lb=0.0", "--c_z=0.0", "--c_cp=0.0"]
 NANOGPT_NET = [*DENSE, "--pos_emb=learned", "--mlp=gelu", "--norm=layernorm"]  # GPT-2's parts, as nanoGPT has them
 FACTS = ["config/facts.py"]  # 196,608 bits; the largest model below would hold 2 bits x 80k parameters at most
 
@@ -65,8 +69,19 @@ DEMOS = {
         "+ RMSNorm": [*NANOGPT_NET, "--norm=rmsnorm"],
         "all three: the dense twin of the default": DENSE}),
     "hash": dict(variants={
+        "hash (a fixed random token-id table)": HASH,
         "learned (softmax, the default)": TEXT,
-        "hash (a fixed random token-id table)": [*TEXT, "--router=hash"]}),
+        "learned, hash's losses (select bias; c_lb = c_z = c_cp = 0)": LEARNED_HASH_LOSSES,
+        "ERMoE (config/ermoe.py; c_lb = c_z = 0, R_cp on)": ERMOE_FIXED,
+        "dense (n_experts=0)": DENSE}),
+    # the gap taken apart: each arm one change from the learned default (hash and learned shared with `hash`)
+    "hash-why": dict(variants={
+        "hash (a fixed random token-id table)": HASH,
+        "learned (softmax, the default)": TEXT,
+        "frozen random linear router (router_frozen_from=0)": [*TEXT, "--router_frozen_from=0"],
+        "learned, frozen after 10 % (router_frozen_from=200)": [*TEXT, "--router_frozen_from=200"],
+        "learned token-id table (router=token_table)": [*TEXT, "--router=token_table"],
+        "hash, frequency-balanced table (hash_balanced)": [*HASH, "--hash_balanced=True"]}),
     "ermoe": dict(seeds=3, variants={  # the search: one change each from ERMoE as configured (config/ermoe.py)
         "softmax + L_lb (the default)": TEXT,
         "ERMoE as configured": ERMOE,

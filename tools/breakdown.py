@@ -220,7 +220,9 @@ def step_ratios(args, threads):
     for n_threads, base, B in runs:
         torch.set_num_threads(n_threads)
         steps = {}
-        for name, extra, coefs in (("dense", dict(n_experts=0), {}), ("MoE", {}, AUX), ("MoE, no aux", {}, {})):
+        hash_coefs = {k: v for k, v in AUX.items() if k == "c_sp"}  # hash: L_lb, L_z and R_cp are constants
+        for name, extra, coefs in (("dense", dict(n_experts=0), {}), ("MoE", {}, AUX), ("MoE, no aux", {}, {}),
+                                   ("hash MoE", dict(router="hash"), hash_coefs)):
             torch.manual_seed(0)
             model = GPT(GPTConfig(**base, **extra)).to(device)
             idx = torch.randint(0, 65, (B, model.config.block_size), device=device)
@@ -250,7 +252,8 @@ def step_ratios(args, threads):
         rows.append(row)
         print(f"\nwhole training step, {base}, batch {B}, threads {n_threads}: dense {med['dense']:.1f} ms, MoE "
               f"{med['MoE']:.1f} ms ({med['MoE'] / med['dense']:.2f}x; tokens/s {med['dense'] / med['MoE']:.2f}x the "
-              f"dense model's), MoE without aux losses {med['MoE, no aux']:.1f} ms ({med['MoE, no aux'] / med['dense']:.2f}x)"
+              f"dense model's), MoE without aux losses {med['MoE, no aux']:.1f} ms ({med['MoE, no aux'] / med['dense']:.2f}x), "
+              f"hash MoE {med['hash MoE']:.1f} ms ({med['hash MoE'] / med['dense']:.2f}x)"
               + (f"; peak memory dense {memory['dense']:.2f} GiB, MoE {memory['MoE']:.2f} GiB" if CUDA else "")
               + (f"; MFU dense {100 * row['dense_mfu']:.1f}%, MoE {100 * row['MoE_mfu']:.1f}%" if peak else ""))
     return rows
