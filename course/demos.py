@@ -14,6 +14,8 @@ every arm of a demo runs the same recipe.
     python course/demos.py nanogpt          # nanoGPT's network in this loop, then each modern part alone
     python course/demos.py hash             # a learned router vs a hash table on the default run (and ERMoE, dense)
     python course/demos.py hash-why         # the gap taken apart: frozen routers, a learned id table, a balanced hash
+    python course/demos.py ermoe            # ERMoE as config/ermoe.py sets it against the softmax router, 5 seeds
+    python course/demos.py ermoe-search     # why ERMoE collapsed on text: one change each from its earlier form
     python course/demos.py balance          # auxiliary-loss-free balancing (Wang et al. 2024) vs L_lb vs none: MaxVio
     python course/demos.py capacity         # bits of a fact table stored per parameter: dense sizes vs E = 4, 8, 16
     python course/demos.py routing          # learned vs hash on a task built to separate them, and on one that is not
@@ -51,8 +53,8 @@ SYNTHETIC = ["config/synthetic.py", *QUICK, "--c_sp=0.0", "--c_cp=0.0"]  # the q
 TEXT = ["--num_samples=0"]                                                # the default run, without samples
 
 DENSE = [*TEXT, "--n_experts=0"]
-ERMOE = [*TEXT, "--router=ermoe"]                                         # its defaults: c_lb = c_z = 0
 ERMOE_FIXED = ["config/ermoe.py", *TEXT]                                  # ERMoE as its config file sets it
+ERMOE_BEFORE = [*ERMOE_FIXED, "--ermoe_rank=16", "--select_bias=False"]   # as it was: it collapsed on text
 HASH = [*TEXT, "--router=hash"]
 LEARNED_HASH_LOSSES = [*TEXT, "--select_bias=True", "--c_lb=0.0", "--c_z=0.0", "--c_cp=0.0"]
 NANOGPT_NET = [*DENSE, "--pos_emb=learned", "--mlp=gelu", "--norm=layernorm"]  # GPT-2's parts, as nanoGPT has them
@@ -82,17 +84,24 @@ DEMOS = {
         "learned, frozen after 10 % (router_frozen_from=200)": [*TEXT, "--router_frozen_from=200"],
         "learned token-id table (router=token_table)": [*TEXT, "--router=token_table"],
         "hash, frequency-balanced table (hash_balanced)": [*HASH, "--hash_balanced=True"]}),
-    "ermoe": dict(seeds=3, variants={  # the search: one change each from ERMoE as configured (config/ermoe.py)
+    "ermoe": dict(variants={
         "softmax + L_lb (the default)": TEXT,
-        "ERMoE as configured": ERMOE,
-        "ERMoE, c_cp=0": [*ERMOE, "--c_cp=0.0"],
-        "ERMoE, experts read the token": [*ERMOE, "--ermoe_input=token"],
-        "ERMoE, beta fixed at 10": [*ERMOE, "--ermoe_beta_learned=False"],
-        "ERMoE, beta learned from 1": [*ERMOE, "--ermoe_beta=1.0"],
-        "ERMoE, partitioned bases": [*ERMOE, "--ermoe_basis=partitioned"],
-        "ERMoE, rank 64": [*ERMOE, "--ermoe_rank=64"],
-        "ERMoE, loss-free bias": [*ERMOE, "--select_bias=True"],
-        "ERMoE, L_lb (c_lb=0.01)": [*ERMOE, "--c_lb=0.01"]}),
+        "ERMoE (config/ermoe.py: rank d/2, loss-free bias)": ERMOE_FIXED}),
+    # why it collapsed: one change each from ERMoE as it was configured before (rank d/E = 16, no bias)
+    "ermoe-search": dict(seeds=3, variants={
+        "softmax + L_lb (the default)": TEXT,
+        "ERMoE as configured before (rank 16, no bias)": ERMOE_BEFORE,
+        "ERMoE before, c_cp=0": [*ERMOE_BEFORE, "--c_cp=0.0"],
+        "ERMoE before, experts read the token": [*ERMOE_BEFORE, "--ermoe_input=token"],
+        "ERMoE before, beta fixed at 10": [*ERMOE_BEFORE, "--ermoe_beta_learned=False"],
+        "ERMoE before, beta learned from 1": [*ERMOE_BEFORE, "--ermoe_beta=1.0"],
+        "ERMoE before, partitioned bases": [*ERMOE_BEFORE, "--ermoe_basis=partitioned"],
+        "ERMoE before, rank 64": [*ERMOE_BEFORE, "--ermoe_rank=64"],
+        "ERMoE before, loss-free bias": [*ERMOE_BEFORE, "--select_bias=True"],
+        "ERMoE before, L_lb (c_lb=0.01)": [*ERMOE_BEFORE, "--c_lb=0.01"],
+        "ERMoE before, experts read the token + loss-free bias": [*ERMOE_BEFORE, "--ermoe_input=token",
+                                                                  "--select_bias=True"],
+        "ERMoE fixed: rank 64 + loss-free bias (config/ermoe.py)": ERMOE_FIXED}),
     "balance": dict(variants={
         "softmax + L_lb (the default)": TEXT,
         "softmax, no balancing (c_lb=0)": [*TEXT, "--c_lb=0.0"],
@@ -349,7 +358,7 @@ def show_wallclock(runs, path):
 
 
 SHOW = {"default": show_default, "nanogpt": show_nanogpt, "hash": show_hash, "hash-why": show_hash,
-        "ermoe": show_ermoe, "balance": show_balance, "wallclock": show_wallclock, "crossover": show_wallclock,
+        "ermoe": show_ermoe, "ermoe-search": show_ermoe, "balance": show_balance, "wallclock": show_wallclock, "crossover": show_wallclock,
         "crossover-top1": show_wallclock, "capacity": show_capacity, "routing": show_routing,
         "regularisers": show_regularisers, "regularisers-facts": show_regularisers, "collapse": show_collapse,
         "coupling": show_coupling, "specialization": show_specialization}

@@ -74,8 +74,8 @@ def check_and_derive(cfg, routers, impls, impl_problem):
     if cfg.n_experts > 0 and cfg.expert_hidden == 0:
         cfg.expert_hidden = max(1, cfg.ffn_hidden // (cfg.top_k + cfg.n_shared))
     if cfg.router == "ermoe" and cfg.n_experts > 0:
-        if cfg.ermoe_rank == 0:
-            cfg.ermoe_rank = max(1, cfg.n_embd // cfg.n_experts)
+        if cfg.ermoe_rank == 0:  # half the width: experts read enough of the token (docs/design.md §2)
+            cfg.ermoe_rank = max(1, cfg.n_embd // (cfg.n_experts if cfg.ermoe_basis == "partitioned" else 2))
         _require(cfg.ermoe_rank <= cfg.n_embd, f"ermoe_rank must be <= n_embd={cfg.n_embd} (an orthonormal "
                  f"basis of R^d has at most d vectors), got {cfg.ermoe_rank}")
         _require(cfg.ermoe_basis != "partitioned" or cfg.n_experts * cfg.ermoe_rank <= cfg.n_embd,
