@@ -16,8 +16,10 @@ every arm of a demo runs the same recipe.
     python course/demos.py hash-why         # the gap taken apart: frozen routers, a learned id table, a balanced hash
     python course/demos.py ermoe            # ERMoE as config/ermoe.py sets it against the softmax router, 5 seeds
     python course/demos.py ermoe-search     # why ERMoE collapsed on text: one change each from its earlier form
+    python course/demos.py hash-bpe         # the same on GPT-2 BPE tokens of the same text
     python course/demos.py balance          # auxiliary-loss-free balancing (Wang et al. 2024) vs L_lb vs none: MaxVio
-    python course/demos.py capacity         # bits of a fact table stored per parameter: dense sizes vs E = 4, 8, 16
+    python course/demos.py capacity         # bits of a fact table stored per parameter: dense sizes, E = 4, 8, 16, iso-total
+    python course/demos.py capacity-exposures   # dense d=32 and E=8 at 4x the exposures
     python course/demos.py routing          # learned vs hash on a task built to separate them, and on one that is not
     python course/demos.py regularisers     # R_sp and R_cp on the default run, paired by seed: none, Hu et al., 10x
     python course/demos.py regularisers-facts   # the same on the capacity task
@@ -56,6 +58,7 @@ DENSE = [*TEXT, "--n_experts=0"]
 ERMOE_FIXED = ["config/ermoe.py", *TEXT]                                  # ERMoE as its config file sets it
 ERMOE_BEFORE = [*ERMOE_FIXED, "--ermoe_rank=16", "--select_bias=False"]   # as it was: it collapsed on text
 HASH = [*TEXT, "--router=hash"]
+BPE = ["--dataset=shakespeare_bpe", "--max_iters=1000"]
 LEARNED_HASH_LOSSES = [*TEXT, "--select_bias=True", "--c_lb=0.0", "--c_z=0.0", "--c_cp=0.0"]
 NANOGPT_NET = [*DENSE, "--pos_emb=learned", "--mlp=gelu", "--norm=layernorm"]  # GPT-2's parts, as nanoGPT has them
 FACTS = ["config/facts.py"]  # 196,608 bits; the largest model below would hold 2 bits x 80k parameters at most
@@ -76,6 +79,11 @@ DEMOS = {
         "learned, hash's losses (select bias; c_lb = c_z = c_cp = 0)": LEARNED_HASH_LOSSES,
         "ERMoE (config/ermoe.py; c_lb = c_z = 0, R_cp on)": ERMOE_FIXED,
         "dense (n_experts=0)": DENSE}),
+    # the same question on GPT-2 BPE tokens (the ids the text uses: an 11,712-wide output layer); 1,000 steps,
+    # 2.5 passes over the 302k training tokens (a BPE step costs ~3x a character one here: bench --breakdown)
+    "hash-bpe": dict(variants={
+        "hash, BPE (a fixed random token-id table)": [*HASH, *BPE],
+        "learned, BPE (softmax, the default)": [*TEXT, *BPE]}),
     # the gap taken apart: each arm one change from the learned default (hash and learned shared with `hash`)
     "hash-why": dict(variants={
         "hash (a fixed random token-id table)": HASH,
@@ -102,20 +110,32 @@ DEMOS = {
         "ERMoE before, experts read the token + loss-free bias": [*ERMOE_BEFORE, "--ermoe_input=token",
                                                                   "--select_bias=True"],
         "ERMoE fixed: rank 64 + loss-free bias (config/ermoe.py)": ERMOE_FIXED}),
+    # each neighbour changes one thing: the balancing (L_lb -> the bias), the z-loss, the gating (softmax -> sigmoid)
     "balance": dict(variants={
         "softmax + L_lb (the default)": TEXT,
         "softmax, no balancing (c_lb=0)": [*TEXT, "--c_lb=0.0"],
-        "sigmoid + bias, loss-free (DeepSeek-V3)": [*TEXT, "--router=sigmoid"]}),
+        "softmax + loss-free bias, c_z = 1e-3 (c_lb=0)": [*TEXT, "--select_bias=True", "--c_lb=0.0"],
+        "softmax + loss-free bias, c_z = 0": [*TEXT, "--select_bias=True", "--c_lb=0.0", "--c_z=0.0"],
+        "sigmoid + bias, loss-free (DeepSeek-V3; c_z = 0)": [*TEXT, "--router=sigmoid"]}),
     "wallclock": dict(variants=lambda out_dir: wallclock_variants(out_dir)),
     "crossover": dict(variants=lambda out_dir: crossover_variants(out_dir, "crossover")),
     "crossover-top1": dict(variants=lambda out_dir: crossover_variants(out_dir, "crossover-top1", TOP_1, "MoE top-1")),
-    "capacity": dict(seeds=3, variants={  # 6 arms x 5 seeds would take ~30 min
-        "dense d=16": [*FACTS, "--n_embd=16", "--n_experts=0"],
-        "dense d=32": [*FACTS, "--n_embd=32", "--n_experts=0"],
+    # every MoE at d = 32, where the width is not the bottleneck; dense at three widths, and for each E the
+    # iso-total dense control: the MoE's total parameters in one dense MLP (ffn_hidden = E * f, f = 64)
+    "capacity": dict(seeds=3, variants={
+        "dense d=32": [*FACTS, "--n_experts=0"],
         "dense d=48": [*FACTS, "--n_embd=48", "--n_experts=0"],
-        "MoE d=16, E=4": [*FACTS, "--n_embd=16", "--n_experts=4"],
-        "MoE d=16, E=8": [*FACTS, "--n_embd=16", "--n_experts=8"],
-        "MoE d=16, E=16": [*FACTS, "--n_embd=16", "--n_experts=16"]}),
+        "dense d=64": [*FACTS, "--n_embd=64", "--n_experts=0"],
+        "MoE d=32, E=4": [*FACTS, "--n_experts=4"],
+        "MoE d=32, E=8": [*FACTS, "--n_experts=8"],
+        "MoE d=32, E=16": [*FACTS, "--n_experts=16"],
+        "dense d=32, iso-total E=4 (MLP 256 wide)": [*FACTS, "--n_experts=0", "--ffn_hidden=256"],
+        "dense d=32, iso-total E=8 (MLP 512 wide)": [*FACTS, "--n_experts=0", "--ffn_hidden=512"],
+        "dense d=32, iso-total E=16 (MLP 1024 wide)": [*FACTS, "--n_experts=0", "--ffn_hidden=1024"]}),
+    # the same two at 4x the exposures (500 per record): does bits per parameter stay flat, as at a capacity limit?
+    "capacity-exposures": dict(seeds=3, variants={
+        "dense d=32, 8,000 steps": [*FACTS, "--n_experts=0", "--max_iters=8000", "--eval_interval=2000"],
+        "MoE d=32, E=8, 8,000 steps": [*FACTS, "--n_experts=8", "--max_iters=8000", "--eval_interval=2000"]}),
     "routing": dict(seeds=3, variants={
         "facts_binary: dense": ["config/facts_binary.py", "--n_experts=0"],
         "facts_binary: hash": ["config/facts_binary.py", "--router=hash"],
@@ -288,14 +308,20 @@ def show_capacity(runs, path):
             r["bits_per_nonembedding"] = r["bits"] / (r["params"]["total"] - r["params"].get("embedding", 0))
     settings, _ = train.setup([os.path.join(REPO, FACTS[0])])
     exposures = settings.values["batch_size"] * settings.values["max_iters"] / facts.N
-    return [T.Column("parameters total / active", "params", "params", 1), T.Column("bits stored", "bits", "mean", 0),
-            T.Column("bits / total parameter", "bits_per_total", "mean", 2),
-            T.Column("bits / non-embedding parameter", "bits_per_nonembedding", "mean", 2),
-            T.Column(f"- {names[0]} (paired)", "bits", "paired", 0, names[0])], (
+    iso = {n: next((m for m in names if m.startswith(f"dense d=32, iso-total E={n.split('E=')[1].split(',')[0]} ")), None)
+           for n in names if n.startswith("MoE")}
+    bases = {n: iso.get(n) or n for n in names}  # an MoE against the dense MLP of its total parameters
+    columns = [T.Column("parameters total / active", "params", "params", 1), T.Column("bits stored", "bits", "mean", 0),
+               T.Column("bits / total parameter", "bits_per_total", "mean", 2),
+               T.Column("bits / non-embedding parameter", "bits_per_nonembedding", "mean", 2),
+               T.Column(f"- {names[0]} (paired)", "bits", "paired", 0, names[0])]
+    if any(iso.values()):
+        columns.append(T.Column("- its iso-total dense (paired)", "bits", "paired", 0, "@row"))
+    return columns, (
         f"\nExposures: every person's record is seen {exposures:.0f} times ({settings.values['batch_size']} records "
         f"a step, {settings.values['max_iters']:,} steps, {facts.N:,} people), unless a row says otherwise. The table "
         f"holds {facts.bits:,.0f} bits. Allen-Zhu & Li count every parameter (embeddings included): ~2 bits per "
-        f"parameter at 1,000 exposures, ~1 at 100; the non-embedding count leaves out the token embedding (tied).\n")
+        f"parameter at 1,000 exposures, ~1 at 100; the non-embedding count leaves out the token embedding (tied).\n"), bases
 
 
 def show_routing(runs, path):
@@ -304,7 +330,7 @@ def show_routing(runs, path):
         T.bar_panel(ax, runs, "val_loss", f"{task}: val loss", [n for n in runs if n.startswith(task)])
     T.save(fig, path)
     base = {n: f"{n.split(':')[0]}: learned (softmax)" for n in runs}
-    cols = [T.Column("val loss", "val_loss"), T.Column("- learned (paired)", "val_loss", "paired", 3, "@learned"),
+    cols = [T.Column("val loss", "val_loss"), T.Column("- learned (paired)", "val_loss", "paired", 3, "@row"),
             T.Column("bits stored", "bits", "mean", 0), T.Column("experts used by the answers (of 16)", "query_experts", "mean", 2),
             T.Column("NMI(expert, source)", "source_nmi")]
     return cols, "", base
@@ -357,7 +383,8 @@ def show_wallclock(runs, path):
     return T.loss_columns(list(runs)[0]), T.wall_times(runs)
 
 
-SHOW = {"default": show_default, "nanogpt": show_nanogpt, "hash": show_hash, "hash-why": show_hash,
+SHOW = {"default": show_default, "nanogpt": show_nanogpt, "hash": show_hash, "hash-why": show_hash, "hash-bpe": show_hash,
+        "capacity-exposures": show_capacity,
         "ermoe": show_ermoe, "ermoe-search": show_ermoe, "balance": show_balance, "wallclock": show_wallclock, "crossover": show_wallclock,
         "crossover-top1": show_wallclock, "capacity": show_capacity, "routing": show_routing,
         "regularisers": show_regularisers, "regularisers-facts": show_regularisers, "collapse": show_collapse,
@@ -368,7 +395,7 @@ def tables(demo, runs, seeds, docs):
     """The demo's figure, table and notes from per-seed numbers -> (markdown, the JSON document)."""
     shown = SHOW[demo](runs, T.figure_path(docs, demo))
     columns, notes = shown[:2]
-    bases = shown[2] if len(shown) > 2 else None   # per-row bases (routing: each task's learned arm)
+    bases = shown[2] if len(shown) > 2 else None   # per-row bases of '@row' columns (routing: each task's learned arm)
     if bases:
         md = render_per_row(runs, columns, bases)
     else:
@@ -383,10 +410,10 @@ def tables(demo, runs, seeds, docs):
 
 
 def render_per_row(runs, columns, bases):
-    """T.render, where a paired column's base is '@learned': each row's own base variant."""
+    """T.render, where a paired column's base is '@row': each row's own base variant (itself: '–')."""
     lines = ["| variant | " + " | ".join(c.title for c in columns) + " |", "|---|" + "---|" * len(columns)]
     for name in runs:
-        cells = [T.cell(runs, name, c._replace(base=bases[name]) if c.base == "@learned" else c) for c in columns]
+        cells = [T.cell(runs, name, c._replace(base=bases[name]) if c.base == "@row" else c) for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -106,4 +106,4 @@ def test_every_cell_recomputes_from_the_per_seed_json(md_path):
 
 
 def base_of(doc, col, name):
-    return doc["bases"][name] if col.get("base") == "@learned" else col.get("base")
+    return doc["bases"][name] if col.get("base") == "@row" else col.get("base")

@@ -150,9 +150,9 @@ def tiny_logs(tmp_path_factory):
     return logs
 
 
-@pytest.mark.parametrize("demo", ["default", "nanogpt", "hash", "balance", "wallclock", "crossover", "crossover-top1",
-                                  "capacity", "routing", "regularisers", "regularisers-facts", "collapse", "coupling",
-                                  "specialization"])
+@pytest.mark.parametrize("demo", ["default", "nanogpt", "hash", "hash-why", "hash-bpe", "ermoe", "ermoe-search", "balance",
+                                  "wallclock", "crossover", "crossover-top1", "capacity", "capacity-exposures", "routing",
+                                  "regularisers", "regularisers-facts", "collapse", "coupling", "specialization"])
 def test_demo_tables_and_figures_from_finished_runs(tmp_path, demo, tiny_logs):
     """demos.py on runs that are already finished (copies of a real tiny run's log, with known val
     losses and bits): it trains nothing, and its table holds each variant's mean over the seeds ± the
@@ -185,10 +185,9 @@ def test_demo_tables_and_figures_from_finished_runs(tmp_path, demo, tiny_logs):
     assert out.count("already done") == 2 * len(variants)
     table = (tmp_path / "docs" / f"demo_{demo}.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| variant |")).split(" | ")
-    digits = 4 if demo in ("default", "nanogpt", "hash", "balance", "wallclock", "crossover", "crossover-top1",
-                           "regularisers", "regularisers-facts") else 3
+    digits = 3 if demo in ("routing", "collapse", "coupling", "specialization") else 4
     column, want = ((header.index("bits stored"), lambda i: f"{1000 * (i + 1) + 5:.0f} ± {12.706 * 10 / 2:.0f}")
-                    if demo == "capacity" else
+                    if demo.startswith("capacity") else
                     (next(j for j, h in enumerate(header) if h.startswith("val loss")),
                      lambda i: f"{1 + 0.1 * i + 0.005:.{digits}f} ± {12.706 * 0.01 / 2:.{digits}f}"))
     for i, name in enumerate(variants):
