@@ -193,8 +193,8 @@ def measured_ratio(out_dir, name, extra=(), moe=()):
 
 def wallclock_variants(out_dir):
     """The MoE default run (2,000 steps) and the dense model given its time: its steps times the measured
-    step-time ratio, or its FLOPs: GPT.flops_per_token."""
-    ratio = measured_ratio(out_dir, "wallclock")
+    step-time ratio, or its FLOPs: GPT.flops_per_token; then the hash MoE and the dense model given its time."""
+    ratio, ratio_hash = measured_ratio(out_dir, "wallclock"), measured_ratio(out_dir, "wallclock-hash", moe=HASH[1:])
     from model import GPT, GPTConfig
     flops = {}
     for name, extra in (("dense", dict(n_experts=0)), ("moe", {})):
@@ -202,9 +202,13 @@ def wallclock_variants(out_dir):
             flops[name] = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65,
                                         **extra)).flops_per_token()
     same_time, same_flops = round(2000 * ratio), round(2000 * flops["moe"] / flops["dense"])
+    hash_time = round(2000 * ratio_hash)
     return {"MoE, 8 experts top-2 (the default, 2,000 steps)": TEXT,
             f"dense, the same time ({same_time:,} steps; step-time ratio {ratio:.3f})": [*DENSE, f"--max_iters={same_time}"],
-            f"dense, the same FLOPs ({same_flops:,} steps)": [*DENSE, f"--max_iters={same_flops}"]}
+            f"dense, the same FLOPs ({same_flops:,} steps)": [*DENSE, f"--max_iters={same_flops}"],
+            "hash MoE (a fixed token-id table, 2,000 steps)": HASH,
+            f"dense, the hash MoE's time ({hash_time:,} steps; step-time ratio {ratio_hash:.3f})":
+                [*DENSE, f"--max_iters={hash_time}"]}
 
 
 BATCH_4X = ["--batch_size=48"]  # 4x the default's tokens per step; 500 steps: the default's tokens in all
@@ -380,7 +384,10 @@ def show_wallclock(runs, path):
     T.loss_curves(axes[0], runs, "by step", (1.5, 2.2))
     T.bar_panel(axes[1], runs, "val_loss", "val loss, whole split (95 % t interval)")
     T.save(fig, path)
-    return T.loss_columns(list(runs)[0]), T.wall_times(runs)
+    names = list(runs)
+    hash_time = [n for n in names if n.startswith("dense, the hash MoE's time")]
+    extra = [T.Column("- dense at the hash MoE's time (paired)", "val_loss", "paired", 4, hash_time[0])] if hash_time else []
+    return T.loss_columns(names[0], extra), T.wall_times(runs)
 
 
 SHOW = {"default": show_default, "nanogpt": show_nanogpt, "hash": show_hash, "hash-why": show_hash, "hash-bpe": show_hash,

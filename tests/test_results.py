@@ -107,3 +107,82 @@ def test_every_cell_recomputes_from_the_per_seed_json(md_path):
 
 def base_of(doc, col, name):
     return doc["bases"][name] if col.get("base") == "@row" else col.get("base")
+
+
+# ------------------------------------------------------------------------------------------------
+# the numbers the README and the lecture plan quote
+
+ALLOWED = {  # numbers the README quotes from outside this repository's runs, with their source
+    "1.88": "nanoGPT's README, its CPU recipe", "1.898": "nanoGPT's own code on this split (docs/results.md §2)",
+    "0.04": "Wang et al. 2024, MaxVio_global with their bias", "0.52": "Wang et al. 2024, with L_lb",
+    "0.72": "Wang et al. 2024, with L_lb", "0.76": "nanochat's MoE, tokens/s against dense",
+    "19.63": "StableMoE (Dai et al. 2022), hash", "19.79": "StableMoE, Switch",
+}
+
+
+def derived_numbers():
+    """Every number the JSON files let one state: per-seed values, means and half-widths of every key of every
+    variant, and the paired difference (and half-width) of every two variants of a demo, at 0-4 decimals."""
+    values = []
+    for path in glob.glob(os.path.join(DOCS, "*.json")):
+        doc = json.load(open(path))
+        stack = [doc]
+        while stack:  # every numeric leaf
+            x = stack.pop()
+            if isinstance(x, dict):
+                stack += list(x.values())
+            elif isinstance(x, list):
+                stack += x
+            elif isinstance(x, (int, float)) and not isinstance(x, bool):
+                values.append(float(x))
+        runs = doc.get("runs") if isinstance(doc.get("runs"), dict) else {}
+        for a, ra in runs.items():
+            keys = {k for r in ra for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            for key in keys:
+                vals = [r.get(key) for r in ra]
+                if None in vals or len(vals) < 2:
+                    continue
+                values += list(mean_half(vals))
+                for b, rb in runs.items():
+                    other = [r.get(key) for r in rb]
+                    if b != a and None not in other and len(other) == len(vals):
+                        values += [abs(x) for x in mean_half([x - y for x, y in zip(vals, other)])]
+    return values
+
+
+def quoted(text):
+    """The decimal numbers of a text (thousands in k: '31.3k' -> 31300), as printed."""
+    return [(m.group(1), 1e3 if m.group(2) else 1) for m in re.finditer(r"(?<![\w.])(\d+\.\d+)(k?)(?![\w.])", text)]
+
+
+def readme_rows():
+    text = open(os.path.join(REPO, "README.md")).read()
+    table = text.split("| question | command (seeds, wall time) | answer |")[1].split("\n\n")[0]
+    return [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("|---")]
+
+
+def test_every_number_of_the_readmes_results_rows_comes_from_a_json_or_a_named_source():
+    values = np.array(derived_numbers())
+    for row in readme_rows():
+        demos = re.findall(r"`([\w-]+)`", row.split(" | ")[1])
+        if set(demos) & NOT_YET_RERUN:
+            continue
+        for printed, scale in quoted(row):
+            if printed in ALLOWED:
+                continue
+            value = float(printed) * scale
+            tol = 10 ** -decimals(printed) * scale * 0.5 + 1e-9
+            assert np.any(np.abs(values - value) <= tol) or np.any(np.abs(values * 100 - value) <= tol), (printed, row[:80])
+
+
+def test_the_lectures_tables_are_the_demos_tables():
+    """docs/teaching.md quotes demo tables: each quoted row equals the row of the committed demo table."""
+    rows = {}
+    for md in demo_files():
+        for line in open(md).read().splitlines():
+            if line.startswith("| ") and not line.startswith(("| variant", "|---")):
+                rows.setdefault(line.split(" | ")[0], []).append(line)
+    for line in open(os.path.join(DOCS, "teaching.md")).read().splitlines():
+        name = line.split(" | ")[0]
+        if line.startswith("| ") and name in rows:
+            assert line in rows[name], line

@@ -163,6 +163,7 @@ def test_demo_tables_and_figures_from_finished_runs(tmp_path, demo, tiny_logs):
     if callable(variants):  # wallclock, crossover(-top1): the step-time ratio as if measured already
         os.makedirs(tmp_path / "runs")
         (tmp_path / "runs" / f"{demo}.json").write_text(json.dumps({"ratio": 1.3}))
+        (tmp_path / "runs" / f"{demo}-hash.json").write_text(json.dumps({"ratio": 1.1}))
         variants = variants(str(tmp_path / "runs"))
         assert any(f"{1.3 * (2000 if demo == 'wallclock' else 500):,.0f} steps" in name for name in variants)
     for i, (name, args) in enumerate(variants.items()):
