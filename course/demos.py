@@ -278,7 +278,9 @@ def show_nanogpt(runs, path):
 def show_hash(runs, path):
     T.figure_routing_curves(runs, path)
     names = list(runs)
-    extra = [T.Column("- dense (paired)", "val_loss", "paired", 4, names[-1])] if names[-1].startswith("dense") else []
+    learned = [n for n in names[1:] if n.startswith("learned") and "(softmax, the default)" in n]
+    extra = [T.Column("- learned (paired)", "val_loss", "paired", 4, learned[0])] if learned else []
+    extra += [T.Column("- dense (paired)", "val_loss", "paired", 4, names[-1])] if names[-1].startswith("dense") else []
     return T.loss_columns(names[0], extra + [T.Column("load CV", "cv"), T.Column("routing entropy / log E", "entropy_norm"),
                                              T.Column("fluctuation (final)", "fluctuation"),
                                              T.Column("token-id binding", "id_binding")]), ""
