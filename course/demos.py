@@ -29,6 +29,7 @@ every arm of a demo runs the same recipe.
     python course/demos.py wallclock        # dense vs MoE for the same wall-clock time, and for the same FLOPs
     python course/demos.py crossover        # the same time at 4x the tokens per step (batch 48, 500 steps)
     python course/demos.py crossover-top1   # the same with top-1 routing (Switch Transformer): a cheaper MoE step
+    python course/demos.py verdicts         # every paired comparison of docs/demo_*.json, Holm-corrected
     python course/demos.py routing --seeds 0 --dry   # print the commands only
 
 A run is kept in out-demos/runs/<key>-s<seed>, the key a hash of the settings it changes from the
@@ -429,7 +430,8 @@ def render_per_row(runs, columns, bases):
 
 def main(argv):
     parser = ArgParser(prog="python course/demos.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("demo", choices=list(DEMOS))
+    parser.add_argument("demo", choices=[*DEMOS, "verdicts"], help="a demo, or 'verdicts': every paired comparison of "
+                        "the docs' JSON files with Holm's correction (docs/verdicts.md)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0-4 (0-2 where a demo says so)")
     parser.add_argument("--out_dir", default="out-demos")
     parser.add_argument("--docs", default=os.path.join(REPO, "docs"), help="where the figure, table and JSON go")
@@ -439,6 +441,15 @@ def main(argv):
     parser.add_argument("--tables_only", action="store_true",
                         help="rebuild the table and figure from docs/demo_NAME.json, without training")
     args = parser.parse_args(argv)
+    if args.demo == "verdicts":
+        md, n, kept = T.holm_table(args.docs)
+        text = (f"Every paired comparison of the demos' tables ({n}), each a paired t test of its seeds; Holm's "
+                f"step-down correction (1979) over all {n} at once: {kept} keep an adjusted p <= 0.05. Written by "
+                f"`python course/demos.py verdicts` from docs/demo_*.json.\n\n" + md)
+        with open(os.path.join(args.docs, "verdicts.md"), "w") as fh:
+            fh.write(text)
+        print(text)
+        return
     args.seeds = args.seeds or list(range(DEMOS[args.demo].get("seeds", 5)))
     if min(args.seeds) < 0 or args.jobs < 1:
         raise UserError(f"seeds must be >= 0 and --jobs >= 1, got {args.seeds} and {args.jobs}")

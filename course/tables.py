@@ -269,3 +269,40 @@ def wall_times(runs):
 
 def figure_path(docs, demo):
     return os.path.join(docs, f"demo_{demo}.png")
+
+
+# ------------------------------------------------------------------------------------------------
+# every paired comparison of the published tables at once: p-values and Holm's correction
+
+def comparisons(docs):
+    """Every paired cell of every docs/demo_*.json table -> [(demo, variant, against, key, mean, p)]."""
+    import glob
+    import json
+    from support.stats import p_value
+    out = []
+    for path in sorted(glob.glob(os.path.join(docs, "demo_*.json"))):
+        doc = json.load(open(path))
+        for col in doc["columns"]:
+            if col["kind"] != "paired":
+                continue
+            for name, records in doc["runs"].items():
+                base = doc["bases"][name] if col["base"] == "@row" else col["base"]
+                vals = [r.get(col["key"]) for r in records]
+                if base == name or None in vals:
+                    continue
+                other = [r[col["key"]] for r in doc["runs"][base]]
+                diffs = [a - b for a, b in zip(vals, other)]
+                out.append((doc["demo"], name, base, col["key"], sum(diffs) / len(diffs), p_value(vals, other)))
+    return out
+
+
+def holm_table(docs):
+    """The markdown table of every paired comparison: its p-value, Holm's adjusted p over the whole family,
+    and whether it survives (adjusted p <= 0.05)."""
+    from support.stats import holm
+    rows = comparisons(docs)
+    adjusted = holm([r[-1] for r in rows])
+    lines = ["| demo | variant | against | difference | p | Holm-adjusted p | survives |", "|---|---|---|---|---|---|---|"]
+    for (demo, name, base, key, mean, p), q in zip(rows, adjusted):
+        lines.append(f"| {demo} | {name} | {base} | {key} {mean:+.4g} | {p:.2g} | {q:.2g} | {'yes' if q <= 0.05 else 'no'} |")
+    return "\n".join(lines) + "\n", len(rows), sum(q <= 0.05 for q in adjusted)

@@ -186,3 +186,16 @@ def test_the_lectures_tables_are_the_demos_tables():
         name = line.split(" | ")[0]
         if line.startswith("| ") and name in rows:
             assert line in rows[name], line
+
+
+def test_the_multiplicity_table_is_the_json_files_own():
+    """docs/verdicts.md: every paired comparison of the JSON files, its p-value and Holm's correction, as
+    `python course/demos.py verdicts` computes them now (a table changed without it fails here)."""
+    from course.tables import holm_table
+    md, n, kept = holm_table(DOCS)
+    path = os.path.join(DOCS, "verdicts.md")
+    if n == 0:
+        assert not os.path.exists(path)
+        return
+    text = open(path).read()
+    assert md in text and f"({n})" in text and f"{kept} keep" in text
