@@ -167,7 +167,7 @@ def save_checkpoint(ckpt, out_dir, best=False):
     this checkpoint (a second name for the same file, renamed into place: no copy)."""
     tmp, path = os.path.join(out_dir, f"ckpt.pt.tmp.{os.getpid()}"), os.path.join(out_dir, "ckpt.pt")
     link = os.path.join(out_dir, f"best.pt.tmp.{os.getpid()}")
-    stage = "ckpt.pt"
+    stage, reason = "ckpt.pt", None
     try:
         torch.save({**ckpt, "format": FORMAT, "commit": code_commit(), "torch": str(torch.__version__)}, tmp)
         fsync(tmp)
@@ -183,16 +183,18 @@ def save_checkpoint(ckpt, out_dir, best=False):
             os.replace(link, os.path.join(out_dir, "best.pt"))
             fsync(out_dir)
     except BaseException as err:
-        for leftover in (tmp, link):  # removed before the free space is measured
+        for leftover in (tmp, link):
             if os.path.exists(leftover):
                 os.remove(leftover)
         reason = write_failure(err) if isinstance(err, Exception) else None
         if reason is None:
             raise
-        kept = ("the previous checkpoint " + path + " is intact" if stage == "ckpt.pt" and os.path.exists(path) else
-                "no checkpoint was written before" if stage == "ckpt.pt" else f"{path} is written, best.pt is the previous")
-        raise UserError(f"cannot write {stage} in {out_dir} ({reason}): {space(out_dir, tensor_bytes(ckpt))}; "
-                        f"{kept}") from None
+    if reason is None:
+        return
+    # (the space is measured once the error is gone: until then torch's writer holds the removed file open)
+    kept = ("the previous checkpoint " + path + " is intact" if stage == "ckpt.pt" and os.path.exists(path) else
+            "no checkpoint was written before" if stage == "ckpt.pt" else f"{path} is written, best.pt is the previous")
+    raise UserError(f"cannot write {stage} in {out_dir} ({reason}): {space(out_dir, tensor_bytes(ckpt))}; {kept}")
 
 
 def fsync(path):
