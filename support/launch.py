@@ -258,7 +258,8 @@ class Watch:
 
     def __enter__(self):
         self.run.saved_at = time.monotonic()
-        signals.catch(DEADLINE_S if self.env.ddp else None, self.past_deadline)
+        run, where = self.run, self.where  # (not self: the watching thread must not hold env, its groups)
+        signals.catch(DEADLINE_S if self.env.ddp else None, lambda signum: past_deadline(run, where, signum))
         self.env.asks = self.asks
         return self
 
@@ -327,8 +328,10 @@ class Watch:
             line.exit_status = 128 + signals.first
         return line
 
-    def past_deadline(self, signum):
-        """(the watching thread) The step did not end DEADLINE_S after the signal: one line, the exit."""
-        stopping.say_and_exit(f"error: stopped by {name_of(signum)} at iter {self.where()}: the step did not end "
-                              f"within {DEADLINE_S} s of it (a process of the run is gone or stuck); stopped without "
-                              f"saving: {self.run.last()}", signum, self.run.master)
+
+
+def past_deadline(run, where, signum):
+    """(the watching thread) The step did not end DEADLINE_S after the signal: one line, the exit."""
+    stopping.say_and_exit(f"error: stopped by {name_of(signum)} at iter {where()}: the step did not end within "
+                          f"{DEADLINE_S} s of it (a process of the run is gone or stuck); stopped without saving: "
+                          f"{run.last()}", signum, run.master)

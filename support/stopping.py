@@ -55,7 +55,7 @@ class Signals:
     def __init__(self):
         self.previous, self.mode, self.first, self.at = {}, "raise", None, 0.0
         self.settled = threading.Event()   # the step's end was reached: the deadline no longer applies
-        self.wakeup = None                 # (read end, write end, the wakeup fd before ours)
+        self.wakeup = None                 # (read end, write end, the wakeup fd before ours, the thread)
 
     def catch(self, deadline=None, on_deadline=None):
         """Install the handlers (main thread only; elsewhere Python refuses and nothing changes).
@@ -73,8 +73,9 @@ class Signals:
         if deadline and self.wakeup is None:
             read, write = os.pipe()
             os.set_blocking(write, False)
-            self.wakeup = (read, write, signal.set_wakeup_fd(write))
-            threading.Thread(target=self._watch, args=(read, deadline, on_deadline), daemon=True).start()
+            watcher = threading.Thread(target=self._watch, args=(read, deadline, on_deadline), daemon=True)
+            self.wakeup = (read, write, signal.set_wakeup_fd(write), watcher)
+            watcher.start()
 
     def _handle(self, signum, frame):
         now = time.monotonic()
@@ -107,10 +108,12 @@ class Signals:
             signal.signal(sig, handler)
         self.previous, self.mode = {}, "raise"
         if self.wakeup is not None:
-            read, write, before = self.wakeup
+            read, write, before, watcher = self.wakeup
             signal.set_wakeup_fd(before)
             os.close(write)         # the watching thread reads the end of the pipe and returns
             self.settled.set()
+            watcher.join()          # gone before Python shuts down, like gloo's threads (launch.end)
+            os.close(read)
             self.wakeup = None
 
 
