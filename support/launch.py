@@ -329,7 +329,6 @@ class Watch:
         return line
 
 
-
 def past_deadline(run, where, signum):
     """(the watching thread) The step did not end DEADLINE_S after the signal: one line, the exit."""
     stopping.say_and_exit(f"error: stopped by {name_of(signum)} at iter {where()}: the step did not end within "
