@@ -218,6 +218,7 @@ def parallel_table(args):
     configs; the per-rank parameter count is also read off an actually sharded model), then CPU
     step times of one global batch over 2 processes: N = 1 (plain DDP) beside N = 2."""
     from support import parallel
+    from support.stopping import CAUGHT
     B, S = 64, 256  # the default GPU run's batch: tokens T = B*S per rank
     models = {"default GPU model (E=8, k=2)": GPTConfig(vocab_size=65),
               "64 experts (E=64, k=8)": GPTConfig(vocab_size=65, n_experts=64, top_k=8)}
@@ -256,6 +257,10 @@ def parallel_table(args):
         print(f"  expert_parallel={n}: {step * 1e3:.1f} ms per step, {params / 1e6:.3f}M parameters on rank 0 "
               f"(measured), peak RSS {rss / 1024:.0f} MiB "
               f"({'DDP: every rank holds all 8 experts' if n == 1 else 'each rank holds 4 experts, all_to_all'})")
+    without, with_asks = times["flag"]
+    print(f"  the step's all-reduce of its 6 logged numbers: {without * 1e6:.0f} us; with the {len(CAUGHT) + 1} stop "
+          f"requests in it (signals, timed checkpoint: support/stopping.py): {with_asks * 1e6:.0f} us (median of 300, "
+          f"alternating; {100 * (with_asks - without) / times[1][0]:+.2f} % of the DDP step)")
 
 
 def _parallel_steps(rank, world, n, port, cfg, steps, times):
@@ -275,7 +280,7 @@ def _parallel_steps(rank, world, n, port, cfg, steps, times):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     fwd = model if ep else DDP(model)
     idx = torch.randint(0, cfg["vocab_size"], (8, cfg["block_size"]))
-    settings = SimpleNamespace(c_lb=0.01, c_z=1e-3, c_sp=2e-3, c_cp=1e-3, mu_ortho=0.0, grad_clip=1.0)
+    settings = SimpleNamespace(c_lb=0.01, c_z=1e-3, c_sp=2e-3, c_cp=1e-3, c_seq=0.0, mu_ortho=0.0, grad_clip=1.0)
     env = launch.Processes("cpu", "float32", rank, world, accum=1, ddp=True)
     env.ep, env.pool = ep, pooled_balance(dist.group.WORLD)
 
@@ -293,6 +298,18 @@ def _parallel_steps(rank, world, n, port, cfg, steps, times):
         import resource
         times[n] = (statistics.median(measured), sum(p.numel() for p in model.parameters()),
                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+    if n == 1:  # what the stop requests add to the step's all-reduce of the logged numbers (env.mean), alternating
+        from support.stopping import CAUGHT
+        stats, cost = torch.ones(6), {False: [], True: []}   # (CE, total, 4 auxiliary terms: the default run's)
+        for _ in range(300):
+            for asks in (False, True):
+                env.asks = (lambda: [0.0] * (len(CAUGHT) + 1)) if asks else None
+                dist.barrier()
+                t0 = time.perf_counter()
+                env.mean(stats.clone())
+                cost[asks].append(time.perf_counter() - t0)
+        if rank == 0:
+            times["flag"] = (statistics.median(cost[False]), statistics.median(cost[True]))
     dist.destroy_process_group()
 
 

@@ -64,6 +64,25 @@ except ImportError:  # CPU-only installs without triton still get impl="torch" /
     triton = None
 
 
+def _interpreter_takes_scalars_from_numpy_2_4():
+    """Triton 3.6's interpreter (TRITON_INTERPRET=1, on CPU) holds a scalar argument as a 1-element
+    array and gives range() its int(): numpy 2.4 refuses that ("only 0-dimensional arrays can be
+    converted to Python scalars"), so the ERMoE kernels' `range(0, R, RC)` fails there. Triton 3.7
+    squeezes the array first (triton-lang/triton#9171); the same one change is made here to 3.6's
+    interpreter. Compiled kernels never run this code: the GPU path is unchanged."""
+    from triton.runtime import interpreter
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+    interpreter._patch_lang_tensor = patched
+
+
+if triton is not None and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):
+    _interpreter_takes_scalars_from_numpy_2_4()
+
+
 # ------------------------------------------------------------------------------------------------
 # Triton kernels
 

@@ -45,9 +45,11 @@ from support.tracking import Tracker
 class TrainConfig:
     # I/O
     out_dir: str = "out"                 # where ckpt.pt, best.pt, log.jsonl and the plots go
-    init_from: str = "scratch"           # 'scratch' or 'resume' (continue out_dir/ckpt.pt with its settings)
+    init_from: str = "scratch"           # 'scratch', 'resume' (continue out_dir/ckpt.pt with its settings) or 'auto'
+                                         # (resume if out_dir has a checkpoint, else scratch: a scheduler reruns one command)
     overwrite: bool = False              # let a new run replace the run already in out_dir (else refused)
     eval_interval: int = 250             # evaluate, log routing metrics and checkpoint every this many steps
+    ckpt_interval_s: float = 0.0         # also write ckpt.pt (no evaluation) once this many seconds passed since the last; 0 = off
     log_interval: int = 10               # print and log a train line every this many steps
     eval_iters: int = 200                # batches per evaluation (the same batches every time)
     num_samples: int = 2                 # text samples printed at the end (0 = none)
@@ -103,7 +105,8 @@ class TrainConfig:
         _require(self.min_lr <= self.learning_rate, f"min_lr ({self.min_lr}) must be <= learning_rate ({self.learning_rate})")
         _require(self.learning_rate / (1 - self.beta1) < torch.finfo(torch.float32).max,  # AdamW's first step size
                  f"learning_rate={self.learning_rate} overflows float32 in AdamW's first step (lr / (1 - beta1))")
-        _require(self.init_from in ("scratch", "resume"), f"init_from must be scratch or resume, got '{self.init_from}'")
+        _require(self.init_from in ("scratch", "resume", "auto"),
+                 f"init_from must be scratch, resume or auto, got '{self.init_from}'")
         _require(self.dtype in ("auto", "bfloat16", "float32"), f"dtype must be auto, bfloat16 or float32, got '{self.dtype}'")
         _require(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
                  f"device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
@@ -140,7 +143,7 @@ NANOGPT = {  # nanoGPT's published results on shakespeare_char, with the setting
 # on the command line is refused (it would silently continue another experiment).
 RESUMABLE = ("init_from", "out_dir", "overwrite", "max_iters", "lr_decay_iters", "eval_interval", "log_interval",
              "eval_iters", "num_samples", "sample_tokens", "device", "dtype", "compile", "router_impl", "dispatch",
-             "expert_parallel")
+             "expert_parallel", "ckpt_interval_s")
 
 
 def setup(argv):
@@ -152,8 +155,8 @@ def setup(argv):
     settings = Layered(declared(TrainConfig, GPTConfig))
     for origin, values in parse_args(argv, settings.defaults):
         settings.apply(origin, values, explicit=True)
-    if settings.values["init_from"] == "resume":
-        out_dir = settings.values["out_dir"]
+    out_dir, init_from = settings.values["out_dir"], settings.values["init_from"]
+    if init_from == "resume" or (init_from == "auto" and os.path.isfile(os.path.join(out_dir, "ckpt.pt"))):
         ckpt = load_checkpoint(out_dir, hint="nothing to resume; drop --init_from=resume to start a run")
         resume_settings(settings, ckpt, os.path.join(out_dir, "ckpt.pt"), declared(GPTConfig), RESUMABLE)
         return settings, ckpt
@@ -328,7 +331,8 @@ def main(argv):
         # the out_dir, and where a resumed run stands
         config = {**asdict(cfg), **asdict(model_cfg)}
         run = Run(cfg.out_dir, env.master)
-        launch.share(env, run.open, ckpt, cfg.overwrite)  # lock, refuse to replace another run, cut the log
+        # lock, refuse to replace another run (auto without a checkpoint starts over), cut the log
+        launch.share(env, run.open, ckpt, cfg.overwrite or cfg.init_from == "auto")
         run.tracker = Tracker(cfg, config, env.master)     # wandb, if asked
         batch_gen = torch.Generator().manual_seed(cfg.seed)  # one global batch per step, sliced per process
         batches = functools.partial(data.batch, "train", cfg.batch_size, model_cfg.block_size, batch_gen, env.device,
@@ -348,10 +352,16 @@ def main(argv):
             print(f"parameters: {total / 1e6:.2f}M total, {active / 1e6:.2f}M active per token "
                   f"({model_cfg.n_experts} experts, top-{model_cfg.top_k}, {widths}, router={model_cfg.router})")
         tokens_per_iter = cfg.batch_size * model_cfg.block_size * env.accum * env.world
+        def snapshot():  # the checkpoint; with expert parallelism every process gathers the state
+            weights, opt = env.full_state(model, optimizer)
+            return {"model": weights, "optimizer": opt, "model_args": asdict(model_cfg), "config": config,
+                    "iter_num": iter_num, "best_val": best_val, "batch_rng": [batch_gen.get_state()],
+                    "torch_rng": torch.get_rng_state(), "tokenizer": data.tokenizer}
         t_start = t_last = time.time()
         start_iter = iter_num
         # the loop
-        with run.guard(lambda: iter_num):  # Ctrl-C or divergence: one line saying where, the checkpoint intact
+        with env.watch(run, lambda: iter_num, config) as watch:  # a signal, divergence, out of memory, a process
+                                                                  # lost: one line saying where, the checkpoint intact
             while True:
                 lr = get_lr(iter_num, cfg)
                 for group in optimizer.param_groups:  # (a frozen group: 0 from its step on)
@@ -361,12 +371,8 @@ def main(argv):
                     check_finite(result, model.parameters(), launch.all_ranks_min(env))  # never save a NaN
                     best = result["val_loss"] < best_val
                     best_val = min(best_val, result["val_loss"])
-                    if iter_num != run.saved_iter:  # with expert parallelism every process gathers the state
-                        weights, opt = env.full_state(model, optimizer)
-                        run.checkpoint({"model": weights, "optimizer": opt, "model_args": asdict(model_cfg),
-                                        "config": config, "iter_num": iter_num, "best_val": best_val,
-                                        "batch_rng": [batch_gen.get_state()], "torch_rng": torch.get_rng_state(),
-                                        "tokenizer": data.tokenizer}, iter_num, best)
+                    if iter_num != run.saved_iter or best:
+                        run.checkpoint(snapshot(), iter_num, best)
                     record = {"iter": iter_num, **result, "layers": layers, "final": iter_num >= cfg.max_iters}
                     if record["final"]:
                         record["whole"] = evaluate_whole(model, data, cfg, model_cfg, env)
@@ -388,6 +394,7 @@ def main(argv):
                           f"{dt * 1000:.0f} ms, {tokens_per_iter / dt:,.0f} tok/s, eta {eta / 60:.1f} min")
                     run.log({"iter": iter_num, "train_loss": lossf, "lr": lr, **terms_f,
                              **{f"{k}_scaled": round(getattr(cfg, COEFFICIENTS[k]) * v, 6) for k, v in terms_f.items()}})
+                watch.step_end(iter_num, snapshot)  # a signal: checkpoint, one line, exit; --ckpt_interval_s: checkpoint
         # the end: samples, plots, and with several processes a check that their weights agree
         if env.master:
             same = [what for what, recipe in NANOGPT.items() if cfg.dataset == "shakespeare_char"
@@ -403,8 +410,8 @@ def main(argv):
                 print(f"ranks hold identical weights: {len(set(hashes)) == 1}")
                 run.log({"iter": iter_num, "param_hashes": hashes})
         run.tracker.finish()
-    except KeyboardInterrupt:  # outside the training loop, which says where it stopped
-        raise Interrupted("interrupted (the checkpoint in out_dir, if any, is intact)") from None
+    except KeyboardInterrupt as err:  # outside the training loop, which says where it stopped (err: Ctrl-C or a signal)
+        raise Interrupted("interrupted (the checkpoint in out_dir, if any, is intact)", getattr(err, "signum", None)) from None
     finally:
         fwd = None  # DDP's reducer holds the process group: dropped now, before the group (see launch.end)
         launch.end(env)

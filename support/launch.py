@@ -6,6 +6,8 @@ whether the model fits in memory. Everything is checked before a file is touched
                                   # env.accum (micro-steps per process and step), env.autocast
     fwd = env.attach(model, cfg)  # expert parallel: keep this rank's experts; DDP and compile wrap the model
     share(env, fn, *args)         # fn on the first process only; its UserError is raised on every one
+    with env.watch(run, where, config) as watch:   # the training loop: signals, divergence, out of memory,
+        watch.step_end(iter_num, snapshot)        # a process lost, each one line; a signal's checkpoint
     end(env)                      # the process groups torn down, their threads joined
 
 On a CPU, Processes also tells glibc to keep freed memory (keep_freed_memory: page faults cost the
@@ -14,13 +16,17 @@ MoE step 5-10 % here: `python bench.py --malloc`).
 What several processes add to a training step is here too, as methods of `env` that do nothing
 with one process (train.train_step calls them): `micro_step` (DDP syncs gradients on the last
 micro-step only), `pool` (L_lb's statistics of the global batch), `sync_grads` (expert parallel
-averages its gradients itself), `mean` (the logged numbers of all processes), `clip` (one norm over
-the whole model) and `step_load` (the routers' per-step hook sees every process's load).
+averages its gradients itself), `mean` (the logged numbers of all processes, and in the same
+all-reduce what any process asks of the step's end: a signal came, a timed checkpoint is due; see
+support/stopping.py), `clip` (one norm over the whole model) and `step_load` (the routers' per-step
+hook sees every process's load).
 """
 
 import ctypes
 import hashlib
 import os
+import signal
+import time
 from contextlib import nullcontext
 
 import torch
@@ -32,7 +38,9 @@ import torch.distributed as dist
 # an active exception", about 1 run in 10 on a loaded 2-core machine).
 import torch.distributed.nn.functional  # noqa: F401
 
-from support.rundir import UserError
+from support import stopping
+from support.rundir import Diverged, Interrupted, Stopped, UserError, check_finite
+from support.stopping import CAUGHT, DEADLINE_S, Signalled, name_of, signals
 
 
 def keep_freed_memory():
@@ -128,6 +136,8 @@ class Processes:
         self.master = rank == 0
         self.ep = None      # a support.parallel.ExpertParallel once the experts are split over processes
         self.pool = None    # losses.aux_losses' pool: L_lb's statistics over every process's batch
+        self.asks = None    # -> this process's requests for the step's end, while a Watch runs (below)
+        self.agreed = None  # what all processes asked at the last step: summed by mean()
 
     def attach(self, model, cfg):
         """Expert parallel: keep this rank's experts of every layer (call after loading the full weights).
@@ -155,10 +165,17 @@ class Processes:
             self.ep.sync_grads(model)
 
     def mean(self, stats):
-        """stats (n,) -> the mean over processes (a NaN on any process reaches every one)."""
+        """stats (n,) -> the mean over processes (a NaN on any process reaches every one). The same
+        all-reduce carries every process's requests for the step's end (self.agreed: how many processes
+        got each signal, how many have a timed checkpoint due), so that all of them act after the same
+        step with no collective of their own (what it costs: `python bench.py --parallel`)."""
+        asks = self.asks() if self.asks else []
         if self.ddp:
-            dist.all_reduce(stats)
-            stats /= self.world
+            both = torch.cat([stats, torch.tensor(asks, dtype=stats.dtype, device=stats.device)])
+            dist.all_reduce(both)
+            stats, self.agreed = both[:len(stats)] / self.world, both[len(stats):]
+        else:
+            self.agreed = asks
         return stats
 
     def clip(self, model, max_norm):
@@ -172,6 +189,11 @@ class Processes:
         if self.ddp:
             dist.all_reduce(counts)
         return counts
+
+    def watch(self, run, where, config):
+        """The training loop runs inside (Watch, below): a signal is acted on at the step's end, together;
+        whatever else ends the loop is one line. run: support.rundir.Run; where(): the iteration."""
+        return Watch(run, where, self, config)
 
     def full_state(self, model, optimizer):
         """(model state, optimizer state) of the whole model: with expert parallelism gathered from every rank."""
@@ -221,3 +243,94 @@ def end(env):
     (seen at the end of a run, now and then)."""
     if env.ddp:
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------
+# the training loop's watch: what ends a run from outside, acted on by all processes alike
+
+class Watch:
+    """Around the training loop (env.watch): the signal handlers (support/stopping.py); at every
+    step's end what the processes asked in its all-reduce (step_end); whatever else ends the loop
+    becomes one line (one_line), with the exit status of a signal if one came."""
+
+    def __init__(self, run, where, env, config):
+        self.run, self.where, self.env, self.config = run, where, env, config
+
+    def __enter__(self):
+        self.run.saved_at = time.monotonic()
+        run, where = self.run, self.where  # (not self: the watching thread must not hold env, its groups)
+        signals.catch(DEADLINE_S if self.env.ddp else None, lambda signum: past_deadline(run, where, signum))
+        self.env.asks = self.asks
+        return self
+
+    def __exit__(self, kind, err, traceback):
+        self.env.asks = None
+        if err is not None:
+            signals.mode = "note"  # the run ends with its own line: a signal now changes nothing
+            line = self.one_line(err, self.where())
+            if line is not err:
+                raise line from None
+            return False
+        signals.mode = "raise"     # after the loop (samples, plots) a signal ends the run at once
+        if signals.first is not None:  # it came during the final evaluation, whose checkpoint is written
+            raise Stopped(f"stopped by {name_of(signals.first)} after the last step (iter {self.where()}): "
+                          f"{self.run.out_dir}/ckpt.pt is the final checkpoint; samples and plots skipped",
+                          signals.first)
+        return False
+
+    def asks(self):
+        """This process's requests for the step's end (mean() carries them): the signal it got, and
+        whether --ckpt_interval_s has passed since the last checkpoint."""
+        every = self.config.get("ckpt_interval_s", 0)
+        return [*signals.asked(), float(0 < every <= time.monotonic() - self.run.saved_at)]
+
+    def step_end(self, iter_num, snapshot):
+        """What the processes asked in the step's all-reduce: after a signal, ckpt.pt (best.pt is left as
+        it is), a log record, one line and the exit status 128 + the signal (Stopped); after
+        --ckpt_interval_s, ckpt.pt. snapshot(): the checkpoint (a collective with expert parallelism:
+        every process calls it, as all of them agree on what was asked)."""
+        asked = self.env.agreed.tolist() if torch.is_tensor(self.env.agreed) else self.env.agreed
+        signum = next((sig for sig, n in zip(CAUGHT, asked) if n), None)
+        if (signum is None and not asked[-1]) or iter_num >= self.config["max_iters"]:
+            return  # (after the last step the final evaluation writes the checkpoint)
+        if signum is not None:
+            signals.settled.set()  # every process reached the step's end: no deadline while writing
+        ckpt = snapshot()
+        check_finite({}, ckpt["model"].values(), all_ranks_min(self.env))
+        self.run.checkpoint(ckpt, iter_num, best=False)
+        if signum is not None:
+            self.run.log({"iter": iter_num, "stopped": name_of(signum)})
+            raise Stopped(f"stopped by {name_of(signum)} at iter {iter_num}: checkpoint written to "
+                          f"{self.run.out_dir}/ckpt.pt; continue with --init_from=resume", signum)
+
+    def one_line(self, err, at):
+        """The one line for what ended the loop at iteration `at` (err itself: already one line, or a bug)."""
+        if isinstance(err, Stopped) or not isinstance(err, (Exception, KeyboardInterrupt)):
+            return err
+        last = self.run.last()
+        if isinstance(err, KeyboardInterrupt):  # a second signal, or Ctrl-C where the handler is not ours
+            signum = getattr(err, "signum", signal.SIGINT)
+            what = (f"a second {name_of(signum)}" if err.again else name_of(signum)) if isinstance(err, Signalled) else None
+            return Interrupted(f"stopped by {what} at iter {at}; {last}" if what else f"interrupted at iter {at}; {last}",
+                               signum)
+        if isinstance(err, Diverged):
+            line = Diverged(f"{err} at iter {at}; stopped without saving: {last}")
+        elif stopping.out_of_memory(err):
+            c, accum = self.config, self.env.accum * self.env.world
+            line = UserError(f"out of memory at iter {at} ({stopping.out_of_memory(err)}): "
+                             f"{stopping.lower_memory(c['batch_size'], c['block_size'], accum)}; {last}")
+        elif self.env.ddp and stopping.peer_failure(err):
+            line = UserError(f"another process of this run failed or ended at iter {at} "
+                             f"({stopping.peer_failure(err)}); stopped without saving: {last}")
+        else:
+            return err  # a UserError already says it all (a full disk); anything else is a bug: its traceback
+        if signals.first is not None:
+            line.exit_status = 128 + signals.first
+        return line
+
+
+def past_deadline(run, where, signum):
+    """(the watching thread) The step did not end DEADLINE_S after the signal: one line, the exit."""
+    stopping.say_and_exit(f"error: stopped by {name_of(signum)} at iter {where()}: the step did not end within "
+                          f"{DEADLINE_S} s of it (a process of the run is gone or stuck); stopped without saving: "
+                          f"{run.last()}", signum, run.master)

@@ -12,6 +12,7 @@ tools/analyze.py (which adds the plots that probe a checkpoint):
 """
 
 import os
+import sys
 
 import matplotlib
 
@@ -23,8 +24,16 @@ from support.rundir import read_log  # noqa: E402
 
 
 def save(fig, path):
+    """The figure as a PNG; a file that cannot be written (a full disk) is a warning line, not an error:
+    a plot is redrawn from the log at any time (tools/analyze.py). -> the path, or None."""
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as err:
+        if os.path.exists(path):
+            os.remove(path)  # not half a picture
+        print(f"warning: cannot write {path} ({err.strerror or err}); that plot is skipped", file=sys.stderr)
+        path = None
     plt.close(fig)
     return path
 
@@ -118,4 +127,4 @@ def plot_run(out_dir):
         written += [plot_load(evals, os.path.join(out_dir, "expert_load.png")),
                     plot_load_history(evals, os.path.join(out_dir, "load_history.png")),
                     plot_routing_curves(evals, os.path.join(out_dir, "routing_curves.png"))]
-    return written
+    return [path for path in written if path]

@@ -1,18 +1,24 @@
 """
 What a training run keeps in its out_dir, and how nothing in it gets lost.
 
-    out_dir/ckpt.pt     model, optimizer, settings and RNG states at the last evaluation
+    out_dir/ckpt.pt     model, optimizer, settings and RNG states at the last evaluation, or where a
+                        signal stopped the run, or at the last --ckpt_interval_s
     out_dir/best.pt     the same at the evaluation with the lowest val loss so far
     out_dir/log.jsonl   one JSON object per line: train steps and evaluations
     out_dir/.lock       held (flock) by the one train.py that writes this out_dir
 
 train.py sees one small interface, `Run`: open (lock, refuse to replace another run, cut the log
-back to the checkpoint), checkpoint, log, check_finite, and `guard`, which turns Ctrl-C and a
-diverged step into one line that says where the run stopped and which checkpoint is intact.
+back to the checkpoint), checkpoint, log, check_finite. What ends a run from outside (a signal, a
+diverged step, memory that ran out, a process of the run that died) is watched around the loop by
+support/launch.py's Watch, which says in one line where the run stopped and which checkpoint is intact.
 
-- A checkpoint is written to a temp file named after the process and renamed over ckpt.pt: the
-  rename is atomic, so a crash or kill -9 at any moment leaves the previous checkpoint or the new
-  one, never half of one. A temp file left by a killed process is removed by the next run.
+- A checkpoint is written to a temp file named after the process, flushed to the disk (fsync) and
+  renamed over ckpt.pt, then the directory is flushed: the rename is atomic, so a crash, kill -9 or
+  a power loss at any moment leaves the previous checkpoint or the new one, never half of one. A
+  temp file left by a killed process is removed by the next run. A write that fails (a full disk)
+  is one line with the space needed and free; the temp file is removed.
+- A checkpoint records its format (FORMAT), the project's commit and the torch version that wrote
+  it. An older format is brought up to this one on load (UPGRADES); a newer one is refused by name.
 - The log is append-only while training. On resume it is cut back to the checkpoint's iteration
   by writing a temp file and renaming it, so it too is either the old or the new log.
 - One run per out_dir: an exclusive flock on out_dir/.lock. The kernel releases it when the
@@ -23,14 +29,20 @@ diverged step into one line that says where the run stopped and which checkpoint
 
 import argparse
 import difflib
+import errno
+import functools
 import json
 import math
 import os
 import shutil
+import signal
+import subprocess
 import sys
-from contextlib import contextmanager
+import time
 
 import torch
+
+from support.stopping import signals, space, tensor_bytes, write_failure
 
 try:
     import fcntl
@@ -38,17 +50,26 @@ except ImportError:  # Windows: no flock; the lock is skipped there
     fcntl = None
 
 CKPT_KEYS = ("model", "optimizer", "model_args", "config", "iter_num", "best_val", "batch_rng", "torch_rng")
-
+FORMAT = 2  # 1: the checkpoints before the format was recorded; 2: + format, commit, torch
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class UserError(Exception):
     """Something the user can fix: printed as one `error:` line, never as a traceback."""
-    exit_status = 1
+    exit_status, prefix = 1, "error: "
 
 
 class Interrupted(UserError):
-    """Ctrl-C, reported in one line; exit status 130 like a shell's."""
-    exit_status = 130
+    """A signal that ended the run where nothing could be saved; exit status 128 + its number, as a shell's."""
+
+    def __init__(self, message, signum=None):
+        super().__init__(message)
+        self.exit_status = 128 + (signum or signal.SIGINT)
+
+
+class Stopped(Interrupted):
+    """A signal that stopped the run with a checkpoint written: a line that is not an error."""
+    prefix = ""
 
 
 class Diverged(UserError):
@@ -72,25 +93,30 @@ class ArgParser(argparse.ArgumentParser):
 
 def cli(main, argv, quiet=False):
     """Run an entry point's main(argv): a UserError (or Ctrl-C) becomes one `error:` line on stderr
-    and a non-zero exit status, returned; `quiet` (DDP ranks but the first) prints nothing."""
+    and a non-zero exit status, returned; `quiet` (DDP ranks but the first) prints nothing. The
+    signal handlers of a training run stay until the line is out (a signal then changes nothing)."""
     try:
-        main(argv)
-    except KeyboardInterrupt:
-        err = Interrupted("interrupted")
-    except UserError as caught:
-        err = caught
-    else:
-        return 0
-    if not quiet:
-        print(f"error: {err}", file=sys.stderr)
-    return err.exit_status
+        try:
+            main(argv)
+        except KeyboardInterrupt as caught:
+            err = Interrupted("interrupted", getattr(caught, "signum", None))
+        except UserError as caught:
+            err = caught
+        else:
+            return 0
+        if not quiet:
+            print(f"{err.prefix}{err}", file=sys.stderr)
+        return err.exit_status
+    finally:
+        signals.release()
 
 
 # ------------------------------------------------------------------------------------------------
 # checkpoint
 
 def load_checkpoint(out_dir, hint="run train.py with this out_dir first", name="ckpt.pt"):
-    """out_dir/ckpt.pt (or another checkpoint file of the run), checked for every key a run needs."""
+    """out_dir/ckpt.pt (or another checkpoint file of the run), checked for every key a run needs,
+    in this version's format (an older one brought up to it)."""
     path = os.path.join(out_dir, name)
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path} ({hint})")
@@ -102,28 +128,88 @@ def load_checkpoint(out_dir, hint="run train.py with this out_dir first", name="
     missing = [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise UserError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    found = ckpt.get("format", 1)
+    if found not in UPGRADES and found != FORMAT:
+        raise UserError(f"checkpoint {path} has format {found!r} (written by torch {ckpt.get('torch')} at commit "
+                        f"{ckpt.get('commit')}); this code reads formats 1 to {FORMAT}: use the code that wrote it")
+    while ckpt.get("format", 1) != FORMAT:
+        ckpt = UPGRADES[ckpt.get("format", 1)](ckpt)
     return ckpt
 
 
-def save_checkpoint(ckpt, out_dir, best=False):
-    """Atomic: a temp file of this process, then a rename over ckpt.pt. An interrupt or an error
-    during the write removes the temp file and leaves the previous checkpoint in place. best: also
-    make best.pt this checkpoint (a second name for the same file, renamed into place: no copy)."""
-    tmp, path = os.path.join(out_dir, f"ckpt.pt.tmp.{os.getpid()}"), os.path.join(out_dir, "ckpt.pt")
+# A change that must change what a checkpoint holds bumps FORMAT and adds the step from the format
+# before: old checkpoints keep loading (tests/ckpt_format1 is one of format 1, tested in CI).
+UPGRADES = {
+    1: lambda ckpt: {**ckpt, "format": 2, "commit": None, "torch": None},  # who wrote it was not recorded
+}
+
+
+@functools.lru_cache(maxsize=None)
+def code_commit():
+    """The project's git commit ('-dirty' if tracked files differ from it), None if not a git checkout."""
+    if not os.path.exists(os.path.join(REPO, ".git")):
+        return None
     try:
-        torch.save(ckpt, tmp)
+        git = functools.partial(subprocess.run, cwd=REPO, capture_output=True, text=True, timeout=30)
+        head = git(["git", "rev-parse", "HEAD"])
+        dirty = git(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
+    except (OSError, subprocess.SubprocessError):  # no git, or it hangs
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty else "") if head.returncode == 0 else None
+
+
+def save_checkpoint(ckpt, out_dir, best=False):
+    """Atomic and durable: a temp file of this process, flushed to the disk, renamed over ckpt.pt,
+    then the directory flushed, the standard sequence (LWN, "Ensuring data reaches disk", 2011;
+    SQLite and git do the same): without the fsyncs a crash of the machine can keep the rename and
+    lose the data. An interrupt or an error during the write removes the temp file and leaves the
+    previous checkpoint in place; a failed write (a full disk) is one line. best: also make best.pt
+    this checkpoint (a second name for the same file, renamed into place: no copy)."""
+    tmp, path = os.path.join(out_dir, f"ckpt.pt.tmp.{os.getpid()}"), os.path.join(out_dir, "ckpt.pt")
+    link = os.path.join(out_dir, f"best.pt.tmp.{os.getpid()}")
+    stage, reason = "ckpt.pt", None
+    try:
+        torch.save({**ckpt, "format": FORMAT, "commit": code_commit(), "torch": str(torch.__version__)}, tmp)
+        fsync(tmp)
         os.replace(tmp, path)
+        fsync(out_dir)
         if best:
-            link = os.path.join(out_dir, f"best.pt.tmp.{os.getpid()}")
+            stage = "best.pt"
             try:
                 os.link(path, link)
             except OSError:  # a filesystem without hard links
                 shutil.copyfile(path, link)
+                fsync(link)
             os.replace(link, os.path.join(out_dir, "best.pt"))
-    finally:
-        for leftover in (tmp, os.path.join(out_dir, f"best.pt.tmp.{os.getpid()}")):
+            fsync(out_dir)
+    except BaseException as err:
+        for leftover in (tmp, link):
             if os.path.exists(leftover):
                 os.remove(leftover)
+        reason = write_failure(err) if isinstance(err, Exception) else None
+        if reason is None:
+            raise
+    if reason is None:
+        return
+    # (the space is measured once the error is gone: until then torch's writer holds the removed file open)
+    kept = ("the previous checkpoint " + path + " is intact" if stage == "ckpt.pt" and os.path.exists(path) else
+            "no checkpoint was written before" if stage == "ckpt.pt" else f"{path} is written, best.pt is the previous")
+    raise UserError(f"cannot write {stage} in {out_dir} ({reason}): {space(out_dir, tensor_bytes(ckpt))}; {kept}")
+
+
+def fsync(path):
+    """Flush a file, or a directory's entries, to the disk (a directory: POSIX only; a filesystem that
+    cannot flush a directory, EINVAL, is left as it is)."""
+    if os.path.isdir(path) and not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if os.path.isdir(path) else 0))
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
 
 
 def all_finite(tensors):
@@ -160,17 +246,28 @@ def read_log(path):
 
 
 def append_log(path, record):
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
+    """One record at the end of the log. A write that fails (a full disk) is cut off again: no half line."""
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+    except OSError:
+        try:
+            os.truncate(path, size)
+        except OSError:
+            pass  # the write's own error is the one to report; a torn last line is dropped on resume anyway
+        raise
 
 
 def rewrite_log(path, records):
-    """Replace the log by `records`, atomically (temp file + rename)."""
+    """Replace the log by `records`, atomically and durably (temp file, fsync, rename, fsync the directory)."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in records)
+        fsync(tmp)
         os.replace(tmp, path)
+        fsync(os.path.dirname(path) or ".")
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -253,6 +350,7 @@ class Run:
         self.out_dir, self.master, self.lock = out_dir, master, None
         self.log_path = os.path.join(out_dir, "log.jsonl")
         self.saved_iter = None       # the iteration of the checkpoint on disk
+        self.saved_at = time.monotonic()  # when it was written (or the loop began): --ckpt_interval_s
         self.tracker = None          # also gets every record (support/tracking.py), if set
 
     def open(self, ckpt, overwrite):
@@ -273,9 +371,12 @@ class Run:
             for name in ("ckpt.pt", "best.pt"):
                 if os.path.exists(os.path.join(self.out_dir, name)):
                     os.remove(os.path.join(self.out_dir, name))
-        self.lock.mark()
-        remove_stale_temp_files(self.out_dir)
-        rewrite_log(self.log_path, kept)
+        try:
+            self.lock.mark()
+            remove_stale_temp_files(self.out_dir)
+            rewrite_log(self.log_path, kept)
+        except OSError as err:
+            raise self.write_failed("log.jsonl", err) from None
         return self
 
     def resumed(self, iter_num):
@@ -283,32 +384,34 @@ class Run:
         self.saved_iter = iter_num
 
     def checkpoint(self, ckpt, iter_num, best):
-        """Write ckpt.pt (and best.pt if best) from the first process (every process calls this)."""
-        if iter_num == self.saved_iter:
+        """Write ckpt.pt (and best.pt if best) from the first process (every process calls this); the
+        log is flushed to the disk first, so that it holds every record up to the checkpoint."""
+        if iter_num == self.saved_iter and not best:
             return
         if self.master:
+            if os.path.exists(self.log_path):
+                fsync(self.log_path)
             save_checkpoint(ckpt, self.out_dir, best)
-        self.saved_iter = iter_num
+        self.saved_iter, self.saved_at = iter_num, time.monotonic()
 
     def log(self, record):
         if self.master:
-            append_log(self.log_path, record)
+            try:
+                append_log(self.log_path, record)
+            except OSError as err:
+                raise self.write_failed("log.jsonl", err) from None
             if self.tracker is not None:
                 self.tracker.log(record)
+
+    def write_failed(self, what, err):
+        path = os.path.join(self.out_dir, "ckpt.pt")
+        need = os.path.getsize(path) if os.path.exists(path) else 0
+        return UserError(f"cannot write {what} in {self.out_dir} ({write_failure(err)}): {space(self.out_dir, need)}; "
+                         f"{self.last()}")
 
     def last(self):
         return (f"the last good checkpoint is {self.out_dir}/ckpt.pt (iter {self.saved_iter})"
                 if self.saved_iter is not None else "no checkpoint was written")
-
-    @contextmanager
-    def guard(self, where):
-        """Ctrl-C or a diverged run inside: one line that says where (where() is the iteration)."""
-        try:
-            yield
-        except KeyboardInterrupt:
-            raise Interrupted(f"interrupted at iter {where()}; {self.last()}") from None
-        except Diverged as err:
-            raise Diverged(f"{err} at iter {where()}; stopped without saving: {self.last()}") from None
 
 
 def check_finite(losses, params, reduce=None):

@@ -122,7 +122,7 @@ BAD_INPUTS = [  # (entry point, arguments; RUN = a finished run, R = the fixture
     ("train", ["--c_lb=-0.01"], "c_lb must be a finite number >= 0"),
     ("train", ["--max_iters=-1"], "max_iters must be >= 0"),
     ("train", ["--seed=-1"], "seed must be >= 0"),
-    ("train", ["--init_from=pretrained"], "init_from must be scratch or resume"),
+    ("train", ["--init_from=pretrained"], "init_from must be scratch, resume or auto"),
     ("train", ["--device=tpu"], "device must be auto, cpu, cuda or cuda:N"),
     ("train", ["--device=cuda"], "no CUDA device is available"),
     ("train", ["--dtype=float16"], "dtype must be auto, bfloat16 or float32"),
@@ -290,12 +290,12 @@ def test_a_second_run_in_the_same_out_dir_is_refused(tmp_path):
                 break
         code, _, err = cli("train", f"--out_dir={tmp_path}", *TINY, "--max_iters=2", "--overwrite=True")
         assert code == 1 and f"in use by another train.py (pid {first.pid})" in err, err
-        first.send_signal(2)  # Ctrl-C: one line, exit 130, nothing left behind
+        first.send_signal(2)  # Ctrl-C: the step ends, a checkpoint, one line, exit 130, nothing left behind
         _, stderr = first.communicate(timeout=60)
         assert first.returncode == 130 and "Traceback" not in stderr, stderr
-        assert stderr.strip().splitlines()[-1].startswith("error: interrupted at iter")
+        assert stderr.strip().splitlines()[-1].startswith("stopped by SIGINT at iter")
         assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
-        assert_loadable_and_finite(tmp_path)
+        assert f"at iter {assert_loadable_and_finite(tmp_path)['iter_num']}:" in stderr
     finally:
         first.kill()
 

@@ -177,7 +177,7 @@ def plot_checkpoint(out_dir, text=None):
     top1 = torch.stack([r.idx[:, 0].view(x.shape)[0, :len(pieces)] for r in routes]).numpy()  # (L, N)
     written.append(plot_tokens(pieces, top1, os.path.join(out_dir, "tokens.png"), source))
     written.append(plot_router(moes, routes, os.path.join(out_dir, "router.png")))
-    return written
+    return [path for path in written if path]  # (None: a file that could not be written, warned about)
 
 
 CAPTIONS = {  # what each figure shows, for index.html
