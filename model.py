@@ -338,7 +338,7 @@ class GPTConfig:
     # settings of one router
     ermoe_basis: str = "independent"  # ERMoE: 'independent' | 'partitioned' | 'penalty'
     ermoe_rank: int = 0         # ERMoE basis rank r; 0 = derived: n_embd // 2 (partitioned: n_embd // n_experts, tiling R^d)
-    ermoe_input: str = "coords"  # ERMoE: what the experts read: 'coords' (lambda * P_e^T x, r wide) | 'token' (x, d wide)
+    ermoe_input: str = "token"  # ERMoE: what the experts read: 'token' (x) | 'coords' (lambda * P_e^T x, r wide)
     ermoe_beta: float = 10.0    # ERMoE: the initial logit scale beta (logits beta * s, s in [0, 1])
     ermoe_beta_learned: bool = True  # ERMoE: beta learned (at most 100) or fixed at ermoe_beta
     bias_update_rate: float = 1e-3  # sigmoid router: balancing bias step per optimizer step (DeepSeek-V3)
@@ -346,8 +346,7 @@ class GPTConfig:
     topk_group: int = 1         # sigmoid router: groups a token picks (by the sum of each group's 2 best scores)
     # the switches other MoE families combine (docs/routers.md: each family is a setting of these)
     router_bias: bool = False   # softmax/sigmoid router: a learned bias on the logits (gpt-oss)
-    select_bias: bool = False   # softmax/ERMoE router: select the top-k of p + b, b balanced per step (ERNIE-4.5,
-                                # LongCat; ERMoE's own default)
+    select_bias: bool = False   # softmax/ERMoE router: select the top-k of p + b, b balanced per step (ERNIE-4.5, LongCat)
     score_fn: str = "sigmoid"   # sigmoid router's score: 'sigmoid' (DeepSeek-V3) | 'sqrt_softplus' (DeepSeek-V4)
     renorm_floor: float = 0.0   # renormalised gates: scores / max(their sum, this) (ERNIE-4.5: 1e-12); 0 = none
     gate_input: bool = False    # the gate scales the expert's input, not its output (Llama 4)

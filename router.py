@@ -468,8 +468,9 @@ class EigenRouter(Router):
     a learned lambda, are also what the expert reads. The score is fused into the routing pass (eigen_route;
     kernels.fused_eigen_route on a GPU). Bases: 'independent' (each its own), 'partitioned' (blocks of one
     orthogonal d x d matrix: disjoint), 'penalty' (free, pulled to orthonormal by mu * ||P^T P - I||^2)."""
-    # No balancing loss (the paper's claim), but the loss-free select bias: on text an expert that no token
-    # selects gets no gradient and never comes back (docs/design.md §2, course/demos.py ermoe-search)
+    # No balancing loss (the paper's claim), but the loss-free select bias: R_cp lowers the score of every expert
+    # a token did not choose, which for ERMoE turns its subspace away from the tokens until no token selects it,
+    # and then nothing brings it back; without R_cp a few experts still die (docs/design.md §2, demos ermoe-search)
     defaults = dict(c_lb=0.0, c_z=0.0, select_bias=True)
 
     def __init__(self, cfg, beta_max=100.0):

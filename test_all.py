@@ -537,9 +537,9 @@ def test_eigenbasis_scores_brute_force_and_gradcheck():
     assert torch.autograd.gradcheck(eigenbasis_scores, (x.requires_grad_(), P.requires_grad_()))
 
 
-def ermoe_router(basis, d=32, E=4, r=8):
+def ermoe_router(basis, d=32, E=4, r=8, read="coords"):
     return EigenRouter(GPTConfig(n_layer=1, n_head=2, n_embd=d, n_experts=E, router="ermoe", ermoe_rank=r,
-                                 ermoe_basis=basis, router_impl="torch"))
+                                 ermoe_basis=basis, router_impl="torch", ermoe_input=read))
 
 
 def test_ermoe_router_logits_and_partitioned_identity():
@@ -557,6 +557,8 @@ def test_ermoe_router_logits_and_partitioned_identity():
     s = eigenbasis_scores(x, router.bases())
     assert torch.allclose((s ** 2).sum(-1), torch.ones(20), atol=1e-5)  # disjoint subspaces tile R^d
     assert router.metrics()["overlap"] < 1e-10
+    reads_token = ermoe_router("independent", read="token")             # the default: the experts read x itself
+    assert reads_token(x).expert_inputs is None and reads_token.lam is None and reads_token.expert_width == 32
 
 
 @pytest.mark.parametrize("basis", ["independent", "partitioned"])
@@ -736,7 +738,7 @@ def test_sigmoid_bias_selects_without_touching_gates_and_the_losses_follow_the_s
 
 
 def test_specialization_gradient_reaches_ermoe_bases_and_lambda():
-    moe = moe_block("ermoe")
+    moe = moe_block("ermoe", ermoe_input="coords")  # experts that read their coordinates: R_sp reaches the bases
     _, r = moe(torch.randn(1, 16, 32))
     specialization_loss(r.acts).backward()
     assert moe.router.raw.grad.abs().sum() > 0 and moe.router.lam.grad.abs().sum() > 0

@@ -57,7 +57,7 @@ TEXT = ["--num_samples=0"]                                                # the 
 
 DENSE = [*TEXT, "--n_experts=0"]
 ERMOE_FIXED = ["config/ermoe.py", *TEXT]                                  # ERMoE as its config file sets it
-ERMOE_BEFORE = [*ERMOE_FIXED, "--ermoe_rank=16", "--select_bias=False"]   # as it was: it collapsed on text
+ERMOE_BEFORE = [*ERMOE_FIXED, "--ermoe_input=coords", "--ermoe_rank=16", "--select_bias=False"]  # collapsed on text
 HASH = [*TEXT, "--router=hash"]
 BPE = ["--dataset=shakespeare_bpe", "--max_iters=1000"]
 LEARNED_HASH_LOSSES = [*TEXT, "--select_bias=True", "--c_lb=0.0", "--c_z=0.0", "--c_cp=0.0"]
@@ -78,7 +78,7 @@ DEMOS = {
         "hash (a fixed random token-id table)": HASH,
         "learned (softmax, the default)": TEXT,
         "learned, hash's losses (select bias; c_lb = c_z = c_cp = 0)": LEARNED_HASH_LOSSES,
-        "ERMoE (config/ermoe.py; c_lb = c_z = 0, R_cp on)": ERMOE_FIXED,
+        "ERMoE (config/ermoe.py; loss-free bias, c_lb = c_z = 0, R_cp on)": ERMOE_FIXED,
         "dense (n_experts=0)": DENSE}),
     # the same question on GPT-2 BPE tokens (the ids the text uses: an 11,712-wide output layer); 1,000 steps,
     # 2.5 passes over the 302k training tokens (a BPE step costs ~3x a character one here: bench --breakdown)
@@ -95,22 +95,24 @@ DEMOS = {
         "hash, frequency-balanced table (hash_balanced)": [*HASH, "--hash_balanced=True"]}),
     "ermoe": dict(variants={
         "softmax + L_lb (the default)": TEXT,
-        "ERMoE (config/ermoe.py: rank d/2, loss-free bias)": ERMOE_FIXED}),
-    # why it collapsed: one change each from ERMoE as it was configured before (rank d/E = 16, no bias)
+        "ERMoE (config/ermoe.py: experts read the token, loss-free bias)": ERMOE_FIXED}),
+    # why it collapsed: one change each from ERMoE as it was configured before (its experts read r = d/E = 16
+    # coordinates, R_cp on as for every router), then the candidate fixes
     "ermoe-search": dict(seeds=3, variants={
         "softmax + L_lb (the default)": TEXT,
-        "ERMoE as configured before (rank 16, no bias)": ERMOE_BEFORE,
-        "ERMoE before, c_cp=0": [*ERMOE_BEFORE, "--c_cp=0.0"],
-        "ERMoE before, experts read the token": [*ERMOE_BEFORE, "--ermoe_input=token"],
-        "ERMoE before, beta fixed at 10": [*ERMOE_BEFORE, "--ermoe_beta_learned=False"],
-        "ERMoE before, beta learned from 1": [*ERMOE_BEFORE, "--ermoe_beta=1.0"],
-        "ERMoE before, partitioned bases": [*ERMOE_BEFORE, "--ermoe_basis=partitioned"],
-        "ERMoE before, rank 64": [*ERMOE_BEFORE, "--ermoe_rank=64"],
-        "ERMoE before, loss-free bias": [*ERMOE_BEFORE, "--select_bias=True"],
-        "ERMoE before, L_lb (c_lb=0.01)": [*ERMOE_BEFORE, "--c_lb=0.01"],
-        "ERMoE before, experts read the token + loss-free bias": [*ERMOE_BEFORE, "--ermoe_input=token",
-                                                                  "--select_bias=True"],
-        "ERMoE fixed: rank 64 + loss-free bias (config/ermoe.py)": ERMOE_FIXED}),
+        "ERMoE before (r = 16 coordinates, R_cp on)": ERMOE_BEFORE,
+        "before, c_cp=0": [*ERMOE_BEFORE, "--c_cp=0.0"],
+        "before, experts read the token": [*ERMOE_BEFORE, "--ermoe_input=token"],
+        "before, beta fixed at 10": [*ERMOE_BEFORE, "--ermoe_beta_learned=False"],
+        "before, beta learned from 1": [*ERMOE_BEFORE, "--ermoe_beta=1.0"],
+        "before, partitioned bases": [*ERMOE_BEFORE, "--ermoe_basis=partitioned"],
+        "before, rank 64": [*ERMOE_BEFORE, "--ermoe_rank=64"],
+        "before, loss-free bias": [*ERMOE_BEFORE, "--select_bias=True"],
+        "before, L_lb (c_lb=0.01)": [*ERMOE_BEFORE, "--c_lb=0.01"],
+        "rank 64 coordinates, c_cp=0": [*ERMOE_FIXED, "--ermoe_input=coords", "--select_bias=False", "--c_cp=0.0"],
+        "rank 64 coordinates, loss-free bias": [*ERMOE_FIXED, "--ermoe_input=coords"],
+        "the token, c_cp=0": [*ERMOE_FIXED, "--select_bias=False", "--c_cp=0.0"],
+        "the token, loss-free bias (config/ermoe.py)": ERMOE_FIXED}),
     # each neighbour changes one thing: the balancing (L_lb -> the bias), the z-loss, the gating (softmax -> sigmoid)
     "balance": dict(variants={
         "softmax + L_lb (the default)": TEXT,

@@ -1,6 +1,7 @@
 """
 Why ERMoE's experts died on text, measured (docs/design.md §2): one run of the default text task with
-ERMoE in its earlier form (rank d/E = 16, no balancing of any kind), evaluated every 50 steps, then
+ERMoE in its earlier form (experts reading r = d/E = 16 coordinates, the coupling loss on), evaluated
+every 50 steps, then
 its logged routing read back and one batch's gradients taken from its last checkpoint.
 
     python course/ermoe_collapse.py                 # ~5 min on 2 cores: the run, docs/ermoe_collapse.png and .json
@@ -27,7 +28,8 @@ from support.plots import plt  # noqa: E402
 from support.rundir import ArgParser, UserError, cli, load_checkpoint, read_log  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BEFORE = ["config/ermoe.py", "--ermoe_rank=16", "--select_bias=False", "--num_samples=0", "--eval_interval=50"]
+BEFORE = ["config/ermoe.py", "--ermoe_input=coords", "--ermoe_rank=16", "--select_bias=False", "--num_samples=0",
+          "--eval_interval=50"]
 
 
 def basis_gradients(out_dir):

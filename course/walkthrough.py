@@ -215,8 +215,8 @@ inside = P[1] @ torch.randn(4)                          # a vector in expert 1's
 print("scores of a vector inside span(P_1):", eigenbasis_scores(inside[None], P)[0])
 ermoe_routing = ermoe(x)
 check("ERMoE logits = beta * s", ermoe.beta() * eigenbasis_scores(x, P), ermoe_routing.logits)
-print("ERMoE picks", ermoe_routing.idx[:4].tolist(), "for the first 4 tokens; the experts read the",
-      f"coordinates lambda * u (T, E, r) = {tuple(ermoe_routing.expert_inputs.shape)}, not x")
+print("ERMoE picks", ermoe_routing.idx[:4].tolist(), "for the first 4 tokens; the experts read x itself",
+      "(ermoe_input='coords': only their r coordinates lambda * u, the form that collapsed on text: docs/design.md §2)")
 
 # %% [markdown]
 # ## What next

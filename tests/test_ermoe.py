@@ -1,8 +1,8 @@
 """
 ERMoE on text, the guard against its collapse (docs/design.md §2): a short run of character-level
 Shakespeare at a small shape (2 layers, d = 64, 8 experts, 150 steps, seconds) with ERMoE's default
-settings keeps every expert of every layer alive; its earlier form (rank d/E, no balancing of any kind)
-loses experts in the same run, so the guard is one that can fail. Alive = at least 0.1/E of the
+settings keeps every expert of every layer alive; its earlier form (experts reading r = d/E coordinates,
+no select bias) loses experts in the same run, so the guard is one that can fail. Alive = at least 0.1/E of the
 (token, expert) pairs of 4 fixed validation batches (support/metrics.py's `dead`).
 """
 
@@ -44,4 +44,4 @@ def dead_experts_after_training(*args, seed=0):
 def test_ermoe_keeps_every_expert_alive_on_text_and_its_earlier_form_did_not():
     for seed in (0, 1):
         assert dead_experts_after_training(seed=seed) == [0, 0], seed
-    assert sum(dead_experts_after_training("--ermoe_rank=8", "--select_bias=False")) > 0
+    assert sum(dead_experts_after_training("--ermoe_input=coords", "--ermoe_rank=8", "--select_bias=False")) > 0
