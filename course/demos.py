@@ -104,8 +104,6 @@ DEMOS = {
         "before, c_cp=0": [*ERMOE_BEFORE, "--c_cp=0.0"],
         "before, experts read the token": [*ERMOE_BEFORE, "--ermoe_input=token"],
         "before, beta fixed at 10": [*ERMOE_BEFORE, "--ermoe_beta_learned=False"],
-        "before, beta learned from 1": [*ERMOE_BEFORE, "--ermoe_beta=1.0"],
-        "before, partitioned bases": [*ERMOE_BEFORE, "--ermoe_basis=partitioned"],
         "before, rank 64": [*ERMOE_BEFORE, "--ermoe_rank=64"],
         "before, loss-free bias": [*ERMOE_BEFORE, "--select_bias=True"],
         "before, L_lb (c_lb=0.01)": [*ERMOE_BEFORE, "--c_lb=0.01"],
