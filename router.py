@@ -464,8 +464,8 @@ def orthonormal(raw):
 class EigenRouter(Router):
     """ERMoE (Cheng et al. 2025, arXiv 2511.10971), this project's language-model reading (docs/design.md
     §2): expert e owns an orthonormal basis P_e (d, r); the logits are beta * s, s_te = ||P_e^T x_t|| /
-    ||x_t|| the cosine between the token and the expert's subspace; the coordinates P_e^T x, scaled by
-    a learned lambda, are also what the expert reads. The score is fused into the routing pass (eigen_route;
+    ||x_t|| the cosine between the token and the expert's subspace. The experts read the token (the
+    default), or with ermoe_input='coords' the coordinates P_e^T x scaled by a learned lambda. The score is fused into the routing pass (eigen_route;
     kernels.fused_eigen_route on a GPU). Bases: 'independent' (each its own), 'partitioned' (blocks of one
     orthogonal d x d matrix: disjoint), 'penalty' (free, pulled to orthonormal by mu * ||P^T P - I||^2)."""
     # No balancing loss (the paper's claim), but the loss-free select bias: R_cp lowers the score of every expert

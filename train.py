@@ -34,7 +34,7 @@ from support import launch
 from support.data import load_tokenizer, open_dataset, standard_error, vocab_of
 from support.metrics import RoutingStats
 from support.rundir import Diverged, Interrupted, Run, UserError, check_finite, cli, load_checkpoint
-from support.settings import Layered, declared, notes, parse_args, resume_settings
+from support.settings import Finished, Layered, declared, notes, parse_args, resume_settings
 from support.tracking import Tracker
 
 
@@ -299,7 +299,13 @@ def main(argv):
         print(__doc__ + "\nsettings (--key=value [where the value comes from] what it is):\n" +
               settings.explain(notes(TrainConfig, GPTConfig)))
         return
-    settings, ckpt = setup(argv)
+    try:
+        settings, ckpt = setup(argv)
+    except Finished as done:  # a scheduler's rerun of a finished run (--init_from=auto): nothing left to do
+        if "--init_from=auto" not in argv:
+            raise
+        print(f"{done}; the run is finished")
+        return
     cfg, model_cfg = settings.build(TrainConfig, GPTConfig)
     env = launch.start(cfg, model_cfg)  # the device, the dtype, the processes: all checked
     preset = {k: v for k, v in settings.values.items() if settings.origin[k].endswith("preset")}
@@ -360,7 +366,7 @@ def main(argv):
         t_start = t_last = time.time()
         start_iter = iter_num
         # the loop
-        with env.watch(run, lambda: iter_num, config) as watch:  # a signal, divergence, out of memory, a process
+        with env.watch(run, lambda: iter_num, config, model) as watch:  # a signal, divergence, out of memory, a process
                                                                   # lost: one line saying where, the checkpoint intact
             while True:
                 lr = get_lr(iter_num, cfg)

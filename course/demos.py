@@ -441,6 +441,8 @@ def main(argv):
     parser.add_argument("--tables_only", action="store_true",
                         help="rebuild the table and figure from docs/demo_NAME.json, without training")
     args = parser.parse_args(argv)
+    if not os.path.isdir(args.docs):
+        raise UserError(f"--docs={args.docs} is not a directory")
     if args.demo == "verdicts":
         md, n, kept = T.holm_table(args.docs)
         text = (f"Every paired comparison of the demos' tables ({n}), each a paired t test of its seeds; Holm's "
@@ -453,8 +455,6 @@ def main(argv):
     args.seeds = args.seeds or list(range(DEMOS[args.demo].get("seeds", 5)))
     if min(args.seeds) < 0 or args.jobs < 1:
         raise UserError(f"seeds must be >= 0 and --jobs >= 1, got {args.seeds} and {args.jobs}")
-    if not os.path.isdir(args.docs):
-        raise UserError(f"--docs={args.docs} is not a directory")
     stem = os.path.join(args.docs, f"demo_{args.demo}")
     if args.tables_only:
         if not os.path.isfile(stem + ".json"):

@@ -11,7 +11,6 @@ A table is a list of columns, each a `Column`: its title, the per-seed key it re
   seeds    the per-seed values themselves
   params   total / active parameters
   worst    the largest value over seeds
-  ratio    the mean over seeds divided by the per-seed key `base` (e.g. bits per parameter)
 """
 
 import os
@@ -44,6 +43,7 @@ def numbers(record, log):
     out.update({k: layer_mean(layers, k) for k in sorted(keys)})
     if layers:
         out["maxvio_batch"] = layer_mean(record["layers"], "maxvio_batch")  # batches of the training size
+        out["fluctuation"] = layer_mean(record["layers"], "fluctuation")    # since the evaluation before the last
         out["layer0_cv"] = layers[0]["cv"]
         out["max_max_mean"] = max(m["max_mean"] for m in layers)
         if "experts_per_label" in layers[0]:  # the facts tasks: experts the answering positions use (label 1)
@@ -57,9 +57,9 @@ def numbers(record, log):
 class Column(NamedTuple):
     title: str
     key: str
-    kind: str = "mean"             # mean | paired | seeds | params | worst | ratio (module docstring)
+    kind: str = "mean"             # mean | paired | seeds | params | worst (module docstring)
     digits: int = 3
-    base: Optional[str] = None     # paired: the variant; ratio: the per-seed key divided by
+    base: Optional[str] = None     # paired: the variant ('@row': each row's own, given with the table)
 
 
 def cell(runs, name, col):
@@ -78,8 +78,6 @@ def cell(runs, name, col):
         return ", ".join(f"{v:.{col.digits}f}" for v in vals)
     if col.kind == "worst":
         return f"{max(vals):.{col.digits}f}"
-    if col.kind == "ratio":
-        return f"{np.mean(vals) / runs[name][0][col.base]:.{col.digits}f}"
     raise ValueError(f"unknown column kind {col.kind}")
 
 
@@ -275,11 +273,12 @@ def figure_path(docs, demo):
 # every paired comparison of the published tables at once: p-values and Holm's correction
 
 def comparisons(docs):
-    """Every paired cell of every docs/demo_*.json table -> [(demo, variant, against, key, mean, p)]."""
+    """Every paired comparison of the docs/demo_*.json tables, each once (the same two arms in two columns
+    or two demos are one test) -> [(demo, variant, against, key, mean, p)]."""
     import glob
     import json
     from support.stats import p_value
-    out = []
+    out, seen = [], set()
     for path in sorted(glob.glob(os.path.join(docs, "demo_*.json"))):
         doc = json.load(open(path))
         for col in doc["columns"]:
@@ -287,10 +286,11 @@ def comparisons(docs):
                 continue
             for name, records in doc["runs"].items():
                 base = doc["bases"][name] if col["base"] == "@row" else col["base"]
-                vals = [r.get(col["key"]) for r in records]
-                if base == name or None in vals:
+                vals, other = [r.get(col["key"]) for r in records], [r.get(col["key"]) for r in doc["runs"][base]]
+                pair = (col["key"], frozenset({tuple(vals), tuple(other)}))  # one test, however many tables show it
+                if base == name or None in vals or None in other or len(vals) < 2 or pair in seen:
                     continue
-                other = [r[col["key"]] for r in doc["runs"][base]]
+                seen.add(pair)
                 diffs = [a - b for a, b in zip(vals, other)]
                 out.append((doc["demo"], name, base, col["key"], sum(diffs) / len(diffs), p_value(vals, other)))
     return out

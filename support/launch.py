@@ -6,7 +6,7 @@ whether the model fits in memory. Everything is checked before a file is touched
                                   # env.accum (micro-steps per process and step), env.autocast
     fwd = env.attach(model, cfg)  # expert parallel: keep this rank's experts; DDP and compile wrap the model
     share(env, fn, *args)         # fn on the first process only; its UserError is raised on every one
-    with env.watch(run, where, config) as watch:   # the training loop: signals, divergence, out of memory,
+    with env.watch(run, where, config, model) as watch:  # the training loop: signals, divergence, out of memory,
         watch.step_end(iter_num, snapshot)        # a process lost, each one line; a signal's checkpoint
     end(env)                      # the process groups torn down, their threads joined
 
@@ -190,10 +190,11 @@ class Processes:
             dist.all_reduce(counts)
         return counts
 
-    def watch(self, run, where, config):
+    def watch(self, run, where, config, model):
         """The training loop runs inside (Watch, below): a signal is acted on at the step's end, together;
-        whatever else ends the loop is one line. run: support.rundir.Run; where(): the iteration."""
-        return Watch(run, where, self, config)
+        whatever else ends the loop is one line. run: support.rundir.Run; where(): the iteration; model:
+        its forward passes are the heartbeat that tells a slow process from one stuck in a collective."""
+        return Watch(run, where, self, config, model)
 
     def full_state(self, model, optimizer):
         """(model state, optimizer state) of the whole model: with expert parallelism gathered from every rank."""
@@ -253,18 +254,22 @@ class Watch:
     step's end what the processes asked in its all-reduce (step_end); whatever else ends the loop
     becomes one line (one_line), with the exit status of a signal if one came."""
 
-    def __init__(self, run, where, env, config):
-        self.run, self.where, self.env, self.config = run, where, env, config
+    def __init__(self, run, where, env, config, model):
+        self.run, self.where, self.env, self.config, self.model, self.hook = run, where, env, config, model, None
 
     def __enter__(self):
         self.run.saved_at = time.monotonic()
         run, where = self.run, self.where  # (not self: the watching thread must not hold env, its groups)
         signals.catch(DEADLINE_S if self.env.ddp else None, lambda signum: past_deadline(run, where, signum))
+        if self.env.ddp:
+            self.hook = self.model.register_forward_hook(lambda *_: signals.beat.set())
         self.env.asks = self.asks
         return self
 
     def __exit__(self, kind, err, traceback):
         self.env.asks = None
+        if self.hook is not None:
+            self.hook.remove()
         if err is not None:
             signals.mode = "note"  # the run ends with its own line: a signal now changes nothing
             line = self.one_line(err, self.where())
@@ -272,10 +277,14 @@ class Watch:
                 raise line from None
             return False
         signals.mode = "raise"     # after the loop (samples, plots) a signal ends the run at once
-        if signals.first is not None:  # it came during the final evaluation, whose checkpoint is written
-            raise Stopped(f"stopped by {name_of(signals.first)} after the last step (iter {self.where()}): "
-                          f"{self.run.out_dir}/ckpt.pt is the final checkpoint; samples and plots skipped",
-                          signals.first)
+        signals.settled.set()
+        got = torch.tensor(signals.asked())
+        if self.env.ddp:           # a signal that reached some processes only: all of them stop alike
+            dist.all_reduce(got)
+        if got.any():              # it came during the final evaluation, whose checkpoint is written
+            first = next(sig for sig, n in zip(CAUGHT, got.tolist()) if n)
+            raise Stopped(f"stopped by {name_of(first)} after the last step (iter {self.where()}): "
+                          f"{self.run.out_dir}/ckpt.pt is the final checkpoint; samples and plots skipped", first)
         return False
 
     def asks(self):
@@ -291,10 +300,10 @@ class Watch:
         every process calls it, as all of them agree on what was asked)."""
         asked = self.env.agreed.tolist() if torch.is_tensor(self.env.agreed) else self.env.agreed
         signum = next((sig for sig, n in zip(CAUGHT, asked) if n), None)
-        if (signum is None and not asked[-1]) or iter_num >= self.config["max_iters"]:
-            return  # (after the last step the final evaluation writes the checkpoint)
         if signum is not None:
             signals.settled.set()  # every process reached the step's end: no deadline while writing
+        if (signum is None and not asked[-1]) or iter_num >= self.config["max_iters"]:
+            return  # (after the last step the final evaluation writes the checkpoint)
         ckpt = snapshot()
         check_finite({}, ckpt["model"].values(), all_ranks_min(self.env))
         self.run.checkpoint(ckpt, iter_num, best=False)

@@ -172,6 +172,7 @@ def save_checkpoint(ckpt, out_dir, best=False):
         torch.save({**ckpt, "format": FORMAT, "commit": code_commit(), "torch": str(torch.__version__)}, tmp)
         fsync(tmp)
         os.replace(tmp, path)
+        stage = "the directory"           # the new ckpt.pt is in place; its rename may not be durable yet
         fsync(out_dir)
         if best:
             stage = "best.pt"
@@ -193,7 +194,9 @@ def save_checkpoint(ckpt, out_dir, best=False):
         return
     # (the space is measured once the error is gone: until then torch's writer holds the removed file open)
     kept = ("the previous checkpoint " + path + " is intact" if stage == "ckpt.pt" and os.path.exists(path) else
-            "no checkpoint was written before" if stage == "ckpt.pt" else f"{path} is written, best.pt is the previous")
+            "no checkpoint was written before" if stage == "ckpt.pt" else
+            f"{path} is the new checkpoint, but its rename may not survive a power loss" if stage == "the directory" else
+            f"{path} is written, best.pt is the previous")
     raise UserError(f"cannot write {stage} in {out_dir} ({reason}): {space(out_dir, tensor_bytes(ckpt))}; {kept}")
 
 
@@ -422,4 +425,4 @@ def check_finite(losses, params, reduce=None):
         reduce(finite)
     if not finite.item():
         raise Diverged(f"evaluation loss is {', '.join(f'{k} {v}' for k, v in losses.items())} or the weights are "
-                       f"not finite")
+                       f"not finite" if losses else "the weights are not finite")

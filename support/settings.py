@@ -125,6 +125,10 @@ class Layered:
                          for k, v in self.values.items())
 
 
+class Finished(UserError):
+    """Resuming a run that already took its max_iters steps: nothing to train."""
+
+
 def resume_settings(settings, ckpt, path, model_keys, resumable):
     """On resume the checkpoint's settings replace the defaults; an explicit value that differs is
     refused unless its key is `resumable` (it would silently continue another experiment)."""
@@ -137,8 +141,8 @@ def resume_settings(settings, ckpt, path, model_keys, resumable):
                         f"({', '.join(f'{k}={saved.get(k)!r}' for k in conflicts)}); settings that may change on "
                         f"resume: {', '.join(resumable)}")
     if settings.values["max_iters"] <= ckpt["iter_num"]:
-        raise UserError(f"the checkpoint is at iter {ckpt['iter_num']} and max_iters={settings.values['max_iters']}: "
-                        f"nothing to train (give a larger --max_iters)")
+        raise Finished(f"the checkpoint is at iter {ckpt['iter_num']} and max_iters={settings.values['max_iters']}: "
+                       f"nothing to train (give a larger --max_iters)")
 
 
 def saved_settings(ckpt, defaults, path, model_keys):

@@ -15,9 +15,10 @@ status), support/rundir.py when a checkpoint or the log cannot be written.
   a job step and torchrun forwards what it got: a worker receives the signal twice).
 - A Python handler runs only between bytecodes of the main thread, so a process waiting in a
   collective for a peer that is stuck never runs it. The handler's C half also writes the signal's
-  number to a pipe (signal.set_wakeup_fd); with several processes a thread reads it and, if the
-  step has not ended DEADLINE_S later, prints one line and ends the process: before torchrun's
-  SIGKILL, 30 s after its SIGTERM (SLURM's KillWait is 30 s too). A peer that died outright makes
+  number to a pipe (signal.set_wakeup_fd); with several processes a thread reads it and, if no
+  forward pass has finished for DEADLINE_S (a heartbeat: slow evaluations go on beating, a process
+  waiting in a collective does not) before the step's end is reached, prints one line and ends the
+  process: before torchrun's SIGKILL, 30 s after its SIGTERM (SLURM's KillWait is 30 s too). A peer that died outright makes
   gloo raise in the collective ("Connection reset by peer"): peer_failure names it.
 """
 
@@ -31,7 +32,7 @@ import time
 import torch
 
 CAUGHT = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-DEADLINE_S = 20   # a signalled step must end by then with several processes (torchrun's SIGKILL comes at 30 s)
+DEADLINE_S = 20   # after a signal, the longest wait for a forward pass, with several processes (torchrun's SIGKILL: 30 s)
 SAME_REQUEST_S = 1.0
 
 
@@ -55,6 +56,7 @@ class Signals:
     def __init__(self):
         self.previous, self.mode, self.first, self.at = {}, "raise", None, 0.0
         self.settled = threading.Event()   # the step's end was reached: the deadline no longer applies
+        self.beat = threading.Event()      # a forward pass finished (the process is not stuck)
         self.wakeup = None                 # (read end, write end, the wakeup fd before ours, the thread)
 
     def catch(self, deadline=None, on_deadline=None):
@@ -95,8 +97,11 @@ class Signals:
             got = [b for b in data if b in CAUGHT]  # (any signal with a Python handler writes here)
             if got:
                 break
-        if not self.settled.wait(deadline):
-            on_deadline(got[0])
+        while not self.settled.is_set():  # every forward pass restarts the deadline
+            self.beat.clear()
+            if not self.beat.wait(deadline) and not self.settled.is_set():
+                on_deadline(got[0])
+                return
 
     def asked(self):
         """One flag per signal in CAUGHT: the first signal this process got."""
@@ -105,7 +110,8 @@ class Signals:
     def release(self):
         """The handlers and the wakeup fd as they were before catch()."""
         for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+            if handler is not None:  # (None: a handler installed from C, which Python cannot put back)
+                signal.signal(sig, handler)
         self.previous, self.mode = {}, "raise"
         if self.wakeup is not None:
             read, write, before, watcher = self.wakeup

@@ -193,6 +193,9 @@ def test_init_from_auto_starts_a_run_then_resumes_it_bit_for_bit(tmp_path):
     train(tmp_path / "full", *common, "--max_iters=4")
     a, b = train_losses(tmp_path / "full"), train_losses(tmp_path / "auto")
     assert sorted(b) == [1, 2, 3, 4] and a == b
+    before = sha(tmp_path / "auto" / "ckpt.pt")
+    out = train(tmp_path / "auto", *common, "--max_iters=4")                     # requeued once more: finished
+    assert "nothing to train" in out and "the run is finished" in out and sha(tmp_path / "auto" / "ckpt.pt") == before
 
 
 def test_ckpt_interval_s_writes_checkpoints_between_evaluations_and_changes_no_number(tmp_path, monkeypatch):

@@ -196,7 +196,9 @@ def fp8_blocks(hf):
     q = hf.get("quantization_config")
     if q is None:
         return None
-    method = q.get("quant_method") if isinstance(q, dict) else q
+    if not isinstance(q, dict):
+        raise UserError(f"config.json: quantization_config must be an object, got {q!r}")
+    method = q.get("quant_method")
     if method != "fp8":
         raise UserError(f"config.json: quantization_config with quant_method={method!r}: weights quantized that way "
                         f"have no counterpart here (import the unquantized checkpoint)")
