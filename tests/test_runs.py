@@ -361,7 +361,9 @@ def test_derived_widths_follow_the_final_settings(tmp_path):
     assert widths("--n_embd=128", "--n_head=4", "--expert_hidden=64")[1] == 64    # explicit wins
     assert widths("--n_embd=128", "--n_head=4", "--ffn_hidden=300")[1] == 150     # derived from ffn_hidden
     _, m = settings_of("--n_embd=128", "--n_head=4", "--n_experts=4", "--router=ermoe")
-    assert m.ermoe_rank == 32
+    assert m.ermoe_rank == 64                                                      # n_embd // 2
+    _, m = settings_of("--n_embd=128", "--n_head=4", "--n_experts=4", "--router=ermoe", "--ermoe_basis=partitioned")
+    assert m.ermoe_rank == 32                                                      # n_embd // n_experts
     config = tmp_path / "wide.py"
     config.write_text("n_embd = 128\nn_head = 4\ntop_k = 1\n")
     assert widths(str(config)) == widths("--n_embd=128", "--n_head=4", "--top_k=1")
@@ -370,7 +372,7 @@ def test_derived_widths_follow_the_final_settings(tmp_path):
                               text=True).stdout
     line = {l.split("=")[0].strip(): l for l in helptext.splitlines() if l.strip().startswith("--")}
     for key, value, origin in (("ffn_hidden", 384, "derived"), ("expert_hidden", 192, "derived"),
-                               ("ermoe_rank", 16, "derived"), ("router", "'ermoe'", "command line"),
+                               ("ermoe_rank", 64, "derived"), ("router", "'ermoe'", "command line"),
                                ("c_lb", 0.0, "router ermoe"), ("c_sp", 0.002, "default"),
                                ("vocab_size", 65, "dataset shakespeare_char")):
         assert f"--{key}={value} " in line[f"--{key}"] and f"[{origin}]" in line[f"--{key}"], line[f"--{key}"]

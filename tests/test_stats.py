@@ -8,7 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from support.stats import T975, fmt_paired, interval, paired, t975
+from support.stats import fmt_paired, interval, paired, t975
+
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 9: 2.262, 20: 2.086, 30: 2.042, 120: 1.980}  # published tables
 
 
 def t_cdf_integrated(x, df, n=400001):
@@ -21,8 +23,9 @@ def t_cdf_integrated(x, df, n=400001):
 
 @pytest.mark.parametrize("df", sorted(T975))
 def test_t_quantiles_are_the_975_points_of_the_density(df):
-    """Each table value is the true quantile rounded to 3 decimals: the 0.975 point lies within 0.0005."""
-    assert t_cdf_integrated(T975[df] - 5e-4, df) <= 0.975 <= t_cdf_integrated(T975[df] + 5e-4, df), df
+    """t975 is the 0.975 point of the integrated density, and rounds to the published table's value."""
+    assert abs(t_cdf_integrated(t975(df), df) - 0.975) < 1e-7, df
+    assert round(t975(df), 3) == T975[df], df
 
 
 def test_interval_by_hand_and_the_verdict():
@@ -30,8 +33,8 @@ def test_interval_by_hand_and_the_verdict():
     values = [0.9, 1.0, 1.1, 0.95, 1.05]
     sd = math.sqrt(sum((v - 1.0) ** 2 for v in values) / 4)         # 0.0790569
     mean, half = interval(values)
-    assert math.isclose(mean, 1.0) and math.isclose(half, 2.776 * sd / math.sqrt(5))
-    assert t975(7) == 2.365 and t975(22) == 2.086 and t975(1000) == 1.96
+    assert math.isclose(mean, 1.0) and math.isclose(half, t975(4) * sd / math.sqrt(5))
+    assert round(t975(7), 3) == 2.365 and round(t975(22), 3) == 2.074 and round(t975(1000), 3) == 1.962
     with pytest.raises(ValueError):
         t975(0)
     a = [1.0, 1.1, 1.2, 1.3, 1.4]
