@@ -110,8 +110,7 @@ DEMOS = {
         "rank 64 coordinates, c_cp=0": [*ERMOE_FIXED, "--ermoe_input=coords", "--select_bias=False", "--c_cp=0.0"],
         "rank 64 coordinates, loss-free bias": [*ERMOE_FIXED, "--ermoe_input=coords"],
         "the token, c_cp=0": [*ERMOE_FIXED, "--select_bias=False", "--c_cp=0.0"],
-        "the token, loss-free bias (config/ermoe.py)": ERMOE_FIXED,
-        "the token, loss-free bias, rank 16 (the router's cost near the linear one's)": [*ERMOE_FIXED, "--ermoe_rank=16"]}),
+        "the token, loss-free bias (config/ermoe.py)": ERMOE_FIXED}),
     # each neighbour changes one thing: the balancing (L_lb -> the bias), the z-loss, the gating (softmax -> sigmoid)
     "balance": dict(variants={
         "softmax + L_lb (the default)": TEXT,
