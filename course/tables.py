@@ -66,7 +66,7 @@ def cell(runs, name, col):
     vals = [r.get(col.key) for r in runs[name]] if col.kind != "params" else None
     if col.kind == "params":
         p = runs[name][0]["params"]
-        unit, scale = ("k", 1e3) if p["total"] < 1e6 else ("M", 1e6)
+        unit, scale = ("k", 1e3) if p["total"] < 1e5 else ("M", 1e6)
         return f"{p['total'] / scale:,.{col.digits}f}{unit} / {p['active'] / scale:,.{col.digits}f}{unit}"
     if any(v is None for v in vals):
         return "–"
