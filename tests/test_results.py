@@ -6,6 +6,7 @@ support/stats.py): means, 95 % half-widths, paired differences and their verdict
 parameter counts.
 """
 
+import functools
 import glob
 import json
 import math
@@ -24,6 +25,7 @@ NOT_YET_RERUN = {"balance", "capacity", "collapse", "coupling", "crossover", "cr
                  "nanogpt", "regularisers", "regularisers-facts", "routing", "specialization"}
 
 
+@functools.lru_cache(maxsize=None)  # a few degrees of freedom, thousands of intervals
 def t975(df):
     lo, hi = 0.0, 20.0
     for _ in range(60):
