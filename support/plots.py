@@ -32,7 +32,7 @@ def save(fig, path):
     except OSError as err:
         if os.path.exists(path):
             os.remove(path)  # not half a picture
-        print(f"warning: cannot write {path} ({err.strerror or err}); that plot is skipped", file=sys.stderr)
+        sys.stderr.write(f"warning: cannot write {path} ({err.strerror or err}); that plot is skipped\n")
         path = None
     plt.close(fig)
     return path

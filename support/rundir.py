@@ -104,8 +104,9 @@ def cli(main, argv, quiet=False):
             err = caught
         else:
             return 0
-        if not quiet:
-            print(f"{err.prefix}{err}", file=sys.stderr)
+        if not quiet:  # one write of the whole line: torchrun's own log lines share this stream
+            sys.stderr.write(f"{err.prefix}{err}\n")
+            sys.stderr.flush()
         return err.exit_status
     finally:
         signals.release()
