@@ -101,7 +101,8 @@ sys.exit(train.cli(train.main, sys.argv[1:]))
 
 
 def test_a_second_signal_during_the_stop_checkpoint_leaves_the_previous_one(tmp_path):
-    proc = start(tmp_path, script=("-c", SECOND_SIGNAL))
+    proc = start(tmp_path, script=("-c", SECOND_SIGNAL),  # SIGINT live, whatever started the tests (`&` ignores it)
+                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for(proc, "iter 2:")
     before = sha(tmp_path / "ckpt.pt")   # the evaluation's at iter 0
     proc.send_signal(signal.SIGTERM)
