@@ -300,14 +300,13 @@ def show_balance(runs, path):
             ("maxvio_batch", "MaxVio_batch (batches of 768 tokens)")]
     T.figure_bars(runs, path, keys)
     names = list(runs)
-    # each arm against the arm it differs from in one thing: L_lb removed or replaced by the bias; then
-    # the z-loss removed; then the gating (softmax -> sigmoid)
-    bases = dict(zip(names, [names[0], names[0], names[0], names[2], names[3]])) if len(names) == 5 else None
-    neighbour = [T.Column("- its one-change neighbour (paired)", "val_loss", "paired", 4, "@row")] if bases else []
-    columns = T.loss_columns(names[0], [*neighbour, T.Column("MaxVio_global", "maxvio_global"),
-                                        T.Column("MaxVio_batch", "maxvio_batch"),
+    # each arm against the arm it differs from in one thing (DEMOS' order): L_lb removed or replaced by
+    # the bias; then the z-loss removed; then the gating (softmax -> sigmoid)
+    bases = dict(zip(names, [names[0], names[0], names[0], names[2], names[3]]))
+    columns = T.loss_columns(names[0], [T.Column("- its one-change neighbour (paired)", "val_loss", "paired", 4, "@row"),
+                                        T.Column("MaxVio_global", "maxvio_global"), T.Column("MaxVio_batch", "maxvio_batch"),
                                         T.Column("dead experts (of 4x8)", "dead", "mean", 1)])
-    return (columns, "", bases) if bases else (columns, "")
+    return columns, "", bases
 
 
 def show_capacity(runs, path):
