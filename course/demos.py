@@ -19,7 +19,7 @@ every arm of a demo runs the same recipe.
     python course/demos.py hash-bpe         # the same on GPT-2 BPE tokens of the same text
     python course/demos.py balance          # auxiliary-loss-free balancing (Wang et al. 2024) vs L_lb vs none: MaxVio
     python course/demos.py capacity         # bits of a fact table stored per parameter: dense sizes, E = 4, 8, 16, iso-total
-    python course/demos.py capacity-exposures   # dense d=32 and E=8 at 4x the exposures
+    python course/demos.py capacity-exposures   # dense d=32 and E=8 at 125 and 500 exposures
     python course/demos.py routing          # learned vs hash on a task built to separate them, and on one that is not
     python course/demos.py regularisers     # R_sp and R_cp on the default run, paired by seed: none, Hu et al., 10x
     python course/demos.py regularisers-facts   # the same on the capacity task
@@ -62,7 +62,8 @@ HASH = [*TEXT, "--router=hash"]
 BPE = ["--dataset=shakespeare_bpe", "--max_iters=1000"]
 LEARNED_HASH_LOSSES = [*TEXT, "--select_bias=True", "--c_lb=0.0", "--c_z=0.0", "--c_cp=0.0"]
 NANOGPT_NET = [*DENSE, "--pos_emb=learned", "--mlp=gelu", "--norm=layernorm"]  # GPT-2's parts, as nanoGPT has them
-FACTS = ["config/facts.py"]  # 196,608 bits; the largest model below would hold 2 bits x 80k parameters at most
+FACTS = ["config/facts.py"]  # 196,608 bits, 8,192 records; 2,000 steps of 512 records: 125 exposures each
+STEPS_4X = ["--max_iters=8000", "--eval_interval=2000"]  # 500 exposures per record
 
 DEMOS = {
     "default": dict(variants={
@@ -133,10 +134,13 @@ DEMOS = {
         "dense d=32, iso-total E=4 (MLP 256 wide)": [*FACTS, "--n_experts=0", "--ffn_hidden=256"],
         "dense d=32, iso-total E=8 (MLP 512 wide)": [*FACTS, "--n_experts=0", "--ffn_hidden=512"],
         "dense d=32, iso-total E=16 (MLP 1024 wide)": [*FACTS, "--n_experts=0", "--ffn_hidden=1024"]}),
-    # the same two at 4x the exposures (500 per record): does bits per parameter stay flat, as at a capacity limit?
+    # dense d=32 and E=8 at 125 and at 500 exposures per record (the 2,000-step runs are capacity's): a model at
+    # a capacity limit stores no more bits per parameter when it sees the table 4x as often
     "capacity-exposures": dict(seeds=3, variants={
-        "dense d=32, 8,000 steps": [*FACTS, "--n_experts=0", "--max_iters=8000", "--eval_interval=2000"],
-        "MoE d=32, E=8, 8,000 steps": [*FACTS, "--n_experts=8", "--max_iters=8000", "--eval_interval=2000"]}),
+        "dense d=32, 2,000 steps": [*FACTS, "--n_experts=0"],
+        "dense d=32, 8,000 steps": [*FACTS, "--n_experts=0", *STEPS_4X],
+        "MoE d=32, E=8, 2,000 steps": [*FACTS, "--n_experts=8"],
+        "MoE d=32, E=8, 8,000 steps": [*FACTS, "--n_experts=8", *STEPS_4X]}),
     "routing": dict(seeds=3, variants={
         "facts_binary: dense": ["config/facts_binary.py", "--n_experts=0"],
         "facts_binary: hash": ["config/facts_binary.py", "--router=hash"],
@@ -309,32 +313,59 @@ def show_balance(runs, path):
     return columns, "", bases
 
 
-def show_capacity(runs, path):
-    from support.tasks import TASKS
-    import train
-    facts = TASKS["facts"]()
-    T.figure_capacity(runs, path, facts.bits)
-    names = list(runs)
-    for records in runs.values():  # bits per parameter, each convention (Allen-Zhu & Li count all parameters)
+def bits_per_parameter(runs):
+    """Each run's bits per total parameter (Allen-Zhu & Li's count: embeddings included) and per non-embedding one."""
+    for records in runs.values():
         for r in records:
             r["bits_per_total"] = r["bits"] / r["params"]["total"]
             r["bits_per_nonembedding"] = r["bits"] / (r["params"]["total"] - r["params"].get("embedding", 0))
-    settings, _ = train.setup([os.path.join(REPO, FACTS[0])])
-    exposures = settings.values["batch_size"] * settings.values["max_iters"] / facts.N
+
+
+def exposures(args, facts):
+    """How often a run of train.py with these arguments sees each person's record: batch_size x max_iters / N."""
+    import train
+    settings, _ = train.setup([a if a.startswith("--") else os.path.join(REPO, a) for a in args])
+    return settings.values["batch_size"] * settings.values["max_iters"] / facts.N, settings.values
+
+
+def capacity_notes(facts):
+    seen, values = exposures(FACTS, facts)
+    return (f"\nExposures: every person's record is seen {seen:.0f} times ({values['batch_size']} records "
+            f"a step, {values['max_iters']:,} steps, {facts.N:,} people), unless a row says otherwise. The table "
+            f"holds {facts.bits:,.0f} bits. Allen-Zhu & Li count every parameter (embeddings included): ~2 bits per "
+            f"parameter at 1,000 exposures, ~1 at 100; the non-embedding count leaves out the token embedding (tied).\n")
+
+
+CAPACITY_COLUMNS = [T.Column("parameters total / active", "params", "params", 1), T.Column("bits stored", "bits", "mean", 0),
+                    T.Column("bits / total parameter", "bits_per_total", "mean", 2),
+                    T.Column("bits / non-embedding parameter", "bits_per_nonembedding", "mean", 2)]
+
+
+def show_capacity(runs, path):
+    from support.tasks import TASKS
+    facts = TASKS["facts"]()
+    T.figure_capacity(runs, path, facts.bits)
+    names = list(runs)
+    bits_per_parameter(runs)
     iso = {n: next((m for m in names if m.startswith(f"dense d=32, iso-total E={n.split('E=')[1].split(',')[0]} ")), None)
            for n in names if n.startswith("MoE")}
     bases = {n: iso.get(n) or n for n in names}  # an MoE against the dense MLP of its total parameters
-    columns = [T.Column("parameters total / active", "params", "params", 1), T.Column("bits stored", "bits", "mean", 0),
-               T.Column("bits / total parameter", "bits_per_total", "mean", 2),
-               T.Column("bits / non-embedding parameter", "bits_per_nonembedding", "mean", 2),
-               T.Column(f"- {names[0]} (paired)", "bits", "paired", 0, names[0])]
-    if any(iso.values()):
-        columns.append(T.Column("- its iso-total dense (paired)", "bits", "paired", 0, "@row"))
-    return columns, (
-        f"\nExposures: every person's record is seen {exposures:.0f} times ({settings.values['batch_size']} records "
-        f"a step, {settings.values['max_iters']:,} steps, {facts.N:,} people), unless a row says otherwise. The table "
-        f"holds {facts.bits:,.0f} bits. Allen-Zhu & Li count every parameter (embeddings included): ~2 bits per "
-        f"parameter at 1,000 exposures, ~1 at 100; the non-embedding count leaves out the token embedding (tied).\n"), bases
+    columns = [*CAPACITY_COLUMNS, T.Column(f"- {names[0]} (paired)", "bits", "paired", 0, names[0]),
+               T.Column("- its iso-total dense (paired)", "bits", "paired", 0, "@row")]
+    return columns, capacity_notes(facts), bases
+
+
+def show_capacity_exposures(runs, path):
+    """Each model against itself at a quarter of the steps: bits, and bits per total parameter."""
+    from support.tasks import TASKS
+    facts = TASKS["facts"]()
+    bits_per_parameter(runs)
+    variants = DEMOS["capacity-exposures"]["variants"]
+    T.figure_exposures(runs, path, {n: exposures(variants[n], facts)[0] for n in runs})
+    bases = {n: n.replace("8,000 steps", "2,000 steps") for n in runs}
+    columns = [*CAPACITY_COLUMNS, T.Column("bits - 2,000 steps (paired)", "bits", "paired", 0, "@row"),
+               T.Column("bits / total parameter - 2,000 steps (paired)", "bits_per_total", "paired", 3, "@row")]
+    return columns, capacity_notes(facts), bases
 
 
 def show_routing(runs, path):
@@ -405,7 +436,7 @@ def show_hash_bpe(runs, path):
 
 
 SHOW = {"default": show_default, "nanogpt": show_nanogpt, "hash": show_hash, "hash-why": show_hash, "hash-bpe": show_hash_bpe,
-        "capacity-exposures": show_capacity,
+        "capacity-exposures": show_capacity_exposures,
         "ermoe": show_ermoe, "ermoe-search": show_ermoe, "balance": show_balance, "wallclock": show_wallclock, "crossover": show_wallclock,
         "crossover-top1": show_wallclock, "capacity": show_capacity, "routing": show_routing,
         "regularisers": show_regularisers, "regularisers-facts": show_regularisers, "collapse": show_collapse,

@@ -230,6 +230,24 @@ def figure_capacity(runs, path, table_bits):
     save(fig, path)
 
 
+def figure_exposures(runs, path, seen):
+    """Bits per total parameter against exposures per record (`seen`: name -> exposures), one line per model,
+    beside Allen-Zhu & Li's two points (~1 bit per parameter at 100 exposures, ~2 at 1,000)."""
+    models = {}
+    for n in runs:
+        models.setdefault(n.rsplit(", ", 1)[0], []).append(n)  # "<model>, <steps>"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model, members in models.items():
+        ys = [interval([r["bits"] / r["params"]["total"] for r in runs[n]]) for n in members]
+        ax.errorbar([seen[n] for n in members], [m for m, _ in ys], yerr=[h for _, h in ys], fmt="o-", capsize=3,
+                    label=model)
+    ax.plot([100, 1000], [1, 2], "k--", lw=1, label="Allen-Zhu & Li: ~1 bit at 100, ~2 at 1,000 exposures")
+    ax.set(xscale="log", xlabel="exposures per record", ylabel="bits / total parameter (95 % t interval)",
+           title="does more exposure store more per parameter?")
+    ax.legend(fontsize=7)
+    save(fig, path)
+
+
 def figure_dose(runs, path, keys, xlabel):
     xs = [float(n.split("=")[1]) for n in runs]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.3), squeeze=False)
