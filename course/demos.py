@@ -156,11 +156,13 @@ DEMOS = {
         "none (c_sp = c_cp = 0)": ["config/facts.py"],
         "Hu et al. (c_sp = 2e-3, c_cp = 1e-3)": ["config/facts.py", "--c_sp=0.002", "--c_cp=0.001"],
         "10x (c_sp = 2e-2, c_cp = 1e-2)": ["config/facts.py", "--c_sp=0.02", "--c_cp=0.01"]}),
-    # the collapse preset: softmax router, top-1, gates = p, no balancing loss, high learning rate
+    # the collapse preset: softmax router, top-1, gates = p, no balancing loss, high learning rate; ERMoE without
+    # the select bias its defaults add (router.py), so that its arm tests the bounded cosine score alone
     "collapse": dict(seeds=3, variants={
         "no balancing": ["config/collapse.py", "--num_samples=0"],
         "L_lb (c_lb=0.01)": ["config/collapse.py", "--num_samples=0", "--c_lb=0.01"],
-        "ERMoE (no loss)": ["config/collapse.py", "--num_samples=0", "--router=ermoe"],
+        "ERMoE, its geometry alone (no loss, no bias)": ["config/collapse.py", "--num_samples=0", "--router=ermoe",
+                                                          "--select_bias=False"],
         "sigmoid + bias (no loss)": ["config/collapse.py", "--num_samples=0", "--router=sigmoid"]}),
     # the synthetic task; the coupling loss alone (no R_sp) at growing strength
     "coupling": dict(seeds=3, variants={
