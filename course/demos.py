@@ -363,7 +363,7 @@ def show_capacity_exposures(runs, path):
     facts = TASKS["facts"]()
     bits_per_parameter(runs)
     variants = DEMOS["capacity-exposures"]["variants"]
-    T.figure_exposures(runs, path, {n: exposures(variants[n], facts)[0] for n in runs})
+    T.figure_exposures(runs, path, {n: exposures(variants[n], facts)[0] for n in runs}, facts.bits)
     bases = {n: n.replace("8,000 steps", "2,000 steps") for n in runs}
     columns = [*CAPACITY_COLUMNS, T.Column("bits - 2,000 steps (paired)", "bits", "paired", 0, "@row"),
                T.Column("bits / total parameter - 2,000 steps (paired)", "bits_per_total", "paired", 3, "@row")]

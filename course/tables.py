@@ -66,7 +66,8 @@ def cell(runs, name, col):
     vals = [r.get(col.key) for r in runs[name]] if col.kind != "params" else None
     if col.kind == "params":
         p = runs[name][0]["params"]
-        unit, scale = ("k", 1e3) if p["total"] < 1e5 else ("M", 1e6)
+        # millions where the active count keeps two significant digits at these decimals (0.87M), else thousands
+        unit, scale = ("k", 1e3) if p["total"] < 1e5 or p["active"] < 10 ** (7 - col.digits) else ("M", 1e6)
         return f"{p['total'] / scale:,.{col.digits}f}{unit} / {p['active'] / scale:,.{col.digits}f}{unit}"
     if any(v is None for v in vals):
         return "–"
@@ -230,17 +231,20 @@ def figure_capacity(runs, path, table_bits):
     save(fig, path)
 
 
-def figure_exposures(runs, path, seen):
-    """Bits per total parameter against exposures per record (`seen`: name -> exposures), one line per model,
-    beside Allen-Zhu & Li's two points (~1 bit per parameter at 100 exposures, ~2 at 1,000)."""
+def figure_exposures(runs, path, seen, table_bits):
+    """Bits per total parameter against exposures per record (`seen`: name -> exposures), one line per model with
+    its ceiling (the whole table over its parameters), beside Allen-Zhu & Li's two points (~1 bit per parameter
+    at 100 exposures, ~2 at 1,000)."""
     models = {}
     for n in runs:
         models.setdefault(n.rsplit(", ", 1)[0], []).append(n)  # "<model>, <steps>"
     fig, ax = plt.subplots(figsize=(6, 4))
     for model, members in models.items():
         ys = [interval([r["bits"] / r["params"]["total"] for r in runs[n]]) for n in members]
-        ax.errorbar([seen[n] for n in members], [m for m, _ in ys], yerr=[h for _, h in ys], fmt="o-", capsize=3,
-                    label=model)
+        line = ax.errorbar([seen[n] for n in members], [m for m, _ in ys], yerr=[h for _, h in ys], fmt="o-",
+                           capsize=3, label=model)
+        ax.axhline(table_bits / runs[members[0]][0]["params"]["total"], color=line[0].get_color(), ls=":", lw=1,
+                   label=f"{model}: the whole table")
     ax.plot([100, 1000], [1, 2], "k--", lw=1, label="Allen-Zhu & Li: ~1 bit at 100, ~2 at 1,000 exposures")
     ax.set(xscale="log", xlabel="exposures per record", ylabel="bits / total parameter (95 % t interval)",
            title="does more exposure store more per parameter?")
