@@ -21,7 +21,7 @@ from tests.test_stats import t_cdf_integrated
 
 DOCS = os.path.join(REPO, "docs")
 # demos whose committed table predates the per-seed JSON (to be re-run; the closing note says which)
-NOT_YET_RERUN = {"crossover", "crossover-top1", "nanogpt", "regularisers", "routing"}
+NOT_YET_RERUN = {"crossover", "crossover-top1", "nanogpt", "regularisers"}
 
 
 @functools.lru_cache(maxsize=None)  # a few degrees of freedom, thousands of intervals
