@@ -104,6 +104,35 @@ def test_every_cell_recomputes_from_the_per_seed_json(md_path):
                 raise AssertionError(f"unknown column kind {col['kind']}")
 
 
+def last_digit(printed):
+    """One unit in the last printed place: '0.0756' -> 1e-4, '1.5e-06' -> 1e-7, '12' -> 1."""
+    mantissa, _, exponent = printed.partition("e")
+    return 10.0 ** (-decimals(mantissa) + int(exponent or 0))
+
+
+ABLATIONS = sorted(glob.glob(os.path.join(DOCS, "ablation_*.md")))
+
+
+@pytest.mark.parametrize("md_path", ABLATIONS, ids=lambda p: os.path.basename(p))
+def test_every_ablation_cell_recomputes_from_the_per_seed_json(md_path):
+    """tools/ablate.py's tables (mean ± half-width, per metric): each from its JSON, as committed."""
+    assert os.path.exists(md_path[:-3] + ".json"), md_path
+    doc = json.load(open(md_path[:-3] + ".json"))
+    rows, runs = table_rows(open(md_path).read()), doc["runs"]
+    assert set(rows) == set(runs), set(rows) ^ set(runs)
+    for name, cells in rows.items():
+        assert len(cells) == len(doc["columns"]), name
+        for text, col in zip(cells, doc["columns"]):
+            vals = [r[col["key"]] for r in runs[name] if col["key"] in r]
+            if text == "–":
+                assert not vals, (name, col["key"])
+                continue
+            printed = text.split(" ± ")
+            mean, half = mean_half(vals) if len(vals) > 1 else (vals[0], None)
+            for p, v in zip(printed, (mean, half)):
+                assert abs(float(p) - v) <= last_digit(p) * 0.5 + 1e-12, (os.path.basename(md_path), name, col["key"], text)
+
+
 def base_of(doc, col, name):
     return doc["bases"][name] if col.get("base") == "@row" else col.get("base")
 
