@@ -240,7 +240,7 @@ def figure_exposures(runs, path, seen, table_bits):
         models.setdefault(n.rsplit(", ", 1)[0], []).append(n)  # "<model>, <steps>"
     fig, ax = plt.subplots(figsize=(6, 4))
     for model, members in models.items():
-        ys = [interval([r["bits"] / r["params"]["total"] for r in runs[n]]) for n in members]
+        ys = [interval([r["bits_per_total"] for r in runs[n]]) for n in members]  # set by the demo
         line = ax.errorbar([seen[n] for n in members], [m for m, _ in ys], yerr=[h for _, h in ys], fmt="o-",
                            capsize=3, label=model)
         ax.axhline(table_bits / runs[members[0]][0]["params"]["total"], color=line[0].get_color(), ls=":", lw=1,

@@ -42,9 +42,15 @@ def decimals(text):
     return len(text.split(".")[1]) if "." in text else 0
 
 
+def last_digit(printed):
+    """One unit in the last printed place: '0.0756' -> 1e-4, '1.5e-06' -> 1e-7, '12' -> 1."""
+    mantissa, _, exponent = printed.partition("e")
+    return 10.0 ** (-decimals(mantissa) + int(exponent or 0))
+
+
 def same_at_printed_digits(printed, value):
     """The printed number equals value rounded to its digits (one unit in the last place of slack for ties)."""
-    return abs(float(printed.replace(",", "")) - value) <= 10 ** -decimals(printed) * 0.5 + 1e-12
+    return abs(float(printed.replace(",", "")) - value) <= last_digit(printed) * 0.5 + 1e-12
 
 
 def table_rows(md):
@@ -104,12 +110,6 @@ def test_every_cell_recomputes_from_the_per_seed_json(md_path):
                 raise AssertionError(f"unknown column kind {col['kind']}")
 
 
-def last_digit(printed):
-    """One unit in the last printed place: '0.0756' -> 1e-4, '1.5e-06' -> 1e-7, '12' -> 1."""
-    mantissa, _, exponent = printed.partition("e")
-    return 10.0 ** (-decimals(mantissa) + int(exponent or 0))
-
-
 ABLATIONS = sorted(glob.glob(os.path.join(DOCS, "ablation_*.md")))
 
 
@@ -130,7 +130,7 @@ def test_every_ablation_cell_recomputes_from_the_per_seed_json(md_path):
             printed = text.split(" ± ")
             mean, half = mean_half(vals) if len(vals) > 1 else (vals[0], None)
             for p, v in zip(printed, (mean, half)):
-                assert abs(float(p) - v) <= last_digit(p) * 0.5 + 1e-12, (os.path.basename(md_path), name, col["key"], text)
+                assert same_at_printed_digits(p, v), (os.path.basename(md_path), name, col["key"], text)
 
 
 def base_of(doc, col, name):
