@@ -369,6 +369,32 @@ def test_a_checkpoint_of_format_1_samples_resumes_and_converts(tmp_path):
     assert code == 1 and "has format 99 (written by torch 9.0 at commit abc); this code reads formats 1 to 2" in err
 
 
+# written by the code of db80131 (before the core/atlas split): gpt-oss's experts and router bias and every
+# backbone option an import sets, each away from its default, so that every such field of model_args is in it:
+#   python train.py config/families/gpt_oss.py $TINY --n_kv_head=1 --head_dim=24 --rotary_dim=8
+#     --rope_theta=1000000.0 --norm_eps=1e-06 --qk_norm=True --qk_norm_per_head=True --qkv_bias=True
+#     --tie_embeddings=False --n_shared=1 --shared_gate=True --first_dense_layers=1 --eval_interval=4 --seed=5
+# with --max_iters=4 (this checkpoint) and --max_iters=8 (the losses of its steps 5-8 below)
+OLD_ATLAS = os.path.join(REPO, "tests", "ckpt_format2")
+OLD_ATLAS_LOSSES = {5: 4.192000865936279, 6: 4.181103229522705, 7: 4.153510570526123, 8: 4.163982391357422}
+
+
+def test_a_checkpoint_of_format_2_with_every_family_and_import_field_samples_and_resumes(tmp_path):
+    old = torch.load(os.path.join(OLD_ATLAS, "ckpt.pt"), weights_only=True)
+    assert old["format"] == 2 and old["iter_num"] == 4
+    assert old["model_args"]["expert_act"] == "gpt_oss" and old["model_args"]["qk_norm_per_head"]
+    shutil.copytree(OLD_ATLAS, tmp_path / "run")
+    code, out, err = cli("sample", f"--out_dir={tmp_path / 'run'}", "--num_samples=1", "--max_new_tokens=30")
+    assert code == 0 and len(out.split("---------------")[0]) > 30, err
+    code, out, err = cli("train", f"--out_dir={tmp_path / 'run'}", "--init_from=resume", "--max_iters=8")
+    assert code == 0 and "resumed from" in out, err
+    got = train_losses(tmp_path / "run")
+    assert sorted(got) == [5, 6, 7, 8] and all(math.isclose(got[i], OLD_ATLAS_LOSSES[i], rel_tol=1e-5) for i in got), got
+    code, _, err = cli("tools.convert", "to-hf", OLD_ATLAS, tmp_path / "hf")  # refused by name: no Mixtral has these
+    assert code == 1 and err.strip() == (f"error: {OLD_ATLAS}/ckpt.pt cannot be exported to Mixtral: n_shared=1: "
+                                         "Mixtral has no shared experts"), err
+
+
 def test_a_checkpoint_is_flushed_to_the_disk_before_its_rename_and_the_directory_after(tmp_path, monkeypatch):
     from support import rundir
     calls = []
