@@ -144,3 +144,55 @@ def test_one_step_of_the_default_run_has_no_forwarding_wrapper_and_no_long_signa
                     and [a.id for a in body[0].value.args if isinstance(a, ast.Name)] ==
                     [a.arg for a in fn.args.args if a.arg != "self"] and not body[0].value.keywords)
         assert not forwards, f"{path}:{line} {name} only forwards its arguments"
+
+
+def reading_order_rows():
+    """The README's reading-order table: (file, [(first, last), ...], what to look for), and the line count
+    its header states."""
+    text = open(os.path.join(REPO, "README.md")).read()
+    section = text.split("## Reading order", 1)[1].split("\n## ", 1)[0]
+    stated = int(re.search(r"^(\d[\d,]*) lines", section, re.M).group(1).replace(",", ""))
+    rows = []
+    for line in section.splitlines():
+        m = re.match(r"\| \d+ \| `([\w/.]+)` \| ([\d, -]+) \| (.*) \|$", line)
+        if m:
+            ranges = [tuple(int(n) for n in r.split("-")) for r in m.group(2).split(", ")]
+            rows.append((m.group(1), ranges, m.group(3)))
+    return rows, stated
+
+
+def statements(path):
+    """(first line with decorators, last line, qualified name or None) of every statement of a file."""
+    found = []
+
+    def visit(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.stmt):
+                named = isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                first = min([child.lineno] + [d.lineno for d in getattr(child, "decorator_list", [])])
+                found.append((first, child.end_lineno, prefix + child.name if named else None))
+                visit(child, prefix + child.name + "." if named else prefix)
+    visit(ast.parse(open(path).read()), "")
+    return found
+
+
+def test_the_reading_order_ranges_start_at_what_they_name_and_end_at_its_end():
+    """Each range of the README's reading-order table starts at a definition its row names in backticks
+    (`name` or `Class.name`), or at a comment line right above a statement (the loop), and ends on the
+    last line of a definition that starts inside it (or of that statement); the header's count is the sum."""
+    rows, stated = reading_order_rows()
+    assert len(rows) >= 9, rows
+    total = 0
+    for path, ranges, what in rows:
+        lines = open(os.path.join(REPO, path)).read().splitlines()
+        found = statements(os.path.join(REPO, path))
+        named = set(re.findall(r"`([\w.]+)`", what))
+        for first, last in ranges:
+            total += last - first + 1
+            starts = [name for a, _, name in found if a == first and name is not None
+                      and (name in named or name.split(".")[-1] in named)]
+            anchored = lines[first - 1].strip().startswith("#") and any(a == first + 1 for a, _, _ in found)
+            assert starts or anchored, f"{path} {first}-{last}: line {first} starts nothing that `{what}` names"
+            ends = [b for a, b, name in found if (first <= a and name is not None) or (anchored and a == first + 1)]
+            assert last in ends, f"{path} {first}-{last}: line {last} ends no definition inside it (nor the anchored one)"
+    assert total == stated, f"the README says {stated} lines, its ranges sum to {total}"
