@@ -1,7 +1,8 @@
 """
 A GPT whose feed-forward blocks are top-k routed SwiGLU experts. One file, read top to bottom:
 attention, the feed-forward blocks (the dense MLP, the MoE block and its two dispatch paths), the
-GPT; its settings (GPTConfig) and their checks come last.
+block, the settings (GPTConfig, which derives the widths by the iso-compute rule below; its checks
+are in support/checks.py), then the GPT.
 
 Notation: B batch, S sequence length, T = B*S tokens, d model width (n_embd), E routed experts,
 k experts per token, f expert hidden width, r ERMoE basis rank, nh heads, hs head size.
@@ -285,7 +286,7 @@ class MoE(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# the GPT
+# the transformer block
 
 def norm(cfg):
     """RMSNorm (eps 0: the dtype's), or nanoGPT's LayerNorm without bias (eps 0: 1e-5) with norm=layernorm."""
@@ -337,7 +338,7 @@ class GPTConfig:
     router_impl: str = "auto"   # 'auto' (triton on CUDA where the router has a kernel) | torch | compile | triton
     # settings of one router
     ermoe_basis: str = "independent"  # ERMoE: 'independent' | 'partitioned' | 'penalty'
-    ermoe_rank: int = 0         # ERMoE basis rank r; 0 = derived: n_embd // 2 (partitioned: n_embd // n_experts, tiling R^d)
+    ermoe_rank: int = 0         # ERMoE basis rank r; 0 = derived: d // 2 (partitioned: d // n_experts, tiling R^d)
     ermoe_input: str = "token"  # ERMoE: what the experts read: 'token' (x) | 'coords' (lambda * P_e^T x, r wide)
     ermoe_beta: float = 10.0    # ERMoE: the initial logit scale beta (logits beta * s, s in [0, 1])
     ermoe_beta_learned: bool = True  # ERMoE: beta learned (at most 100) or fixed at ermoe_beta
@@ -346,7 +347,7 @@ class GPTConfig:
     topk_group: int = 1         # sigmoid router: groups a token picks (by the sum of each group's 2 best scores)
     # the switches other MoE families combine (docs/routers.md: each family is a setting of these)
     router_bias: bool = False   # softmax/sigmoid router: a learned bias on the logits (gpt-oss)
-    select_bias: bool = False   # softmax/ERMoE router: select the top-k of p + b, b balanced per step (ERNIE-4.5, LongCat)
+    select_bias: bool = False   # softmax/ERMoE router: the top-k of p + b, b balanced per step (ERNIE-4.5, LongCat)
     score_fn: str = "sigmoid"   # sigmoid router's score: 'sigmoid' (DeepSeek-V3) | 'sqrt_softplus' (DeepSeek-V4)
     renorm_floor: float = 0.0   # renormalised gates: scores / max(their sum, this) (ERNIE-4.5: 1e-12); 0 = none
     gate_input: bool = False    # the gate scales the expert's input, not its output (Llama 4)
@@ -365,7 +366,7 @@ class GPTConfig:
     head_dim: int = 0           # width of a head, even (rotary); 0 = derived: n_embd // n_head (Qwen3: set apart)
     rope_theta: float = 10000.0  # rotary base (Mixtral: 1e6)
     rotary_dim: int = 0         # dims of each head that rotate, the first ones (GLM-4.5: half); 0 = all
-    norm_eps: float = 0.0       # norm epsilon; 0 = the dtype's machine epsilon for RMSNorm (torch's default), 1e-5 for LayerNorm
+    norm_eps: float = 0.0       # norm epsilon; 0 = RMSNorm: the dtype's machine epsilon (torch's), LayerNorm: 1e-5
     tie_embeddings: bool = True  # the output layer reuses the input embedding (Press & Wolf 2017)
     qk_norm: bool = False       # RMSNorm on q and k: over the whole projections (OLMoE) ...
     qk_norm_per_head: bool = False  # ... or, with this, over each head, one weight for all heads (Qwen3)
@@ -374,6 +375,11 @@ class GPTConfig:
 
     def __post_init__(self):  # every field checked (ValueError naming it), the widths left at 0 derived
         check_and_derive(self, ROUTERS, IMPLS, impl_problem)
+        # the iso-compute rule (module docstring): a token's active expert compute equals the dense MLP's
+        if self.ffn_hidden == 0:
+            self.ffn_hidden = 4 * self.n_embd if self.mlp == "gelu" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        if self.n_experts > 0 and self.expert_hidden == 0:
+            self.expert_hidden = max(1, self.ffn_hidden // (self.top_k + self.n_shared))
 
     def param_count(self):
         """Parameters of the model this config describes, counted without building it (tested
@@ -394,6 +400,9 @@ class GPTConfig:
         return self.vocab_size * d + pos + head + self.n_layer * (attn + 2 * d) + n_moe * moe + \
             (self.n_layer - n_moe) * dense + d
 
+
+# ------------------------------------------------------------------------------------------------
+# the GPT
 
 class GPT(nn.Module):
     def __init__(self, cfg):

@@ -465,9 +465,10 @@ class EigenRouter(Router):
     """ERMoE (Cheng et al. 2025, arXiv 2511.10971), this project's language-model reading (docs/design.md
     §2): expert e owns an orthonormal basis P_e (d, r); the logits are beta * s, s_te = ||P_e^T x_t|| /
     ||x_t|| the cosine between the token and the expert's subspace. The experts read the token (the
-    default), or with ermoe_input='coords' the coordinates P_e^T x scaled by a learned lambda. The score is fused into the routing pass (eigen_route;
-    kernels.fused_eigen_route on a GPU). Bases: 'independent' (each its own), 'partitioned' (blocks of one
-    orthogonal d x d matrix: disjoint), 'penalty' (free, pulled to orthonormal by mu * ||P^T P - I||^2)."""
+    default), or with ermoe_input='coords' the coordinates P_e^T x scaled by a learned lambda. The score
+    is fused into the routing pass (eigen_route; kernels.fused_eigen_route on a GPU). Bases:
+    'independent' (each its own), 'partitioned' (blocks of one orthogonal d x d matrix: disjoint),
+    'penalty' (free, pulled to orthonormal by mu * ||P^T P - I||^2)."""
     # No balancing loss (the paper's claim), but the loss-free select bias: R_cp lowers the score of every expert
     # a token did not choose, which for ERMoE turns its subspace away from the tokens until no token selects it,
     # and then nothing brings it back; without R_cp a few experts still die (docs/design.md §2, demos ermoe-search)

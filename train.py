@@ -46,10 +46,11 @@ class TrainConfig:
     # I/O
     out_dir: str = "out"                 # where ckpt.pt, best.pt, log.jsonl and the plots go
     init_from: str = "scratch"           # 'scratch', 'resume' (continue out_dir/ckpt.pt with its settings) or 'auto'
-                                         # (resume if out_dir has a checkpoint, else scratch: a scheduler reruns one command)
+                                         # (resume if out_dir has a checkpoint, else scratch: a scheduler reruns
+                                         # one command)
     overwrite: bool = False              # let a new run replace the run already in out_dir (else refused)
     eval_interval: int = 250             # evaluate, log routing metrics and checkpoint every this many steps
-    ckpt_interval_s: float = 0.0         # also write ckpt.pt (no evaluation) once this many seconds passed since the last; 0 = off
+    ckpt_interval_s: float = 0.0         # also write ckpt.pt (no evaluation) this many seconds after the last; 0 = off
     log_interval: int = 10               # print and log a train line every this many steps
     eval_iters: int = 200                # batches per evaluation (the same batches every time)
     num_samples: int = 2                 # text samples printed at the end (0 = none)
@@ -85,8 +86,9 @@ class TrainConfig:
     compile: bool = True                 # torch.compile the model (off in the CPU preset unless set)
     seed: int = 1337                     # seed of the initialisation and the training batches
     expert_parallel: int = 1             # N > 1: each MoE layer's experts split over N processes (torchrun)
-    balance_stats: str = "global"        # L_lb's statistics: all processes' batches ('global'), each one's ('local'), or
-                                         # every micro-batch of the step and every process ('step', Qiu et al. 2025)
+    balance_stats: str = "global"        # L_lb's statistics: all processes' batches ('global'), each one's ('local'),
+                                         # or every micro-batch of the step and every process ('step', Qiu et al.
+                                         # 2025)
     # tracking (log.jsonl always; wandb on request, support/tracking.py)
     wandb_log: bool = False              # also send every log record to Weights & Biases (pip install wandb)
     wandb_project: str = "nanomoe-routing"  # the wandb project
@@ -102,20 +104,24 @@ class TrainConfig:
             if isinstance(value, float):
                 _require(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0, got {value}")
         _require(self.beta1 < 1 and self.beta2 < 1, f"beta1 and beta2 must be < 1, got {self.beta1}, {self.beta2}")
-        _require(self.min_lr <= self.learning_rate, f"min_lr ({self.min_lr}) must be <= learning_rate ({self.learning_rate})")
+        _require(self.min_lr <= self.learning_rate,
+                 f"min_lr ({self.min_lr}) must be <= learning_rate ({self.learning_rate})")
         _require(self.learning_rate / (1 - self.beta1) < torch.finfo(torch.float32).max,  # AdamW's first step size
                  f"learning_rate={self.learning_rate} overflows float32 in AdamW's first step (lr / (1 - beta1))")
         _require(self.init_from in ("scratch", "resume", "auto"),
                  f"init_from must be scratch, resume or auto, got '{self.init_from}'")
-        _require(self.dtype in ("auto", "bfloat16", "float32"), f"dtype must be auto, bfloat16 or float32, got '{self.dtype}'")
-        _require(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
+        _require(self.dtype in ("auto", "bfloat16", "float32"),
+                 f"dtype must be auto, bfloat16 or float32, got '{self.dtype}'")
+        cuda_n = self.device.startswith("cuda:") and self.device[5:].isdigit()
+        _require(self.device in ("auto", "cpu", "cuda") or cuda_n,
                  f"device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
         _require(self.dataset != "", "dataset is empty: give a name under data/, or a task such as synthetic")
         _require(self.expert_parallel >= 1, f"expert_parallel must be >= 1 (1 = off), got {self.expert_parallel}")
         _require(self.balance_stats in ("global", "local", "step"),
                  f"balance_stats must be global, local or step, got '{self.balance_stats}'")
         _require(self.out_dir != "", "out_dir is empty: give a directory, e.g. --out_dir=out")
-        _require(self.router_frozen_from >= -1, f"router_frozen_from must be >= -1 (-1 = never), got {self.router_frozen_from}")
+        _require(self.router_frozen_from >= -1,
+                 f"router_frozen_from must be >= -1 (-1 = never), got {self.router_frozen_from}")
         _require(not self.wandb_log or importlib.util.find_spec("wandb") is not None,
                  "wandb_log=True needs the wandb package (pip install wandb)")
 
@@ -194,7 +200,8 @@ def make_optimizer(model, cfg):
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.router_frozen_from >= 0:
         groups.append({"params": routers, "weight_decay": 0.0, "frozen_from": cfg.router_frozen_from})
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)  # CPU too: one kernel
+    # fused: one kernel for every parameter, on CPU too
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 def train_step(fwd, model, optimizer, batches, cfg, env):
@@ -212,7 +219,8 @@ def train_step(fwd, model, optimizer, batches, cfg, env):
         env.micro_step(fwd, micro)
         with env.autocast:
             _, ce, routes = fwd(X, Y)
-            aux, terms = aux_losses(routes, coefs, pool=env.pool, seq_len=X.shape[1])  # losses.py; 0-coefficient terms: logged only
+            # losses.py; a term whose coefficient is 0 is only logged
+            aux, terms = aux_losses(routes, coefs, pool=env.pool, seq_len=X.shape[1])
             loss = (ce + aux) / env.accum
         loss.backward()
         ce_sum = ce_sum + ce.detach() / env.accum
@@ -322,7 +330,8 @@ def main(argv):
         model = GPT(model_cfg).to(env.device)
         if cfg.hash_balanced and not ckpt:  # (a resumed run has its table in the checkpoint)
             _require(model_cfg.router == "hash" and hasattr(data, "token_counts"),
-                     f"hash_balanced needs router=hash and a text dataset, got router={model_cfg.router}, {cfg.dataset}")
+                     f"hash_balanced needs router=hash and a text dataset, got router={model_cfg.router}, "
+                     f"{cfg.dataset}")
             for router in model.routers():
                 router.balance(data.token_counts())
         if ckpt:  # checked before the out_dir is touched; a checkpoint always holds the whole model
@@ -354,7 +363,8 @@ def main(argv):
                 print(f"resumed from {cfg.out_dir}/ckpt.pt at iter {iter_num}")
         total, active = model.num_params()
         if env.master:
-            widths = f"expert width f={model_cfg.expert_hidden}" if model_cfg.n_experts else f"MLP width {model_cfg.ffn_hidden}"
+            widths = (f"expert width f={model_cfg.expert_hidden}" if model_cfg.n_experts
+                      else f"MLP width {model_cfg.ffn_hidden}")
             print(f"parameters: {total / 1e6:.2f}M total, {active / 1e6:.2f}M active per token "
                   f"({model_cfg.n_experts} experts, top-{model_cfg.top_k}, {widths}, router={model_cfg.router})")
         tokens_per_iter = cfg.batch_size * model_cfg.block_size * env.accum * env.world
@@ -396,11 +406,13 @@ def main(argv):
                     dt, t_last = (now - t_last) / cfg.log_interval, now
                     eta = (cfg.max_iters - iter_num) * (now - t_start) / (iter_num - start_iter)
                     terms_f = {k: round(float(v), 6) for k, v in terms.items()}
-                    print(f"iter {iter_num}: loss {lossf:.4f} | {' '.join(f'{k} {v:.3f}' for k, v in terms_f.items())} | "
+                    shown = ' '.join(f'{k} {v:.3f}' for k, v in terms_f.items())
+                    print(f"iter {iter_num}: loss {lossf:.4f} | {shown} | "
                           f"{dt * 1000:.0f} ms, {tokens_per_iter / dt:,.0f} tok/s, eta {eta / 60:.1f} min")
-                    run.log({"iter": iter_num, "train_loss": lossf, "lr": lr, **terms_f,
-                             **{f"{k}_scaled": round(getattr(cfg, COEFFICIENTS[k]) * v, 6) for k, v in terms_f.items()}})
-                watch.step_end(iter_num, snapshot)  # a signal: checkpoint, one line, exit; --ckpt_interval_s: checkpoint
+                    scaled = {f"{k}_scaled": round(getattr(cfg, COEFFICIENTS[k]) * v, 6) for k, v in terms_f.items()}
+                    run.log({"iter": iter_num, "train_loss": lossf, "lr": lr, **terms_f, **scaled})
+                # a signal: checkpoint, one line, exit; --ckpt_interval_s: a checkpoint
+                watch.step_end(iter_num, snapshot)
         # the end: samples, plots, and with several processes a check that their weights agree
         if env.master:
             same = [what for what, recipe in NANOGPT.items() if cfg.dataset == "shakespeare_char"
@@ -408,7 +420,8 @@ def main(argv):
             print(f"done: {iter_num - start_iter} steps in {(time.time() - t_start) / 60:.1f} min, best val loss "
                   f"{best_val:.4f}" + (f"; nanoGPT's published figure for this recipe: {same[0]}" if same else ""))
             if env.ep:  # generation would need every process in step: sample from the checkpoint instead
-                print(f"note: no samples with expert_parallel; python sample.py --out_dir={cfg.out_dir} reads the checkpoint")
+                print(f"note: no samples with expert_parallel; python sample.py --out_dir={cfg.out_dir} reads the "
+                      "checkpoint")
             finish(model, cfg, env.device, data.tokenizer if not env.ep else None)
         if env.ddp:  # every replica should hold the same weights: a hash of the whole model per rank
             hashes = launch.weight_hashes(env, env.full_state(model, optimizer)[0])
@@ -417,7 +430,8 @@ def main(argv):
                 run.log({"iter": iter_num, "param_hashes": hashes})
         run.tracker.finish()
     except KeyboardInterrupt as err:  # outside the training loop, which says where it stopped (err: Ctrl-C or a signal)
-        raise Interrupted("interrupted (the checkpoint in out_dir, if any, is intact)", getattr(err, "signum", None)) from None
+        raise Interrupted("interrupted (the checkpoint in out_dir, if any, is intact)",
+                          getattr(err, "signum", None)) from None
     finally:
         fwd = None  # DDP's reducer holds the process group: dropped now, before the group (see launch.end)
         launch.end(env)

@@ -1,14 +1,15 @@
 """
 The checks of the model's settings (model.GPTConfig calls them when it is built), kept out of the
 reader's way: every field in range, every combination meaningful, one ValueError that names the
-field; then the widths left at 0 are derived.
+field; ERMoE's rank, left at 0, is derived (model.py derives the MLP and expert widths: the
+iso-compute rule).
 """
 
 import math
 
 
 def check_and_derive(cfg, routers, impls, impl_problem):
-    """Check every field of a model.GPTConfig, then derive the widths left at 0. Raises ValueError naming
+    """Check every field of a model.GPTConfig, then derive ERMoE's rank if left at 0. Raises ValueError naming
     the field. routers, impls, impl_problem: router.py's registry, implementations and their limits."""
     for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
         _require(getattr(cfg, name) >= 1, f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -33,7 +34,8 @@ def check_and_derive(cfg, routers, impls, impl_problem):
     _require(cfg.head_dim % 2 == 0, f"head size {cfg.head_dim} must be even (rotary)")
     _require(cfg.rotary_dim % 2 == 0 and 0 <= cfg.rotary_dim <= cfg.head_dim,
              f"rotary_dim must be even and in [0, head size {cfg.head_dim}] (0 = all), got {cfg.rotary_dim}")
-    _require(cfg.mlp == "swiglu" or cfg.n_experts == 0, "mlp=gelu is nanoGPT's dense MLP: set n_experts=0 (experts are SwiGLU)")
+    _require(cfg.mlp == "swiglu" or cfg.n_experts == 0,
+             "mlp=gelu is nanoGPT's dense MLP: set n_experts=0 (experts are SwiGLU)")
     _require(not cfg.qk_norm_per_head or cfg.qk_norm, "qk_norm_per_head needs qk_norm=True")
     _require(cfg.n_group >= 1 and 1 <= cfg.topk_group <= cfg.n_group,
              f"need n_group >= 1 and 1 <= topk_group <= n_group, got {cfg.n_group} and {cfg.topk_group}")
@@ -50,7 +52,8 @@ def check_and_derive(cfg, routers, impls, impl_problem):
              f"({cfg.n_layer})")
     linear = ("softmax", "sigmoid")  # the switches of other families apply to the linear routers
     for name, on, routers_ok in (("router_bias", cfg.router_bias, linear), ("gate_input", cfg.gate_input, linear),
-                                 ("zero_experts", cfg.zero_experts > 0, linear), ("select_bias", cfg.select_bias, ("softmax", "ermoe")),
+                                 ("zero_experts", cfg.zero_experts > 0, linear),
+                                 ("select_bias", cfg.select_bias, ("softmax", "ermoe")),
                                  ("hash_layers", cfg.hash_layers > 0, ("sigmoid",)),
                                  ("score_fn", cfg.score_fn != "sigmoid", ("sigmoid",))):
         _require(not on or cfg.n_experts == 0 or cfg.router in routers_ok,
@@ -62,17 +65,13 @@ def check_and_derive(cfg, routers, impls, impl_problem):
                           ("expert_init", ("random", "upcycle")),
                           ("ermoe_basis", ("independent", "partitioned", "penalty")),
                           ("ermoe_input", ("coords", "token")),
-                          ("pos_emb", ("rope", "learned")), ("mlp", ("swiglu", "gelu")), ("norm", ("rmsnorm", "layernorm")),
+                          ("pos_emb", ("rope", "learned")), ("mlp", ("swiglu", "gelu")),
+                          ("norm", ("rmsnorm", "layernorm")),
                           ("score_fn", ("sigmoid", "sqrt_softplus")), ("expert_act", ("swiglu", "gpt_oss"))):
         _require(getattr(cfg, name) in choices, f"unknown {name} '{getattr(cfg, name)}' ({'|'.join(choices)})")
     if cfg.n_experts > 0:
         why = impl_problem(cfg.router, cfg.router_impl, cfg.n_experts, cfg.top_k)
         _require(why is None, why)
-    # the widths left at 0, derived from the final settings
-    if cfg.ffn_hidden == 0:
-        cfg.ffn_hidden = 4 * cfg.n_embd if cfg.mlp == "gelu" else 64 * math.ceil(8 * cfg.n_embd / 3 / 64)
-    if cfg.n_experts > 0 and cfg.expert_hidden == 0:
-        cfg.expert_hidden = max(1, cfg.ffn_hidden // (cfg.top_k + cfg.n_shared))
     if cfg.router == "ermoe" and cfg.n_experts > 0:
         if cfg.ermoe_rank == 0:  # half the width: experts read enough of the token (docs/design.md §2)
             cfg.ermoe_rank = max(1, cfg.n_embd // (cfg.n_experts if cfg.ermoe_basis == "partitioned" else 2))

@@ -217,7 +217,9 @@ def read_meta(folder):
             problems.append(f"dtype is {meta.get('dtype')!r}, not 'uint16' or 'uint32'")
         if type(meta.get("max_id")) is not int or meta["max_id"] < 0:
             problems.append(f"max_id is {meta.get('max_id')!r}, not an integer >= 0")
-        if not (isinstance(tokens, dict) and all(type(tokens.get(s)) is int and tokens[s] >= 0 for s in ("train", "val"))):
+        counts_ok = isinstance(tokens, dict) and all(type(tokens.get(s)) is int and tokens[s] >= 0
+                                                      for s in ("train", "val"))
+        if not counts_ok:
             problems.append(f"tokens is {tokens!r}, not {{'train': count, 'val': count}}")
         if "vocab_size" in meta and (type(meta["vocab_size"]) is not int or meta["vocab_size"] < 1):
             problems.append(f"vocab_size is {meta['vocab_size']!r}, not an integer >= 1")
@@ -322,7 +324,8 @@ class TextData:
         if starts[-1] + block_size < n:
             starts.append(n - block_size)
         for i in range(0, len(starts), batch_size):
-            rows = torch.from_numpy(np.stack([data[s:s + block_size + 1] for s in starts[i:i + batch_size]]).astype(np.int64))
+            windows = [data[s:s + block_size + 1] for s in starts[i:i + batch_size]]
+            rows = torch.from_numpy(np.stack(windows).astype(np.int64))
             x, y = rows[:, :-1], rows[:, 1:].clone()                  # (b, S) each
             for j, s in enumerate(starts[i:i + batch_size]):
                 seen = (starts[i + j - 1] + block_size - s) if i + j > 0 else 0

@@ -113,7 +113,8 @@ def start(cfg, model_cfg):
                         (model_cfg.capacity_factor == 0, "needs capacity_factor=0 (dropless)"),
                         (not (model_cfg.expert_bias or model_cfg.zero_experts or model_cfg.gate_input),
                          "has no expert_bias, zero_experts or gate_input"),
-                        (model_cfg.router != "expert_choice", "needs a token-choice router (expert choice drops pairs)")):
+                        (model_cfg.router != "expert_choice",
+                         "needs a token-choice router (expert choice drops pairs)")):
             if not ok:
                 raise UserError(f"expert_parallel={N} {why}")
     if ddp:
@@ -319,9 +320,11 @@ class Watch:
         last = self.run.last()
         if isinstance(err, KeyboardInterrupt):  # a second signal, or Ctrl-C where the handler is not ours
             signum = getattr(err, "signum", signal.SIGINT)
-            what = (f"a second {name_of(signum)}" if err.again else name_of(signum)) if isinstance(err, Signalled) else None
-            return Interrupted(f"stopped by {what} at iter {at}; {last}" if what else f"interrupted at iter {at}; {last}",
-                               signum)
+            what = None
+            if isinstance(err, Signalled):
+                what = f"a second {name_of(signum)}" if err.again else name_of(signum)
+            return Interrupted(f"stopped by {what} at iter {at}; {last}" if what else
+                               f"interrupted at iter {at}; {last}", signum)
         if isinstance(err, Diverged):
             line = Diverged(f"{err} at iter {at}; stopped without saving: {last}")
         elif stopping.out_of_memory(err):

@@ -196,7 +196,8 @@ def save_checkpoint(ckpt, out_dir, best=False):
     # (the space is measured once the error is gone: until then torch's writer holds the removed file open)
     kept = ("the previous checkpoint " + path + " is intact" if stage == "ckpt.pt" and os.path.exists(path) else
             "no checkpoint was written before" if stage == "ckpt.pt" else
-            f"{path} is the new checkpoint, but its rename may not survive a power loss" if stage == "the directory" else
+            f"{path} is the new checkpoint, but its rename may not survive a power loss"
+            if stage == "the directory" else
             f"{path} is written, best.pt is the previous")
     raise UserError(f"cannot write {stage} in {out_dir} ({reason}): {space(out_dir, tensor_bytes(ckpt))}; {kept}")
 

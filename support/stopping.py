@@ -18,8 +18,8 @@ status), support/rundir.py when a checkpoint or the log cannot be written.
   number to a pipe (signal.set_wakeup_fd); with several processes a thread reads it and, if no
   forward pass has finished for DEADLINE_S (a heartbeat: slow evaluations go on beating, a process
   waiting in a collective does not) before the step's end is reached, prints one line and ends the
-  process: before torchrun's SIGKILL, 30 s after its SIGTERM (SLURM's KillWait is 30 s too). A peer that died outright makes
-  gloo raise in the collective ("Connection reset by peer"): peer_failure names it.
+  process: before torchrun's SIGKILL, 30 s after its SIGTERM (SLURM's KillWait is 30 s too). A peer
+  that died outright makes gloo raise in the collective ("Connection reset by peer"): peer_failure names it.
 """
 
 import os
@@ -32,7 +32,7 @@ import time
 import torch
 
 CAUGHT = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-DEADLINE_S = 20   # after a signal, the longest wait for a forward pass, with several processes (torchrun's SIGKILL: 30 s)
+DEADLINE_S = 20   # after a signal, the longest wait for a forward pass, several processes (torchrun's SIGKILL: 30 s)
 SAME_REQUEST_S = 1.0
 
 
