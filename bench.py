@@ -8,7 +8,7 @@ Benchmarks (speed is measured here, never in tests). All ratios come from one pr
     python bench.py --parallel   # expert parallelism: memory and traffic per rank (computed), CPU step times
     python bench.py --generate   # sampling with and without the KV cache: tokens/s, side by side
     python bench.py --breakdown --json out/breakdown.json   # one MoE layer stage by stage; the whole step
-    python bench.py --malloc     # the default step with glibc's allocator as it comes and as train.py sets it, twice each
+    python bench.py --malloc     # the default step, glibc's allocator as it comes and as train.py sets it, twice each
 (--breakdown and --malloc, and the training-step closure the modes share, are in tools/breakdown.py.)
 
 On CUDA: timings by triton.testing.do_bench (CUDA events, warm-up, L2 cache cleared before every
@@ -89,7 +89,8 @@ def routing_bench(args):
                 gbs = moved / res["triton"] / 1e3
                 pct = f"{100 * gbs / bw:6.1f}" if bw else "     -"
                 print(f"{str(dtype)[6:]:>8} {T:>8} {E:>4} {k:>2} {mode:>8} | {res['torch']:9.1f} {res['compile']:10.1f}"
-                      f" {res['triton']:9.1f} | {res['torch'] / res['triton']:7.2f}x {res['compile'] / res['triton']:9.2f}x"
+                      f" {res['triton']:9.1f} | {res['torch'] / res['triton']:7.2f}x"
+                      f" {res['compile'] / res['triton']:9.2f}x"
                       f" | {gbs:7.1f} {pct}")
 
 
@@ -235,7 +236,8 @@ def parallel_table(args):
         for N in (1, 2, 4, 8):
             per_rank = total - expert + expert // N
             moved = 2 * T * k * (d + d + f) * 4 * (1 - 1 / N) / 2**20  # forward + backward, pairs that leave
-            print(f"{label:>30} {N:>2} | {per_rank / 1e6:8.2f} {expert // N / 1e6:16.2f} {16 * per_rank / 2**30:15.2f} | "
+            print(f"{label:>30} {N:>2} | {per_rank / 1e6:8.2f} {expert // N / 1e6:16.2f} "
+                  f"{16 * per_rank / 2**30:15.2f} | "
                   f"{act:28.1f} | {moved:24.1f}")
     print()
     import torch.multiprocessing as mp
@@ -346,7 +348,8 @@ def generate_bench(args):
 
 def main(argv):
     from support.rundir import ArgParser, UserError
-    parser = ArgParser(prog="python bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgParser(prog="python bench.py", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--losses", action="store_true", help="overhead of the two regularisers")
     mode.add_argument("--model", action="store_true", help="whole-model training steps, dense vs MoE")

@@ -173,7 +173,7 @@ class MoE(nn.Module):
         self.router = ROUTERS[cfg.router](cfg)   # first: keeps the parameter initialisation order
         if layer < cfg.hash_layers:             # DeepSeek-V4's first layers: a fixed token-id table selects
             self.router.hash_layer(cfg)
-        E, d, f, d_in = cfg.n_experts, cfg.n_embd, cfg.expert_hidden, self.router.expert_width
+        E, d, f, d_in = cfg.n_experts, cfg.n_embd, cfg.expert_hidden, self.router.read_width
         self.w_gate = nn.Parameter(torch.randn(E, d_in, f) * 0.02)   # (E, d_in, f)
         self.w_up = nn.Parameter(torch.randn(E, d_in, f) * 0.02)     # (E, d_in, f)
         self.w_down = nn.Parameter(torch.randn(E, f, d) * 0.02)      # (E, f, d)
@@ -193,51 +193,54 @@ class MoE(nn.Module):
         """x (B, S, d), token ids (B, S) -> (y (B, S, d), Routing)."""
         B, S, d = x.shape
         x = x.reshape(B * S, d)                                     # (T, d)
-        r = self.router(x, None if ids is None else ids.reshape(-1))  # router.py: idx (T, k), gates (T, k)
-        y, acts = self.dispatch(x, r) if not self.n_zero else self.with_zero_experts(x, r)  # (T, d), (T, k, f)
-        if r.kept is not None:                                      # a dropped pair's activations count as 0
-            acts = acts * r.kept[..., None]
+        route = self.router(x, None if ids is None else ids.reshape(-1))  # router.py: idx (T, k), gates (T, k)
+        y, acts = self.dispatch(x, route) if not self.n_zero else self.with_zero_experts(x, route)  # (T, d), (T, k, f)
+        if route.kept is not None:                                  # a dropped pair's activations count as 0
+            acts = acts * route.kept[..., None]
         if self.shared is not None:
             shared = self.shared(x)[0]                              # (T, d)
             if self.shared_gate is not None:                        # Qwen2-MoE: sigmoid(x w) per token
                 shared = shared * torch.sigmoid(self.shared_gate(x))
             y = y + shared
-        return self.dropout(y.view(B, S, d)), r._replace(acts=acts)
+        return self.dropout(y.view(B, S, d)), route._replace(acts=acts)
 
-    def with_zero_experts(self, x, r):
+    def with_zero_experts(self, x, route):
         """The dispatch with LongCat-Flash's zero-compute experts: a pair on one (id >= E) adds g * x and runs
         no expert. Those pairs go to expert 0 with gate 0 (computed, then discarded); the Routing keeps their ids."""
-        zero = r.idx >= self.w_up.shape[0]                          # (T, k)
-        y, acts = self.dispatch(x, r._replace(idx=r.idx.masked_fill(zero, 0), gates=r.gates.masked_fill(zero, 0.0)))
-        return y + x * (r.gates * zero).sum(dim=-1, keepdim=True).to(x.dtype), acts * ~zero[..., None]
+        zero = route.idx >= self.w_up.shape[0]                      # (T, k)
+        y, acts = self.dispatch(x, route._replace(idx=route.idx.masked_fill(zero, 0),
+                                                  gates=route.gates.masked_fill(zero, 0.0)))
+        return y + x * (route.gates * zero).sum(dim=-1, keepdim=True).to(x.dtype), acts * ~zero[..., None]
 
-    def forward_naive(self, x, r):
+    def forward_naive(self, x, route):
         """The lecture version: for each expert, find its (token, slot) pairs, run it, add the gated output."""
-        T, k = r.idx.shape
+        T, k = route.idx.shape
         y = torch.zeros_like(x)                                     # (T, d)
         acts = x.new_zeros(T, k, self.w_up.shape[2])                # (T, k, f)
         for e in range(self.w_up.shape[0]):
-            tok, slot = torch.where(r.idx == e)                     # (n_e,), (n_e,) in token order
-            h = self.expert_rows(x, r.expert_inputs, tok, e)        # (n_e, d_in)
+            tok, slot = torch.where(route.idx == e)                 # (n_e,), (n_e,) in token order
+            h = self.expert_rows(x, route.expert_inputs, tok, e)    # (n_e, d_in)
             g, u = h @ self.w_gate[e], h @ self.w_up[e]             # (n_e, f) each
             if self.biases is not None:                             # (gpt-oss)
                 g, u = g + self.biases[0][e], u + self.biases[1][e]
-            a = self.act(g, u)                                      # (n_e, f) SwiGLU
-            out = a @ self.w_down[e] if self.biases is None else a @ self.w_down[e] + self.biases[2][e]  # (n_e, d)
-            y = y.index_add(0, tok, (out * r.gates[tok, slot, None]).to(y.dtype))
-            acts = acts.index_put((tok, slot), a.to(acts.dtype))
+            hidden = self.act(g, u)                                 # (n_e, f) SwiGLU
+            out = hidden @ self.w_down[e]                           # (n_e, d)
+            if self.biases is not None:
+                out = out + self.biases[2][e]
+            y = y.index_add(0, tok, (out * route.gates[tok, slot, None]).to(y.dtype))
+            acts = acts.index_put((tok, slot), hidden.to(acts.dtype))
         return y, acts
 
-    def forward_sorted(self, x, r):
+    def forward_sorted(self, x, route):
         """The same by sorting: group the T*k pairs by expert, run all experts as grouped matmuls, un-sort."""
-        T, k = r.idx.shape
-        order, inverse, tok, e = self.sort_pairs(r.idx)             # (T*k,) each
-        offs = expert_counts(r.idx, self.w_up.shape[0]).cumsum(0, dtype=torch.int32)  # (E,) segment ends
-        h = self.expert_rows(x, r.expert_inputs, tok, e)            # (T*k, d_in)
-        gate = r.gates.reshape(-1).index_select(0, order)[:, None]  # (T*k, 1)
-        a, out = self.experts(h, offs, gate, e)                     # (T*k, f), (T*k, d) gated
+        T, k = route.idx.shape
+        order, inverse, tok, e = self.sort_pairs(route.idx)         # (T*k,) each
+        offs = expert_counts(route.idx, self.w_up.shape[0]).cumsum(0, dtype=torch.int32)  # (E,) segment ends
+        h = self.expert_rows(x, route.expert_inputs, tok, e)        # (T*k, d_in)
+        gate = route.gates.reshape(-1).index_select(0, order)[:, None]  # (T*k, 1)
+        hidden, out = self.experts(h, offs, gate, e)                # (T*k, f), (T*k, d) gated
         y = torch.zeros(T, x.shape[1], dtype=out.dtype, device=x.device).index_add_(0, tok, out)
-        return y.to(x.dtype), a.index_select(0, inverse).view(T, k, -1)  # acts back in token order
+        return y.to(x.dtype), hidden.index_select(0, inverse).view(T, k, -1)  # acts back in token order
 
     @staticmethod
     def sort_pairs(idx):
@@ -256,9 +259,9 @@ class MoE(nn.Module):
 
     def experts(self, h, offs, gate=None, e=None):
         """Every expert on its segment of rows h (N, d_in), segments ending at offs (E,), gated by gate
-        (N, 1) if given -> the SwiGLU activations a (N, f) and the outputs (N, d). One grouped matmul per
-        projection; the gate multiplies the narrower of a and the output ((g a) W = g (a W)). e (N,):
-        each row's expert, for the expert biases (gpt-oss), which add after each projection."""
+        (N, 1) if given -> the SwiGLU activations hidden (N, f) and the outputs (N, d). One grouped matmul
+        per projection; the gate multiplies the narrower of hidden and the output ((g h) W = g (h W)).
+        e (N,): each row's expert, for the expert biases (gpt-oss), which add after each projection."""
         f = self.w_up.shape[2]
         if f < self.w_down.shape[2]:  # narrow experts: one matmul of width 2f runs faster than two of f
             g, u = grouped_matmul(h, torch.cat([self.w_gate, self.w_up], dim=2), offs).split(f, dim=1)
@@ -266,16 +269,16 @@ class MoE(nn.Module):
             g, u = grouped_matmul(h, self.w_gate, offs), grouped_matmul(h, self.w_up, offs)
         if self.biases is not None:
             g, u = g + self.biases[0][e], u + self.biases[1][e]
-        a = self.act(g, u)                                                                      # (N, f)
+        hidden = self.act(g, u)                                                                 # (N, f)
         if self.biases is not None:   # the bias inside the gated output (gpt-oss): no gating before W_down
-            out = grouped_matmul(a, self.w_down, offs) + self.biases[2][e]
-            return a, out if gate is None else out * gate.to(out.dtype)
+            out = grouped_matmul(hidden, self.w_down, offs) + self.biases[2][e]
+            return hidden, out if gate is None else out * gate.to(out.dtype)
         if gate is None:
-            return a, grouped_matmul(a, self.w_down, offs)
-        if a.shape[1] < self.w_down.shape[2]:
-            return a, grouped_matmul(a * gate.to(a.dtype), self.w_down, offs)                 # (N, d)
-        out = grouped_matmul(a, self.w_down, offs)
-        return a, out * gate.to(out.dtype)
+            return hidden, grouped_matmul(hidden, self.w_down, offs)
+        if hidden.shape[1] < self.w_down.shape[2]:
+            return hidden, grouped_matmul(hidden * gate.to(hidden.dtype), self.w_down, offs)     # (N, d)
+        out = grouped_matmul(hidden, self.w_down, offs)
+        return hidden, out * gate.to(out.dtype)
 
     @torch.no_grad()
     def upcycle(self, noise=0.01):
@@ -393,7 +396,7 @@ class GPTConfig:
         if n_moe:
             with torch.random.fork_rng(devices=[]):  # the router is small: build it to count it
                 router = ROUTERS[self.router](self)
-            moe = E * (2 * router.expert_width + d) * f + 3 * d * self.n_shared * f + self.shared_gate * d + \
+            moe = E * (2 * router.read_width + d) * f + 3 * d * self.n_shared * f + self.shared_gate * d + \
                 sum(p.numel() for p in router.parameters()) + self.expert_bias * E * (2 * f + d)
         head = 0 if self.tie_embeddings else self.vocab_size * d
         pos = self.block_size * d if self.pos_emb == "learned" else 0

@@ -62,17 +62,17 @@ class Routing(NamedTuple):
 
 class Router(nn.Module):
     """Base of every router: the block input x (T, d) -> Routing. A router defines logits(x, ids);
-    where its choice is not the top-k of the logits, also select(a, ids) (and fused = False)."""
+    where its choice is not the top-k of the logits, also select(a, ids) (and topk_of_logits = False)."""
     defaults = {}        # default loss coefficients of this router (train.py applies them unless set)
-    fused = True         # the selection is the top-k of the logits (so the fused Triton pass applies)
-    per_step = False     # has an update() to call after every optimizer step
-    score_gates = False  # unrenormalised gates: p at the selection; True: the score exp(a) (sigmoid: s itself)
+    topk_of_logits = True  # the selection is the top-k of the logits (so the fused Triton pass applies)
+    per_step = False       # has an update() to call after every optimizer step
+    score_gates = False    # unrenormalised gates: p at the selection; True: the score exp(a) (sigmoid: s itself)
 
     def __init__(self, cfg):
         super().__init__()
         self.n_experts = cfg.n_experts + cfg.zero_experts  # the router's choices (LongCat's zero-compute ones too)
         self.k, self.impl = cfg.top_k, cfg.router_impl
-        self.expert_width = cfg.n_embd  # the width of the rows the experts read (ERMoE: its rank r)
+        self.read_width = cfg.n_embd  # the width of the rows the experts read (ERMoE: its rank r)
         # at k=1 a renormalised gate is always 1 (no router gradient): the gate is the score (Switch's p)
         self.renorm, self.floor = cfg.gate_renorm and cfg.top_k > 1, cfg.renorm_floor
         self.routed_scale, self.capacity_factor, self.gate_input = cfg.routed_scale, cfg.capacity_factor, cfg.gate_input
@@ -81,7 +81,7 @@ class Router(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
             a = self.logits(x, ids)                                      # (T, E) fp32
-            if self.fused and choose_impl(self.impl, a.shape[1], self.k, a) != "torch":
+            if self.topk_of_logits and choose_impl(self.impl, a.shape[1], self.k, a) != "torch":
                 r = topk_route(a, self.k, self.impl, self.renorm)        # compiled or Triton: the same Routing
             else:
                 r = route_reference(a, self.k, self.renorm, self.select(a, ids), self.score_gates, self.floor)
@@ -123,18 +123,17 @@ def route_reference(logits, k, renormalize=True, idx=None, score_gates=False, fl
     lse = a.logsumexp(dim=-1)                                       # (T,)
     p = (a - lse[:, None]).exp()                                    # (T, E) full softmax
     if idx is None:
-        idx = select_topk(a, k)[1]                                  # (T, k)
+        idx = select_topk(a, k)                                  # (T, k)
     gates = gates_of(a, idx, renormalize, score_gates, floor)       # (T, k)
     mass = p.gather(1, idx).sum(dim=-1)                             # (T,)
     return Routing(gates, idx, expert_counts(idx, a.shape[1]), lse, mass, p.sum(dim=0), a)
 
 
-def select_topk(scores, k, renormalize=True):
-    """Top-k of scores (T, E) fp32, ties to the lower index -> gates (T, k), idx (T, k) int64.
+def select_topk(scores, k):
+    """Top-k of scores (T, E) fp32, ties to the lower index -> idx (T, k) int64 (gates_of gives the gates).
     A stable descending sort gives the tie rule (torch.topk promises none); a NaN counts as the largest."""
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # (T, E), ties: lower first
-    idx = order[:, :k]                                                          # (T, k)
-    return gates_of(scores, idx, renormalize), idx
+    return order[:, :k]                                                         # (T, k)
 
 
 def gates_of(logits, idx, renormalize=True, score_gates=False, floor=0.0):
@@ -184,17 +183,18 @@ class SoftmaxRouter(Router):
         self.logit_bias = nn.Parameter(torch.zeros(self.n_experts)) if cfg.router_bias else None
         if cfg.select_bias:
             self.register_buffer("bias", torch.zeros(self.n_experts))    # (E,) in the checkpoint, no gradient
-            self.fused, self.per_step, self.rate = False, True, cfg.bias_update_rate
+            self.topk_of_logits, self.per_step, self.rate = False, True, cfg.bias_update_rate
+        self.select_bias = cfg.select_bias
 
     def logits(self, x, ids):
         bias = None if self.logit_bias is None else self.logit_bias.float()
         return F.linear(x, self.weight.float(), bias)                    # (T, E)
 
     def select(self, a, ids):
-        return select_topk(a.softmax(dim=-1) + self.bias, self.k)[1] if self.per_step else None
+        return select_topk(a.softmax(dim=-1) + self.bias, self.k) if self.select_bias else None
 
     def update(self, counts):
-        if self.per_step:
+        if self.select_bias:
             balance_bias(self, counts)
 
     def similarity(self):
@@ -233,7 +233,7 @@ class SigmoidRouter(Router):
     renormalised, or s (gate_renorm=False), times routed_scale. score_fn=sqrt_softplus: s =
     sqrt(softplus(x W^T)), and hash layers, a fixed token-id table selecting (DeepSeek-V4)."""
     defaults = dict(c_lb=0.0, c_z=0.0)  # balanced by the bias instead
-    fused = False                       # the selection is not the top-k of the logits
+    topk_of_logits = False              # the selection is not the top-k of the logits
     per_step = True
     score_gates = True
 
@@ -267,10 +267,10 @@ class SigmoidRouter(Router):
             T, E = choice.shape
             groups = choice.view(T, self.n_group, E // self.n_group)      # (T, G, E/G)
             score = groups.topk(min(2, E // self.n_group), dim=-1).values.sum(-1)  # (T, G)
-            best = select_topk(score, self.topk_group)[1]                 # (T, topk_group), ties: lower group
+            best = select_topk(score, self.topk_group)                 # (T, topk_group), ties: lower group
             allowed = torch.zeros_like(score, dtype=torch.bool).scatter_(1, best, True)
             choice = choice.masked_fill(~allowed.repeat_interleave(E // self.n_group, dim=1), -math.inf)
-        return select_topk(choice, self.k)[1]
+        return select_topk(choice, self.k)
 
     def update(self, counts):
         balance_bias(self, counts)
@@ -286,7 +286,7 @@ class HashRouter(Router):
     """Hash layers (Roller et al. 2021, arXiv 2106.04426): every token id goes to k fixed random experts (a
     table in the checkpoint), gates 1/k. Nothing is learned: the baseline that shows what learning adds."""
     defaults = dict(c_lb=0.0, c_z=0.0, c_cp=0.0)  # constants here: no router parameter to move
-    fused = False
+    topk_of_logits = False
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -355,7 +355,7 @@ class ExpertChoiceRouter(Router):
     chosen first, `kept` marking them (the dispatch computes all E and discards the rest). Balanced by
     construction; not causal: a token's experts depend on later tokens (docs/design.md §2)."""
     defaults = dict(c_lb=0.0)  # balanced by construction
-    fused = False
+    topk_of_logits = False
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -374,7 +374,7 @@ class ExpertChoiceRouter(Router):
             lse = a.logsumexp(dim=-1)                                     # (T,)
             p = (a - lse[:, None]).exp()                                  # (T, E)
             c = min(T, math.ceil(self.choice_factor * T * self.k / E))
-            chosen_tok = select_topk(p.T, c)[1]                           # (E, c) each expert's tokens, ties: lower
+            chosen_tok = select_topk(p.T, c)                           # (E, c) each expert's tokens, ties: lower
             chosen = torch.zeros_like(p, dtype=torch.bool).scatter_(0, chosen_tok.T, True)  # (T, E)
             by_score = torch.sort(p, dim=1, descending=True, stable=True).indices           # (T, E)
             idx = by_score.gather(1, torch.sort((~chosen.gather(1, by_score)).to(torch.uint8), dim=1,
@@ -397,7 +397,7 @@ _compiled_reference = None
 
 def impl_problem(router, impl, E, k):
     """Why `router` cannot route E experts top-k with `impl`, or None (GPTConfig checks this early)."""
-    if impl in ("compile", "triton") and not ROUTERS[router].fused:
+    if impl in ("compile", "triton") and not ROUTERS[router].topk_of_logits:
         return f"router={router} has no fused routing pass: router_impl={impl} does not apply to it (use auto or torch)"
     return kernels.triton_unsupported(E, k) if impl == "triton" else None
 
@@ -479,7 +479,7 @@ class EigenRouter(Router):
         d, E, r, basis = cfg.n_embd, cfg.n_experts, cfg.ermoe_rank, cfg.ermoe_basis
         self.E, self.r, self.basis, self.beta_max = E, r, basis, beta_max
         self.read_coords = cfg.ermoe_input == "coords"
-        self.expert_width = r if self.read_coords else d
+        self.read_width = r if self.read_coords else d
         if basis == "partitioned":  # (GPTConfig has checked the mode and the rank)
             self.raw = nn.Parameter(torch.randn(d, d) / math.sqrt(d))
         else:
@@ -493,7 +493,8 @@ class EigenRouter(Router):
         self.lam = nn.Parameter(torch.ones(E, r)) if self.read_coords else None  # per-direction input scales
         if cfg.select_bias:
             self.register_buffer("bias", torch.zeros(E))    # (E,) in the checkpoint, no gradient
-            self.fused, self.per_step, self.rate = False, True, cfg.bias_update_rate
+            self.topk_of_logits, self.per_step, self.rate = False, True, cfg.bias_update_rate
+        self.select_bias = cfg.select_bias
 
     def bases(self):
         """P (E, d, r) in fp32."""
@@ -512,9 +513,9 @@ class EigenRouter(Router):
         with torch.autocast(device_type=x.device.type, enabled=False):  # QR and coordinates in fp32
             x = x.float()
             u = torch.einsum("td,edr->ter", x, self.bases())                 # (T, E, r)
-            if self.per_step:  # the loss-free bias selects: the top-k of p + b
+            if self.select_bias:  # the loss-free bias selects: the top-k of p + b
                 a = self.beta() * eigen_score(u, x.norm(dim=-1))             # (T, E)
-                routing = route_reference(a, self.k, self.renorm, select_topk(a.softmax(dim=-1) + self.bias, self.k)[1])
+                routing = route_reference(a, self.k, self.renorm, select_topk(a.softmax(dim=-1) + self.bias, self.k))
             else:
                 routing = eigen_route(u.flatten(1), x.norm(dim=-1), self.beta(), self.k, self.r, self.impl, self.renorm)
         penalty = self.penalty() if self.basis == "penalty" else None
@@ -522,7 +523,7 @@ class EigenRouter(Router):
         return self.finish(routing._replace(expert_inputs=inputs, penalty=penalty), x)
 
     def update(self, counts):
-        if self.per_step:
+        if self.select_bias:
             balance_bias(self, counts)
 
     def penalty(self):

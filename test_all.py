@@ -7,7 +7,8 @@ are in tests/. Run both: python -m pytest test_all.py tests -n 2
   routing semantics           the invariants of every router (docs/design.md §1), naive == sorted dispatch
   losses                      brute force, known values and other papers' normalisations
   expert choice, groups, KV   expert choice (and its non-causality), DeepSeek-V3's group-limited top-k,
-                              raw and scaled gates, cached generation, head_dim and per-head q/k norm
+                              raw and scaled gates, cached generation (the imports' attention options:
+                              tests/test_interop.py)
   ERMoE, R_sp and R_cp        the eigenbasis router's geometry; the two regularisers of Hu et al. 2026
   metrics                     the reference values of docs/design.md §5
   fused routing kernels       Triton and torch.compile == the PyTorch reference, forward and backward,
@@ -31,13 +32,13 @@ from losses import (aux_losses, coupling_loss, load_balancing_loss, specializati
                     specialization_loss, z_loss)
 from model import GPT, MLP, GPTConfig, MoE  # noqa: E402
 from router import ROUTERS as ROUTER_CLASSES  # noqa: E402
-from router import EigenRouter, eigen_route, eigenbasis_scores, select_topk, topk_route  # noqa: E402
+from router import EigenRouter, eigen_route, eigenbasis_scores, gates_of, select_topk, topk_route  # noqa: E402
 from support.data import gpt2_encoding  # noqa: E402
 from support.metrics import RoutingStats, load_stats, max_violation, nmi  # noqa: E402
 
 # The conformance list: every router here passes every test parametrised by ROUTERS.
 ROUTERS = ["softmax", "ermoe", "sigmoid", "hash", "cosine", "token_table"]
-KERNEL_ROUTERS = [name for name in ROUTERS if ROUTER_CLASSES[name].fused]  # the fused Triton pass applies
+KERNEL_ROUTERS = [name for name in ROUTERS if ROUTER_CLASSES[name].topk_of_logits]  # the fused Triton pass applies
 
 
 def moe_block(router="softmax", dispatch="sorted", seed=0, **kw):
@@ -70,14 +71,16 @@ def brute_topk(row, k):
 def test_select_topk_ties_and_gates():
     logits = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0], [0.0, 0.0, 0.0, 0.0, 0.0], [5.0, 1.0, 5.0, 5.0, 2.0]])
     for k in range(1, 6):
-        gates, idx = select_topk(logits, k)
+        idx = select_topk(logits, k)
+        gates = gates_of(logits, idx)
         for t in range(logits.shape[0]):
             assert idx[t].tolist() == brute_topk(logits[t].tolist(), k)
         want = torch.softmax(logits.gather(1, idx), dim=-1)
         assert torch.allclose(gates, want)
     torch.manual_seed(0)
     logits = torch.randint(0, 3, (200, 7)).float()  # many exact ties
-    gates, idx = select_topk(logits, 3, renormalize=False)
+    idx = select_topk(logits, 3)
+    gates = gates_of(logits, idx, renormalize=False)
     assert all(idx[t].tolist() == brute_topk(logits[t].tolist(), 3) for t in range(200))
     assert torch.allclose(gates, torch.softmax(logits, -1).gather(1, idx))
 
@@ -360,7 +363,7 @@ def test_global_batch_balance_by_hand_over_micro_batches_and_processes():
 
 
 # ------------------------------------------------------------------------------------------------
-# expert choice, DeepSeek-V3's group-limited routing, cached generation, the attention options
+# expert choice, DeepSeek-V3's group-limited routing, cached generation
 
 def expert_choice_block(dispatch="sorted", seed=0, **kw):
     return moe_block("expert_choice", dispatch, seed, **{"n_experts": 4, "top_k": 2, **kw})
@@ -482,40 +485,6 @@ def test_cached_generation_gives_the_same_tokens(router):
     assert cache[0]["k"].shape == (3, 1, 6, 16) and torch.allclose(last, full, atol=1e-5)
 
 
-def test_head_dim_apart_and_qk_norm_per_head():
-    """A head size that is not n_embd / n_head (Qwen3), and RMSNorm on each head of q and k: the
-    attention written out with explicit loops over heads."""
-    torch.manual_seed(0)
-    cfg = GPTConfig(n_layer=1, n_head=4, n_kv_head=2, head_dim=12, n_embd=32, block_size=8, vocab_size=64, n_experts=0,
-                    qk_norm=True, qk_norm_per_head=True)
-    model = GPT(cfg)
-    attn = model.blocks[0].attn
-    with torch.no_grad():
-        attn.q_norm.weight.normal_()
-        attn.k_norm.weight.normal_()
-    assert attn.c_attn.weight.shape == (4 * 12 + 2 * 2 * 12, 32) and attn.c_proj.weight.shape == (32, 48)
-    x = torch.randn(2, 8, 32)
-    q, k, v = attn.c_attn(x).split([48, 24, 24], dim=-1)
-    cos, sin = model.cos[:8], model.sin[:8]
-
-    def rms(t, w):
-        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + torch.finfo(t.dtype).eps) * w
-
-    def rotate(t):
-        a, b = t[..., :6], t[..., 6:]
-        return torch.cat([a * cos - b * sin, a * sin + b * cos], -1)
-    heads = []
-    for h in range(4):
-        qh = rotate(rms(q[..., 12 * h:12 * h + 12], attn.q_norm.weight))
-        kh = rotate(rms(k[..., 12 * (h // 2):12 * (h // 2) + 12], attn.k_norm.weight))
-        vh = v[..., 12 * (h // 2):12 * (h // 2) + 12]
-        scores = (qh @ kh.transpose(1, 2)) / math.sqrt(12) + torch.full((8, 8), -math.inf).triu(1)
-        heads.append(scores.softmax(-1) @ vh)
-    want = attn.c_proj(torch.cat(heads, -1))
-    assert torch.allclose(attn(x, cos, sin), want, atol=1e-5)
-    assert cfg.param_count() == model.num_params()[0]
-
-
 def test_every_router_of_the_registry_is_tested():
     assert set(ROUTER_CLASSES) == set(ROUTERS) | {"expert_choice"}
 
@@ -558,7 +527,7 @@ def test_ermoe_router_logits_and_partitioned_identity():
     assert torch.allclose((s ** 2).sum(-1), torch.ones(20), atol=1e-5)  # disjoint subspaces tile R^d
     assert router.metrics()["overlap"] < 1e-10
     reads_token = ermoe_router("independent", read="token")             # the default: the experts read x itself
-    assert reads_token(x).expert_inputs is None and reads_token.lam is None and reads_token.expert_width == 32
+    assert reads_token(x).expert_inputs is None and reads_token.lam is None and reads_token.read_width == 32
 
 
 @pytest.mark.parametrize("basis", ["independent", "partitioned"])
@@ -874,7 +843,7 @@ def on(device_type, dtype=torch.float32):
 def test_auto_impl_uses_triton_only_where_the_router_has_a_kernel_that_fits(router):
     from router import choose_impl
     cfg = dict(n_layer=1, n_head=2, n_embd=64, vocab_size=64, router=router)
-    fused = ROUTER_CLASSES[router].fused
+    fused = ROUTER_CLASSES[router].topk_of_logits
     assert choose_impl("auto", 64, 8, on("cuda")) == "triton" and choose_impl("auto", 64, 8, on("cpu")) == "torch"
     assert choose_impl("auto", 512, 2, on("cuda")) == "torch" and choose_impl("auto", 16, 10, on("cuda")) == "torch"
     assert choose_impl("auto", 8, 2, on("cuda", torch.float64)) == "torch"

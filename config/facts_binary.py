@@ -13,7 +13,8 @@ block_size = 13         # a record is 14 tokens: 12 digits, the attribute, its v
 n_experts = 16
 top_k = 2
 batch_size = 256
-max_iters = 4000        # at 2,000 one seed of the learned router had not settled: doubled after that look, for every arm
+max_iters = 4000        # at 2,000 one seed of the learned router had not settled: doubled after that look,
+                        # for every arm
 eval_interval = 500
 eval_iters = 10
 log_interval = 500

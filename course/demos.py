@@ -18,7 +18,7 @@ every arm of a demo runs the same recipe.
     python course/demos.py ermoe-search     # why ERMoE collapsed on text: one change each from its earlier form
     python course/demos.py hash-bpe         # the same on GPT-2 BPE tokens of the same text
     python course/demos.py balance          # auxiliary-loss-free balancing (Wang et al. 2024) vs L_lb vs none: MaxVio
-    python course/demos.py capacity         # bits of a fact table stored per parameter: dense sizes, E = 4, 8, 16, iso-total
+    python course/demos.py capacity         # bits of a fact table per parameter: dense sizes, E = 4, 8, 16, iso-total
     python course/demos.py capacity-exposures   # dense d=32 and E=8 at 125 and 500 exposures
     python course/demos.py routing          # learned vs hash on a task built to separate them, and on one that is not
     python course/demos.py regularisers     # R_sp and R_cp on the default run, paired by seed: none, Hu et al., 10x
@@ -211,7 +211,8 @@ def wallclock_variants(out_dir):
     same_time, same_flops = round(2000 * ratio), round(2000 * flops["moe"] / flops["dense"])
     hash_time = round(2000 * ratio_hash)
     return {"MoE, 8 experts top-2 (the default, 2,000 steps)": TEXT,
-            f"dense, the same time ({same_time:,} steps; step-time ratio {ratio:.3f})": [*DENSE, f"--max_iters={same_time}"],
+            f"dense, the same time ({same_time:,} steps; step-time ratio {ratio:.3f})":
+                [*DENSE, f"--max_iters={same_time}"],
             f"dense, the same FLOPs ({same_flops:,} steps)": [*DENSE, f"--max_iters={same_flops}"],
             "hash MoE (a fixed token-id table, 2,000 steps)": HASH,
             f"dense, the hash MoE's time ({hash_time:,} steps; step-time ratio {ratio_hash:.3f})":
@@ -258,8 +259,10 @@ LOSS_KEYS = [("val_loss", "val loss, whole split")]
 def show_default(runs, path):
     T.figure_losses(runs, path)
     names = list(runs)
-    return [T.Column("parameters total / active", "params", "params", 2), T.Column("val loss (whole split)", "val_loss", "mean", 4),
-            T.Column("per seed", "val_loss", "seeds", 4), T.Column("standard error of one run (largest)", "se", "worst", 4),
+    return [T.Column("parameters total / active", "params", "params", 2),
+            T.Column("val loss (whole split)", "val_loss", "mean", 4),
+            T.Column("per seed", "val_loss", "seeds", 4),
+            T.Column("standard error of one run (largest)", "se", "worst", 4),
             T.Column("- dense (paired)", "val_loss", "paired", 4, names[0])], ""
 
 
@@ -288,7 +291,8 @@ def show_hash(runs, path):
     learned = [n for n in names[1:] if n.startswith("learned") and "(softmax, the default)" in n]
     extra = [T.Column("- learned (paired)", "val_loss", "paired", 4, learned[0])] if learned else []
     extra += [T.Column("- dense (paired)", "val_loss", "paired", 4, names[-1])] if names[-1].startswith("dense") else []
-    return T.loss_columns(names[0], extra + [T.Column("load CV", "cv"), T.Column("routing entropy / log E", "entropy_norm"),
+    return T.loss_columns(names[0], extra + [T.Column("load CV", "cv"),
+                                             T.Column("routing entropy / log E", "entropy_norm"),
                                              T.Column("fluctuation (final)", "fluctuation"),
                                              T.Column("token-id binding", "id_binding")]), ""
 
@@ -298,7 +302,8 @@ def show_ermoe(runs, path):
                                          ("cv", "load CV"), ("logit_top", "largest logit (ERMoE: beta x cosine)")))
     return T.loss_columns(list(runs)[0], [T.Column("dead experts (of 4x8)", "dead", "mean", 1),
                                           T.Column("worst seed", "dead", "worst", 0), T.Column("load CV", "cv"),
-                                          T.Column("top-k mass", "topk_mass"), T.Column("largest logit", "logit_top", "mean", 1)]), ""
+                                          T.Column("top-k mass", "topk_mass"),
+                                          T.Column("largest logit", "logit_top", "mean", 1)]), ""
 
 
 def show_balance(runs, path):
@@ -309,8 +314,10 @@ def show_balance(runs, path):
     # each arm against the arm it differs from in one thing (DEMOS' order): L_lb removed or replaced by
     # the bias; then the z-loss removed; then the gating (softmax -> sigmoid)
     bases = dict(zip(names, [names[0], names[0], names[0], names[2], names[3]]))
-    columns = T.loss_columns(names[0], [T.Column("- its one-change neighbour (paired)", "val_loss", "paired", 4, "@row"),
-                                        T.Column("MaxVio_global", "maxvio_global"), T.Column("MaxVio_batch", "maxvio_batch"),
+    columns = T.loss_columns(names[0], [T.Column("- its one-change neighbour (paired)", "val_loss",
+                                                  "paired", 4, "@row"),
+                                        T.Column("MaxVio_global", "maxvio_global"),
+                                        T.Column("MaxVio_batch", "maxvio_batch"),
                                         T.Column("dead experts (of 4x8)", "dead", "mean", 1)])
     return columns, "", bases
 
@@ -335,10 +342,12 @@ def capacity_notes(facts):
     return (f"\nExposures: every person's record is seen {seen:.0f} times ({values['batch_size']} records "
             f"a step, {values['max_iters']:,} steps, {facts.N:,} people), unless a row says otherwise. The table "
             f"holds {facts.bits:,.0f} bits. Allen-Zhu & Li count every parameter (embeddings included): ~2 bits per "
-            f"parameter at 1,000 exposures, ~1 at 100; the non-embedding count leaves out the token embedding (tied).\n")
+            f"parameter at 1,000 exposures, ~1 at 100; the non-embedding count leaves out the token "
+            f"embedding (tied).\n")
 
 
-CAPACITY_COLUMNS = [T.Column("parameters total / active", "params", "params", 1), T.Column("bits stored", "bits", "mean", 0),
+CAPACITY_COLUMNS = [T.Column("parameters total / active", "params", "params", 1),
+                    T.Column("bits stored", "bits", "mean", 0),
                     T.Column("bits / total parameter", "bits_per_total", "mean", 2),
                     T.Column("bits / non-embedding parameter", "bits_per_nonembedding", "mean", 2)]
 
@@ -349,7 +358,8 @@ def show_capacity(runs, path):
     T.figure_capacity(runs, path, facts.bits)
     names = list(runs)
     bits_per_parameter(runs)
-    iso = {n: next((m for m in names if m.startswith(f"dense d=32, iso-total E={n.split('E=')[1].split(',')[0]} ")), None)
+    iso = {n: next((m for m in names if m.startswith(f"dense d=32, iso-total E={n.split('E=')[1].split(',')[0]} ")),
+                   None)
            for n in names if n.startswith("MoE")}
     bases = {n: iso.get(n) or n for n in names}  # an MoE against the dense MLP of its total parameters
     columns = [*CAPACITY_COLUMNS, T.Column(f"- {names[0]} (paired)", "bits", "paired", 0, names[0]),
@@ -366,8 +376,8 @@ def show_capacity_exposures(runs, path):
     T.figure_exposures(runs, path, {n: exposures(variants[n], facts)[0] for n in runs}, facts.bits)
     bases = {n: n.replace("8,000 steps", "2,000 steps") for n in runs}
     # one paired column: bits and bits per parameter differ by a constant factor, the same test twice
-    columns = [*CAPACITY_COLUMNS, T.Column("bits / total parameter - 2,000 steps (paired)", "bits_per_total", "paired", 3,
-                                           "@row")]
+    columns = [*CAPACITY_COLUMNS, T.Column("bits / total parameter - 2,000 steps (paired)", "bits_per_total",
+                                           "paired", 3, "@row")]
     return columns, capacity_notes(facts), bases
 
 
@@ -378,7 +388,8 @@ def show_routing(runs, path):
     T.save(fig, path)
     base = {n: f"{n.split(':')[0]}: learned (softmax)" for n in runs}
     cols = [T.Column("val loss", "val_loss"), T.Column("- learned (paired)", "val_loss", "paired", 3, "@row"),
-            T.Column("bits stored", "bits", "mean", 0), T.Column("experts used by the answers (of 16)", "query_experts", "mean", 2),
+            T.Column("bits stored", "bits", "mean", 0),
+            T.Column("experts used by the answers (of 16)", "query_experts", "mean", 2),
             T.Column("NMI(expert, source)", "source_nmi")]
     return cols, "", base
 
@@ -387,7 +398,8 @@ def show_regularisers(runs, path):
     names = list(runs)
     bits = "bits" in runs[names[0]][0]
     keys = [("val_loss", "val loss")] + ([("bits", "bits stored")] if bits else []) + \
-        [("coact_floor", "co-act cos² × f"), ("entropy_norm", "routing entropy / log E"), ("next_nmi", "NMI(layer l, l+1)")]
+        [("coact_floor", "co-act cos² × f"), ("entropy_norm", "routing entropy / log E"),
+         ("next_nmi", "NMI(layer l, l+1)")]
     T.figure_paired_lines(runs, path, keys)
     digits = {"bits": 0, "coact_floor": 2, "val_loss": 4}
     cols = [T.Column(t, k, "mean", digits.get(k, 3)) for k, t in keys]
@@ -429,7 +441,8 @@ def show_wallclock(runs, path):
     T.save(fig, path)
     names = list(runs)
     hash_time = [n for n in names if n.startswith("dense, the hash MoE's time")]
-    extra = [T.Column("- dense at the hash MoE's time (paired)", "val_loss", "paired", 4, hash_time[0])] if hash_time else []
+    extra = [T.Column("- dense at the hash MoE's time (paired)", "val_loss", "paired", 4,
+                      hash_time[0])] if hash_time else []
     return T.loss_columns(names[0], extra), T.wall_times(runs)
 
 
@@ -438,9 +451,11 @@ def show_hash_bpe(runs, path):
     return show_hash(runs, path)[0], T.wall_times(runs)
 
 
-SHOW = {"default": show_default, "nanogpt": show_nanogpt, "hash": show_hash, "hash-why": show_hash, "hash-bpe": show_hash_bpe,
+SHOW = {"default": show_default, "nanogpt": show_nanogpt, "hash": show_hash, "hash-why": show_hash,
+        "hash-bpe": show_hash_bpe,
         "capacity-exposures": show_capacity_exposures,
-        "ermoe": show_ermoe, "ermoe-search": show_ermoe, "balance": show_balance, "wallclock": show_wallclock, "crossover": show_wallclock,
+        "ermoe": show_ermoe, "ermoe-search": show_ermoe, "balance": show_balance, "wallclock": show_wallclock,
+        "crossover": show_wallclock,
         "crossover-top1": show_wallclock, "capacity": show_capacity, "routing": show_routing,
         "regularisers": show_regularisers, "regularisers-facts": show_regularisers, "collapse": show_collapse,
         "coupling": show_coupling, "specialization": show_specialization}
@@ -474,7 +489,8 @@ def render_per_row(runs, columns, bases):
 
 
 def main(argv):
-    parser = ArgParser(prog="python course/demos.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgParser(prog="python course/demos.py", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("demo", choices=[*DEMOS, "verdicts"], help="a demo, or 'verdicts': every paired comparison of "
                         "the docs' JSON files with Holm's correction (docs/verdicts.md)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0-4 (0-2 where a demo says so)")

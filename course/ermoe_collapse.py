@@ -72,7 +72,8 @@ def figure(log, grads, loads, path):
         axes[2, layer].plot(its, np.array([r["layers"][layer]["logit_top"] for r in evals]) / beta * 10, "g-",
                             label="top-1 cosine x 10")
         axes[2, layer].legend(fontsize=7)
-        axes[3, layer].scatter(np.array(loads[layer]) * E, grads[layer], c=["tab:red" if d else "tab:blue" for d in dead])
+        axes[3, layer].scatter(np.array(loads[layer]) * E, grads[layer],
+                               c=["tab:red" if d else "tab:blue" for d in dead])
         axes[3, layer].set(xlabel="load x E (8 batches)", ylabel="|grad of the LM loss| on P_e", title="at the end")
     for ax in axes[:3].flat:
         ax.set_xlabel("iter")
@@ -105,8 +106,9 @@ def main(argv):
     summary = {"command": f"python course/ermoe_collapse.py --seed {args.seed}", "seed": args.seed,
                "dead_per_layer": [m["dead"] for m in final["layers"]],
                "basis_grad_norm": grads, "load": loads,
-               "evaluations": [{"iter": r["iter"], "layers": [{k: m[k] for k in ("load", "beta", "logit_mean", "logit_top",
-                                                                                  "dead", "topk_mass") if k in m}
+               "evaluations": [{"iter": r["iter"], "layers": [{k: m[k] for k in ("load", "beta", "logit_mean",
+                                                                                  "logit_top", "dead", "topk_mass")
+                                                                       if k in m}
                                                                for m in r["layers"]]}
                                for r in log if r.get("layers") and "val_loss" in r]}
     with open(os.path.join(args.docs, "ermoe_collapse.json"), "w") as fh:

@@ -222,7 +222,8 @@ def figure_capacity(runs, path, table_bits):
         axes[1].plot(xs, [m / x for (m, _), x in zip(ys, xs)], style, label=f"{group}, per total parameter")
     x = np.array([min(p["total"] for p in params.values()), max(p["total"] for p in params.values())])
     for rate in (1, 2):
-        axes[0].plot(x, rate * x, "k--" if rate == 2 else "k:", lw=1, label=f"{rate} bit{'s' * (rate > 1)} per parameter")
+        axes[0].plot(x, rate * x, "k--" if rate == 2 else "k:", lw=1,
+                     label=f"{rate} bit{'s' * (rate > 1)} per parameter")
     axes[0].axhline(table_bits, color="tab:red", lw=1, label=f"the whole table: {table_bits:,.0f} bits")
     axes[0].set(xscale="log", yscale="log", xlabel="total parameters", ylabel="bits stored", title="bits stored")
     axes[1].set(xscale="log", xlabel="total parameters", ylabel="bits / parameter", title="bits per parameter")
@@ -324,7 +325,9 @@ def holm_table(docs):
     from support.stats import holm
     rows = comparisons(docs)
     adjusted = holm([r[-1] for r in rows])
-    lines = ["| demo | variant | against | difference | p | Holm-adjusted p | survives |", "|---|---|---|---|---|---|---|"]
+    lines = ["| demo | variant | against | difference | p | Holm-adjusted p | survives |",
+             "|---|---|---|---|---|---|---|"]
     for (demo, name, base, key, mean, p), q in zip(rows, adjusted):
-        lines.append(f"| {demo} | {name} | {base} | {key} {mean:+.4g} | {p:.2g} | {q:.2g} | {'yes' if q <= 0.05 else 'no'} |")
+        lines.append(f"| {demo} | {name} | {base} | {key} {mean:+.4g} | {p:.2g} | {q:.2g} | "
+                     f"{'yes' if q <= 0.05 else 'no'} |")
     return "\n".join(lines) + "\n", len(rows), sum(q <= 0.05 for q in adjusted)

@@ -22,7 +22,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from losses import coupling_loss, load_balancing_loss, specialization_loss, z_loss  # noqa: E402
 from model import GPTConfig, MoE, grouped_matmul  # noqa: E402
-from router import EigenRouter, eigenbasis_scores, expert_counts, select_topk  # noqa: E402
+from router import EigenRouter, eigenbasis_scores, expert_counts, gates_of, select_topk  # noqa: E402
 
 torch.manual_seed(0)
 torch.set_grad_enabled(False)                           # a lecture: values only, no gradients
@@ -49,7 +49,8 @@ def check(name, mine, library, tol=1e-5):
     """Print a number computed by hand next to the library's, and stop if they disagree."""
     mine, library = torch.as_tensor(mine, dtype=torch.float32), torch.as_tensor(library, dtype=torch.float32)
     ok = torch.allclose(mine, library, atol=tol, rtol=tol)
-    show = lambda t: "[" + ", ".join(f"{v:.4g}" for v in t.flatten()[:4].tolist()) + ("]" if t.numel() <= 4 else ", ...]")
+    show = lambda t: "[" + ", ".join(f"{v:.4g}" for v in t.flatten()[:4].tolist()) + (
+        "]" if t.numel() <= 4 else ", ...]")
     print(f"  {name:<36} by hand {show(mine):<36} library {show(library):<36} {'agree' if ok else 'DIFFER'}")
     assert ok, name
     CHECKS.append(name)
@@ -82,9 +83,10 @@ check("router logits", logits, moe.router.logits(x, None))
 # %%
 section("2. The top-k choice and the tie rule")
 tie_row = torch.tensor([[1.0, 3.0, 3.0, 2.0]])
-print("tie row", tie_row.tolist(), "-> experts", select_topk(tie_row, 2)[1].tolist())
+print("tie row", tie_row.tolist(), "-> experts", select_topk(tie_row, 2).tolist())
 order = sorted(range(E), key=lambda e: (-logits[0, e].item(), e))   # by hand for token 0
-gates, idx = select_topk(logits, k)                     # (T, k), (T, k)
+idx = select_topk(logits, k)                            # (T, k)
+gates = gates_of(logits, idx)                           # (T, k)
 print("selected experts idx (T, k):\n", idx)
 print("gates (T, k):\n", gates)
 check("token 0's experts", order[:k], idx[0])
@@ -183,9 +185,10 @@ z = routing.acts.view(T, k, f)                             # the intermediates t
 cos2 = sum(F.cosine_similarity(z[t, i], z[t, j], dim=0) ** 2 for t in range(T) for i in range(k)
            for j in range(k) if i != j) / T
 check("R_sp", cos2, specialization_loss(z))
-print(f"  random floor of one pair's cos^2: 1/f = {1 / f:.3f}; this layer's mean pair: {cos2.item() / (k * (k - 1)):.3f}")
+print(f"  random floor of one pair's cos^2: 1/f = {1 / f:.3f}; "
+      f"this layer's mean pair: {cos2.item() / (k * (k - 1)):.3f}")
 p2 = torch.softmax(x @ torch.randn(E, d).T * 0.5, dim=-1)  # a second layer's probabilities
-idx2 = select_topk(p2.log(), k)[1]
+idx2 = select_topk(p2.log(), k)
 M1, M2 = p.gather(1, idx).sum(1), p2.gather(1, idx2).sum(1)
 check("R_cp", -(M1 * M2).mean(), coupling_loss([p, p2], idx_list=[idx, idx2]))
 
@@ -216,7 +219,8 @@ print("scores of a vector inside span(P_1):", eigenbasis_scores(inside[None], P)
 ermoe_routing = ermoe(x)
 check("ERMoE logits = beta * s", ermoe.beta() * eigenbasis_scores(x, P), ermoe_routing.logits)
 print("ERMoE picks", ermoe_routing.idx[:4].tolist(), "for the first 4 tokens; the experts read x itself",
-      "(ermoe_input='coords': only their r coordinates lambda * u, the form that collapsed on text: docs/design.md §2)")
+      "(ermoe_input='coords': only their r coordinates lambda * u, "
+      "the form that collapsed on text: docs/design.md §2)")
 
 # %% [markdown]
 # ## What next

@@ -10,7 +10,8 @@ import sys
 from tests.helpers import REPO
 
 def test_walkthrough_runs_as_a_plain_script():
-    res = subprocess.run([sys.executable, "course/walkthrough.py"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "course/walkthrough.py"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "DIFFER" not in res.stdout and "checks agree" in res.stdout
     cells = open(os.path.join(REPO, "course", "walkthrough.py")).read().count("# %%")
@@ -20,8 +21,8 @@ def test_walkthrough_runs_as_a_plain_script():
 def grade(package=None, env_extra=None):
     env = {**os.environ, **({"EXERCISES": package} if package else {}), **(env_extra or {})}
     env.pop("TRITON_INTERPRET", None)
-    return subprocess.run([sys.executable, "-m", "pytest", "course/exercises", "-q", "-p", "no:cacheprovider"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "pytest", "course/exercises", "-q", "-p", "no:cacheprovider"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_exercise_grader_accepts_the_key_rejects_the_stubs_and_explains_a_wrong_answer(tmp_path):
@@ -49,5 +50,6 @@ def test_the_exercises_folder_is_the_handout():
     names = sorted(os.listdir(os.path.join(REPO, "course", "exercises")))
     assert not [n for n in names if "solution" in n]
     stubs = [n for n in names if n.startswith("ex") and n.endswith(".py")]
-    assert len(stubs) == 9 and all("raise NotImplementedError" in open(os.path.join(REPO, "course", "exercises", n)).read()
+    assert len(stubs) == 9 and all("raise NotImplementedError"
+                                   in open(os.path.join(REPO, "course", "exercises", n)).read()
                                    for n in stubs)

@@ -37,7 +37,8 @@ def swiglu_weights(experts):
 
 def mlp_weights(mlp, prefix="shared"):
     """A transformers SwiGLU MLP (gate_proj, up_proj, down_proj) -> our shared experts' MLP."""
-    return {f"{prefix}.c_gate.weight": (mlp.gate_proj.weight, same), f"{prefix}.c_up.weight": (mlp.up_proj.weight, same),
+    return {f"{prefix}.c_gate.weight": (mlp.gate_proj.weight, same),
+            f"{prefix}.c_up.weight": (mlp.up_proj.weight, same),
             f"{prefix}.c_proj.weight": (mlp.down_proj.weight, same)}
 
 
@@ -51,7 +52,8 @@ def build(family, tf, layer=0):
         hf = m.gpt_oss.modeling_gpt_oss.GptOssMLP(cfg)
         ex = hf.experts
         weights = {"router.weight": (hf.router.weight, same), "router.logit_bias": (hf.router.bias, same),
-                   "w_gate": (ex.gate_up_proj, lambda t: t[..., 0::2]), "w_up": (ex.gate_up_proj, lambda t: t[..., 1::2]),
+                   "w_gate": (ex.gate_up_proj, lambda t: t[..., 0::2]),
+                   "w_up": (ex.gate_up_proj, lambda t: t[..., 1::2]),
                    "w_down": (ex.down_proj, same), "biases.0": (ex.gate_up_proj_bias, lambda t: t[:, 0::2]),
                    "biases.1": (ex.gate_up_proj_bias, lambda t: t[:, 1::2]), "biases.2": (ex.down_proj_bias, same)}
         return hf, (lambda x, ids: hf(x)[0]), hf.router, dict(swiglu_limit=0.3), weights
@@ -61,7 +63,8 @@ def build(family, tf, layer=0):
                                              mlp_layer_types=["hash_moe", "moe"], swiglu_limit=0.5,
                                              routed_scaling_factor=1.7)
         hf = m.deepseek_v4.modeling_deepseek_v4.DeepseekV4SparseMoeBlock(cfg, layer)
-        weights = {"router.weight": (hf.gate.weight, same), **swiglu_weights(hf.experts), **mlp_weights(hf.shared_experts)}
+        weights = {"router.weight": (hf.gate.weight, same), **swiglu_weights(hf.experts),
+                   **mlp_weights(hf.shared_experts)}
         weights.update({"router.table": (hf.gate.tid2eid, same), "router.bias": (torch.zeros(E), same)} if layer == 0
                        else {"router.bias": (hf.gate.e_score_correction_bias, same)})  # a hash layer has no bias
         return hf, (lambda x, ids: hf(x, input_ids=ids)), hf.gate, dict(swiglu_limit=0.5, routed_scale=1.7), weights
@@ -75,7 +78,8 @@ def build(family, tf, layer=0):
                    **mlp_weights(hf.shared_expert)}
         return hf, (lambda x, ids: hf(x)[0].view(x.shape)), hf.router, {}, weights
     if family == "glm4_moe":
-        cfg = m.glm4_moe.Glm4MoeConfig(hidden_size=D, moe_intermediate_size=F_, n_routed_experts=E, num_experts_per_tok=K,
+        cfg = m.glm4_moe.Glm4MoeConfig(hidden_size=D, moe_intermediate_size=F_, n_routed_experts=E,
+                                       num_experts_per_tok=K,
                                        n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5,
                                        norm_topk_prob=True)
         hf = m.glm4_moe.modeling_glm4_moe.Glm4MoeMoE(cfg)
@@ -83,7 +87,8 @@ def build(family, tf, layer=0):
                    **swiglu_weights(hf.experts), **mlp_weights(hf.shared_experts)}
         return hf, (lambda x, ids: hf(x)), hf.gate, {}, weights
     if family == "minimax_m2":
-        cfg = m.minimax_m2.MiniMaxM2Config(hidden_size=D, intermediate_size=F_, num_local_experts=E, num_experts_per_tok=K)
+        cfg = m.minimax_m2.MiniMaxM2Config(hidden_size=D, intermediate_size=F_, num_local_experts=E,
+                                           num_experts_per_tok=K)
         hf = m.minimax_m2.modeling_minimax_m2.MiniMaxM2SparseMoeBlock(cfg)
         weights = {"router.weight": (hf.gate.weight, same), "router.bias": (hf.e_score_correction_bias, same),
                    **swiglu_weights(hf.experts)}
@@ -136,7 +141,8 @@ def fill(module, seed, std=0.2):
 @pytest.mark.parametrize("family", FAMILIES + ["deepseek_v4 hash layer"])
 def test_family_block_equals_transformers(family, dispatch):
     tf = require("transformers", "the atlas compares every family with its transformers block")
-    family, layer = (family.split()[0], 0) if family.endswith("hash layer") else (family, 1 if family == "deepseek_v4" else 0)
+    family, layer = (family.split()[0], 0) if family.endswith("hash layer") else (
+        family, 1 if family == "deepseek_v4" else 0)
     torch.manual_seed(0)
     hf, call, router, extra, weights = build(family, tf, layer)
     fill(hf, seed=layer)

@@ -186,7 +186,8 @@ def test_a_lost_process_ends_the_others_with_one_line_and_no_hang(tmp_path, peer
 def test_init_from_auto_starts_a_run_then_resumes_it_bit_for_bit(tmp_path):
     common = ["--init_from=auto", "--eval_interval=2", "--lr_decay_iters=8", "--dropout=0.1"]
     (tmp_path / "auto").mkdir()
-    (tmp_path / "auto" / "log.jsonl").write_text('{"iter": 0, "train_loss": 9.0}\n')  # a run killed before any checkpoint
+    # a run killed before any checkpoint
+    (tmp_path / "auto" / "log.jsonl").write_text('{"iter": 0, "train_loss": 9.0}\n')
     out = train(tmp_path / "auto", *common, "--max_iters=2")
     assert "resumed" not in out and min(train_losses(tmp_path / "auto")) == 1   # started over
     out = train(tmp_path / "auto", *common, "--max_iters=4")                     # the same command, requeued
@@ -260,7 +261,8 @@ def test_injected_write_errors_are_one_line_and_leave_nothing_half_written(tmp_p
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", full_disk)
     code, _, err = cli("train", f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=2", "--eval_interval=2")
-    assert code == 1 and err.count("\n") == 1 and "cannot write ckpt.pt in" in err and "(No space left on device)" in err
+    assert code == 1 and err.count("\n") == 1 and "cannot write ckpt.pt in" in err and \
+        "(No space left on device)" in err
     assert "is intact" in err and sha(tmp_path / "ckpt.pt") == before and not temp_files(tmp_path)
 
     def writer_fails(obj, f, *a, **k):  # what torch's own zip writer raises on a full disk
@@ -389,7 +391,8 @@ def test_a_checkpoint_of_format_2_with_every_family_and_import_field_samples_and
     code, out, err = cli("train", f"--out_dir={tmp_path / 'run'}", "--init_from=resume", "--max_iters=8")
     assert code == 0 and "resumed from" in out, err
     got = train_losses(tmp_path / "run")
-    assert sorted(got) == [5, 6, 7, 8] and all(math.isclose(got[i], OLD_ATLAS_LOSSES[i], rel_tol=1e-5) for i in got), got
+    assert sorted(got) == [5, 6, 7, 8] and all(math.isclose(got[i], OLD_ATLAS_LOSSES[i], rel_tol=1e-5)
+                                               for i in got), got
     code, _, err = cli("tools.convert", "to-hf", OLD_ATLAS, tmp_path / "hf")  # refused by name: no Mixtral has these
     assert code == 1 and err.strip() == (f"error: {OLD_ATLAS}/ckpt.pt cannot be exported to Mixtral: n_shared=1: "
                                          "Mixtral has no shared experts"), err

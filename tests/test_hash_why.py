@@ -76,7 +76,8 @@ def test_balanced_table_greedy_gives_each_id_k_experts_and_evens_the_load():
                                                               counts[:4].repeat_interleave(2)).tolist())
                for pairs in itertools.product(itertools.combinations(range(4), 2), repeat=4))
     small = balanced_table(counts[:4], 4, 2)
-    assert max(torch.zeros(4, dtype=torch.long).index_add_(0, small.reshape(-1), counts[:4].repeat_interleave(2))) == best
+    assert max(torch.zeros(4, dtype=torch.long).index_add_(0, small.reshape(-1),
+                                                           counts[:4].repeat_interleave(2))) == best
 
 
 def test_a_frozen_router_keeps_its_weights_and_the_rest_learns(tmp_path):

@@ -37,7 +37,8 @@ def unplaced(arch, keys):
 def modeling_reads(transformers, arch):
     """The config attributes transformers' modeling code of the family reads: config.X and getattr(config, "X")."""
     source = inspect.getsource(inspect.getmodule(getattr(transformers, arch)))
-    names = set(re.findall(r"\bconfig\.([a-z]\w*)", source)) | set(re.findall(r"getattr\((?:self\.)?config, \"(\w+)\"", source))
+    names = set(re.findall(r"\bconfig\.([a-z]\w*)", source)) | \
+        set(re.findall(r"getattr\((?:self\.)?config, \"(\w+)\"", source))
     return {n for n in names if not callable(getattr(getattr(transformers, arch).config_class, n, None))}
 
 
@@ -48,7 +49,8 @@ def test_every_config_key_of_every_family_is_read_refused_or_ignored():
         config_class = getattr(transformers, arch).config_class
         keys = config_class().to_dict()
         assert not unplaced(arch, keys), (arch, unplaced(arch, keys))
-        assert not unplaced(arch, modeling_reads(transformers, arch)), (arch, unplaced(arch, modeling_reads(transformers, arch)))
+        assert not unplaced(arch, modeling_reads(transformers, arch)), (
+            arch, unplaced(arch, modeling_reads(transformers, arch)))
         fields = getattr(config_class, "__dataclass_fields__", {})
         fields.update({key: fields[alias] for alias, key in config_class.attribute_map.items() if alias in fields})
         for key, ours_default in {**FAMILIES[arch]["read"], **FAMILIES[arch]["refused"]}.items():
@@ -114,7 +116,8 @@ def rewrite(folder, drop=(), **keys):
 
 
 def assert_same_model(folder, out, hf):
-    """tools/convert.py from-hf `folder` into `out`: the logits within 1e-5 of `hf` (relative) and ten greedy tokens equal."""
+    """tools/convert.py from-hf `folder` into `out`: the logits within 1e-5 of `hf` (relative) and \
+ten greedy tokens equal."""
     code, stdout, err = cli("tools.convert", "from-hf", folder, out)
     assert code == 0, err
     model = ours(out)
@@ -122,7 +125,8 @@ def assert_same_model(folder, out, hf):
     with torch.no_grad():
         assert close(model(ids, ids)[0], hf(ids).logits)
     prompt = ids[:, :5]
-    want = hf.generate(prompt, max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(prompt), pad_token_id=0)
+    want = hf.generate(prompt, max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(prompt),
+                       pad_token_id=0)
     assert torch.equal(model.generate(prompt, 10, temperature=0), want)
     return stdout
 
@@ -134,16 +138,16 @@ def test_minimax_m2_released_config_reads_rotary_dim(tmp_path):
     minimax(transformers).save_pretrained(tmp_path / "hf")
     rewrite(tmp_path / "hf", drop=("rope_parameters", "partial_rotary_factor"), rotary_dim=4, rope_theta=5000000,
             attn_type_list=[1, 1], qk_norm_type="per_layer", scoring_func="sigmoid", use_qk_norm=True,
-            use_routing_bias=True, shared_intermediate_size=0, use_mtp=True, num_mtp_modules=3, mtp_transformer_layers=1,
-            torch_dtype="float32")
+            use_routing_bias=True, shared_intermediate_size=0, use_mtp=True, num_mtp_modules=3,
+            mtp_transformer_layers=1, torch_dtype="float32")
     hf = transformers.MiniMaxM2ForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert hf.config.rope_parameters["partial_rotary_factor"] == 0.5
     assert_same_model(tmp_path / "hf", tmp_path / "ours", hf)
     assert ours(tmp_path / "ours").config.rotary_dim == 4
     for key, value in (("scoring_func", "softmax"), ("attn_type_list", [1, 0]), ("shared_intermediate_size", 64)):
         (tmp_path / key).mkdir()
-        (tmp_path / key / "config.json").write_text(json.dumps({**json.loads((tmp_path / "hf" / "config.json").read_text()),
-                                                                key: value}))
+        (tmp_path / key / "config.json").write_text(json.dumps(
+            {**json.loads((tmp_path / "hf" / "config.json").read_text()), key: value}))
         code, out, err = cli("tools.convert", "from-hf", tmp_path / key, tmp_path / "x")
         assert code == 1 and err.count("\n") == 1 and f"{key}=" in err and "has no counterpart" in err, err
 
@@ -168,7 +172,8 @@ def test_unknown_keys_are_named_and_top1_with_renormalised_sigmoid_gates_is_refu
     rewrite(tmp_path / "hf", some_key_of_a_fine_tuner=3)
     hf = transformers.MiniMaxM2ForCausalLM.from_pretrained(tmp_path / "hf").eval()
     out = assert_same_model(tmp_path / "hf", tmp_path / "ours", hf)
-    assert "note: config.json keys not read (nor by transformers' MiniMaxM2ForCausalLM): some_key_of_a_fine_tuner" in out
+    assert ("note: config.json keys not read (nor by transformers' MiniMaxM2ForCausalLM): "
+            "some_key_of_a_fine_tuner") in out
     minimax(transformers, num_experts_per_tok=1).save_pretrained(tmp_path / "top1")
     code, out, err = cli("tools.convert", "from-hf", tmp_path / "top1", tmp_path / "x")
     assert code == 1 and err.count("\n") == 1 and "one expert per token with renormalised gates" in err, err
@@ -217,20 +222,22 @@ def test_fp8_block_scaled_weights_are_dequantised_and_never_loaded_unscaled(tmp_
             fp8[name] = reference[name] = w
     assert sum(t.dtype == torch.float8_e4m3fn for t in fp8.values()) == 2 * (4 + 3 * 8)
     quantization = {"quant_method": "fp8", "fmt": "float8_e4m3fn", "activation_scheme": "dynamic",
-                    "weight_block_size": [8, 8], "modules_to_not_convert": ["gate", "e_score_correction_bias", "lm_head"]}
+                    "weight_block_size": [8, 8],
+                    "modules_to_not_convert": ["gate", "e_score_correction_bias", "lm_head"]}
     for name, tensors, extra in (("fp8", fp8, {"quantization_config": quantization}),
                                  ("no_scales", {k: v for k, v in fp8.items() if not k.endswith("_scale_inv")},
                                   {"quantization_config": quantization}),
                                  ("no_quantization_config", fp8, {})):
         (tmp_path / name).mkdir()
         save_file(tensors, tmp_path / name / "model.safetensors")
-        (tmp_path / name / "config.json").write_text(json.dumps({**json.loads((tmp_path / "hf" / "config.json").read_text()),
-                                                                 **extra}))
+        (tmp_path / name / "config.json").write_text(json.dumps(
+            {**json.loads((tmp_path / "hf" / "config.json").read_text()), **extra}))
     (tmp_path / "reference").mkdir()  # the dequantised weights in the same layout, read by transformers itself
     save_file(reference, tmp_path / "reference" / "model.safetensors")
     (tmp_path / "reference" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
     hf = transformers.MiniMaxM2ForCausalLM.from_pretrained(tmp_path / "reference").eval()
-    assert not torch.equal(hf.model.layers[0].self_attn.q_proj.weight, weights["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(hf.model.layers[0].self_attn.q_proj.weight,
+                           weights["model.layers.0.self_attn.q_proj.weight"])
     assert_same_model(tmp_path / "fp8", tmp_path / "ours", hf)
     for name, message in (("no_scales", "is FP8 (torch.float8_e4m3fn) with no '"),
                           ("no_quantization_config", "with no quantization_config in config.json")):
@@ -239,8 +246,9 @@ def test_fp8_block_scaled_weights_are_dequantised_and_never_loaded_unscaled(tmp_
             assert code == 1 and err.count("\n") == 1 and message in err and "without their block scales" in err, err
             assert "--ignore_unused" not in err and not (tmp_path / "x").exists()
     (tmp_path / "gptq").mkdir()
-    (tmp_path / "gptq" / "config.json").write_text(json.dumps({**json.loads((tmp_path / "hf" / "config.json").read_text()),
-                                                               "quantization_config": {"quant_method": "gptq"}}))
+    (tmp_path / "gptq" / "config.json").write_text(json.dumps(
+        {**json.loads((tmp_path / "hf" / "config.json").read_text()),
+         "quantization_config": {"quant_method": "gptq"}}))
     code, out, err = cli("tools.convert", "from-hf", tmp_path / "gptq", tmp_path / "x")
     assert code == 1 and "quant_method='gptq'" in err, err
 

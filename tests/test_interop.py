@@ -1,9 +1,11 @@
 """
-Real models in and out (tools/convert.py) against transformers with random weights. transformers is a
-test-only dependency: these tests skip without it.
+Real models in and out (tools/convert.py) against transformers with random weights (transformers is a
+test-only dependency: those tests skip without it), and the backbone options the imports need against
+the attention written out with loops.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -23,14 +25,16 @@ def hf_models():
     models = {
         "mixtral": transformers.MixtralForCausalLM(transformers.MixtralConfig(
             **common, num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6)),
-        "olmoe": transformers.OlmoeForCausalLM(transformers.OlmoeConfig(**common, num_experts=4, num_experts_per_tok=2)),
+        "olmoe": transformers.OlmoeForCausalLM(transformers.OlmoeConfig(
+            **common, num_experts=4, num_experts_per_tok=2)),
         "qwen2_moe": transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
             **common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, shared_expert_intermediate_size=16,
             norm_topk_prob=True)),
         # Qwen3-30B-A3B's shape in small: heads of 16 with d=32 and 4 heads (head_dim apart from d / n_head),
         # q/k norm per head, raw top-k gates
         "qwen3_moe": transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
-            **common, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, norm_topk_prob=False)),
+            **common, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+            norm_topk_prob=False)),
     }
     for m in models.values():  # larger than the default init, so that every path matters
         with torch.no_grad():
@@ -108,7 +112,8 @@ def test_convert_refuses_what_does_not_map(tmp_path):
     (tmp_path / "torn" / "config.json").write_text('{"architectures": ["MixtralForCausalLM"], "hidden_')
     for args, message in ((["to-hf", tmp_path / "ermoe", tmp_path / "x"], "router=ermoe: Mixtral routes with a linear"),
                           (["to-hf", tmp_path / "shared", tmp_path / "x"], "n_shared=1: Mixtral has no shared experts"),
-                          (["from-hf", tmp_path / "llama", tmp_path / "x"], "architecture 'LlamaForCausalLM' is not one of"),
+                          (["from-hf", tmp_path / "llama", tmp_path / "x"],
+                           "architecture 'LlamaForCausalLM' is not one of"),
                           (["from-hf", tmp_path / "nowhere", tmp_path / "x"], "is not a directory"),
                           (["from-hf", tmp_path / "torn", tmp_path / "x"], "config.json is not JSON"),
                           (["sideways", tmp_path, tmp_path], "usage: python tools/convert.py")):
@@ -210,7 +215,7 @@ def test_sigmoid_router_equals_deepseek_v3_moe(renorm):
 def select_without_groups(moe, x):
     from router import select_topk
     s = torch.sigmoid(torch.nn.functional.linear(x, moe.router.weight))
-    return select_topk(s + moe.router.bias, moe.router.k)[1]
+    return select_topk(s + moe.router.bias, moe.router.k)
 
 
 def test_every_bad_checkpoint_folder_is_one_error_line_and_the_previous_import_is_unchanged(tmp_path):
@@ -244,7 +249,8 @@ def test_every_bad_checkpoint_folder_is_one_error_line_and_the_previous_import_i
         (variant("cut_data", raw=whole[:len(whole) // 2]), "model.safetensors"),
         (variant("string_width", {"hidden_size": "32"}), "config.json: hidden_size must be an integer >= 1, got '32'"),
         (variant("negative_experts", {"num_local_experts": -4}), "num_local_experts must be an integer >= 1, got -4"),
-        (variant("too_many_per_token", {"num_experts_per_tok": 9}), "num_experts_per_tok must be an integer in [1, 4], got 9"),
+        (variant("too_many_per_token", {"num_experts_per_tok": 9}),
+         "num_experts_per_tok must be an integer in [1, 4], got 9"),
         (variant("bool_eps", {"rms_norm_eps": True}), "rms_norm_eps must be a number"),
         (variant("unused", tensors=extra), "1 tensor(s) this conversion does not use: "
                                            "model.layers.0.block_sparse_moe.extra_norm.weight; pass --ignore_unused"),
@@ -284,7 +290,8 @@ fused, ref = router.topk_route(logits, 2, "triton"), router.topk_route(logits, 2
 assert torch.equal(fused.idx, ref.idx) and torch.allclose(fused.gates, ref.gates)
 fused.gates.sum().backward()
 print("ours:", kernels.fused_route.__module__, os.path.relpath(kernels.__file__))
-print("theirs:", kernels.Mode.__module__, kernels.__version__ == __import__("importlib.metadata").metadata.version("kernels"))
+print("theirs:", kernels.Mode.__module__, \
+kernels.__version__ == __import__("importlib.metadata").metadata.version("kernels"))
 print("logits:", tuple(ours(torch.zeros(1, 8, dtype=torch.long))[0].shape), type(hf).__name__)
 """
 
@@ -359,8 +366,10 @@ def test_nanogpt_parts_equal_gpt2_in_transformers():
           "ln_f.weight": hf.transformer.ln_f.weight}
     for i, h in enumerate(hf.transformer.h):  # Conv1D keeps (in, out): transposed for nn.Linear
         sd.update({f"blocks.{i}.ln_1.weight": h.ln_1.weight, f"blocks.{i}.ln_2.weight": h.ln_2.weight,
-                   f"blocks.{i}.attn.c_attn.weight": h.attn.c_attn.weight.T, f"blocks.{i}.attn.c_proj.weight": h.attn.c_proj.weight.T,
-                   f"blocks.{i}.mlp.c_up.weight": h.mlp.c_fc.weight.T, f"blocks.{i}.mlp.c_proj.weight": h.mlp.c_proj.weight.T})
+                   f"blocks.{i}.attn.c_attn.weight": h.attn.c_attn.weight.T,
+                   f"blocks.{i}.attn.c_proj.weight": h.attn.c_proj.weight.T,
+                   f"blocks.{i}.mlp.c_up.weight": h.mlp.c_fc.weight.T,
+                   f"blocks.{i}.mlp.c_proj.weight": h.mlp.c_proj.weight.T})
     missing, unexpected = model.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
     assert missing == ["lm_head.weight"] and not unexpected  # lm_head is tied to wte on both sides
     ids = torch.randint(0, V, (2, S))
@@ -369,7 +378,8 @@ def test_nanogpt_parts_equal_gpt2_in_transformers():
     a.loss.backward()
     torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1)).backward()
     h = hf.transformer.h
-    for ours_p, theirs in ((model.wpe.weight, hf.transformer.wpe.weight.grad), (model.wte.weight, hf.transformer.wte.weight.grad),
+    for ours_p, theirs in ((model.wpe.weight, hf.transformer.wpe.weight.grad),
+                           (model.wte.weight, hf.transformer.wte.weight.grad),
                            (model.blocks[1].mlp.c_up.weight, h[1].mlp.c_fc.weight.grad.T),
                            (model.blocks[0].attn.c_attn.weight, h[0].attn.c_attn.weight.grad.T),
                            (model.blocks[0].ln_1.weight, h[0].ln_1.weight.grad)):
@@ -403,7 +413,8 @@ def sigmoid_family_models(transformers):
     models = {
         "glm4_moe": transformers.Glm4MoeForCausalLM(transformers.Glm4MoeConfig(
             **common, intermediate_size=64, moe_intermediate_size=16, n_routed_experts=8, n_group=4, topk_group=2,
-            n_shared_experts=1, routed_scaling_factor=2.5, first_k_dense_replace=1, attention_bias=True, use_qk_norm=True)),
+            n_shared_experts=1, routed_scaling_factor=2.5, first_k_dense_replace=1, attention_bias=True,
+            use_qk_norm=True)),
         "minimax_m2": transformers.MiniMaxM2ForCausalLM(transformers.MiniMaxM2Config(
             **common, intermediate_size=16, num_local_experts=8, head_dim=8, rotary_dim=2)),
     }
@@ -439,3 +450,37 @@ def test_sigmoid_routed_families_import_with_equal_logits(tmp_path, family):
     down = theirs[f"model.layers.{layer}.mlp.experts.down_proj"].grad.transpose(1, 2)
     assert close(model.blocks[layer].mlp.w_down.grad, down)
     assert close(model.blocks[0].attn.c_proj.weight.grad, theirs["model.layers.0.self_attn.o_proj.weight"].grad)
+
+
+def test_head_dim_apart_and_qk_norm_per_head():
+    """A head size that is not n_embd / n_head (Qwen3), and RMSNorm on each head of q and k: the
+    attention written out with explicit loops over heads."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=1, n_head=4, n_kv_head=2, head_dim=12, n_embd=32, block_size=8, vocab_size=64, n_experts=0,
+                    qk_norm=True, qk_norm_per_head=True)
+    model = GPT(cfg)
+    attn = model.blocks[0].attn
+    with torch.no_grad():
+        attn.q_norm.weight.normal_()
+        attn.k_norm.weight.normal_()
+    assert attn.c_attn.weight.shape == (4 * 12 + 2 * 2 * 12, 32) and attn.c_proj.weight.shape == (32, 48)
+    x = torch.randn(2, 8, 32)
+    q, k, v = attn.c_attn(x).split([48, 24, 24], dim=-1)
+    cos, sin = model.cos[:8], model.sin[:8]
+
+    def rms(t, w):
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + torch.finfo(t.dtype).eps) * w
+
+    def rotate(t):
+        a, b = t[..., :6], t[..., 6:]
+        return torch.cat([a * cos - b * sin, a * sin + b * cos], -1)
+    heads = []
+    for h in range(4):
+        qh = rotate(rms(q[..., 12 * h:12 * h + 12], attn.q_norm.weight))
+        kh = rotate(rms(k[..., 12 * (h // 2):12 * (h // 2) + 12], attn.k_norm.weight))
+        vh = v[..., 12 * (h // 2):12 * (h // 2) + 12]
+        scores = (qh @ kh.transpose(1, 2)) / math.sqrt(12) + torch.full((8, 8), -math.inf).triu(1)
+        heads.append(scores.softmax(-1) @ vh)
+    want = attn.c_proj(torch.cat(heads, -1))
+    assert torch.allclose(attn(x, cos, sin), want, atol=1e-5)
+    assert cfg.param_count() == model.num_params()[0]

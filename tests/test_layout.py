@@ -77,7 +77,8 @@ def test_every_file_the_docs_name_exists():
     """README, docs/*.md and every docstring and comment: a path into this repository's folders, a bare
     Python file name, or an image a page shows, names a file that exists (paths from the repository
     root). Paths into other places (an out_dir, a student's package) are not checked."""
-    texts = [os.path.join(REPO, "README.md")] + [os.path.join(REPO, "docs", f) for f in os.listdir(os.path.join(REPO, "docs"))
+    texts = [os.path.join(REPO, "README.md")] + [os.path.join(REPO, "docs", f)
+                                                 for f in os.listdir(os.path.join(REPO, "docs"))
                                                  if f.endswith(".md")]
     texts += [p for p in project_modules().values()] + [os.path.join(REPO, "course", "exercises", "README.md")]
     ours = ("support/", "tools/", "course/", "tests/", "config/", "docs/", "data/")
@@ -194,5 +195,17 @@ def test_the_reading_order_ranges_start_at_what_they_name_and_end_at_its_end():
             anchored = lines[first - 1].strip().startswith("#") and any(a == first + 1 for a, _, _ in found)
             assert starts or anchored, f"{path} {first}-{last}: line {first} starts nothing that `{what}` names"
             ends = [b for a, b, name in found if (first <= a and name is not None) or (anchored and a == first + 1)]
-            assert last in ends, f"{path} {first}-{last}: line {last} ends no definition inside it (nor the anchored one)"
+            assert last in ends, (f"{path} {first}-{last}: line {last} ends no definition inside it "
+                                  f"(nor the anchored one)")
     assert total == stated, f"the README says {stated} lines, its ranges sum to {total}"
+
+
+def test_every_line_of_the_project_is_at_most_120_characters():
+    """So that no file meets a line budget by packing (the docs' tables aside: markdown)."""
+    long = [f"{os.path.relpath(path, REPO)}:{n}" for path in project_modules().values() if "/tests/" not in path
+            for n, line in enumerate(open(path, encoding="utf-8"), 1) if len(line.rstrip("\n")) > 120]
+    tests = os.path.join(REPO, "tests")
+    long += [f"tests/{f}:{n}" for f in os.listdir(tests) if f.endswith(".py")
+             for n, line in enumerate(open(os.path.join(tests, f), encoding="utf-8"), 1)
+             if len(line.rstrip("\n")) > 120]
+    assert not long, long

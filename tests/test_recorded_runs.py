@@ -62,7 +62,8 @@ def test_a_recorded_short_run_gives_the_same_losses(name, tmp_path):
     if recorded["torch"] == str(torch.__version__):
         assert got == want, (got, want)
     else:
-        assert got["train"] == pytest.approx(want["train"], rel=1e-5) and got["val"] == pytest.approx(want["val"], rel=1e-5)
+        assert got["train"] == pytest.approx(want["train"], rel=1e-5) and \
+            got["val"] == pytest.approx(want["val"], rel=1e-5)
 
 
 def record():

@@ -164,7 +164,8 @@ BAD_INPUTS = [  # (entry point, arguments; RUN = a finished run, R = the fixture
     ("sample", ["--start="], "--start is empty"),
     ("sample", ["--num_samples=0"], "--num_samples must be >= 1"),
     ("sample", ["--max_new_tokens=0"], "--max_new_tokens must be >= 1"),
-    ("sample", ["--out_dir=R/synth", "--start=Hello"], "trained on a synthetic task (synthetic): its tokens are not text"),
+    ("sample", ["--out_dir=R/synth", "--start=Hello"],
+     "trained on a synthetic task (synthetic): its tokens are not text"),
     ("sample", ["--start=Größe"], "characters outside this model's alphabet: 'ßö'"),
     ("sample", ["--out_dir=R/nowhere"], "(train one with python train.py --out_dir="),
     ("tools.analyze", ["R/nondict"], "log.jsonl line 5 is not a log record"),
@@ -172,7 +173,8 @@ BAD_INPUTS = [  # (entry point, arguments; RUN = a finished run, R = the fixture
     ("tools.analyze", ["R/nowhere"], "no run directory"),
     ("tools.analyze", ["R/a_file"], "no run directory"),
     ("tools.analyze", ["RUN", "extra"], "unrecognized arguments: extra"),
-    ("tools.ablate", ["--out_dir=R/ablation", "--variants", "dense", "--seeds", "0"], "dense-s0/log.jsonl line 2 is not JSON"),
+    ("tools.ablate", ["--out_dir=R/ablation", "--variants", "dense", "--seeds", "0"],
+     "dense-s0/log.jsonl line 2 is not JSON"),
     ("tools.ablate", ["--variants", "nonsense"], "unknown variant(s) ['nonsense']"),
     ("tools.ablate", ["--seeds", "-1", "--dry"], "seeds must be >= 0"),
     ("tools.ablate", ["--dataset=no_such_corpus"], "no data/no_such_corpus/input.txt, no prepared bins"),
@@ -180,7 +182,8 @@ BAD_INPUTS = [  # (entry point, arguments; RUN = a finished run, R = the fixture
     ("tools.prepare", ["R/syntax.py", "a/b"], "NAME must be a plain folder name"),
     ("tools.prepare", ["R/syntax.py", "x", "--val_fraction=1.5"], "--val_fraction must be in (0, 1)"),
     ("tools.prepare", ["R/syntax.py", "x", "--tokenizer=R/none.json"], "tokenizer R/none.json not found"),
-    ("tools.prepare", ["R/syntax.py", "x", "--tokenizer=R/broken_tokenizer.json"], "cannot read tokenizer R/broken_tokenizer.json"),
+    ("tools.prepare", ["R/syntax.py", "x", "--tokenizer=R/broken_tokenizer.json"],
+     "cannot read tokenizer R/broken_tokenizer.json"),
     ("tools.convert", ["to-hf", "RUN", "R/a_file"], "is a file, not a directory"),
     ("bench", ["--steps=0"], "--reps and --steps must be >= 1"),
     ("bench", ["--reps=0"], "--reps and --steps must be >= 1"),
@@ -282,7 +285,8 @@ def test_nan_guard_never_writes_a_non_finite_checkpoint(tmp_path):
 def test_a_second_run_in_the_same_out_dir_is_refused(tmp_path):
     import signal
     first = subprocess.Popen([sys.executable, "train.py", f"--out_dir={tmp_path}", *TINY, "--max_iters=100000",
-                              "--eval_interval=1000"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              "--eval_interval=1000"], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # (pytest -n ignores it)
     try:
         for line in first.stdout:  # training has started (the lock names its holder before that)
@@ -401,7 +405,8 @@ def test_a_prepared_set_that_does_not_add_up_is_one_error_line(tmp_path):
             ("val.bin", lambda p: os.remove(p), "val.bin is missing"),
         ]
         for fname, damage, message in cases:
-            shutil.copy(os.path.join(folder, fname), tmp_path / "keep") if os.path.exists(os.path.join(folder, fname)) else None
+            shutil.copy(os.path.join(folder, fname), tmp_path / "keep") \
+                if os.path.exists(os.path.join(folder, fname)) else None
             damage(os.path.join(folder, fname))
             before = file_hashes(folder)
             code, out, err = cli("train", *TINY, f"--dataset={name}", f"--out_dir={tmp_path / 'run'}", "--max_iters=1",

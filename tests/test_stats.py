@@ -10,7 +10,8 @@ import pytest
 
 from support.stats import fmt_paired, interval, paired, t975
 
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 9: 2.262, 20: 2.086, 30: 2.042, 120: 1.980}  # published tables
+# published tables
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 9: 2.262, 20: 2.086, 30: 2.042, 120: 1.980}
 
 
 def t_cdf_integrated(x, df, n=400001):

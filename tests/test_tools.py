@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import REPO, ROUTERS, TINY, cli, require, train  # first: it sets TRITON_INTERPRET before triton loads
+# first: it sets TRITON_INTERPRET before triton loads
+from tests.helpers import REPO, ROUTERS, TINY, cli, require, train
 from losses import aux_losses  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from router import ROUTERS as ROUTER_CLASSES  # noqa: E402
@@ -57,8 +58,8 @@ def test_gpu_check_without_a_gpu_says_what_it_would_run(tmp_path):
     code, out, err = cli("tools.gpu_check", f"--out_dir={tmp_path / 'check'}")
     assert code == 0, err
     assert "no CUDA device here: a dry run" in out and "minutes at most in all" in out
-    for what in ("pytest test_all.py", "bench.py --reps 25", "bench.py --model", "bench.py --breakdown", "bench.py --generate",
-                 "train.py"):
+    for what in ("pytest test_all.py", "bench.py --reps 25", "bench.py --model", "bench.py --breakdown",
+                 "bench.py --generate", "train.py"):
         assert what in out, what
     minutes = float(out.split(" minutes at most")[0].split()[-1])
     assert minutes <= 8.0 and not (tmp_path / "check").exists()   # a dry run writes nothing
@@ -150,8 +151,9 @@ def tiny_logs(tmp_path_factory):
     return logs
 
 
-@pytest.mark.parametrize("demo", ["default", "nanogpt", "hash", "hash-why", "hash-bpe", "ermoe", "ermoe-search", "balance",
-                                  "wallclock", "crossover", "crossover-top1", "capacity", "capacity-exposures", "routing",
+@pytest.mark.parametrize("demo", ["default", "nanogpt", "hash", "hash-why", "hash-bpe", "ermoe", "ermoe-search",
+                                  "balance", "wallclock", "crossover", "crossover-top1", "capacity",
+                                  "capacity-exposures", "routing",
                                   "regularisers", "regularisers-facts", "collapse", "coupling", "specialization"])
 def test_demo_tables_and_figures_from_finished_runs(tmp_path, demo, tiny_logs):
     """demos.py on runs that are already finished (copies of a real tiny run's log, with known val
@@ -181,7 +183,8 @@ def test_demo_tables_and_figures_from_finished_runs(tmp_path, demo, tiny_logs):
                         r = {**r, "whole": whole}
                     fh.write(json.dumps(r) + "\n")
     (tmp_path / "docs").mkdir()
-    code, out, err = cli("course.demos", demo, "--seeds", "0", "1", "--out_dir", tmp_path / "runs", "--docs", tmp_path / "docs")
+    code, out, err = cli("course.demos", demo, "--seeds", "0", "1", "--out_dir", tmp_path / "runs",
+                         "--docs", tmp_path / "docs")
     assert code == 0, err
     assert out.count("already done") == 2 * len(variants)
     table = (tmp_path / "docs" / f"demo_{demo}.md").read_text()
@@ -205,7 +208,8 @@ def test_demo_tables_and_figures_from_finished_runs(tmp_path, demo, tiny_logs):
     (tmp_path / "docs" / f"demo_{demo}.png").unlink()
     code, out, err = cli("course.demos", demo, "--tables_only", "--docs", tmp_path / "docs")
     assert code == 0 and "already done" not in out, err
-    assert (tmp_path / "docs" / f"demo_{demo}.md").read_text() == table and (tmp_path / "docs" / f"demo_{demo}.png").exists()
+    assert (tmp_path / "docs" / f"demo_{demo}.md").read_text() == table and \
+        (tmp_path / "docs" / f"demo_{demo}.png").exists()
 
 
 def test_ablation_harness_dry_run_has_every_router():
@@ -235,7 +239,8 @@ try:
     runpy.run_path("tools/prepare.py", run_name="__main__")
 except SystemExit:
     pass
-print("peak", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+print("peak", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, \
+resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """
 
 
@@ -309,8 +314,10 @@ def test_every_bad_corpus_is_one_error_line_and_the_prepared_set_is_unchanged(tm
     good.write_text("To be, or not to be, that is the question.\n" * 200)
     cases = {  # what to write -> what the error says
         "not_utf8.txt": (b"hello world\n" * 50 + b"caf\xe9 au lait\n", "not_utf8.txt is not UTF-8 at byte 603"),
-        "number.jsonl": (b'{"text": "fine"}\n{"text": 42}\n', "number.jsonl line 2: the 'text' field is int, not a string"),
-        "broken.jsonl": (b'{"text": "fine"}\n{"text": "cut\n', "broken.jsonl line 2: not a JSON object with a 'text' field"),
+        "number.jsonl": (b'{"text": "fine"}\n{"text": 42}\n',
+                         "number.jsonl line 2: the 'text' field is int, not a string"),
+        "broken.jsonl": (b'{"text": "fine"}\n{"text": "cut\n',
+                         "broken.jsonl line 2: not a JSON object with a 'text' field"),
         "bad_line.jsonl": (b'{"text": "fine"}\n\xff\xfe\n', "bad_line.jsonl is not UTF-8 at byte 17"),
         "empty_dir": (None, "holds no .txt, .jsonl or .parquet file"),
     }

@@ -130,7 +130,8 @@ def overlay(out_dir, names, seeds, path):
         runs[name] = [[(r["iter"], summarise({k: v for k, v in r.items() if k != "whole"}))  # the curves: fixed batches
                        for r in read_log(log) if "val_loss" in r]
                       for log in logs if os.path.exists(log)]
-    keys = [(k, t) for k, t in (("val_loss", "val loss"), ("cv", "load CV"), ("entropy_norm", "routing entropy / log E"),
+    keys = [(k, t) for k, t in (("val_loss", "val loss"), ("cv", "load CV"),
+                                ("entropy_norm", "routing entropy / log E"),
                                 ("next_nmi", "NMI(layer l, l+1)"), ("source_nmi", "NMI(expert, source)"))
             if any(k in m for curves in runs.values() for c in curves for _, m in c)]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6))
@@ -191,7 +192,8 @@ def run_variants(variants, base, seeds, out_dir, dry=False, jobs=1, place=None):
 
 
 def main(argv):
-    parser = ArgParser(prog="python tools/ablate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgParser(prog="python tools/ablate.py", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short runs of a smaller model (< 15 min on 2 cores)")
     parser.add_argument("--dry", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])

@@ -166,7 +166,8 @@ def plot_checkpoint(out_dir, text=None):
     if text is not None:
         print(trace(pieces, routes))
     L = len(moes)
-    cos2 = [expert_cos2(m, h, x.reshape(-1)).fill_diagonal_(float("nan")) for m, h in zip(moes, inputs)]  # diagonal is 1
+    cos2 = [expert_cos2(m, h, x.reshape(-1)).fill_diagonal_(float("nan"))  # diagonal is 1
+            for m, h in zip(moes, inputs)]
     written = [plot_matrices(cos2, [f"layer {i}" for i in range(L)], os.path.join(out_dir, "expert_cosine.png"),
                              "mean cos^2 between experts (diagonal hidden)")]
     stats = RoutingStats()
@@ -205,13 +206,16 @@ def write_index(out_dir, paths):
         return f'<h3>{name}</h3><p>{caption}</p><img src="{name}" style="max-width:100%">'
     path = os.path.join(out_dir, "index.html")
     with open(path, "w") as fh:
-        fh.write(f"<html><body><h2>routing plots: {out_dir}</h2>\n" + "\n".join(map(item, paths)) + "\n</body></html>\n")
+        fh.write(f"<html><body><h2>routing plots: {out_dir}</h2>\n" + "\n".join(map(item, paths)) +
+                 "\n</body></html>\n")
     return path
 
 
 def main(argv):
-    parser = ArgParser(prog="python tools/analyze.py", description="routing plots of a run (or of an imported model on any text)")
-    parser.add_argument("out_dir", nargs="?", default="out", help="a train.py run directory, or tools/convert.py's OUT_DIR")
+    parser = ArgParser(prog="python tools/analyze.py",
+                       description="routing plots of a run (or of an imported model on any text)")
+    parser.add_argument("out_dir", nargs="?", default="out",
+                        help="a train.py run directory, or tools/convert.py's OUT_DIR")
     parser.add_argument("--text", default=None, help="route this text instead of a batch of the run's data")
     parser.add_argument("--text_file", default=None, help="route the text of this file")
     args = parser.parse_args(argv)

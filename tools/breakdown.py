@@ -102,7 +102,8 @@ def layer_stages(moe, x):
     (h,), s4 = stage(lambda x: x.index_select(0, tok), x)
     f = moe.w_up.shape[2]
     (g, u), s5 = stage(lambda h: grouped_matmul(h, torch.cat([moe.w_gate, moe.w_up], dim=2), offs).split(f, dim=1)
-                       if f < x.shape[1] else (grouped_matmul(h, moe.w_gate, offs), grouped_matmul(h, moe.w_up, offs)), h)
+                       if f < x.shape[1] else (grouped_matmul(h, moe.w_gate, offs),
+                                               grouped_matmul(h, moe.w_up, offs)), h)
     (act,), s6 = stage(lambda g, u: F.silu(g) * u, g, u)
     gate = r.gates.reshape(-1).index_select(0, order)[:, None]
     narrow = act.shape[1] < moe.w_down.shape[2]
@@ -167,8 +168,9 @@ def breakdown_bench(args):
                    "moe_ms": layer, "moe_with_aux_ms": layer + stage["aux losses"],
                    "module_ms": med["MoE.forward"], "stages_ms": stage}
             result["layers"].append(row)
-            print(f"\nthreads {n_threads}, E={E}, k={k}, f={cfg.expert_hidden}: dense MLP {med['dense']:.1f}, MoE layer "
-                  f"{row['moe_ms']:.1f} ({row['moe_ms'] / med['dense']:.2f}x; MoE.forward as one: {med['MoE.forward']:.1f}), "
+            print(f"\nthreads {n_threads}, E={E}, k={k}, f={cfg.expert_hidden}: dense MLP {med['dense']:.1f}, "
+                  f"MoE layer {row['moe_ms']:.1f} ({row['moe_ms'] / med['dense']:.2f}x; "
+                  f"MoE.forward as one: {med['MoE.forward']:.1f}), "
                   f"with its aux losses {row['moe_with_aux_ms']:.1f} ({row['moe_with_aux_ms'] / med['dense']:.2f}x)")
             for name, ms in stage.items():
                 print(f"  {name:<18} {ms:8.2f} ms {100 * ms / row['moe_with_aux_ms']:6.1f}%")
@@ -252,7 +254,8 @@ def step_ratios(args, threads):
         rows.append(row)
         print(f"\nwhole training step, {base}, batch {B}, threads {n_threads}: dense {med['dense']:.1f} ms, MoE "
               f"{med['MoE']:.1f} ms ({med['MoE'] / med['dense']:.2f}x; tokens/s {med['dense'] / med['MoE']:.2f}x the "
-              f"dense model's), MoE without aux losses {med['MoE, no aux']:.1f} ms ({med['MoE, no aux'] / med['dense']:.2f}x), "
+              f"dense model's), MoE without aux losses {med['MoE, no aux']:.1f} ms "
+              f"({med['MoE, no aux'] / med['dense']:.2f}x), "
               f"hash MoE {med['hash MoE']:.1f} ms ({med['hash MoE'] / med['dense']:.2f}x)"
               + (f"; peak memory dense {memory['dense']:.2f} GiB, MoE {memory['MoE']:.2f} GiB" if CUDA else "")
               + (f"; MFU dense {100 * row['dense_mfu']:.1f}%, MoE {100 * row['MoE_mfu']:.1f}%" if peak else ""))
@@ -322,11 +325,13 @@ def malloc_bench(args):
     """Why train.py sets glibc's allocator (support/launch.keep_freed_memory): each setting in its own process,
     twice, alternating (the machine drifts)."""
     if CUDA:
-        print("--malloc measures the CPU default's steps: on a GPU, PyTorch's caching allocator keeps freed memory anyway")
+        print("--malloc measures the CPU default's steps: on a GPU, PyTorch's caching allocator keeps freed "
+              "memory anyway")
         return
     print("train.py's training step of the default run, one thread, dense and MoE interleaved: ms per step "
           "(process time, median; page faults per step, median)")
     for keep in (False, True, False, True):
         r = malloc_run(keep, args.steps)
-        print(f"{'kept (train.py)' if keep else 'as glibc comes':<16}: dense {r['dense'][0]:6.1f} ({r['dense'][1]:5.0f}), "
+        print(f"{'kept (train.py)' if keep else 'as glibc comes':<16}: "
+              f"dense {r['dense'][0]:6.1f} ({r['dense'][1]:5.0f}), "
               f"MoE {r['MoE'][0]:6.1f} ({r['MoE'][1]:5.0f}), ratio {r['MoE'][0] / r['dense'][0]:.2f}x")

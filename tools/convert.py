@@ -1,7 +1,7 @@
 """
 Checkpoints in and out: Hugging Face MoE folders <-> this project's out_dir/ckpt.pt.
 
-    python tools/convert.py from-hf HF_DIR OUT_DIR   # Mixtral, OLMoE, Qwen2/3-MoE, GLM-4.5, MiniMax-M2 -> OUT_DIR/ckpt.pt
+    python tools/convert.py from-hf HF_DIR OUT_DIR   # Mixtral, OLMoE, Qwen2/3-MoE, GLM-4.5, MiniMax-M2 -> ckpt.pt
     python tools/convert.py to-hf OUT_DIR HF_DIR     # our ckpt.pt -> a Mixtral folder transformers loads
     add --overwrite to replace an existing OUT_DIR/ckpt.pt or a non-empty HF_DIR, and --ignore_unused
     to convert a checkpoint that holds tensors the mapping does not use (refused otherwise, naming them)
@@ -93,7 +93,8 @@ class SafeTensors:
         """The tensor `name`, which must have `shape` and a floating-point dtype, in fp32."""
         tensor = self.load(name)
         if tuple(tensor.shape) != tuple(shape):
-            raise UserError(f"tensor '{name}' has shape {tuple(tensor.shape)}, expected {tuple(shape)} from config.json")
+            raise UserError(f"tensor '{name}' has shape {tuple(tensor.shape)}, "
+                            f"expected {tuple(shape)} from config.json")
         if tensor.dtype == torch.float8_e4m3fn:
             return self.dequantise(name, tensor)
         if not tensor.is_floating_point() or tensor.dtype.itemsize == 1:
@@ -168,7 +169,8 @@ def from_hf(hf_dir, out_dir, overwrite=False, ignore_unused=False):
         m = f"{hf}.{fam['moe']}"
         if i < cfg.first_dense_layers:  # a dense layer (GLM-4.5's first_k_dense_replace)
             for ours_name, hf_name, shape in (("c_gate", "gate_proj", (cfg.ffn_hidden, d)),
-                                              ("c_up", "up_proj", (cfg.ffn_hidden, d)), ("c_proj", "down_proj", (d, cfg.ffn_hidden))):
+                                              ("c_up", "up_proj", (cfg.ffn_hidden, d)),
+                                              ("c_proj", "down_proj", (d, cfg.ffn_hidden))):
                 sd[f"{ours}.mlp.{ours_name}.weight"] = w.get(f"{m}.{hf_name}.weight", shape)
             continue
         sd[f"{ours}.mlp.router.weight"] = w.get(f"{m}.gate.weight", (E, d))
@@ -255,7 +257,8 @@ def to_hf(out_dir, hf_dir, overwrite=False):
         out.update({f"{hf}.input_layernorm.weight": sd[f"{ours}.ln_1.weight"],
                     f"{hf}.post_attention_layernorm.weight": sd[f"{ours}.ln_2.weight"],
                     f"{hf}.self_attn.q_proj.weight": q, f"{hf}.self_attn.k_proj.weight": k,
-                    f"{hf}.self_attn.v_proj.weight": v, f"{hf}.self_attn.o_proj.weight": sd[f"{ours}.attn.c_proj.weight"],
+                    f"{hf}.self_attn.v_proj.weight": v,
+                    f"{hf}.self_attn.o_proj.weight": sd[f"{ours}.attn.c_proj.weight"],
                     f"{hf}.block_sparse_moe.gate.weight": sd[f"{ours}.mlp.router.weight"]})
         for e in range(cfg.n_experts):
             x = f"{hf}.block_sparse_moe.experts.{e}"
@@ -285,7 +288,8 @@ def to_hf(out_dir, hf_dir, overwrite=False):
 
 
 def main(argv):
-    usage = "usage: python tools/convert.py from-hf HF_DIR OUT_DIR | to-hf OUT_DIR HF_DIR [--overwrite] [--ignore_unused]"
+    usage = ("usage: python tools/convert.py from-hf HF_DIR OUT_DIR | to-hf OUT_DIR HF_DIR [--overwrite] "
+             "[--ignore_unused]")
     flags = {a for a in argv if a in ("--overwrite", "--ignore_unused")}
     args = [a for a in argv if a not in flags]
     if len(args) != 3 or args[0] not in ("from-hf", "to-hf") or any(a.startswith("-") for a in args):

@@ -65,7 +65,8 @@ def main(argv):
     args = parser.parse_args(argv)
     out_dir = os.path.abspath(args.out_dir)
     steps = [(t, c + ([f"--out_dir={os.path.join(out_dir, 'run')}"] if "train.py" in c else []) +
-              ([f"--json={os.path.join(out_dir, 'breakdown.json')}"] if "--breakdown" in c else []), s) for t, c, s in STEPS]
+              ([f"--json={os.path.join(out_dir, 'breakdown.json')}"] if "--breakdown" in c else []), s)
+             for t, c, s in STEPS]
     if args.dry or not torch.cuda.is_available():
         print(("dry run: " if args.dry else "no CUDA device here: a dry run. ") +
               f"On a GPU this runs, in {REPO}, and writes {out_dir}/report.md:")
@@ -74,7 +75,8 @@ def main(argv):
         print(f"  {sum(s for _, _, s in steps) / 60:.1f} minutes at most in all")
         return
     check_writable_dir(out_dir)
-    report = ["# GPU check", "", f"`python tools/gpu_check.py`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+    report = ["# GPU check", "",
+              f"`python tools/gpu_check.py`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
               *versions(), ""]
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     for title, cmd, limit in steps:

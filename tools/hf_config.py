@@ -32,7 +32,8 @@ IGNORED = {  # keys of every family that do not change the imported model's forw
     "initializer_range": "the initialisation, which trained weights replace",
     "bos_token_id": "a token id for generation and tokenisation",
     "eos_token_id": "a token id for generation and tokenisation",
-    "pad_token_id": "a token id for padding; transformers also gives its embedding row no gradient, fine-tuning here does",
+    "pad_token_id": "a token id for padding; transformers also gives its embedding row no gradient, "
+                    "fine-tuning here does",
     "attention_dropout": "dropout, off at inference (an import here sets dropout=0)",
     "router_aux_loss_coef": "a training-loss coefficient (fine-tuning here takes c_lb)",
     "router_jitter_noise": "noise on the router's input in training only (transformers checks `self.training`)",
@@ -66,18 +67,20 @@ FAMILIES = {
                   num_experts=64, norm_topk_prob=False),
         refused=dict(attention_bias=False, clip_qkv=None, sliding_window=None)),
     "Qwen2MoeForCausalLM": dict(
-        moe="mlp", experts=("gate_proj", "up_proj", "down_proj"), width="moe_intermediate_size", n_experts="num_experts",
-        aliases={}, shared="shared_expert",
+        moe="mlp", experts=("gate_proj", "up_proj", "down_proj"), width="moe_intermediate_size",
+        n_experts="num_experts", aliases={}, shared="shared_expert",
         read=dict(vocab_size=151936, hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
                   num_key_value_heads=16, head_dim=None, hidden_act="silu", max_position_embeddings=32768,
                   rms_norm_eps=1e-6, tie_word_embeddings=False, num_experts_per_tok=4, num_experts=60,
-                  moe_intermediate_size=1408, shared_expert_intermediate_size=5632, norm_topk_prob=False, qkv_bias=True),
+                  moe_intermediate_size=1408, shared_expert_intermediate_size=5632, norm_topk_prob=False,
+                  qkv_bias=True),
         refused=dict(use_sliding_window=False, sliding_window=4096, max_window_layers=28, layer_types=None,
                      decoder_sparse_step=1, mlp_only_layers=None),
         ignored=dict(intermediate_size="the width of dense layers, which only the refused keys above would make")),
     "Qwen3MoeForCausalLM": dict(
         moe="mlp", experts=("gate_proj", "up_proj", "down_proj"), width="moe_intermediate_size",
-        n_experts="num_local_experts", aliases={"num_experts": "num_local_experts"}, qk_norm=True, qk_norm_per_head=True,
+        n_experts="num_local_experts", aliases={"num_experts": "num_local_experts"}, qk_norm=True,
+        qk_norm_per_head=True,
         read=dict(vocab_size=151936, hidden_size=2048, num_hidden_layers=24, num_attention_heads=32,
                   num_key_value_heads=4, head_dim=None, hidden_act="silu", max_position_embeddings=32768,
                   rms_norm_eps=1e-6, tie_word_embeddings=False, num_experts_per_tok=8, num_local_experts=128,
@@ -257,7 +260,8 @@ def model_args_from_hf(hf):
                 n_kv_head=get("num_key_value_heads", int, low=1) or heads, head_dim=head_dim, block_size=max_pos,
                 norm_eps=float(get("rms_norm_eps", float, low=0, high=0.5)), rope_theta=rope_theta,
                 rotary_dim=rotary_dim, tie_embeddings=get("tie_word_embeddings", bool), n_experts=n_experts,
-                top_k=get("num_experts_per_tok", int, low=1, high=n_experts), expert_hidden=get(fam["width"], int, low=1),
+                top_k=get("num_experts_per_tok", int, low=1, high=n_experts),
+                expert_hidden=get(fam["width"], int, low=1),
                 router="sigmoid" if fam.get("sigmoid") else "softmax", dropout=0.0,
                 # Mixtral and MiniMax-M2 always renormalise the top-k gates, the others where norm_topk_prob says
                 gate_renorm=get("norm_topk_prob", bool) if "norm_topk_prob" in fam["read"] else True,
@@ -265,8 +269,9 @@ def model_args_from_hf(hf):
                 qk_norm_per_head=get("use_qk_norm", bool) if glm else fam.get("qk_norm_per_head", False),
                 qkv_bias=get("qkv_bias", bool) if "qkv_bias" in fam["read"] else glm and get("attention_bias", bool))
     if glm:  # DeepSeek-V3's router: sigmoid scores, a select-only bias, groups, the routed scale; dense first layers
-        args.update(routed_scale=float(get("routed_scaling_factor", float, low=1e-9)), n_group=get("n_group", int, low=1),
-                    topk_group=get("topk_group", int, low=1), first_dense_layers=get("first_k_dense_replace", int, low=0),
+        args.update(routed_scale=float(get("routed_scaling_factor", float, low=1e-9)),
+                    n_group=get("n_group", int, low=1), topk_group=get("topk_group", int, low=1),
+                    first_dense_layers=get("first_k_dense_replace", int, low=0),
                     ffn_hidden=get("intermediate_size", int, low=1), n_shared=get("n_shared_experts", int, low=0))
     elif fam.get("shared") and get("shared_expert_intermediate_size", int, low=0):
         width = cfg.raw("shared_expert_intermediate_size")
@@ -290,9 +295,11 @@ def refused_window(arch, cfg, max_pos, n_layer):
     """What a sliding attention window of this config would do, or None where none applies (each family
     decides it its own way in transformers)."""
     window = cfg.raw("sliding_window")
-    if arch == "Qwen2MoeForCausalLM":  # per layer, by layer_types (derived from use_sliding_window and max_window_layers)
+    # per layer, by layer_types (derived from use_sliding_window and max_window_layers)
+    if arch == "Qwen2MoeForCausalLM":
         use = bool(cfg.raw("use_sliding_window"))
-        types = cfg.raw("layer_types") or ["sliding_attention" if use and i % 2 == 0 and i < cfg.raw("max_window_layers")
+        types = cfg.raw("layer_types") or ["sliding_attention"
+                                           if use and i % 2 == 0 and i < cfg.raw("max_window_layers")
                                            else "full_attention" for i in range(n_layer)]
         sliding = [i for i, t in enumerate(types) if t != "full_attention"]
         return None if not sliding else f"layer_types: layers {sliding} {types[sliding[0]]} (window {window})"

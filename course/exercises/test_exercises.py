@@ -101,7 +101,7 @@ def test_ex1_topk_with_ties_and_gates():
     logits[1, [1, 2, 4]] = 5.0                       # a tie at the top
     logits[2] = torch.tensor([0.0, 2.0, 1.0, 2.0, 0.0, 1.0])
     for k in (1, 2, 3, 6):
-        want = select_topk(logits, k)[1]
+        want = select_topk(logits, k)
         got = attempt(ex.topk, logits, k)
         if torch.is_tensor(got) and got.shape == want.shape and not torch.equal(got.long(), want):
             t = int(torch.nonzero((got.long() != want).any(1))[0])
@@ -109,7 +109,7 @@ def test_ex1_topk_with_ties_and_gates():
                     f"{want[t].tolist()} (best first; ties go to the lower expert index)")
             continue
         same(f"topk(k={k})", got, want)
-    idx = select_topk(logits, 3)[1]
+    idx = select_topk(logits, 3)
     for renorm in (True, False):
         got, g1 = grads(lambda a: attempt(ex.gates, a, idx, renorm), logits)
         want, g2 = grads(lambda a: project_router.gates_of(a, idx, renorm), logits)
@@ -122,7 +122,7 @@ def test_ex2_load_balancing_and_z_loss():
     ex = load("ex2_balance")
     torch.manual_seed(1)
     probs = torch.softmax(torch.randn(40, 5), dim=-1)
-    idx = select_topk(probs.log(), 2)[1]
+    idx = select_topk(probs.log(), 2)
     got, g1 = grads(lambda p: attempt(ex.load_balancing, p, idx), probs)
     want, g2 = grads(lambda p: losses.load_balancing_loss(p, idx), probs)
     same("load_balancing", got, want)
@@ -142,7 +142,7 @@ def dispatch_case(seed=2):
     torch.manual_seed(seed)
     moe = MoE(GPTConfig(n_layer=1, n_head=2, n_embd=16, n_experts=5, top_k=2, expert_hidden=8))
     x = torch.randn(20, 16)
-    idx = select_topk(torch.randn(20, 5), 2)[1]
+    idx = select_topk(torch.randn(20, 5), 2)
     idx[:6] = torch.tensor([0, 1])                   # expert 0 and 1 crowded, some experts maybe empty
     gates = torch.softmax(torch.randn(20, 2), dim=-1)
     return moe, x, idx, gates
@@ -162,7 +162,8 @@ def test_ex3_ex4_dispatch(exercise, fn, path):
     want = getattr(moe, path)(xi, r)[0]
     (want * torch.randn(want.shape, generator=torch.Generator().manual_seed(5))).sum().backward()
     same(fn, got, want)
-    for name, a, b in zip(("x", "gates", "w_gate", "w_up", "w_down"), g1, (xi.grad, gi.grad, *(w.grad for w in weights))):
+    for name, a, b in zip(("x", "gates", "w_gate", "w_up", "w_down"), g1,
+                          (xi.grad, gi.grad, *(w.grad for w in weights))):
         same(f"d {fn} / d {name}", a, b)
 
 
@@ -264,9 +265,11 @@ def test_ex9_a_family_as_settings():
     moe = MoE(cfg)
     gate, up = hf.experts.gate_up_proj.chunk(2, dim=1)
     theirs = {"router.weight": hf.gate.weight, "w_gate": gate.transpose(1, 2), "w_up": up.transpose(1, 2),
-              "w_down": hf.experts.down_proj.transpose(1, 2), "router.bias": hf.gate.moe_statics.e_score_correction_bias[0],
+              "w_down": hf.experts.down_proj.transpose(1, 2),
+              "router.bias": hf.gate.moe_statics.e_score_correction_bias[0],
               "shared.c_gate.weight": hf.shared_experts.gate_proj.weight,
-              "shared.c_up.weight": hf.shared_experts.up_proj.weight, "shared.c_proj.weight": hf.shared_experts.down_proj.weight}
+              "shared.c_up.weight": hf.shared_experts.up_proj.weight,
+              "shared.c_proj.weight": hf.shared_experts.down_proj.weight}
     state = moe.state_dict()
     for name, t in theirs.items():
         if name not in state:
@@ -289,5 +292,6 @@ def test_ex9_a_family_as_settings():
     hook.remove()
     got, r = moe(x)
     if not torch.equal(picked[0].sort(-1).values, r.idx.sort(-1).values):
-        differs("the selected experts differ: is the bias added to the scores that select (p + b), and to p, not to the logits?")
+        differs("the selected experts differ: is the bias added to the scores that select (p + b), "
+                "and to p, not to the logits?")
     same("the block output", got, want, atol=1e-5, rtol=1e-4)
