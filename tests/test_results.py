@@ -21,7 +21,7 @@ from tests.test_stats import t_cdf_integrated
 
 DOCS = os.path.join(REPO, "docs")
 # demos whose committed table predates the per-seed JSON (to be re-run; the closing note says which)
-NOT_YET_RERUN = {"crossover", "crossover-top1", "nanogpt", "regularisers"}
+NOT_YET_RERUN = {"crossover", "crossover-top1", "regularisers"}
 
 
 @functools.lru_cache(maxsize=None)  # a few degrees of freedom, thousands of intervals
@@ -200,7 +200,8 @@ def test_every_number_of_the_readmes_results_rows_comes_from_a_json_or_a_named_s
                 continue
             value = float(printed) * scale
             tol = 10 ** -decimals(printed) * scale * 0.5 + 1e-9
-            assert np.any(np.abs(values - value) <= tol) or np.any(np.abs(values * 100 - value) <= tol), (printed, row[:80])
+            assert np.any(np.abs(values - value) <= tol) or np.any(np.abs(values * 100 - value) <= tol), (
+                printed, row[:80])
 
 
 def test_the_lectures_tables_are_the_demos_tables():
