@@ -20,8 +20,6 @@ from tests.helpers import REPO
 from tests.test_stats import t_cdf_integrated
 
 DOCS = os.path.join(REPO, "docs")
-# demos whose committed table predates the per-seed JSON (to be re-run; the closing note says which)
-NOT_YET_RERUN = {"crossover", "crossover-top1", "regularisers"}
 
 
 @functools.lru_cache(maxsize=None)  # a few degrees of freedom, thousands of intervals
@@ -64,7 +62,7 @@ def demo_files():
 
 def test_every_demo_table_has_its_per_seed_json():
     missing = [os.path.basename(md) for md in demo_files() if not os.path.exists(md[:-3] + ".json")]
-    assert sorted(missing) == sorted(f"demo_{d}.md" for d in NOT_YET_RERUN), missing
+    assert not missing, missing
 
 
 @pytest.mark.parametrize("md_path", [p for p in demo_files() if os.path.exists(p[:-3] + ".json")],
@@ -192,9 +190,6 @@ def readme_rows():
 def test_every_number_of_the_readmes_results_rows_comes_from_a_json_or_a_named_source():
     values = np.array(derived_numbers())
     for row in readme_rows():
-        demos = re.findall(r"`([\w-]+)`", row.split(" | ")[1])
-        if set(demos) & NOT_YET_RERUN:
-            continue
         for printed, scale in quoted(row):
             if printed in ALLOWED:
                 continue
