@@ -343,18 +343,23 @@ OLD = os.path.join(REPO, "tests", "ckpt_format1")  # written by the code of dc78
 OLD_LOSSES = {5: 4.173153400421143, 6: 4.14520788192749, 7: 4.146365642547607, 8: 4.13345193862915}  # its run of 8
 
 
+def sample_and_resume(old_dir, run_dir, losses):
+    """An old run's folder, copied to run_dir: sample.py writes a sample, and train.py resumes it to step 8
+    with the losses its own code had at steps 5-8, to 1e-5 (measured: resumed with a fresh AdamW, step 6 is
+    1e-4 off; with other batches, 1e-3): the weights, AdamW's state and both RNG states come back."""
+    shutil.copytree(old_dir, run_dir)
+    code, out, err = cli("sample", f"--out_dir={run_dir}", "--num_samples=1", "--max_new_tokens=30")
+    assert code == 0 and len(out.split("---------------")[0]) > 30, err
+    code, out, err = cli("train", f"--out_dir={run_dir}", "--init_from=resume", "--max_iters=8")
+    assert code == 0 and "resumed from" in out, err
+    got = train_losses(run_dir)
+    assert sorted(got) == [5, 6, 7, 8] and all(math.isclose(got[i], losses[i], rel_tol=1e-5) for i in got), got
+
+
 def test_a_checkpoint_of_format_1_samples_resumes_and_converts(tmp_path):
     old = torch.load(os.path.join(OLD, "ckpt.pt"), weights_only=True)
     assert "format" not in old and old["iter_num"] == 4
-    shutil.copytree(OLD, tmp_path / "run")
-    code, out, err = cli("sample", f"--out_dir={tmp_path / 'run'}", "--num_samples=1", "--max_new_tokens=30")
-    assert code == 0 and len(out.split("---------------")[0]) > 30, err
-    code, out, err = cli("train", f"--out_dir={tmp_path / 'run'}", "--init_from=resume", "--max_iters=8")
-    assert code == 0 and "resumed from" in out, err
-    got = train_losses(tmp_path / "run")
-    # the 4 steps the old code took in its run of 8, to 1e-5 (measured: resumed with a fresh AdamW, step 6 is
-    # 1e-4 off; with other batches, 1e-3): the weights, AdamW's state and both RNG states come back
-    assert sorted(got) == [5, 6, 7, 8] and all(math.isclose(got[i], OLD_LOSSES[i], rel_tol=1e-5) for i in got), got
+    sample_and_resume(OLD, tmp_path / "run", OLD_LOSSES)
     new = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     assert new["format"] == 2 and new["torch"] == str(torch.__version__)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
@@ -385,14 +390,7 @@ def test_a_checkpoint_of_format_2_with_every_family_and_import_field_samples_and
     old = torch.load(os.path.join(OLD_ATLAS, "ckpt.pt"), weights_only=True)
     assert old["format"] == 2 and old["iter_num"] == 4
     assert old["model_args"]["expert_act"] == "gpt_oss" and old["model_args"]["qk_norm_per_head"]
-    shutil.copytree(OLD_ATLAS, tmp_path / "run")
-    code, out, err = cli("sample", f"--out_dir={tmp_path / 'run'}", "--num_samples=1", "--max_new_tokens=30")
-    assert code == 0 and len(out.split("---------------")[0]) > 30, err
-    code, out, err = cli("train", f"--out_dir={tmp_path / 'run'}", "--init_from=resume", "--max_iters=8")
-    assert code == 0 and "resumed from" in out, err
-    got = train_losses(tmp_path / "run")
-    assert sorted(got) == [5, 6, 7, 8] and all(math.isclose(got[i], OLD_ATLAS_LOSSES[i], rel_tol=1e-5)
-                                               for i in got), got
+    sample_and_resume(OLD_ATLAS, tmp_path / "run", OLD_ATLAS_LOSSES)
     code, _, err = cli("tools.convert", "to-hf", OLD_ATLAS, tmp_path / "hf")  # refused by name: no Mixtral has these
     assert code == 1 and err.strip() == (f"error: {OLD_ATLAS}/ckpt.pt cannot be exported to Mixtral: n_shared=1: "
                                          "Mixtral has no shared experts"), err

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.helpers import REPO, TINY, cli  # noqa: E402  (first: it sets TRITON_INTERPRET)
+from tests.helpers import REPO, TINY, cli, train_losses  # noqa: E402  (first: it sets TRITON_INTERPRET)
 from router import ROUTERS  # noqa: E402
 
 RECORDED = os.path.join(REPO, "tests", "recorded_runs.json")
@@ -48,9 +48,8 @@ def run(name, out_dir):
     code, out, err = cli("train", f"--out_dir={out_dir}", *args, *STEPS)
     assert code == 0, out[-2000:] + err
     log = read_log(os.path.join(out_dir, "log.jsonl"))
-    train = {str(r["iter"]): r["train_loss"] for r in log if "train_loss" in r and "val_loss" not in r}
     val = [r["val_loss"] for r in log if "val_loss" in r]
-    return {"train": train, "val": val[-1]}
+    return {"train": {str(i): loss for i, loss in train_losses(out_dir).items()}, "val": val[-1]}
 
 
 @pytest.mark.parametrize("name", list(CASES))
