@@ -33,21 +33,17 @@ import torch
 
 from router import expert_counts
 
-# Each loss has two forms: the public function of the full probabilities (the reference,
-# tested against brute force), and the form of the per-layer statistics the fused routing pass
-# (kernels.py) already produced, which training uses so that p is never materialised.
-
-
-def balance_from_stats(counts, psum, T, k):
-    """L_lb = E * sum_e (count_e / (T*k)) * (psum_e / T); counts (E,) ints, psum (E,) = sum_t p."""
-    E = counts.numel()
-    return E * ((counts.float() / (T * k)) * (psum.float() / T)).sum()  # f_e carries no gradient
+# Each loss has two forms: the public function of the full probabilities (the reference, tested
+# against brute force), and aux_losses' form of the per-layer statistics in the Routing (what the
+# fused routing pass, kernels.py, already produced), which training uses so that p is never
+# materialised. The two are tested against each other.
 
 
 def load_balancing_loss(probs, idx):
     """probs (T, E) full softmax, idx (T, k) selected experts -> scalar E * sum_e f_e P_e."""
     T, E = probs.shape
-    return balance_from_stats(expert_counts(idx, E), probs.float().sum(dim=0), T, idx.shape[1])
+    f = expert_counts(idx, E).float() / (T * idx.shape[1])                         # (E,) no gradient
+    return E * (f * probs.float().mean(dim=0)).sum()
 
 
 def sequence_balance_loss(probs, k, seq_len):
@@ -123,33 +119,22 @@ class SpecializationLoss(torch.autograd.Function):
         return torch.bmm((D + D.transpose(1, 2)) * (grad / z.shape[0]), z), None
 
 
-def specialization_fast(z, eps=1e-8):
-    """The same value and gradient as specialization_loss, by SpecializationLoss (what training uses)."""
-    if z.shape[1] < 2:
-        return z.new_zeros((), dtype=torch.float32)
-    return SpecializationLoss.apply(z.to(torch.promote_types(z.dtype, torch.float32)), eps)
-
-
 def topk_mass(probs, k):
     """M_t = sum of the k largest full-softmax probabilities, (T, E) -> (T,)."""
     return probs.float().topk(k, dim=-1).values.sum(dim=-1)
 
 
-def coupling_from_mass(masses):
-    """masses: M^l (T,) of consecutive MoE layers -> -mean_t sum_l M^l_t M^{l+1}_t (0 if L < 2)."""
-    if len(masses) < 2:
-        return torch.zeros(())
-    return -sum(a * b for a, b in zip(masses[:-1], masses[1:])).mean()
-
-
 def coupling_loss(probs_list, k=None, idx_list=None):
-    """probs_list: full softmax (T, E) of consecutive MoE layers -> -mean_t sum_l M^l_t M^{l+1}_t.
+    """probs_list: full softmax (T, E) of consecutive MoE layers -> -mean_t sum_l M^l_t M^{l+1}_t (0 if L < 2).
     M is the mass of the experts each layer selected: give idx_list (T, k) per layer for a router
     whose selection is not the top-k of its probabilities (sigmoid + bias, hash); with k alone the
     selection is taken to be the top-k of p."""
     if idx_list is None:
-        return coupling_from_mass([topk_mass(p, k) for p in probs_list])
-    return coupling_from_mass([p.float().gather(1, i).sum(dim=-1) for p, i in zip(probs_list, idx_list)])
+        masses = [topk_mass(p, k) for p in probs_list]                                 # (T,) per layer
+    else:
+        masses = [p.float().gather(1, i).sum(dim=-1) for p, i in zip(probs_list, idx_list)]
+    return torch.stack([a * b for a, b in zip(masses[:-1], masses[1:])]).sum(0).mean().neg() if len(masses) > 1 \
+        else torch.zeros(())
 
 
 # each term's name (in the log) -> the setting that scales it
@@ -174,28 +159,31 @@ def aux_losses(routes, coefs=None, all_terms=True, pool=None, seq_len=None):
     if not routes:
         return torch.zeros(()), {}
     T, k = routes[0].idx.shape
-
-    def balance(layer, r):
-        counts, psum, n = pool(layer, r.counts, r.psum, T) if pool else (r.counts, r.psum, T)
-        return balance_from_stats(counts, psum, n, k)
-
-    terms = {
-        "lb": lambda: sum(balance(layer, r) for layer, r in enumerate(routes)),
-        "z": lambda: sum(r.lse.pow(2).mean() for r in routes),
-        "sp": lambda: sum(specialization_fast(r.acts) for r in routes),
-        "cp": lambda: coupling_from_mass([r.mass for r in routes]),
-    }
-    if seq_len and coefs.get("c_seq"):  # DeepSeek-V3's sequence-wise balance
-        terms["seq"] = lambda: sum(sequence_balance_loss(r.probs, k, seq_len) for r in routes)
-    if routes[0].penalty is not None:  # ERMoE soft-orthogonality mode
-        terms["ortho"] = lambda: sum(r.penalty for r in routes)
     total, values = routes[0].logits.new_zeros(()), {}
-    for name, fn in terms.items():
-        coef = coefs.get(COEFFICIENTS[name], 0.0)
-        if coef == 0.0 and not all_terms:
+    for name, setting in COEFFICIENTS.items():
+        coef = coefs.get(setting, 0.0)
+        if coef == 0.0 and not all_terms or name == "seq" and not (seq_len and coef) or \
+                name == "ortho" and routes[0].penalty is None:  # seq: DeepSeek-V3's; ortho: ERMoE's 'penalty' mode
             continue
         with torch.set_grad_enabled(torch.is_grad_enabled() and coef != 0.0):
-            values[name] = fn()
+            if name == "lb":  # E sum_e f_e P_e, f_e = count_e / (T k), P_e = psum_e / T; pooled: over more batches
+                value = 0
+                for layer, r in enumerate(routes):
+                    counts, psum, n = pool(layer, r.counts, r.psum, T) if pool else (r.counts, r.psum, T)
+                    value = value + counts.numel() * ((counts.float() / (n * k)) * (psum.float() / n)).sum()
+            elif name == "z":
+                value = sum(r.lse.pow(2).mean() for r in routes)
+            elif name == "sp":  # by the Gram matrices (SpecializationLoss), in fp32; 0 with one expert per token
+                value = sum(SpecializationLoss.apply(r.acts.to(torch.promote_types(r.acts.dtype, torch.float32)), 1e-8)
+                            for r in routes) if k > 1 else torch.zeros(())
+            elif name == "cp":  # the masses M^l of consecutive layers
+                value = -sum(a.mass * b.mass for a, b in zip(routes[:-1], routes[1:])).mean() if len(routes) > 1 \
+                    else torch.zeros(())
+            elif name == "seq":
+                value = sum(sequence_balance_loss(r.probs, k, seq_len) for r in routes)
+            else:
+                value = sum(r.penalty for r in routes)
+        values[name] = value
         if coef != 0.0:
-            total = total + coef * values[name]
+            total = total + coef * value
     return total, values

@@ -32,7 +32,6 @@ not 341)); each expert gets width ffn_hidden // (top_k + n_shared), so a token's
 compute equals the dense MLP's.
 """
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -41,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from router import IMPLS, ROUTERS, expert_counts, impl_problem
+from router import ROUTERS, expert_counts
 from support.checks import check_and_derive
 
 
@@ -55,42 +54,31 @@ def rotary_cache(block_size, head_size, base=10000.0):
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate pairs (x1, x2) of the two halves of each head by position-dependent angles. With fewer angles
-    than hs/2 (rotary_dim: GLM-4.5, MiniMax-M2) only the first 2 * cos.shape[-1] dims rotate."""
-    if 2 * cos.shape[-1] < x.shape[-1]:
-        r = 2 * cos.shape[-1]
-        return torch.cat([apply_rotary(x[..., :r], cos, sin), x[..., r:]], dim=-1)
+    """Rotate pairs (x1, x2) of the two halves of each head by position-dependent angles."""
     x1, x2 = x.chunk(2, dim=-1)                                   # (B, nh, S, hs/2) each
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with rotary positions; grouped-query attention when
-    n_kv_head < n_head (each key/value head serves n_head / n_kv_head query heads). With a cache
-    (generation), the keys and values of earlier positions are kept and only the new tokens computed."""
+    """Multi-head causal self-attention with rotary positions. With a cache (generation), the keys and
+    values of earlier positions are kept and only the new tokens computed."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.n_kv_head, self.dropout = cfg.n_head, cfg.n_kv_head, cfg.dropout
-        d, hs = cfg.n_embd, cfg.head_dim
-        self.widths = (cfg.n_head * hs, cfg.n_kv_head * hs, cfg.n_kv_head * hs)   # q, k, v
-        self.c_attn = nn.Linear(d, sum(self.widths), bias=cfg.qkv_bias)  # the three projections in one
-        self.c_proj = nn.Linear(self.widths[0], d, bias=False)
-        eps, self.per_head = cfg.norm_eps or None, cfg.qk_norm_per_head
-        self.q_norm = nn.RMSNorm(hs if self.per_head else self.widths[0], eps=eps) if cfg.qk_norm else None
-        self.k_norm = nn.RMSNorm(hs if self.per_head else self.widths[1], eps=eps) if cfg.qk_norm else None
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)  # the q, k, v projections in one
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
+    def heads(self, x, cos, sin):
+        """x (B, S, d) -> q, k, v (B, nh, S, hs), q and k rotated (cos None: learned positions, in GPT)."""
+        q, k, v = (rearrange(t, "b s (nh hs) -> b nh s hs", nh=self.n_head) for t in self.c_attn(x).chunk(3, dim=2))
+        if cos is not None:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return q, k, v
+
     def forward(self, x, cos, sin, cache=None):
-        q, k, v = self.c_attn(x).split(self.widths, dim=2)
-        if self.q_norm is not None and not self.per_head:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = rearrange(q, "b s (nh hs) -> b nh s hs", nh=self.n_head)
-        k, v = (rearrange(t, "b s (nh hs) -> b nh s hs", nh=self.n_kv_head) for t in (k, v))
-        if self.q_norm is not None and self.per_head:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if cos is not None:                                         # rotary positions (else: learned, in GPT)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, nh, S, hs), (B, nkv, S, hs)
+        q, k, v = self.heads(x, cos, sin)                           # (B, nh, S, hs); k, v: fewer heads with GQA
         mask, causal = None, True
         if cache is not None:  # generation: the keys and values of the earlier positions, then these
             if "k" in cache:
@@ -102,7 +90,7 @@ class CausalSelfAttention(nn.Module):
                 mask = torch.ones(new, seen, dtype=torch.bool, device=q.device).tril(seen - new) if new > 1 else None
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0,
-                                           enable_gqa=self.n_kv_head != self.n_head)
+                                           enable_gqa=k.shape[1] != q.shape[1])
         y = rearrange(y, "b nh s hs -> b s (nh hs)")
         return self.resid_dropout(self.c_proj(y))
 
@@ -112,7 +100,7 @@ class CausalSelfAttention(nn.Module):
 
 class MLP(nn.Module):
     """Dense SwiGLU: silu(x W_gate) * (x W_up) W_down. Also the shared experts of an MoE block.
-    gelu=True: nanoGPT's GELU(x W_fc) W_proj instead."""
+    gelu=True: nanoGPT's GELU(x W_fc) W_proj instead. act: the gated activation (the experts' own)."""
 
     def __init__(self, n_embd, hidden, dropout=0.0, gelu=False, act=None):
         super().__init__()
@@ -120,21 +108,15 @@ class MLP(nn.Module):
         self.c_up = nn.Linear(n_embd, hidden, bias=False)
         self.c_proj = nn.Linear(hidden, n_embd, bias=False)
         self.dropout = nn.Dropout(dropout)
-        self.act = act or gated_act
+        self.act = act or swiglu
 
     def forward(self, x, ids=None):
         h = F.gelu(self.c_up(x)) if self.c_gate is None else self.act(self.c_gate(x), self.c_up(x))
         return self.dropout(self.c_proj(h)), None
 
 
-def gated_act(g, u, kind="swiglu", limit=0.0):
-    """SwiGLU, silu(g) * u (Shazeer 2020), of the gate and up projections g, u. Other families' variants:
-    limit > 0 clamps first, g <= limit and |u| <= limit (DeepSeek-V4, gpt-oss); kind='gpt_oss' is
-    (u + 1) * g * sigmoid(1.702 g) (gpt-oss's experts)."""
-    if limit > 0:
-        g, u = g.clamp(max=limit), u.clamp(-limit, limit)
-    if kind == "gpt_oss":
-        return (u + 1) * g * torch.sigmoid(1.702 * g)
+def swiglu(g, u):
+    """SwiGLU (Shazeer 2020) of the gate and up projections g, u: silu(g) * u."""
     return F.silu(g) * u
 
 
@@ -168,22 +150,17 @@ def grouped_matmul(h, w, offs):
 class MoE(nn.Module):
     """E routed SwiGLU experts behind a router, plus optional always-on shared experts."""
 
-    def __init__(self, cfg, layer=0):
+    act = staticmethod(swiglu)  # the experts' gated activation (families.py: other families' variants)
+
+    def __init__(self, cfg, router=None):
         super().__init__()
-        self.router = ROUTERS[cfg.router](cfg)   # first: keeps the parameter initialisation order
-        if layer < cfg.hash_layers:             # DeepSeek-V4's first layers: a fixed token-id table selects
-            self.router.hash_layer(cfg)
+        self.router = router or ROUTERS[cfg.router](cfg)  # first: keeps the parameter initialisation order
         E, d, f, d_in = cfg.n_experts, cfg.n_embd, cfg.expert_hidden, self.router.read_width
         self.w_gate = nn.Parameter(torch.randn(E, d_in, f) * 0.02)   # (E, d_in, f)
         self.w_up = nn.Parameter(torch.randn(E, d_in, f) * 0.02)     # (E, d_in, f)
         self.w_down = nn.Parameter(torch.randn(E, f, d) * 0.02)      # (E, f, d)
-        self.act = functools.partial(gated_act, kind=cfg.expert_act, limit=cfg.swiglu_limit)
-        self.biases = nn.ParameterList([nn.Parameter(torch.zeros(E, n)) for n in (f, f, d)]) if cfg.expert_bias \
-            else None                                               # gate, up, down (gpt-oss)
-        self.n_zero = cfg.zero_experts
         # n_shared experts of width f side by side = one SwiGLU of width n_shared*f
         self.shared = MLP(d, cfg.n_shared * f, act=self.act) if cfg.n_shared > 0 else None
-        self.shared_gate = nn.Linear(d, 1, bias=False) if cfg.shared_gate else None
         self.dropout = nn.Dropout(cfg.dropout)
         # the dispatch: the lecture's loop or the grouped matmul (support/parallel.py swaps in its own
         # when the experts are split over processes)
@@ -194,23 +171,12 @@ class MoE(nn.Module):
         B, S, d = x.shape
         x = x.reshape(B * S, d)                                     # (T, d)
         route = self.router(x, None if ids is None else ids.reshape(-1))  # router.py: idx (T, k), gates (T, k)
-        y, acts = self.dispatch(x, route) if not self.n_zero else self.with_zero_experts(x, route)  # (T, d), (T, k, f)
+        y, acts = self.dispatch(x, route)                           # (T, d), (T, k, f)
         if route.kept is not None:                                  # a dropped pair's activations count as 0
             acts = acts * route.kept[..., None]
         if self.shared is not None:
-            shared = self.shared(x)[0]                              # (T, d)
-            if self.shared_gate is not None:                        # Qwen2-MoE: sigmoid(x w) per token
-                shared = shared * torch.sigmoid(self.shared_gate(x))
-            y = y + shared
+            y = y + self.shared(x)[0]                               # (T, d)
         return self.dropout(y.view(B, S, d)), route._replace(acts=acts)
-
-    def with_zero_experts(self, x, route):
-        """The dispatch with LongCat-Flash's zero-compute experts: a pair on one (id >= E) adds g * x and runs
-        no expert. Those pairs go to expert 0 with gate 0 (computed, then discarded); the Routing keeps their ids."""
-        zero = route.idx >= self.w_up.shape[0]                      # (T, k)
-        y, acts = self.dispatch(x, route._replace(idx=route.idx.masked_fill(zero, 0),
-                                                  gates=route.gates.masked_fill(zero, 0.0)))
-        return y + x * (route.gates * zero).sum(dim=-1, keepdim=True).to(x.dtype), acts * ~zero[..., None]
 
     def forward_naive(self, x, route):
         """The lecture version: for each expert, find its (token, slot) pairs, run it, add the gated output."""
@@ -219,26 +185,25 @@ class MoE(nn.Module):
         acts = x.new_zeros(T, k, self.w_up.shape[2])                # (T, k, f)
         for e in range(self.w_up.shape[0]):
             tok, slot = torch.where(route.idx == e)                 # (n_e,), (n_e,) in token order
-            h = self.expert_rows(x, route.expert_inputs, tok, e)    # (n_e, d_in)
-            g, u = h @ self.w_gate[e], h @ self.w_up[e]             # (n_e, f) each
-            if self.biases is not None:                             # (gpt-oss)
-                g, u = g + self.biases[0][e], u + self.biases[1][e]
-            hidden = self.act(g, u)                                 # (n_e, f) SwiGLU
-            out = hidden @ self.w_down[e]                           # (n_e, d)
-            if self.biases is not None:
-                out = out + self.biases[2][e]
+            h = x[tok] if route.expert_inputs is None else route.expert_inputs[tok, e].to(x.dtype)  # (n_e, d_in)
+            hidden, out = self.expert(e, h)                         # (n_e, f) SwiGLU activations, (n_e, d)
             y = y.index_add(0, tok, (out * route.gates[tok, slot, None]).to(y.dtype))
             acts = acts.index_put((tok, slot), hidden.to(acts.dtype))
         return y, acts
+
+    def expert(self, e, h):
+        """Expert e on its rows h (n, d_in) -> SwiGLU activations (n, f), output (n, d)."""
+        hidden = self.act(h @ self.w_gate[e], h @ self.w_up[e])
+        return hidden, hidden @ self.w_down[e]
 
     def forward_sorted(self, x, route):
         """The same by sorting: group the T*k pairs by expert, run all experts as grouped matmuls, un-sort."""
         T, k = route.idx.shape
         order, inverse, tok, e = self.sort_pairs(route.idx)         # (T*k,) each
         offs = expert_counts(route.idx, self.w_up.shape[0]).cumsum(0, dtype=torch.int32)  # (E,) segment ends
-        h = self.expert_rows(x, route.expert_inputs, tok, e)        # (T*k, d_in)
+        h = x.index_select(0, tok) if route.expert_inputs is None else route.expert_inputs[tok, e].to(x.dtype)
         gate = route.gates.reshape(-1).index_select(0, order)[:, None]  # (T*k, 1)
-        hidden, out = self.experts(h, offs, gate, e)                # (T*k, f), (T*k, d) gated
+        hidden, out = self.experts(h, offs, gate)                   # (T*k, f), (T*k, d) gated
         y = torch.zeros(T, x.shape[1], dtype=out.dtype, device=x.device).index_add_(0, tok, out)
         return y.to(x.dtype), hidden.index_select(0, inverse).view(T, k, -1)  # acts back in token order
 
@@ -252,27 +217,16 @@ class MoE(nn.Module):
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(T * k, device=idx.device))
         return order, inverse, order // k, flat[order]
 
-    def expert_rows(self, x, expert_inputs, tok, e):
-        """The rows the experts read for (token, expert) pairs: x_t, or what the router made (ERMoE)."""
-        h = x.index_select(0, tok) if expert_inputs is None else expert_inputs[tok, e]  # (N, d_in)
-        return h.to(x.dtype)
-
-    def experts(self, h, offs, gate=None, e=None):
+    def experts(self, h, offs, gate=None):
         """Every expert on its segment of rows h (N, d_in), segments ending at offs (E,), gated by gate
         (N, 1) if given -> the SwiGLU activations hidden (N, f) and the outputs (N, d). One grouped matmul
-        per projection; the gate multiplies the narrower of hidden and the output ((g h) W = g (h W)).
-        e (N,): each row's expert, for the expert biases (gpt-oss), which add after each projection."""
+        per projection; the gate multiplies the narrower of hidden and the output ((g h) W = g (h W))."""
         f = self.w_up.shape[2]
         if f < self.w_down.shape[2]:  # narrow experts: one matmul of width 2f runs faster than two of f
             g, u = grouped_matmul(h, torch.cat([self.w_gate, self.w_up], dim=2), offs).split(f, dim=1)
         else:                         # (on a CPU: E=64, f=88 1.2x faster; E=8, f=192 1.3x slower with the copy)
             g, u = grouped_matmul(h, self.w_gate, offs), grouped_matmul(h, self.w_up, offs)
-        if self.biases is not None:
-            g, u = g + self.biases[0][e], u + self.biases[1][e]
         hidden = self.act(g, u)                                                                 # (N, f)
-        if self.biases is not None:   # the bias inside the gated output (gpt-oss): no gating before W_down
-            out = grouped_matmul(hidden, self.w_down, offs) + self.biases[2][e]
-            return hidden, out if gate is None else out * gate.to(out.dtype)
         if gate is None:
             return hidden, grouped_matmul(hidden, self.w_down, offs)
         if hidden.shape[1] < self.w_down.shape[2]:
@@ -280,32 +234,21 @@ class MoE(nn.Module):
         out = grouped_matmul(hidden, self.w_down, offs)
         return hidden, out * gate.to(out.dtype)
 
-    @torch.no_grad()
-    def upcycle(self, noise=0.01):
-        """Sparse upcycling (Komatsuzaki et al. 2023): every expert starts as a copy of expert 0 plus
-        noise of `noise` times the weights' std, so the experts start nearly identical."""
-        for w in (self.w_gate, self.w_up, self.w_down):
-            w.copy_(w[:1] + noise * w[:1].std() * torch.randn_like(w))
-
 
 # ------------------------------------------------------------------------------------------------
 # the transformer block
 
 def norm(cfg):
-    """RMSNorm (eps 0: the dtype's), or nanoGPT's LayerNorm without bias (eps 0: 1e-5) with norm=layernorm."""
-    if cfg.norm == "layernorm":
-        return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps or 1e-5, bias=False)
-    return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps or None)
+    """RMSNorm (eps: the dtype's), or nanoGPT's LayerNorm without bias (eps 1e-5) with norm=layernorm."""
+    return nn.LayerNorm(cfg.n_embd, bias=False) if cfg.norm == "layernorm" else nn.RMSNorm(cfg.n_embd)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, layer=0):
+    """Pre-norm residual block: x + attn(ln_1(x)), then + mlp(ln_2(x)) (the dense MLP or the MoE block)."""
+
+    def __init__(self, ln_1, attn, ln_2, mlp):
         super().__init__()
-        self.ln_1 = norm(cfg)
-        self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = norm(cfg)
-        moe = cfg.n_experts > 0 and layer >= cfg.first_dense_layers
-        self.mlp = MoE(cfg, layer) if moe else MLP(cfg.n_embd, cfg.ffn_hidden, cfg.dropout, cfg.mlp == "gelu")
+        self.ln_1, self.attn, self.ln_2, self.mlp = ln_1, attn, ln_2, mlp
 
     def forward(self, x, cos, sin, ids, cache=None):
         x = x + self.attn(self.ln_1(x), cos, sin, cache)
@@ -336,49 +279,28 @@ class GPTConfig:
                                 # at top_k=1 the score itself (one renormalised gate is 1: no router gradient)
     routed_scale: float = 1.0   # the routed experts' gates are multiplied by this (DeepSeek-V3: 2.5)
     capacity_factor: float = 0.0  # 0 = dropless; c > 0: each expert takes at most ceil(c*T*k/E) pairs (not causal)
-    expert_init: str = "random"  # 'random' | 'upcycle': every expert a copy of one MLP + 1% noise
     dispatch: str = "sorted"    # 'sorted' (grouped matmul) | 'naive' (per-expert loop, reference)
-    router_impl: str = "auto"   # 'auto' (triton on CUDA where the router has a kernel) | torch | compile | triton
+    select_bias: bool = False   # softmax/ERMoE router: the top-k of p + b, b balanced per step (ERNIE-4.5, LongCat)
+    bias_update_rate: float = 1e-3  # sigmoid router and select_bias: balancing bias step per optimizer step
     # settings of one router
+    n_group: int = 1            # sigmoid router: experts in n_group groups; a token first picks topk_group of them
+    topk_group: int = 1         # sigmoid router: groups a token picks (by the sum of each group's 2 best scores)
     ermoe_basis: str = "independent"  # ERMoE: 'independent' | 'partitioned' | 'penalty'
     ermoe_rank: int = 0         # ERMoE basis rank r; 0 = derived: d // 2 (partitioned: d // n_experts, tiling R^d)
     ermoe_input: str = "token"  # ERMoE: what the experts read: 'token' (x) | 'coords' (lambda * P_e^T x, r wide)
     ermoe_beta: float = 10.0    # ERMoE: the initial logit scale beta (logits beta * s, s in [0, 1])
     ermoe_beta_learned: bool = True  # ERMoE: beta learned (at most 100) or fixed at ermoe_beta
-    bias_update_rate: float = 1e-3  # sigmoid router: balancing bias step per optimizer step (DeepSeek-V3)
-    n_group: int = 1            # sigmoid router: experts in n_group groups; a token first picks topk_group of them
-    topk_group: int = 1         # sigmoid router: groups a token picks (by the sum of each group's 2 best scores)
-    # the switches other MoE families combine (docs/routers.md: each family is a setting of these)
-    router_bias: bool = False   # softmax/sigmoid router: a learned bias on the logits (gpt-oss)
-    select_bias: bool = False   # softmax/ERMoE router: the top-k of p + b, b balanced per step (ERNIE-4.5, LongCat)
-    score_fn: str = "sigmoid"   # sigmoid router's score: 'sigmoid' (DeepSeek-V3) | 'sqrt_softplus' (DeepSeek-V4)
-    renorm_floor: float = 0.0   # renormalised gates: scores / max(their sum, this) (ERNIE-4.5: 1e-12); 0 = none
-    gate_input: bool = False    # the gate scales the expert's input, not its output (Llama 4)
-    zero_experts: int = 0       # router choices that compute nothing and return the token (LongCat-Flash)
-    expert_act: str = "swiglu"  # 'swiglu' | 'gpt_oss': (up + 1) * g * sigmoid(1.702 g)
-    swiglu_limit: float = 0.0   # clamp g <= limit, |up| <= limit before the activation (gpt-oss 7, DeepSeek-V4 10)
-    expert_bias: bool = False   # biases on the experts' projections (gpt-oss)
-    first_dense_layers: int = 0  # the first layers have a dense MLP of width ffn_hidden, no MoE (GLM-4.5)
-    hash_layers: int = 0        # sigmoid router: the first layers select by a fixed token-id table (DeepSeek-V4)
     # nanoGPT's parts instead of the modern ones (course/demos.py nanogpt switches them one by one)
     pos_emb: str = "rope"       # 'rope' (rotary) | 'learned' (nanoGPT's position embedding)
     mlp: str = "swiglu"         # dense MLP: 'swiglu' | 'gelu' (nanoGPT's 4d GELU MLP; the experts stay SwiGLU)
     norm: str = "rmsnorm"       # 'rmsnorm' | 'layernorm' (nanoGPT's, without bias)
-    # what other families' checkpoints need (tools/convert.py); the defaults are the network above
-    n_kv_head: int = 0          # key/value heads (grouped-query attention, divides n_head); 0 = n_head
-    head_dim: int = 0           # width of a head, even (rotary); 0 = derived: n_embd // n_head (Qwen3: set apart)
-    rope_theta: float = 10000.0  # rotary base (Mixtral: 1e6)
-    rotary_dim: int = 0         # dims of each head that rotate, the first ones (GLM-4.5: half); 0 = all
-    norm_eps: float = 0.0       # norm epsilon; 0 = RMSNorm: the dtype's machine epsilon (torch's), LayerNorm: 1e-5
-    tie_embeddings: bool = True  # the output layer reuses the input embedding (Press & Wolf 2017)
-    qk_norm: bool = False       # RMSNorm on q and k: over the whole projections (OLMoE) ...
-    qk_norm_per_head: bool = False  # ... or, with this, over each head, one weight for all heads (Qwen3)
-    qkv_bias: bool = False      # biases on the q, k, v projections (Qwen2-MoE)
-    shared_gate: bool = False   # scale the shared experts' output by sigmoid(x w) per token (Qwen2-MoE)
 
     def __post_init__(self):  # every field checked (ValueError naming it), the widths left at 0 derived
-        check_and_derive(self, ROUTERS, IMPLS, impl_problem)
-        # the iso-compute rule (module docstring): a token's active expert compute equals the dense MLP's
+        check_and_derive(self, ROUTERS)
+        self.derive_widths()
+
+    def derive_widths(self):
+        """The iso-compute rule (module docstring): a token's active expert compute equals the dense MLP's."""
         if self.ffn_hidden == 0:
             self.ffn_hidden = 4 * self.n_embd if self.mlp == "gelu" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
         if self.n_experts > 0 and self.expert_hidden == 0:
@@ -388,20 +310,15 @@ class GPTConfig:
         """Parameters of the model this config describes, counted without building it (tested
         against GPT.num_params): lets train.py refuse a model that cannot fit before allocating."""
         d, E, f = self.n_embd, self.n_experts, self.expert_hidden
-        q, kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim  # widths of q and of k (and v)
-        norms = (2 * self.head_dim if self.qk_norm_per_head else q + kv) if self.qk_norm else 0
-        attn = d * (q + 2 * kv) + q * d + self.qkv_bias * (q + 2 * kv) + norms
         dense = (2 if self.mlp == "gelu" else 3) * d * self.ffn_hidden
-        moe, n_moe = 0, 0 if E == 0 else self.n_layer - self.first_dense_layers
-        if n_moe:
+        moe = 0
+        if E:
             with torch.random.fork_rng(devices=[]):  # the router is small: build it to count it
                 router = ROUTERS[self.router](self)
-            moe = E * (2 * router.read_width + d) * f + 3 * d * self.n_shared * f + self.shared_gate * d + \
-                sum(p.numel() for p in router.parameters()) + self.expert_bias * E * (2 * f + d)
-        head = 0 if self.tie_embeddings else self.vocab_size * d
+            moe = E * (2 * router.read_width + d) * f + 3 * d * self.n_shared * f + \
+                sum(p.numel() for p in router.parameters())
         pos = self.block_size * d if self.pos_emb == "learned" else 0
-        return self.vocab_size * d + pos + head + self.n_layer * (attn + 2 * d) + n_moe * moe + \
-            (self.n_layer - n_moe) * dense + d
+        return self.vocab_size * d + pos + self.n_layer * (4 * d * d + 2 * d + (moe if E else dense)) + d
 
 
 # ------------------------------------------------------------------------------------------------
@@ -414,22 +331,31 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" else None  # nanoGPT's
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList([Block(cfg, layer) for layer in range(cfg.n_layer)])
-        self.ln_f = norm(cfg)
+        self.blocks = nn.ModuleList([Block(self.norm(cfg), self.attention(cfg), self.norm(cfg),
+                                           self.feed_forward(cfg, layer)) for layer in range(cfg.n_layer)])
+        self.ln_f = self.norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017)
-        cos, sin = rotary_cache(cfg.block_size, cfg.rotary_dim or cfg.head_dim, cfg.rope_theta)
+        self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017)
+        cos, sin = rotary_cache(cfg.block_size, cfg.n_embd // cfg.n_head)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2L)
             if name.endswith("c_proj.weight") or name.endswith("w_down"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
-        if cfg.expert_init == "upcycle":
-            for moe in self.blocks:
-                if isinstance(moe.mlp, MoE):
-                    moe.mlp.upcycle()
+
+    # The parts of a block, each built here; families.py's subclass of GPT builds other families' parts
+    # (the atlas's one hook into this file). Called in this order, which fixes the initialisation.
+    def norm(self, cfg):
+        return norm(cfg)
+
+    def attention(self, cfg):
+        return CausalSelfAttention(cfg)
+
+    def feed_forward(self, cfg, layer):
+        if cfg.n_experts == 0:
+            return MLP(cfg.n_embd, cfg.ffn_hidden, cfg.dropout, cfg.mlp == "gelu")
+        return MoE(cfg)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -440,6 +366,14 @@ class GPT(nn.Module):
     def routers(self):
         """The router of every MoE block, in order."""
         return [b.mlp.router for b in self.blocks if isinstance(b.mlp, MoE)]
+
+    @torch.no_grad()
+    def upcycle(self, noise=0.01):
+        """Sparse upcycling (Komatsuzaki et al. 2023): in every MoE block each expert starts as a copy of
+        expert 0 plus noise of `noise` times the weights' std, so the experts start nearly identical."""
+        for moe in (b.mlp for b in self.blocks if isinstance(b.mlp, MoE)):
+            for w in (moe.w_gate, moe.w_up, moe.w_down):
+                w.copy_(w[:1] + noise * w[:1].std() * torch.randn_like(w))
 
     def num_params(self):
         """(total, active per token). Active counts k of the E routed experts of each MoE block."""

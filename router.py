@@ -68,40 +68,39 @@ class Router(nn.Module):
     per_step = False       # has an update() to call after every optimizer step
     score_gates = False    # unrenormalised gates: p at the selection; True: the score exp(a) (sigmoid: s itself)
 
+    impl = "auto"          # where the routing pass runs (IMPLS below; train.py sets its router_impl)
+
     def __init__(self, cfg):
         super().__init__()
-        self.n_experts = cfg.n_experts + cfg.zero_experts  # the router's choices (LongCat's zero-compute ones too)
-        self.k, self.impl = cfg.top_k, cfg.router_impl
+        self.n_experts, self.k = cfg.n_experts, cfg.top_k
         self.read_width = cfg.n_embd  # the width of the rows the experts read (ERMoE: its rank r)
         # at k=1 a renormalised gate is always 1 (no router gradient): the gate is the score (Switch's p)
-        self.renorm, self.floor = cfg.gate_renorm and cfg.top_k > 1, cfg.renorm_floor
-        self.routed_scale, self.capacity_factor, self.gate_input = cfg.routed_scale, cfg.capacity_factor, cfg.gate_input
+        self.renorm = cfg.gate_renorm and cfg.top_k > 1
+        self.routed_scale, self.capacity_factor = cfg.routed_scale, cfg.capacity_factor
 
     def forward(self, x, ids=None):
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
             a = self.logits(x, ids)                                      # (T, E) fp32
-            if self.topk_of_logits and choose_impl(self.impl, a.shape[1], self.k, a) != "torch":
+            if not self.topk_of_logits:                                  # the router's own selection
+                r = route_reference(a, self.k, self.renorm, self.select(a, ids), self.score_gates)
+            elif self.impl != "torch" and choose_impl(self.impl, a.shape[1], self.k, a) != "torch":
                 r = topk_route(a, self.k, self.impl, self.renorm)        # compiled or Triton: the same Routing
             else:
-                r = route_reference(a, self.k, self.renorm, self.select(a, ids), self.score_gates, self.floor)
+                r = route_reference(a, self.k, self.renorm)
         return self.finish(r, x)
 
     def select(self, a, ids):
-        """The selected experts idx (T, k), or None: the top-k of the logits a."""
-        return None
+        """The selected experts idx (T, k) (where topk_of_logits is False)."""
+        raise NotImplementedError
 
     def finish(self, r, x):
-        """The routed scale (DeepSeek-V3: 2.5); a capacity if one is set (dropped pairs get gate 0); with
-        gate_input the gates move onto what the experts read, g * x, and their outputs add ungated (Llama 4)."""
+        """The routed scale (DeepSeek-V3: 2.5); a capacity if one is set (dropped pairs get gate 0)."""
         gates, kept = (r.gates * self.routed_scale if self.routed_scale != 1.0 else r.gates), r.kept  # (T, k)
         if self.capacity_factor > 0:
             T, k = r.idx.shape
             kept = capacity_mask(r.idx, math.ceil(self.capacity_factor * T * k / self.n_experts), self.n_experts)
             gates = gates * kept
-        if self.gate_input:
-            g = torch.zeros(r.idx.shape[0], self.n_experts, device=x.device).scatter(1, r.idx, gates)  # (T, E)
-            return r._replace(gates=torch.ones_like(gates), expert_inputs=x[:, None, :] * g[..., None], kept=kept)
         return r._replace(gates=gates, kept=kept)
 
     def metrics(self):
@@ -116,38 +115,30 @@ class Router(nn.Module):
         """After every optimizer step (per_step routers), with the step's load (E,) of every process."""
 
 
-def route_reference(logits, k, renormalize=True, idx=None, score_gates=False, floor=0.0):
-    """The routing pass in plain PyTorch: logits (T, E) -> Routing. The selection is the top-k of
-    the logits unless a router gives its own `idx` (T, k); gates_of says the rest."""
+def route_reference(logits, k, renormalize=True, idx=None, score_gates=False):
+    """The routing pass in plain PyTorch: logits (T, E) -> Routing. The selection is the top-k of the
+    logits unless a router gives its own `idx` (T, k). The gates: p renormalised over the selected, or
+    (renormalize=False) p itself, or the router's score exp(a) where score_gates (sigmoid: s itself)."""
     a = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (T, E) fp32 (fp64 kept for gradcheck)
     lse = a.logsumexp(dim=-1)                                       # (T,)
     p = (a - lse[:, None]).exp()                                    # (T, E) full softmax
     if idx is None:
-        idx = select_topk(a, k)                                  # (T, k)
-    gates = gates_of(a, idx, renormalize, score_gates, floor)       # (T, k)
+        idx = select_topk(a, k)                                     # (T, k)
+    if renormalize:
+        gates = a.gather(1, idx).softmax(dim=-1)                    # (T, k) = p renormalised over the k selected
+    elif score_gates:
+        gates = a.gather(1, idx).exp()                              # (T, k) the score (sigmoid: a = log s)
+    else:
+        gates = p.gather(1, idx)                                    # (T, k) p at the selected experts
     mass = p.gather(1, idx).sum(dim=-1)                             # (T,)
     return Routing(gates, idx, expert_counts(idx, a.shape[1]), lse, mass, p.sum(dim=0), a)
 
 
 def select_topk(scores, k):
-    """Top-k of scores (T, E) fp32, ties to the lower index -> idx (T, k) int64 (gates_of gives the gates).
+    """Top-k of scores (T, E) fp32, ties to the lower index -> idx (T, k) int64.
     A stable descending sort gives the tie rule (torch.topk promises none); a NaN counts as the largest."""
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # (T, E), ties: lower first
     return order[:, :k]                                                         # (T, k)
-
-
-def gates_of(logits, idx, renormalize=True, score_gates=False, floor=0.0):
-    """The gates of the selected experts idx (T, k): p renormalised over them (with a floor: divided by
-    max(sum, floor), ERNIE-4.5's), or p itself, or the router's score exp(a) (score_gates: sigmoid)."""
-    top = logits.gather(-1, idx)                                                # (T, k)
-    if renormalize and floor > 0:                         # the scores over max(their sum, floor)
-        w = top.exp() if score_gates else (top - logits.logsumexp(dim=-1, keepdim=True)).exp()
-        return w / w.sum(dim=-1, keepdim=True).clamp_min(floor)
-    if renormalize:
-        return top.softmax(dim=-1)                        # = p renormalised over the k selected
-    if score_gates:
-        return top.exp()                                  # = the router's score (sigmoid: a = log s)
-    return (top - logits.logsumexp(dim=-1, keepdim=True)).exp()  # = p at the selected experts
 
 
 def expert_counts(idx, n_experts):
@@ -174,24 +165,22 @@ def _cosine_matrix(rows):  # (E, E) cosine similarity of the rows
 
 
 class SoftmaxRouter(Router):
-    """The linear router of Switch / GShard / Mixtral: a = x W^T (+ a bias: router_bias, gpt-oss). select_bias:
-    the top-k of p + b, b a bias that only selects, balanced as the sigmoid router's (ERNIE-4.5, LongCat)."""
+    """The linear router of Switch / GShard / Mixtral: a = x W^T. select_bias: the top-k of p + b, b a bias
+    that only selects, balanced as the sigmoid router's (ERNIE-4.5, LongCat)."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.weight = nn.Parameter(torch.randn(self.n_experts, cfg.n_embd) * 0.02)
-        self.logit_bias = nn.Parameter(torch.zeros(self.n_experts)) if cfg.router_bias else None
         if cfg.select_bias:
             self.register_buffer("bias", torch.zeros(self.n_experts))    # (E,) in the checkpoint, no gradient
             self.topk_of_logits, self.per_step, self.rate = False, True, cfg.bias_update_rate
         self.select_bias = cfg.select_bias
 
     def logits(self, x, ids):
-        bias = None if self.logit_bias is None else self.logit_bias.float()
-        return F.linear(x, self.weight.float(), bias)                    # (T, E)
+        return F.linear(x, self.weight.float())                         # (T, E)
 
     def select(self, a, ids):
-        return select_topk(a.softmax(dim=-1) + self.bias, self.k) if self.select_bias else None
+        return select_topk(a.softmax(dim=-1) + self.bias, self.k)        # (T, k) the top-k of p + b
 
     def update(self, counts):
         if self.select_bias:
@@ -230,8 +219,7 @@ class SigmoidRouter(Router):
     """DeepSeek-V3 (arXiv 2412.19437, §2.1.2): scores s = sigmoid(x W^T) as logits a = log s (p = s / sum s);
     the k experts of largest s + b are selected, b a bias that only selects (balance_bias); with n_group
     > 1 only within the topk_group best groups, a group scored by its two largest s + b. Gates: s
-    renormalised, or s (gate_renorm=False), times routed_scale. score_fn=sqrt_softplus: s =
-    sqrt(softplus(x W^T)), and hash layers, a fixed token-id table selecting (DeepSeek-V4)."""
+    renormalised, or s (gate_renorm=False), times routed_scale."""
     defaults = dict(c_lb=0.0, c_z=0.0)  # balanced by the bias instead
     topk_of_logits = False              # the selection is not the top-k of the logits
     per_step = True
@@ -240,28 +228,14 @@ class SigmoidRouter(Router):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.weight = nn.Parameter(torch.randn(self.n_experts, cfg.n_embd) * 0.02)
-        self.logit_bias = nn.Parameter(torch.zeros(self.n_experts)) if cfg.router_bias else None
         self.register_buffer("bias", torch.zeros(self.n_experts))      # (E,) in the checkpoint, no gradient
-        self.rate, self.n_group, self.topk_group, self.score_fn = (cfg.bias_update_rate, cfg.n_group, cfg.topk_group,
-                                                                   cfg.score_fn)
-        self.register_buffer("table", None)                             # (V, k) in a hash layer (hash_layer)
-
-    def hash_layer(self, cfg):
-        """Make this a hash layer (the first hash_layers layers of DeepSeek-V4): a fixed random table selects."""
-        self.table = random_table(cfg)
+        self.rate, self.n_group, self.topk_group = cfg.bias_update_rate, cfg.n_group, cfg.topk_group
 
     def logits(self, x, ids):
-        z = F.linear(x, self.weight.float(), None if self.logit_bias is None else self.logit_bias.float())
-        if self.score_fn == "sqrt_softplus":
-            return 0.5 * torch.log(F.softplus(z))                         # (T, E) log s, s = sqrt(softplus(z))
-        return F.logsigmoid(z)                                            # (T, E) log s
+        return F.logsigmoid(F.linear(x, self.weight.float()))             # (T, E) log s
 
     def select(self, a, ids):
         """The k experts of s + b (T, E), within the topk_group best groups -> idx (T, k)."""
-        if self.table is not None:                                        # a hash layer: a fixed table selects
-            if ids is None:
-                raise ValueError("hash layers need the token ids")
-            return self.table[ids]
         choice = a.exp() + self.bias                                      # DeepSeek-V3 Eq. 16: bias to select
         if self.n_group > 1:
             T, E = choice.shape
@@ -395,10 +369,12 @@ IMPLS = ("auto", "torch", "compile", "triton")
 _compiled_reference = None
 
 
-def impl_problem(router, impl, E, k):
-    """Why `router` cannot route E experts top-k with `impl`, or None (GPTConfig checks this early)."""
+def impl_problem(router, impl, E, k, select_bias=False):
+    """Why `router` cannot route E experts top-k with `impl`, or None (train.py checks this early)."""
     if impl in ("compile", "triton") and not ROUTERS[router].topk_of_logits:
         return f"router={router} has no fused routing pass: router_impl={impl} does not apply to it (use auto or torch)"
+    if impl in ("compile", "triton") and select_bias:
+        return f"router_impl={impl}: the fused routing pass has no select_bias (use auto or torch)"
     return kernels.triton_unsupported(E, k) if impl == "triton" else None
 
 

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from model import GPT, GPTConfig
+from families import from_checkpoint
 from support.data import load_tokenizer
 from support.rundir import ArgParser, UserError, cli, load_checkpoint
 
@@ -50,7 +50,7 @@ def main(argv):
     name = "best.pt" if not args.last and os.path.exists(os.path.join(args.out_dir, "best.pt")) else "ckpt.pt"
     ckpt = load_checkpoint(args.out_dir, hint=f"train one with python train.py --out_dir={args.out_dir}", name=name)
     try:
-        model = GPT(GPTConfig(**ckpt["model_args"]))
+        model = from_checkpoint(ckpt["model_args"])[1]
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as err:
         raise UserError(f"checkpoint in {args.out_dir} does not describe a model of this version "

@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from losses import COEFFICIENTS, StepBalance, aux_losses
-from model import GPT, GPTConfig
-from router import ROUTERS
+from families import FamilyConfig, build
+from model import GPTConfig
+from router import IMPLS, ROUTERS, choose_impl, impl_problem
 from support import launch
 from support.data import load_tokenizer, open_dataset, standard_error, vocab_of
 from support.metrics import RoutingStats
@@ -84,6 +85,9 @@ class TrainConfig:
     device: str = "auto"                 # 'auto' (cuda if present, else cpu with the CPU preset) | 'cpu' | 'cuda[:N]'
     dtype: str = "auto"                  # 'auto' (bfloat16 autocast on CUDA, else float32) | 'bfloat16' | 'float32'
     compile: bool = True                 # torch.compile the model (off in the CPU preset unless set)
+    router_impl: str = "auto"            # the routing pass: 'auto' (triton on CUDA where the router has a kernel) |
+                                         # torch | compile | triton
+    expert_init: str = "random"          # 'random' | 'upcycle': every expert a copy of one MLP + 1% noise
     seed: int = 1337                     # seed of the initialisation and the training batches
     expert_parallel: int = 1             # N > 1: each MoE layer's experts split over N processes (torchrun)
     balance_stats: str = "global"        # L_lb's statistics: all processes' batches ('global'), each one's ('local'),
@@ -115,6 +119,9 @@ class TrainConfig:
         cuda_n = self.device.startswith("cuda:") and self.device[5:].isdigit()
         _require(self.device in ("auto", "cpu", "cuda") or cuda_n,
                  f"device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
+        _require(self.router_impl in IMPLS, f"unknown router_impl '{self.router_impl}' ({'|'.join(IMPLS)})")
+        _require(self.expert_init in ("random", "upcycle"),
+                 f"unknown expert_init '{self.expert_init}' (random|upcycle)")
         _require(self.dataset != "", "dataset is empty: give a name under data/, or a task such as synthetic")
         _require(self.expert_parallel >= 1, f"expert_parallel must be >= 1 (1 = off), got {self.expert_parallel}")
         _require(self.balance_stats in ("global", "local", "step"),
@@ -158,13 +165,13 @@ def setup(argv):
     declared defaults <- the preset of this machine <- the router's own loss coefficients <- the
     dataset's vocabulary <- config files <- --key=value; then the widths left at 0 are derived.
     On resume the checkpoint's settings replace the first four. -> (Layered, checkpoint or None)."""
-    settings = Layered(declared(TrainConfig, GPTConfig))
+    settings = Layered(declared(TrainConfig, FamilyConfig))
     for origin, values in parse_args(argv, settings.defaults):
         settings.apply(origin, values, explicit=True)
     out_dir, init_from = settings.values["out_dir"], settings.values["init_from"]
     if init_from == "resume" or (init_from == "auto" and os.path.isfile(os.path.join(out_dir, "ckpt.pt"))):
         ckpt = load_checkpoint(out_dir, hint="nothing to resume; drop --init_from=resume to start a run")
-        resume_settings(settings, ckpt, os.path.join(out_dir, "ckpt.pt"), declared(GPTConfig), RESUMABLE)
+        resume_settings(settings, ckpt, os.path.join(out_dir, "ckpt.pt"), declared(FamilyConfig), RESUMABLE)
         return settings, ckpt
     if settings.values["device"] == "auto":
         settings.apply(*(("GPU preset", GPU_PRESET) if torch.cuda.is_available() else ("CPU preset", CPU_PRESET)))
@@ -204,19 +211,20 @@ def make_optimizer(model, cfg):
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
-def train_step(fwd, model, optimizer, batches, cfg, env):
+def train_step(model, optimizer, batches, cfg, env):
     """One optimizer step: env.accum micro-batches of forward, losses and backward, then the NaN/inf
     guard (before the update, so the weights stay finite), clipping, AdamW, and the routers' per-step
-    hooks (e.g. the sigmoid router's bias) with the step's load. fwd: the module to call (compiled,
-    DDP), model: the GPT itself; env: the processes (support/launch.py; nothing to do with one).
+    hooks (e.g. the sigmoid router's bias) with the step's load. model: the GPT; env: the processes
+    (support/launch.py; nothing to do with one), whose env.fwd is the module to call (compiled, DDP).
     Returns (CE loss, unscaled auxiliary terms), means over the micro-batches and processes."""
+    fwd = model if env.fwd is None else env.fwd
     coefs = {c: getattr(cfg, c) for c in COEFFICIENTS.values()}
     ce_sum, total_sum, terms_sum, load = 0.0, 0.0, {}, 0
     if isinstance(env.pool, StepBalance):  # L_lb's counts of this step's micro-batches: none yet
         env.pool.reset()
     for micro in range(env.accum):
         X, Y, _ = batches()
-        env.micro_step(fwd, micro)
+        env.micro_step(micro)
         with env.autocast:
             _, ce, routes = fwd(X, Y)
             # losses.py; a term whose coefficient is 0 is only logged
@@ -228,12 +236,10 @@ def train_step(fwd, model, optimizer, batches, cfg, env):
         for name, value in terms.items():
             terms_sum[name] = terms_sum.get(name, 0.0) + value.detach() / env.accum
         load = load + torch.stack([r.counts for r in routes]) if routes else load  # (L, E) pairs per expert
-    env.sync_grads(model)
     ce_f, total_f, *terms_f = env.mean(torch.stack([ce_sum, total_sum, *terms_sum.values()]).float()).tolist()
     if not math.isfinite(total_f):  # (.tolist() is the one host sync of a step: needed to stop before the update)
         raise Diverged(f"loss is {total_f}")
-    if cfg.grad_clip > 0:
-        env.clip(model, cfg.grad_clip)
+    env.finish_grads(model, cfg.grad_clip)  # expert parallel's gradient sync, then the clipping
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if any(r.per_step for r in model.routers()):
@@ -303,9 +309,9 @@ def main(argv):
         sys.stdout.reconfigure(line_buffering=True)  # progress lines show up at once in a log file too
     if {"-h", "--help"} & set(argv):
         settings, _ = setup([a for a in argv if a not in ("-h", "--help")])
-        settings.build(TrainConfig, GPTConfig)
+        settings.build(TrainConfig, FamilyConfig)
         print(__doc__ + "\nsettings (--key=value [where the value comes from] what it is):\n" +
-              settings.explain(notes(TrainConfig, GPTConfig)))
+              settings.explain(notes(TrainConfig, GPTConfig, FamilyConfig)))
         return
     try:
         settings, ckpt = setup(argv)
@@ -314,7 +320,9 @@ def main(argv):
             raise
         print(f"{done}; the run is finished")
         return
-    cfg, model_cfg = settings.build(TrainConfig, GPTConfig)
+    cfg, model_cfg = settings.build(TrainConfig, FamilyConfig)
+    why = impl_problem(model_cfg.router, cfg.router_impl, model_cfg.n_experts, model_cfg.top_k, model_cfg.select_bias)
+    _require(why is None or model_cfg.n_experts == 0, why)
     env = launch.start(cfg, model_cfg)  # the device, the dtype, the processes: all checked
     preset = {k: v for k, v in settings.values.items() if settings.origin[k].endswith("preset")}
     if env.master and preset:  # (python train.py --help shows every value and its origin)
@@ -327,7 +335,12 @@ def main(argv):
         data.check(model_cfg.block_size, model_cfg.vocab_size)
         # the model and its optimizer
         torch.manual_seed(cfg.seed)
-        model = GPT(model_cfg).to(env.device)
+        model = build(model_cfg)  # families.py: the core GPT, or with another family's parts
+        if cfg.expert_init == "upcycle":
+            model.upcycle()
+        for router in model.routers():  # 'auto' decided once, for this device
+            router.impl = choose_impl(cfg.router_impl, router.n_experts, router.k, torch.empty(0, device=env.device))
+        model = model.to(env.device)
         if cfg.hash_balanced and not ckpt:  # (a resumed run has its table in the checkpoint)
             _require(model_cfg.router == "hash" and hasattr(data, "token_counts"),
                      f"hash_balanced needs router=hash and a text dataset, got router={model_cfg.router}, "
@@ -336,7 +349,7 @@ def main(argv):
                 router.balance(data.token_counts())
         if ckpt:  # checked before the out_dir is touched; a checkpoint always holds the whole model
             load_state(model.load_state_dict, ckpt["model"], "checkpoint weights do not match its model_args")
-        fwd = env.attach(model, cfg)  # the module to call: this rank's experts, compiled, DDP (support/launch.py)
+        env.attach(model, cfg)  # env.fwd, the module to call: this rank's experts, compiled, DDP (support/launch.py)
         if cfg.balance_stats == "step":  # L_lb's f over the step's micro-batches and processes (Qiu et al. 2025)
             env.pool = StepBalance(launch.all_ranks_sum(env), env.world)
         optimizer = make_optimizer(model, cfg)
@@ -399,7 +412,7 @@ def main(argv):
                     run.log(record)
                 if iter_num >= cfg.max_iters:
                     break
-                lossf, terms = train_step(fwd, model, optimizer, batches, cfg, env)
+                lossf, terms = train_step(model, optimizer, batches, cfg, env)
                 iter_num += 1
                 if env.master and iter_num % cfg.log_interval == 0:
                     now = time.time()
@@ -433,7 +446,7 @@ def main(argv):
         raise Interrupted("interrupted (the checkpoint in out_dir, if any, is intact)",
                           getattr(err, "signum", None)) from None
     finally:
-        fwd = None  # DDP's reducer holds the process group: dropped now, before the group (see launch.end)
+        env.fwd = None  # DDP's reducer holds the process group: dropped now, before the group (see launch.end)
         launch.end(env)
 
 

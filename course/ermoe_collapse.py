@@ -38,7 +38,7 @@ def basis_gradients(out_dir):
     import train
     from support.data import open_dataset
     ckpt = load_checkpoint(out_dir)
-    model = train.GPT(train.GPTConfig(**ckpt["model_args"]))
+    model = from_checkpoint(ckpt["model_args"])[1]
     model.load_state_dict(ckpt["model"])
     data = open_dataset("shakespeare_char", model.config.vocab_size, False)
     gen = torch.Generator().manual_seed(0)

@@ -15,10 +15,10 @@ MoE step 5-10 % here: `python bench.py --malloc`).
 
 What several processes add to a training step is here too, as methods of `env` that do nothing
 with one process (train.train_step calls them): `micro_step` (DDP syncs gradients on the last
-micro-step only), `pool` (L_lb's statistics of the global batch), `sync_grads` (expert parallel
-averages its gradients itself), `mean` (the logged numbers of all processes, and in the same
-all-reduce what any process asks of the step's end: a signal came, a timed checkpoint is due; see
-support/stopping.py), `clip` (one norm over the whole model) and `step_load` (the routers' per-step
+micro-step only), `pool` (L_lb's statistics of the global batch), `mean` (the logged numbers of all
+processes, and in the same all-reduce what any process asks of the step's end: a signal came, a
+timed checkpoint is due; see support/stopping.py), `finish_grads` (expert parallel averages its
+gradients itself; one clipping norm over the whole model) and `step_load` (the routers' per-step
 hook sees every process's load).
 """
 
@@ -72,7 +72,7 @@ def pick_device(cfg, model_cfg):
             raise UserError(f"device={device} but no CUDA device is available (use --device=cpu)")
         if ":" in device and int(device[5:]) >= torch.cuda.device_count():
             raise UserError(f"device={device} but there are {torch.cuda.device_count()} CUDA devices")
-    if model_cfg.router_impl == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if cfg.router_impl == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise UserError("router_impl=triton needs a CUDA device (on a CPU, TRITON_INTERPRET=1 runs the kernel in "
                         "Triton's interpreter, slowly; or use router_impl=torch)")
     dtype = cfg.dtype
@@ -111,7 +111,7 @@ def start(cfg, model_cfg):
                         (model_cfg.n_experts % N == 0, f"must divide n_experts ({model_cfg.n_experts})"),
                         (model_cfg.dispatch == "sorted", "needs dispatch=sorted"),
                         (model_cfg.capacity_factor == 0, "needs capacity_factor=0 (dropless)"),
-                        (not (model_cfg.expert_bias or model_cfg.zero_experts or model_cfg.gate_input),
+                        (not {"expert_bias", "zero_experts", "gate_input"} & set(getattr(model_cfg, "changed", ())),
                          "has no expert_bias, zero_experts or gate_input"),
                         (model_cfg.router != "expert_choice",
                          "needs a token-choice router (expert choice drops pairs)")):
@@ -136,6 +136,7 @@ class Processes:
         self.autocast = torch.autocast(self.device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
         self.master = rank == 0
         self.ep = None      # a support.parallel.ExpertParallel once the experts are split over processes
+        self.fwd = None     # the module train_step calls (attach: compiled, DDP); None: the model itself
         self.pool = None    # losses.aux_losses' pool: L_lb's statistics over every process's batch
         self.asks = None    # -> this process's requests for the step's end, while a Watch runs (below)
         self.agreed = None  # what all processes asked at the last step: summed by mean()
@@ -154,16 +155,13 @@ class Processes:
         if self.ddp and self.ep is None:  # expert parallel syncs its gradients itself
             from torch.nn.parallel import DistributedDataParallel as DDP
             fwd = DDP(fwd, device_ids=[int(os.environ["LOCAL_RANK"])] if self.device_type == "cuda" else None)
+        self.fwd = fwd
         return fwd
 
-    def micro_step(self, fwd, micro):
+    def micro_step(self, micro):
         """DDP all-reduces the gradients only on the last micro-step of a step."""
-        if hasattr(fwd, "require_backward_grad_sync"):
-            fwd.require_backward_grad_sync = micro == self.accum - 1
-
-    def sync_grads(self, model):
-        if self.ep is not None:
-            self.ep.sync_grads(model)
+        if hasattr(self.fwd, "require_backward_grad_sync"):
+            self.fwd.require_backward_grad_sync = micro == self.accum - 1
 
     def mean(self, stats):
         """stats (n,) -> the mean over processes (a NaN on any process reaches every one). The same
@@ -179,10 +177,14 @@ class Processes:
             self.agreed = asks
         return stats
 
-    def clip(self, model, max_norm):
+    def finish_grads(self, model, max_norm):
+        """The step's gradients complete (expert parallel: the replicated parameters' summed over processes),
+        then clipped to max_norm (0: not clipped)."""
         if self.ep is not None:
+            self.ep.sync_grads(model)
+        if max_norm > 0 and self.ep is not None:
             self.ep.clip_grad_norm(model, max_norm)
-        else:
+        elif max_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
     def step_load(self, counts):

@@ -130,7 +130,7 @@ class ExpertParallel:
         n, E = self.n, r.counts.numel()
         counts = torch.bincount(r.idx.reshape(-1), minlength=E).to(torch.int32)  # (E,) pairs per expert
         order, inverse, tok, e = moe.sort_pairs(r.idx)              # (T*k,) grouped by expert, hence by rank
-        h = moe.expert_rows(x, r.expert_inputs, tok, e)             # (T*k, d_in) rows to send
+        h = x.index_select(0, tok) if r.expert_inputs is None else r.expert_inputs[tok, e].to(x.dtype)  # (T*k, d_in)
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=self.ep_group)  # counts first: (n, E/n) per source
         recv = recv_counts.view(n, E // n)                          # rows from each source, per local expert

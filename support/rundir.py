@@ -50,7 +50,8 @@ except ImportError:  # Windows: no flock; the lock is skipped there
     fcntl = None
 
 CKPT_KEYS = ("model", "optimizer", "model_args", "config", "iter_num", "best_val", "batch_rng", "torch_rng")
-FORMAT = 2  # 1: the checkpoints before the format was recorded; 2: + format, commit, torch
+FORMAT = 3  # 1: the checkpoints before the format was recorded; 2: + format, commit, torch; 3: the families
+           # apart from the core (router_impl and expert_init are run settings; the Qwen shared gate's keys)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -140,8 +141,25 @@ def load_checkpoint(out_dir, hint="run train.py with this out_dir first", name="
 
 # A change that must change what a checkpoint holds bumps FORMAT and adds the step from the format
 # before: old checkpoints keep loading (tests/ckpt_format1 is one of format 1, tested in CI).
+def families_apart(ckpt):
+    """Format 2 -> 3: router_impl and expert_init move from model_args to the run's config (where the routing
+    runs and how the experts start are not the network); a gated shared expert's weights move under it
+    (mlp.shared.* -> mlp.shared.expert.*, mlp.shared_gate -> mlp.shared.gate)."""
+    if not all(isinstance(ckpt[k], dict) for k in ("model_args", "config", "model")):
+        return {**ckpt, "format": 3}  # refused where it is read, naming what is wrong
+    model_args = dict(ckpt["model_args"])
+    config = {**ckpt["config"], **{k: model_args.pop(k) for k in ("router_impl", "expert_init") if k in model_args}}
+    weights = ckpt["model"]
+    if model_args.get("shared_gate"):
+        def moved(key):
+            return key.replace(".mlp.shared_gate.", ".mlp.shared.gate.").replace(".mlp.shared.c_", ".mlp.shared.expert.c_")
+        weights = {moved(k): v for k, v in weights.items()}
+    return {**ckpt, "model_args": model_args, "config": config, "model": weights, "format": 3}
+
+
 UPGRADES = {
     1: lambda ckpt: {**ckpt, "format": 2, "commit": None, "torch": None},  # who wrote it was not recorded
+    2: families_apart,
 }
 
 

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from model import GPT, GPTConfig  # noqa: E402
+from families import from_checkpoint  # noqa: E402
 from support.data import load_tokenizer, open_dataset  # noqa: E402
 from support.metrics import RoutingStats  # noqa: E402
 from support.plots import plt, plot_run, save  # noqa: E402
@@ -57,7 +57,7 @@ def expert_cos2(moe, x, ids):
     tok = torch.arange(T)
     z = torch.stack([F.silu(h @ moe.w_gate[e]) * (h @ moe.w_up[e])
                      for e in range(moe.w_up.shape[0])
-                     for h in [moe.expert_rows(x, expert_inputs, tok, e).float()]])  # (E, T, f)
+                     for h in [(x if expert_inputs is None else expert_inputs[tok, e]).float()]])  # (E, T, f)
     zn = F.normalize(z, dim=-1)
     return torch.einsum("itf,jtf->ijt", zn, zn).pow(2).mean(-1)                 # (E, E)
 
@@ -154,7 +154,7 @@ def trace(pieces, routes, n=24):
 def plot_checkpoint(out_dir, text=None):
     best = os.path.exists(os.path.join(out_dir, "best.pt"))
     ckpt = load_checkpoint(out_dir, name="best.pt" if best else "ckpt.pt")
-    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model = from_checkpoint(ckpt["model_args"])[1]
     model.load_state_dict(ckpt["model"])
     model.eval()
     if model.config.n_experts == 0:

@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-from model import GPT, GPTConfig  # noqa: E402
+from families import FamilyConfig, build  # noqa: E402
 from support.rundir import UserError, cli, load_checkpoint, save_checkpoint  # noqa: E402
 from tools.hf_config import FAMILIES, model_args_from_hf  # noqa: E402
 
@@ -144,7 +144,7 @@ def from_hf(hf_dir, out_dir, overwrite=False, ignore_unused=False):
     arch, args, unknown, blocks = model_args_from_hf(read_json(path))
     fam = FAMILIES[arch]
     try:
-        cfg = GPTConfig(**args)
+        cfg = FamilyConfig(**args)
     except ValueError as err:
         raise UserError(f"config.json ({arch}) gives a model this project cannot build: {err}") from None
     w = SafeTensors(hf_dir, blocks)
@@ -187,11 +187,12 @@ def from_hf(hf_dir, out_dir, overwrite=False, ignore_unused=False):
         sd[f"{ours}.mlp.w_down"] = down.transpose(1, 2)                                              # (E, f, d)
         if cfg.n_shared:
             s, width = f"{m}.{fam['shared']}", cfg.n_shared * f
+            shared = f"{ours}.mlp.shared.expert" if cfg.shared_gate else f"{ours}.mlp.shared"  # (families.GatedShared)
             for ours_name, hf_name, shape in (("c_gate", "gate_proj", (width, d)), ("c_up", "up_proj", (width, d)),
                                               ("c_proj", "down_proj", (d, width))):
-                sd[f"{ours}.mlp.shared.{ours_name}.weight"] = w.get(f"{s}.{hf_name}.weight", shape)
+                sd[f"{shared}.{ours_name}.weight"] = w.get(f"{s}.{hf_name}.weight", shape)
             if cfg.shared_gate:
-                sd[f"{ours}.mlp.shared_gate.weight"] = w.get(f"{m}.{fam['shared']}_gate.weight", (1, d))
+                sd[f"{ours}.mlp.shared.gate.weight"] = w.get(f"{m}.{fam['shared']}_gate.weight", (1, d))
     unused = w.unused()
     scales = [n for n in unused if n.endswith(("_scale", "_scale_inv"))]
     if scales:  # never dropped: the scales of quantised weights (an FP8 weight is refused without its own)
@@ -204,7 +205,7 @@ def from_hf(hf_dir, out_dir, overwrite=False, ignore_unused=False):
                         f"convert without them")
     sd = {k: v.contiguous() for k, v in sd.items()}
     with torch.device("meta"):  # the names and shapes must be exactly the model's
-        expected = {k: v.shape for k, v in GPT(cfg).state_dict().items()}
+        expected = {k: v.shape for k, v in build(cfg).state_dict().items()}
     wrong = sorted(k for k in expected if k not in sd or sd[k].shape != expected[k])
     if wrong or set(sd) - set(expected):
         raise UserError(f"converted weights do not fit the model: {(wrong or sorted(set(sd) - set(expected)))[:3]}")
@@ -230,7 +231,7 @@ def to_hf(out_dir, hf_dir, overwrite=False):
     """out_dir/ckpt.pt -> hf_dir/{config.json, model.safetensors} in Mixtral's format."""
     from safetensors.torch import save_file
     ckpt = load_checkpoint(out_dir)
-    cfg = GPTConfig(**ckpt["model_args"])
+    cfg = FamilyConfig(**ckpt["model_args"])
     refusals = [(cfg.n_experts > 0, "n_experts=0: a dense model is not a Mixtral"),
                 (cfg.router == "softmax", f"router={cfg.router}: Mixtral routes with a linear softmax router"),
                 (cfg.gate_renorm, "gate_renorm=False: Mixtral renormalises the top-k gates (OLMoE-style gates)"),
