@@ -284,10 +284,10 @@ def _parallel_steps(rank, world, n, port, cfg, steps, times):
     idx = torch.randint(0, cfg["vocab_size"], (8, cfg["block_size"]))
     settings = SimpleNamespace(c_lb=0.01, c_z=1e-3, c_sp=2e-3, c_cp=1e-3, c_seq=0.0, mu_ortho=0.0, grad_clip=1.0)
     env = launch.Processes("cpu", "float32", rank, world, accum=1, ddp=True)
-    env.ep, env.pool = ep, pooled_balance(dist.group.WORLD)
+    env.ep, env.pool, env.fwd = ep, pooled_balance(dist.group.WORLD), fwd  # what env.attach sets in train.py
 
     def step():  # train.py's step as it runs under torchrun: losses, gradient sync, NaN guard, clipping
-        train_step(fwd, model, opt, lambda: (idx, idx, None), settings, env)
+        train_step(model, opt, lambda: (idx, idx, None), settings, env)
     measured = []
     for i in range(steps + 2):
         dist.barrier()

@@ -12,19 +12,21 @@ the core's classes with the family's differences mixed in. A difference is a mix
 methods replace one method of a core class (and call the core's with super() where they only add to it);
 `compose` stacks the mixins whose settings are on. The default run never builds one (`build`).
 
-  family          what differs from the core                              mixed into      setting
-  gpt-oss         a bias on the router's logits                           SoftmaxRouter   router_bias
-                  biased experts, (up + 1) * g * sigmoid(1.702 g), clamped MoE             expert_bias, expert_act,
-                                                                                          swiglu_limit
-  Llama 4         the gate scales the expert's input, not its output      any router      gate_input
-  LongCat-Flash   zero-compute experts: a pair on one returns the token   router + MoE    zero_experts
-  ERNIE-4.5       renormalised gates: scores / max(their sum, floor)      any router      renorm_floor
-  DeepSeek-V4     s = sqrt(softplus(x W^T)); the first layers hash         SigmoidRouter   score_fn, hash_layers
-                  experts and shared expert clamped (limit 10)            MoE             swiglu_limit
-  Qwen            the shared expert's output times sigmoid(x w)          MoE             shared_gate
-  GLM-4.5         the first layers have a dense MLP                       FamilyGPT       first_dense_layers
-  HF backbones    grouped-query attention, head_dim, q/k norms, qkv bias, attention, GPT  n_kv_head, ...
+  family          what differs from the core                               mixed into          its setting
+  gpt-oss         a bias on the router's logits                            SoftmaxRouter       router_bias
+                  biased experts; (up + 1) * g * sigmoid(1.702 g), clamped  MoE                 expert_bias, expert_act,
+                                                                                               swiglu_limit
+  Llama 4         the gate scales the expert's input, not its output       a linear router     gate_input
+  LongCat-Flash   zero-compute experts: a pair on one returns the token    linear router, MoE  zero_experts
+  ERNIE-4.5       renormalised gates: scores / max(their sum, floor)       a linear router     renorm_floor
+  DeepSeek-V4     s = sqrt(softplus(x W^T)); the first layers hash          SigmoidRouter       score_fn, hash_layers
+                  experts and shared expert clamped (limit 10)             MoE                 swiglu_limit
+  Qwen            the shared experts' output times sigmoid(x w)            MoE                 shared_gate
+  GLM-4.5         the first layers have a dense MLP                        FamilyGPT           first_dense_layers
+  HF backbones    grouped-query attention, head_dim, q/k norms, qkv bias,  attention, GPT      n_kv_head, head_dim, ...
                   partial rotary, rope_theta, norm_eps, untied embeddings
+
+(a linear router: softmax or sigmoid.)
 """
 
 import functools
@@ -84,9 +86,7 @@ class FamilyConfig(GPTConfig):
         self.changed = [f.name for f in fields(FamilyConfig)
                         if f.name not in CORE and getattr(self, f.name) != plain.get(f.name, f.default)]
 
-    def param_count(self):
-        """Parameters of the model (the core's formula does not know the families' parts): counted on
-        the meta device, which allocates nothing."""
+    def param_count(self):  # GPTConfig's, of the model build() makes
         with torch.device("meta"), torch.random.fork_rng(devices=[]):
             return sum(p.numel() for p in build(self).parameters())
 

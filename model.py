@@ -2,7 +2,8 @@
 A GPT whose feed-forward blocks are top-k routed SwiGLU experts. One file, read top to bottom:
 attention, the feed-forward blocks (the dense MLP, the MoE block and its two dispatch paths), the
 block, the settings (GPTConfig, which derives the widths by the iso-compute rule below; its checks
-are in support/checks.py), then the GPT.
+are in support/checks.py), then the GPT, which builds its parts through three methods (norm,
+attention, feed_forward): the hook by which families.py builds other families' parts.
 
 Notation: B batch, S sequence length, T = B*S tokens, d model width (n_embd), E routed experts,
 k experts per token, f expert hidden width, r ERMoE basis rank, nh heads, hs head size.
@@ -11,9 +12,7 @@ k experts per token, f expert hidden width, r ERMoE basis rank, nh heads, hs hea
   embeddings (Su et al. 2021), SwiGLU feed-forward (Shazeer 2020), tied embeddings, SDPA attention,
   a KV cache for sampling. nanoGPT's own parts (learned positions, a 4d GELU MLP, LayerNorm) are
   options, for the ablation that explains the gap to nanoGPT (course/demos.py nanogpt). What other
-  MoE families differ in (rope_theta, norm_eps, grouped-query attention, head_dim, untied
-  embeddings, QK-norm, q/k/v biases, a gated shared expert) are options too, grouped at the end of
-  GPTConfig, so that Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE checkpoints map onto it (tools/convert.py).
+  MoE families differ in, and the imported checkpoints' backbones, is in families.py.
 - MoE block (Shazeer et al. 2017; Switch, Fedus et al. 2021; DeepSeekMoE shared experts, Dai et al.
   2024): E routed SwiGLU experts with stacked weights (E, ., .), a router from router.py's registry
   (the block never asks which one), optional always-on shared experts. Dropless by default; with
@@ -238,11 +237,6 @@ class MoE(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # the transformer block
 
-def norm(cfg):
-    """RMSNorm (eps: the dtype's), or nanoGPT's LayerNorm without bias (eps 1e-5) with norm=layernorm."""
-    return nn.LayerNorm(cfg.n_embd, bias=False) if cfg.norm == "layernorm" else nn.RMSNorm(cfg.n_embd)
-
-
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(ln_1(x)), then + mlp(ln_2(x)) (the dense MLP or the MoE block)."""
 
@@ -307,18 +301,10 @@ class GPTConfig:
             self.expert_hidden = max(1, self.ffn_hidden // (self.top_k + self.n_shared))
 
     def param_count(self):
-        """Parameters of the model this config describes, counted without building it (tested
-        against GPT.num_params): lets train.py refuse a model that cannot fit before allocating."""
-        d, E, f = self.n_embd, self.n_experts, self.expert_hidden
-        dense = (2 if self.mlp == "gelu" else 3) * d * self.ffn_hidden
-        moe = 0
-        if E:
-            with torch.random.fork_rng(devices=[]):  # the router is small: build it to count it
-                router = ROUTERS[self.router](self)
-            moe = E * (2 * router.read_width + d) * f + 3 * d * self.n_shared * f + \
-                sum(p.numel() for p in router.parameters())
-        pos = self.block_size * d if self.pos_emb == "learned" else 0
-        return self.vocab_size * d + pos + self.n_layer * (4 * d * d + 2 * d + (moe if E else dense)) + d
+        """Parameters of the model: counted on the meta device, which allocates nothing (train.py refuses a
+        model that cannot fit before allocating it)."""
+        with torch.device("meta"), torch.random.fork_rng(devices=[]):
+            return sum(p.numel() for p in GPT(self).parameters())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -346,8 +332,8 @@ class GPT(nn.Module):
 
     # The parts of a block, each built here; families.py's subclass of GPT builds other families' parts
     # (the atlas's one hook into this file). Called in this order, which fixes the initialisation.
-    def norm(self, cfg):
-        return norm(cfg)
+    def norm(self, cfg):  # RMSNorm (eps: the dtype's), or nanoGPT's LayerNorm without bias (eps 1e-5)
+        return nn.LayerNorm(cfg.n_embd, bias=False) if cfg.norm == "layernorm" else nn.RMSNorm(cfg.n_embd)
 
     def attention(self, cfg):
         return CausalSelfAttention(cfg)

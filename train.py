@@ -85,8 +85,7 @@ class TrainConfig:
     device: str = "auto"                 # 'auto' (cuda if present, else cpu with the CPU preset) | 'cpu' | 'cuda[:N]'
     dtype: str = "auto"                  # 'auto' (bfloat16 autocast on CUDA, else float32) | 'bfloat16' | 'float32'
     compile: bool = True                 # torch.compile the model (off in the CPU preset unless set)
-    router_impl: str = "auto"            # the routing pass: 'auto' (triton on CUDA where the router has a kernel) |
-                                         # torch | compile | triton
+    router_impl: str = "auto"            # the routing pass: auto (Triton on CUDA if it fits) | torch | compile | triton
     expert_init: str = "random"          # 'random' | 'upcycle': every expert a copy of one MLP + 1% noise
     seed: int = 1337                     # seed of the initialisation and the training batches
     expert_parallel: int = 1             # N > 1: each MoE layer's experts split over N processes (torchrun)
@@ -195,6 +194,17 @@ def get_lr(it, cfg):
         return cfg.min_lr
     ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def make_model(cfg, model_cfg, device="cpu"):
+    """The model of model_cfg (families.py: the core GPT, or with another family's parts), its experts
+    upcycled if cfg.expert_init says so, its routers' router_impl decided for the device ('auto'), on it."""
+    model = build(model_cfg)
+    if cfg.expert_init == "upcycle":
+        model.upcycle()
+    for router in model.routers():
+        router.impl = choose_impl(cfg.router_impl, router.n_experts, router.k, torch.empty(0, device=device))
+    return model.to(device)
 
 
 def make_optimizer(model, cfg):
@@ -335,12 +345,7 @@ def main(argv):
         data.check(model_cfg.block_size, model_cfg.vocab_size)
         # the model and its optimizer
         torch.manual_seed(cfg.seed)
-        model = build(model_cfg)  # families.py: the core GPT, or with another family's parts
-        if cfg.expert_init == "upcycle":
-            model.upcycle()
-        for router in model.routers():  # 'auto' decided once, for this device
-            router.impl = choose_impl(cfg.router_impl, router.n_experts, router.k, torch.empty(0, device=env.device))
-        model = model.to(env.device)
+        model = make_model(cfg, model_cfg, env.device)
         if cfg.hash_balanced and not ckpt:  # (a resumed run has its table in the checkpoint)
             _require(model_cfg.router == "hash" and hasattr(data, "token_counts"),
                      f"hash_balanced needs router=hash and a text dataset, got router={model_cfg.router}, "

@@ -35,7 +35,7 @@ BEFORE = ["config/ermoe.py", "--ermoe_input=coords", "--ermoe_rank=16", "--selec
 def basis_gradients(out_dir):
     """From the run's last checkpoint: the norm of the language-model loss's gradient (no auxiliary loss)
     on each expert's basis, and each expert's share of the (token, expert) pairs, on 8 training batches."""
-    import train
+    from families import from_checkpoint
     from support.data import open_dataset
     ckpt = load_checkpoint(out_dir)
     model = from_checkpoint(ckpt["model_args"])[1]

@@ -22,13 +22,13 @@ import torch.nn.functional as F  # noqa: E402
 
 from losses import coupling_loss, load_balancing_loss, specialization_loss, z_loss  # noqa: E402
 from model import GPTConfig, MoE, grouped_matmul  # noqa: E402
-from router import EigenRouter, eigenbasis_scores, expert_counts, gates_of, select_topk  # noqa: E402
+from router import EigenRouter, eigenbasis_scores, expert_counts, route_reference, select_topk  # noqa: E402
 
 torch.manual_seed(0)
 torch.set_grad_enabled(False)                           # a lecture: values only, no gradients
 torch.set_printoptions(precision=3, sci_mode=False, linewidth=120)
 T, E, k, d, f = 8, 4, 2, 16, 8
-cfg = GPTConfig(n_layer=1, n_head=2, n_embd=d, n_experts=E, top_k=k, expert_hidden=f, router_impl="torch")
+cfg = GPTConfig(n_layer=1, n_head=2, n_embd=d, n_experts=E, top_k=k, expert_hidden=f)
 moe = MoE(cfg)
 with torch.no_grad():  # weights at a scale where the numbers say something (a fresh model's, std 0.02,
     moe.router.weight.normal_(0.0, 1.0)                 # give logits of +-0.1 and every gate ~0.5)
@@ -86,7 +86,7 @@ tie_row = torch.tensor([[1.0, 3.0, 3.0, 2.0]])
 print("tie row", tie_row.tolist(), "-> experts", select_topk(tie_row, 2).tolist())
 order = sorted(range(E), key=lambda e: (-logits[0, e].item(), e))   # by hand for token 0
 idx = select_topk(logits, k)                            # (T, k)
-gates = gates_of(logits, idx)                           # (T, k)
+gates = route_reference(logits, k).gates                # (T, k) the routing pass of router.py
 print("selected experts idx (T, k):\n", idx)
 print("gates (T, k):\n", gates)
 check("token 0's experts", order[:k], idx[0])
@@ -112,7 +112,7 @@ with torch.enable_grad():
         (grad,) = torch.autograd.grad((g * expert_out).pow(2).sum(), W, retain_graph=True)
         print(f"  k=1, gates {name:<13} {' '.join(f'{v:.3f}' for v in g[:4, 0].tolist())} ...   "
               f"router gradient norm {grad.norm():.4f}")
-one = MoE(GPTConfig(n_layer=1, n_head=2, n_embd=d, n_experts=E, top_k=1, expert_hidden=f, router_impl="torch"))
+one = MoE(GPTConfig(n_layer=1, n_head=2, n_embd=d, n_experts=E, top_k=1, expert_hidden=f))
 one.router.weight.copy_(moe.router.weight)
 check("library gates at k=1 = p", a1.softmax(dim=-1).gather(1, top1), one.router(x).gates)
 
@@ -207,8 +207,7 @@ check("R_cp", -(M1 * M2).mean(), coupling_loss([p, p2], idx_list=[idx, idx2]))
 
 # %%
 section("7. ERMoE: the score is a cosine to a subspace")
-ecfg = GPTConfig(n_layer=1, n_head=2, n_embd=d, n_experts=E, top_k=k, router="ermoe", ermoe_rank=4,
-                 router_impl="torch")
+ecfg = GPTConfig(n_layer=1, n_head=2, n_embd=d, n_experts=E, top_k=k, router="ermoe", ermoe_rank=4)
 ermoe = EigenRouter(ecfg)
 P = ermoe.bases()                                       # (E, d, r) orthonormal columns
 print("P_0^T P_0 = I:", torch.allclose(P[0].T @ P[0], torch.eye(4), atol=1e-5))

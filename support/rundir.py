@@ -152,7 +152,8 @@ def families_apart(ckpt):
     weights = ckpt["model"]
     if model_args.get("shared_gate"):
         def moved(key):
-            return key.replace(".mlp.shared_gate.", ".mlp.shared.gate.").replace(".mlp.shared.c_", ".mlp.shared.expert.c_")
+            key = key.replace(".mlp.shared_gate.", ".mlp.shared.gate.")
+            return key.replace(".mlp.shared.c_", ".mlp.shared.expert.c_")
         weights = {moved(k): v for k, v in weights.items()}
     return {**ckpt, "model_args": model_args, "config": config, "model": weights, "format": 3}
 

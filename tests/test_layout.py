@@ -1,14 +1,17 @@
 """
-The house: imports run one way, and every file the docs name exists.
+The house, checked against the files themselves (their imports, their syntax trees, a trace of one
+training step) and the README's own table: imports run one way, the atlas stays out of the core, every
+file the docs name exists, the reading order points at what it names, and lines stay short.
 """
 
 import ast
 import os
 import re
+from dataclasses import fields
 
 from tests.helpers import REPO
 
-CORE = {"model", "router", "losses", "kernels", "train"}
+CORE = {"model", "router", "losses", "kernels", "train", "families"}  # families: the atlas, above model and router
 ENTRY = {"sample", "bench"}  # top-level scripts beside the core, nanoGPT's convention
 
 
@@ -49,6 +52,8 @@ def test_imports_run_one_way_without_loops():
     modules = project_modules()
     graph = {m: imports_of(p, modules) - {m} for m, p in modules.items()}
     assert graph["kernels"] == set(), graph["kernels"]               # tensors in, tensors out
+    for core in ("model", "router", "losses", "kernels"):               # the atlas builds on them, never back
+        assert "families" not in graph[core], f"{core} imports families"
     rank = {"support": 0, "core": 1, "tools": 2}
     for m, deps in graph.items():
         for d in deps:
@@ -98,31 +103,47 @@ def test_every_file_the_docs_name_exists():
     assert seen > 50 and not missing, missing
 
 
-def test_one_step_of_the_default_run_has_no_forwarding_wrapper_and_no_long_signature():
-    """The student's path, traced: every project function that one training step of the default run calls
-    (train.train_step down to the top-k) takes at most 6 parameters, none is a wrapper whose body only
-    forwards its arguments to another call, and the top-k is at most three calls below MoE.forward."""
+def test_no_setting_of_the_atlas_is_named_in_model_or_router():
+    """model.py and router.py know nothing of the families: no setting that families.FamilyConfig adds to
+    GPTConfig appears in them as a word, in code or comments."""
+    import families
+    from model import GPTConfig
+    core = {f.name for f in fields(GPTConfig)}
+    atlas = [f.name for f in fields(families.FamilyConfig) if f.name not in core]
+    assert len(atlas) >= 20 and len(core) <= 28, (len(atlas), len(core))
+    for name in ("model.py", "router.py"):
+        text = open(os.path.join(REPO, name)).read()
+        named = [s for s in atlas if re.search(rf"\b{s}\b", text)]
+        assert not named, f"{name} names the atlas's settings {named}"
+
+
+def test_one_step_of_the_default_run_is_short_and_flat():
+    """The student's path, traced: one training step of the default run (train.train_step down to the top-k)
+    runs at most 25 distinct project functions (lambdas counted; comprehensions are expressions, not
+    counted), none from the atlas (families.py), none with more than 5 parameters, none a wrapper whose
+    body only forwards its arguments to another call; the top-k is at most three calls below MoE.forward."""
     import sys
     import torch
     import train
     from support import launch
     settings, _ = train.setup([])                                   # the default run (the CPU preset)
-    cfg, model_cfg = settings.build(train.TrainConfig, train.GPTConfig)
+    cfg, model_cfg = settings.build(train.TrainConfig, train.FamilyConfig)
     cfg.compile = False
     env = launch.Processes("cpu", "float32")
     torch.manual_seed(0)
-    model = train.GPT(model_cfg)
+    model = train.make_model(cfg, model_cfg)                        # as train.py builds it
     opt = train.make_optimizer(model, cfg)
     ids = torch.randint(0, model_cfg.vocab_size, (2, model_cfg.block_size))
     calls, stack, hops = {}, [], []
     ours = set(project_modules().values())  # not the packages of a .venv inside the clone
+    comprehensions = ("<genexpr>", "<listcomp>", "<dictcomp>", "<setcomp>")
 
     def profile(frame, event, arg):
         code = frame.f_code
-        if code.co_filename not in ours or code.co_name.startswith("<"):  # the project's frames only
+        if code.co_filename not in ours or code.co_name in comprehensions:  # the project's frames only
             return
         if event == "call":
-            where = (os.path.relpath(code.co_filename, REPO), code.co_firstlineno, code.co_name)
+            where = (os.path.relpath(code.co_filename, REPO), code.co_firstlineno, code.co_qualname)
             calls[where] = code.co_argcount + code.co_kwonlyargcount - (code.co_varnames[:1] == ("self",))
             stack.append(code.co_qualname)
             if code.co_name == "select_topk" and "MoE.forward" in stack:
@@ -131,12 +152,16 @@ def test_one_step_of_the_default_run_has_no_forwarding_wrapper_and_no_long_signa
             stack.pop()
     sys.setprofile(profile)
     try:
-        train.train_step(model, model, opt, lambda: (ids, ids, None), cfg, env)
+        train.train_step(model, opt, lambda: (ids, ids, None), cfg, env)
     finally:
         sys.setprofile(None)
     assert hops and max(hops) <= 3, hops                                # MoE.forward -> ... -> select_topk
+    assert not [k for k in calls if k[0] == "families.py"], sorted(calls)
+    assert len(calls) <= 25, (len(calls), sorted(calls))
     for (path, line, name), n in calls.items():
-        assert n <= 6, f"{path}:{line} {name} takes {n} parameters"
+        assert n <= 5, f"{path}:{line} {name} takes {n} parameters"
+        if name.endswith("<lambda>"):
+            continue
         fn = next(f for f in ast.walk(ast.parse(open(os.path.join(REPO, path)).read()))
                   if isinstance(f, ast.FunctionDef) and f.lineno == line or
                   isinstance(f, ast.FunctionDef) and f.decorator_list and f.decorator_list[0].lineno == line)

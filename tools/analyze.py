@@ -55,9 +55,8 @@ def expert_cos2(moe, x, ids):
     T = x.shape[0]
     expert_inputs = moe.router(x, ids).expert_inputs  # what the experts read, where the router makes it (ERMoE)
     tok = torch.arange(T)
-    z = torch.stack([F.silu(h @ moe.w_gate[e]) * (h @ moe.w_up[e])
-                     for e in range(moe.w_up.shape[0])
-                     for h in [(x if expert_inputs is None else expert_inputs[tok, e]).float()]])  # (E, T, f)
+    z = torch.stack([moe.expert(e, (x if expert_inputs is None else expert_inputs[tok, e]).float())[0]
+                     for e in range(moe.w_up.shape[0])])  # (E, T, f) SwiGLU activations (a family's own: MoE.expert)
     zn = F.normalize(z, dim=-1)
     return torch.einsum("itf,jtf->ijt", zn, zn).pow(2).mean(-1)                 # (E, E)
 

@@ -270,11 +270,11 @@ def default_steps(extra=(), moe=()):
     from support import launch
     env, steps = launch.Processes("cpu", "float32"), {}
     for name, args in (("dense", [*extra, "--n_experts=0"]), ("MoE", [*extra, *moe])):  # dense whatever extra says
-        cfg, model_cfg = train.setup(args)[0].build(train.TrainConfig, train.GPTConfig)  # the CPU preset
+        cfg, model_cfg = train.setup(args)[0].build(train.TrainConfig, train.FamilyConfig)  # the CPU preset
         torch.manual_seed(0)
-        model = train.GPT(model_cfg)
+        model = train.make_model(cfg, model_cfg)  # as train.py builds it: its expert_init, its router_impl
         opt, ids = train.make_optimizer(model, cfg), torch.randint(0, 65, (cfg.batch_size, model_cfg.block_size))
-        steps[name] = lambda m=model, o=opt, c=cfg, i=ids: train.train_step(m, m, o, lambda: (i, i, None), c, env)
+        steps[name] = lambda m=model, o=opt, c=cfg, i=ids: train.train_step(m, o, lambda: (i, i, None), c, env)
     return steps
 
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import families
 import losses
 import router as project_router
 from model import GPT, GPTConfig, MoE
@@ -112,7 +113,7 @@ def test_ex1_topk_with_ties_and_gates():
     idx = select_topk(logits, 3)
     for renorm in (True, False):
         got, g1 = grads(lambda a: attempt(ex.gates, a, idx, renorm), logits)
-        want, g2 = grads(lambda a: project_router.gates_of(a, idx, renorm), logits)
+        want, g2 = grads(lambda a: project_router.route_reference(a, 3, renorm, idx=idx).gates, logits)
         same(f"gates(renormalize={renorm})", got, want)
         same(f"d gates / d logits (renormalize={renorm})", g1[0], g2[0])
 
@@ -247,13 +248,13 @@ def test_ex9_a_family_as_settings():
     import transformers
     wanted = attempt(load("ex9_family").settings)
     if not isinstance(wanted, dict):
-        pytest.fail(f"settings() should return a dict of GPTConfig settings, returned {type(wanted).__name__}",
-                    pytrace=False)
+        pytest.fail(f"settings() should return a dict of families.FamilyConfig settings, returned "
+                    f"{type(wanted).__name__}", pytrace=False)
     try:
-        cfg = GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=32, **{**wanted, "n_experts": 8, "top_k": 2,
-                                                                         "expert_hidden": 8})
+        cfg = families.FamilyConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=32,
+                                    **{**wanted, "n_experts": 8, "top_k": 2, "expert_hidden": 8})
     except (TypeError, ValueError) as err:
-        pytest.fail(f"GPTConfig refuses these settings: {err}", pytrace=False)
+        pytest.fail(f"FamilyConfig refuses these settings: {err}", pytrace=False)
     hf = transformers.models.ernie4_5_moe.modeling_ernie4_5_moe.Ernie4_5_MoeSparseMoeBlock(
         transformers.Ernie4_5_MoeConfig(hidden_size=16, moe_intermediate_size=8, moe_num_experts=8, moe_k=2,
                                         moe_num_shared_experts=2))
@@ -262,7 +263,7 @@ def test_ex9_a_family_as_settings():
         for _, p in sorted(hf.named_parameters()):
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     torch.manual_seed(0)
-    moe = MoE(cfg)
+    moe = families.build(cfg).blocks[0].mlp          # the model of these settings (families.py), its one block's
     gate, up = hf.experts.gate_up_proj.chunk(2, dim=1)
     theirs = {"router.weight": hf.gate.weight, "w_gate": gate.transpose(1, 2), "w_up": up.transpose(1, 2),
               "w_down": hf.experts.down_proj.transpose(1, 2),

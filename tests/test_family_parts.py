@@ -1,0 +1,52 @@
+"""
+The parts of the other MoE families and of the Hugging Face backbones (families.py: grouped-query
+attention, q/k norms, q/k/v biases, untied embeddings, the gated shared expert), on models that
+families.build makes from a FamilyConfig, checked as test_all.py checks the core: against an
+independent reference, here the model itself and the slow path. FamilyConfig.param_count() against the
+parameters of the built model; generation with the KV cache against generation that recomputes the
+whole context every step. Each family's MoE block against transformers' own: tests/test_families.py.
+"""
+
+import pytest
+import torch
+
+from tests.helpers import ROUTERS  # first: it sets TRITON_INTERPRET before router.py imports triton
+import router as router_classes  # noqa: E402
+from families import FamilyConfig, FamilyGPT, build  # noqa: E402
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_family_param_count_from_the_config_equals_the_model(router):
+    """GQA, an untied output layer, q/k norms, q/k/v biases and Qwen's gated shared expert at once: the count
+    of FamilyConfig.param_count against one written out by hand, and against the built model's."""
+    kw = dict(n_experts=4, n_kv_head=1, tie_embeddings=False, qk_norm=True, qkv_bias=True, n_shared=1, shared_gate=True)
+    cfg = FamilyConfig(**TINY, router=router, **kw)
+    model = build(cfg)
+    assert isinstance(model, FamilyGPT), kw              # the families' parts, not the core GPT
+    d, E, f, V = cfg.n_embd, cfg.n_experts, cfg.expert_hidden, cfg.vocab_size
+    q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim           # widths of q and of k (and v)
+    attn = d * (q + 2 * kv) + q * d + (q + 2 * kv) + (q + kv)                 # projections, biases, q/k norms
+    r = router_classes.ROUTERS[router](cfg)
+    moe = E * (2 * r.read_width + d) * f + 3 * d * f + d + sum(p.numel() for p in r.parameters())  # + shared, gate
+    by_hand = 2 * V * d + cfg.n_layer * (attn + 2 * d + moe) + d              # embedding and untied output layer
+    assert cfg.param_count() == by_hand == model.num_params()[0], kw
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_cached_generation_with_grouped_query_attention_gives_the_same_tokens(router):
+    """One key/value head for the two query heads: the cache holds that one head."""
+    torch.manual_seed(0)
+    model = build(FamilyConfig(**TINY, n_experts=4, top_k=2, router=router, n_kv_head=1)).eval()
+    assert isinstance(model, FamilyGPT)
+    prompt = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(2))
+    fast = model.generate(prompt, 20, temperature=0, use_cache=True)   # past block_size: the cache gives way
+    slow = model.generate(prompt, 20, temperature=0, use_cache=False)
+    assert fast.shape == (3, 25) and torch.equal(fast, slow)
+    cache = [{} for _ in model.blocks]                                   # the cache holds what it computed
+    with torch.no_grad():
+        model(prompt, cache=cache)
+        last, _, _ = model(torch.zeros(3, 1, dtype=torch.long), cache=cache)
+        full, _, _ = model(torch.cat([prompt, torch.zeros(3, 1, dtype=torch.long)], 1))
+    assert cache[0]["k"].shape == (3, 1, 6, 16) and torch.allclose(last, full, atol=1e-5)
