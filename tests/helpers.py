@@ -83,4 +83,4 @@ def settings_of(*argv):
     """train.py's resolved settings for a command line, without training."""
     import train
     settings, _ = train.setup(["--device=cpu", *argv])
-    return settings.build(train.TrainConfig, train.GPTConfig)
+    return settings.build(train.TrainConfig, train.FamilyConfig)

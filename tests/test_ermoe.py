@@ -2,8 +2,9 @@
 ERMoE on text, the guard against its collapse (docs/design.md §2): a short run of character-level
 Shakespeare at a small shape (2 layers, d = 64, 8 experts, 150 steps, seconds) with ERMoE's default
 settings keeps every expert of every layer alive; its earlier form (experts reading r = d/E coordinates,
-no select bias) loses experts in the same run, so the guard is one that can fail. Alive = at least 0.1/E of the
-(token, expert) pairs of 4 fixed validation batches (support/metrics.py's `dead`).
+no select bias) loses experts in the same run, so the guard is one that can fail: that earlier form is the
+reference. Alive = at least 0.1/E of the (token, expert) pairs of 4 fixed validation batches (support/metrics.py's
+`dead`).
 """
 
 import os
@@ -22,17 +23,17 @@ def dead_experts_after_training(*args, seed=0):
     from support.metrics import RoutingStats
     from tests.helpers import REPO
     settings, _ = train.setup([os.path.join(REPO, "config", "ermoe.py"), *SHAPE, *args])
-    cfg, model_cfg = settings.build(train.TrainConfig, train.GPTConfig)
+    cfg, model_cfg = settings.build(train.TrainConfig, train.FamilyConfig)
     data = open_dataset(cfg.dataset, model_cfg.vocab_size, False)
     torch.manual_seed(seed)
-    model = train.GPT(model_cfg)
+    model = train.build(model_cfg)
     optimizer, env = train.make_optimizer(model, cfg), launch.Processes("cpu", "float32")
     gen = torch.Generator().manual_seed(seed)
     for it in range(cfg.max_iters):
         for group in optimizer.param_groups:
             group["lr"] = train.get_lr(it, cfg)
-        train.train_step(model, model, optimizer, lambda: data.batch("train", cfg.batch_size, model_cfg.block_size,
-                                                                    gen, "cpu"), cfg, env)
+        train.train_step(model, optimizer, lambda: data.batch("train", cfg.batch_size, model_cfg.block_size,
+                                                             gen, "cpu"), cfg, env)
     stats, val = RoutingStats(), torch.Generator().manual_seed(2)
     with torch.no_grad():
         for _ in range(4):

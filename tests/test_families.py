@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from tests.helpers import REPO, require  # first: it sets TRITON_INTERPRET before router.py imports triton
-from model import GPTConfig, MoE  # noqa: E402
+import families  # noqa: E402
+from families import FamilyConfig  # noqa: E402
+from model import MoE  # noqa: E402
 from support.settings import read_config_file  # noqa: E402
 
 D, F_, E, K, V = 32, 16, 8, 2, 50     # width, expert width, experts, top-k, vocabulary of the hash table
@@ -111,18 +113,20 @@ def build(family, tf, layer=0):
     cfg = m.qwen3_next.Qwen3NextConfig(hidden_size=D, moe_intermediate_size=F_, shared_expert_intermediate_size=F_,
                                        num_experts=E, num_experts_per_tok=K, norm_topk_prob=True)
     hf = m.qwen3_next.modeling_qwen3_next.Qwen3NextSparseMoeBlock(cfg)
-    weights = {"router.weight": (hf.gate.weight, same), **swiglu_weights(hf.experts), **mlp_weights(hf.shared_expert),
-               "shared_gate.weight": (hf.shared_expert_gate.weight, same)}
+    weights = {"router.weight": (hf.gate.weight, same), **swiglu_weights(hf.experts),
+               **mlp_weights(hf.shared_expert, "shared.expert"),                 # families.GatedShared's keys
+               "shared.gate.weight": (hf.shared_expert_gate.weight, same)}
     return hf, (lambda x, ids: hf(x)), hf.gate, {}, weights
 
 
 def ours(family, dispatch, extra, layer=0):
-    """Our MoE block from the family's config file (its routing settings), at the test's size."""
+    """Our MoE block from the family's config file (its routing settings), at the test's size: layer `layer`'s
+    feed-forward block as families.build builds the model."""
     settings = read_config_file(os.path.join(REPO, "config", "families", f"{family}.py"))
     settings = {k: v for k, v in settings.items() if k not in ("n_experts", "top_k", "first_dense_layers")}
-    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=D, block_size=16, vocab_size=V, n_experts=E, top_k=K,
-                    expert_hidden=F_, dispatch=dispatch, **{**settings, **extra})
-    return MoE(cfg, layer)
+    cfg = FamilyConfig(n_layer=2, n_head=2, n_embd=D, block_size=16, vocab_size=V, n_experts=E, top_k=K,
+                       expert_hidden=F_, dispatch=dispatch, **{**settings, **extra})
+    return families.build(cfg).blocks[layer].mlp
 
 
 def fill(module, seed, std=0.2):
@@ -192,17 +196,17 @@ def test_each_family_setting_trains(tmp_path, family):
 def test_a_model_mixing_dense_hash_and_topk_layers_trains(tmp_path):
     """Per-layer routing: layer 0 dense (GLM-4.5's first_k_dense_replace), layer 1 a hash layer
     (DeepSeek-V4's), layer 2 top-k; the hash layer's experts are its table's, whatever the weights."""
-    from model import GPT, MLP
+    from model import MLP
     from tests.helpers import TINY, cli, train
     args = ["--router=sigmoid", "--first_dense_layers=1", "--hash_layers=2", "--n_layer=3", "--vocab_size=65"]
     train(tmp_path, *TINY, *args, "--max_iters=4", "--eval_interval=2")
     from support.rundir import load_checkpoint
     ckpt = load_checkpoint(str(tmp_path))
-    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model = families.from_checkpoint(ckpt["model_args"])[1]
     model.load_state_dict(ckpt["model"])
     assert isinstance(model.blocks[0].mlp, MLP) and isinstance(model.blocks[1].mlp, MoE)
     hashed, learned = model.blocks[1].mlp.router, model.blocks[2].mlp.router
-    assert hashed.table is not None and learned.table is None
+    assert hashed.table is not None and getattr(learned, "table", None) is None  # (families.HashLayer's)
     ids = torch.randint(0, 65, (2, 16))
     _, _, routes = model(ids, ids)
     assert len(routes) == 2 and torch.equal(routes[0].idx, hashed.table[ids.reshape(-1)])
@@ -214,9 +218,9 @@ def test_a_model_mixing_dense_hash_and_topk_layers_trains(tmp_path):
 def test_zero_compute_experts_keep_the_shared_experts():
     """LongCat's zero-compute experts beside shared experts: the shared output still adds (it once did not)."""
     torch.manual_seed(0)
-    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=32, block_size=8, n_experts=4, top_k=2,
-                    zero_experts=2, n_shared=1)
-    moe, x = MoE(cfg), torch.randn(1, 8, 16)
+    cfg = FamilyConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=32, block_size=8, n_experts=4, top_k=2,
+                       zero_experts=2, n_shared=1)
+    moe, x = families.build(cfg).blocks[0].mlp, torch.randn(1, 8, 16)
     y, r = moe(x)
     assert (r.idx >= 4).any() and (r.idx < 4).any()                 # both kinds of pair are exercised
     shared = moe.shared(x.view(8, 16))[0].view(1, 8, 16)

@@ -2,7 +2,10 @@
 What ends real runs, replayed: signals (one process, and under torchrun with and without expert
 parallelism), a process of the run that dies or hangs, a full disk (real and injected), memory that
 runs out (injected), a checkpoint of an older format, a scheduler's requeue (--init_from=auto) and
-timed checkpoints. Each ends in one line, keeps the last checkpoint, and resumes bit for bit.
+timed checkpoints. Each ends in one line, keeps the last checkpoint, and resumes bit for bit. The
+references: an uninterrupted run of the same settings (the resumed losses equal to the bit), the file's
+hash before the fault (a checkpoint left untouched), and for the old checkpoints (tests/ckpt_format1,
+tests/ckpt_format2) the losses recorded by the code that wrote them.
 """
 
 import errno
@@ -361,7 +364,7 @@ def test_a_checkpoint_of_format_1_samples_resumes_and_converts(tmp_path):
     assert "format" not in old and old["iter_num"] == 4
     sample_and_resume(OLD, tmp_path / "run", OLD_LOSSES)
     new = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
-    assert new["format"] == 2 and new["torch"] == str(torch.__version__)
+    assert new["format"] == 3 and new["torch"] == str(torch.__version__)    # upgraded 1 -> 2 -> 3 on load
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
     if os.path.exists(os.path.join(REPO, ".git")) and head.returncode == 0:
         assert new["commit"].split("-")[0] == head.stdout.strip(), new["commit"]
@@ -373,7 +376,7 @@ def test_a_checkpoint_of_format_1_samples_resumes_and_converts(tmp_path):
     assert set(back) == set(old["model"]) and all(torch.equal(back[k], v) for k, v in old["model"].items())
     torch.save({**old, "format": 99, "torch": "9.0", "commit": "abc"}, tmp_path / "run" / "ckpt.pt")
     code, _, err = cli("sample", f"--out_dir={tmp_path / 'run'}", "--last")
-    assert code == 1 and "has format 99 (written by torch 9.0 at commit abc); this code reads formats 1 to 2" in err
+    assert code == 1 and "has format 99 (written by torch 9.0 at commit abc); this code reads formats 1 to 3" in err
 
 
 # written by the code of db80131 (before the core/atlas split): gpt-oss's experts and router bias and every
@@ -391,6 +394,13 @@ def test_a_checkpoint_of_format_2_with_every_family_and_import_field_samples_and
     assert old["format"] == 2 and old["iter_num"] == 4
     assert old["model_args"]["expert_act"] == "gpt_oss" and old["model_args"]["qk_norm_per_head"]
     sample_and_resume(OLD_ATLAS, tmp_path / "run", OLD_ATLAS_LOSSES)
+    # format 2 -> 3 (support/rundir.py families_apart): the run settings out of model_args, the gated shared
+    # expert's weights under families.GatedShared's names
+    new = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert new["format"] == 3 and not {"router_impl", "expert_init"} & set(new["model_args"])
+    assert {"router_impl", "expert_init"} <= set(new["config"]) and new["model_args"]["shared_gate"]
+    moved = {"blocks.1.mlp.shared.gate.weight", "blocks.1.mlp.shared.expert.c_gate.weight"}
+    assert moved <= set(new["model"]) and not [k for k in new["model"] if ".shared_gate." in k or ".shared.c_" in k]
     code, _, err = cli("tools.convert", "to-hf", OLD_ATLAS, tmp_path / "hf")  # refused by name: no Mixtral has these
     assert code == 1 and err.strip() == (f"error: {OLD_ATLAS}/ckpt.pt cannot be exported to Mixtral: n_shared=1: "
                                          "Mixtral has no shared experts"), err

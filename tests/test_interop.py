@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from families import FamilyConfig, build, from_checkpoint
 from model import GPT, GPTConfig
 from tests.helpers import REPO, cli, require, train
 
@@ -47,7 +48,7 @@ def hf_models():
 def ours(out_dir):
     from support.rundir import load_checkpoint
     ckpt = load_checkpoint(str(out_dir))
-    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model = from_checkpoint(ckpt["model_args"])[1]
     model.load_state_dict(ckpt["model"])
     return model.eval()
 
@@ -105,6 +106,7 @@ def test_hf_mixtral_round_trip_is_identical_and_our_export_loads_in_transformers
 def test_convert_refuses_what_does_not_map(tmp_path):
     train(tmp_path / "ermoe", "--max_iters=1", "--eval_interval=1", "--router=ermoe")
     train(tmp_path / "shared", "--max_iters=1", "--eval_interval=1", "--n_shared=1")
+    train(tmp_path / "biased", "--max_iters=1", "--eval_interval=1", "--router_bias=True")  # gpt-oss's (families.py)
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 8,
                                                                 "num_attention_heads": 2}))
@@ -112,6 +114,8 @@ def test_convert_refuses_what_does_not_map(tmp_path):
     (tmp_path / "torn" / "config.json").write_text('{"architectures": ["MixtralForCausalLM"], "hidden_')
     for args, message in ((["to-hf", tmp_path / "ermoe", tmp_path / "x"], "router=ermoe: Mixtral routes with a linear"),
                           (["to-hf", tmp_path / "shared", tmp_path / "x"], "n_shared=1: Mixtral has no shared experts"),
+                          (["to-hf", tmp_path / "biased", tmp_path / "x"],
+                           "router_bias=True: Mixtral has no counterpart"),
                           (["from-hf", tmp_path / "llama", tmp_path / "x"],
                            "architecture 'LlamaForCausalLM' is not one of"),
                           (["from-hf", tmp_path / "nowhere", tmp_path / "x"], "is not a directory"),
@@ -456,9 +460,9 @@ def test_head_dim_apart_and_qk_norm_per_head():
     """A head size that is not n_embd / n_head (Qwen3), and RMSNorm on each head of q and k: the
     attention written out with explicit loops over heads."""
     torch.manual_seed(0)
-    cfg = GPTConfig(n_layer=1, n_head=4, n_kv_head=2, head_dim=12, n_embd=32, block_size=8, vocab_size=64, n_experts=0,
-                    qk_norm=True, qk_norm_per_head=True)
-    model = GPT(cfg)
+    cfg = FamilyConfig(n_layer=1, n_head=4, n_kv_head=2, head_dim=12, n_embd=32, block_size=8, vocab_size=64,
+                       n_experts=0, qk_norm=True, qk_norm_per_head=True)
+    model = build(cfg)
     attn = model.blocks[0].attn
     with torch.no_grad():
         attn.q_norm.weight.normal_()

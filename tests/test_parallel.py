@@ -1,6 +1,7 @@
 """
 Data and expert parallelism (gloo on CPU): torchrun as the README writes it, and expert parallelism
-equal to the single-process model in the loss, the outputs and every gradient.
+equal to the single-process model in the loss, the outputs and every gradient. The references: the
+single-process model on the whole batch, a one-process run's losses, and every rank's weight hash.
 """
 
 import gc

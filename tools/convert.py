@@ -12,7 +12,7 @@ After from-hf, OUT_DIR works like a run's directory: `python sample.py --out_dir
 The two networks line up tensor by tensor (the same function then; the tests check it against
 transformers with random weights):
 
-    Hugging Face                              ours (model.py)
+    Hugging Face                              ours (model.py; families.py for the backbone options)
     embed_tokens, lm_head, norm               wte, lm_head (tied or not), ln_f
     input_layernorm, post_attention_layernorm ln_1, ln_2  (eps = rms_norm_eps)
     q_proj, k_proj, v_proj (+ biases)         attn.c_attn: the three stacked by rows
@@ -21,7 +21,8 @@ transformers with random weights):
     gate (the router)                         mlp.router.weight
     experts.e.{w1|gate_proj} (f, d)           mlp.w_gate[e] (d, f): transposed, we compute x @ w
     experts.e.{w3|up_proj}, {w2|down_proj}    mlp.w_up[e], mlp.w_down[e]: transposed
-    shared_expert, shared_expert_gate         mlp.shared, mlp.shared_gate (Qwen2-MoE)
+    shared_expert                             mlp.shared (Qwen2-MoE, gated: mlp.shared.expert)
+    shared_expert_gate                        mlp.shared.gate (families.GatedShared)
 
 Routing: Mixtral renormalises the top-k gates (gate_renorm=True); OLMoE and Qwen2-MoE do so only
 with norm_topk_prob. Files are read and written with the safetensors package alone; transformers
@@ -239,7 +240,15 @@ def to_hf(out_dir, hf_dir, overwrite=False):
                 (cfg.n_shared == 0, f"n_shared={cfg.n_shared}: Mixtral has no shared experts"),
                 (not cfg.qk_norm, "qk_norm=True: Mixtral has no QK-norm"),
                 (cfg.routed_scale == 1.0, f"routed_scale={cfg.routed_scale}: Mixtral does not scale its gates"),
-                (not cfg.qkv_bias, "qkv_bias=True: Mixtral has no attention biases")]
+                (not cfg.qkv_bias, "qkv_bias=True: Mixtral has no attention biases"),
+                (not cfg.select_bias, "select_bias=True: Mixtral selects the top-k of the router's logits"),
+                (cfg.pos_emb == "rope", f"pos_emb={cfg.pos_emb}: Mixtral has rotary positions only"),
+                (cfg.norm == "rmsnorm", f"norm={cfg.norm}: Mixtral's norms are RMSNorm")]
+    # the family settings a Mixtral config.json holds; any other one away from its default has no Mixtral weight
+    # or switch (a bias, a clamp, a zero-compute expert, a dense layer, partial rotary positions: families.py)
+    mixtral = ("n_kv_head", "head_dim", "rope_theta", "norm_eps", "tie_embeddings", "qk_norm", "qkv_bias")
+    refusals += [(False, f"{name}={getattr(cfg, name)!r}: Mixtral has no counterpart")
+                 for name in cfg.changed if name not in mixtral]
     for ok, what in refusals:
         if not ok:
             raise UserError(f"{out_dir}/ckpt.pt cannot be exported to Mixtral: {what}")

@@ -1,5 +1,5 @@
 """
-The config.json of a Hugging Face MoE checkpoint -> this project's GPTConfig settings, key by key
+The config.json of a Hugging Face MoE checkpoint -> this project's FamilyConfig settings (families.py), key by key
 (tools/convert.py from-hf reads the tensors with them). Every key of a family's transformers config is
 read here, with transformers' own default where config.json lacks it; or refused, naming it, where it
 changes the computation and this model has no counterpart (unless its value switches it off); or
@@ -216,7 +216,7 @@ def fp8_blocks(hf):
 
 
 def model_args_from_hf(hf):
-    """GPTConfig fields from a Hugging Face config.json, each checked where it is read; refuse, naming
+    """FamilyConfig fields from a Hugging Face config.json, each checked where it is read; refuse, naming
     the key, what does not map. -> (architecture, args, the keys not read, FP8 block size or None)."""
     if not isinstance(hf, dict):
         raise UserError("config.json is not a JSON object")
