@@ -17,8 +17,8 @@ methods replace one method of a core class (and call the core's with super() whe
                   biased experts; (up + 1) * g * sigmoid(1.702 g), clamped  MoE                 expert_bias, expert_act,
                                                                                                swiglu_limit
   Llama 4         the gate scales the expert's input, not its output       a linear router     gate_input
-  LongCat-Flash   zero-compute experts: a pair on one returns the token    linear router, MoE  zero_experts
-  ERNIE-4.5       renormalised gates: scores / max(their sum, floor)       a linear router     renorm_floor
+  LongCat-Flash   zero-compute experts: a pair on one returns the token    MoE (router wider)  zero_experts
+  ERNIE-4.5       renormalised gates: scores / max(their sum, floor)       a token's router    renorm_floor
   DeepSeek-V4     s = sqrt(softplus(x W^T)); the first layers hash          SigmoidRouter       score_fn, hash_layers
                   experts and shared expert clamped (limit 10)             MoE                 swiglu_limit
   Qwen            the shared experts' output times sigmoid(x w)            MoE                 shared_gate
@@ -26,7 +26,8 @@ methods replace one method of a core class (and call the core's with super() whe
   HF backbones    grouped-query attention, head_dim, q/k norms, qkv bias,  attention, GPT      n_kv_head, head_dim, ...
                   partial rotary, rope_theta, norm_eps, untied embeddings
 
-(a linear router: softmax or sigmoid.)
+(a linear router: softmax or sigmoid; a token's router: any whose routing pass is Router.forward's, not
+ERMoE's or expert choice's.)
 """
 
 import functools
@@ -45,6 +46,9 @@ from support.checks import check_and_derive, require
 
 # ------------------------------------------------------------------------------------------------
 # the settings: the core's and each family's
+
+CORE = {f.name for f in fields(GPTConfig)}
+
 
 @dataclass
 class FamilyConfig(GPTConfig):
@@ -81,17 +85,17 @@ class FamilyConfig(GPTConfig):
         check_and_derive(self, ROUTERS, self.head_dim)
         check_family(self)
         self.derive_widths()
-        # the family settings away from the core's network (build() needs the atlas where any is)
+
+    @property
+    def changed(self):
+        """The family settings away from the core's network: build() needs the atlas where any is."""
         plain = {"n_kv_head": self.n_head, "head_dim": self.n_embd // self.n_head}  # what 0 derives to
-        self.changed = [f.name for f in fields(FamilyConfig)
-                        if f.name not in CORE and getattr(self, f.name) != plain.get(f.name, f.default)]
+        return [f.name for f in fields(FamilyConfig) if f.name not in CORE and getattr(self, f.name) !=
+                plain.get(f.name, f.default)]
 
     def param_count(self):  # GPTConfig's, of the model build() makes
         with torch.device("meta"), torch.random.fork_rng(devices=[]):
             return sum(p.numel() for p in build(self).parameters())
-
-
-CORE = {f.name for f in fields(GPTConfig)}
 
 
 def check_family(cfg):
@@ -117,7 +121,8 @@ def check_family(cfg):
     linear = ("softmax", "sigmoid")
     for name, on, routers in (("router_bias", cfg.router_bias, ("softmax",)), ("gate_input", cfg.gate_input, linear),
                               ("zero_experts", cfg.zero_experts > 0, linear),
-                              ("renorm_floor", cfg.renorm_floor > 0, linear),
+                              ("renorm_floor", cfg.renorm_floor > 0, ("softmax", "sigmoid", "hash", "cosine",
+                                                                       "token_table")),
                               ("hash_layers", cfg.hash_layers > 0, ("sigmoid",)),
                               ("score_fn", cfg.score_fn != "sigmoid", ("sigmoid",))):
         require(not on or cfg.n_experts == 0 or cfg.router in routers,
@@ -127,7 +132,10 @@ def check_family(cfg):
 
 
 def compose(base, *mixins):
-    """The class `base` with the mixins whose setting is on: mixins are (class, on) pairs, outermost first."""
+    """The class `base` with the mixins whose setting is on: mixins are (class, on) pairs, outermost first.
+    A mixin's method runs before the ones inside it, and calls them with super() (RenormFloor.finish changes
+    the gates before the core's finish, InputGate.finish moves them after it); its __init__'s own lines run
+    after those of the classes inside it (the core's first)."""
     chosen = tuple(m for m, on in mixins if on)
     return type("+".join(c.__name__ for c in chosen + (base,)), chosen + (base,), {}) if chosen else base
 
@@ -156,14 +164,15 @@ def gated_act(g, u, kind="swiglu", limit=0.0):
     return F.silu(g) * u
 
 
-class ClampedActivation:
-    """The experts' and shared experts' activation: gated_act of expert_act and swiglu_limit (gpt-oss, DeepSeek-V4)."""
+class ExpertActivation:
+    """The experts' and shared experts' activation: gpt-oss's GLU (expert_act), clamped first where swiglu_limit
+    is set (gpt-oss: 7; DeepSeek-V4: 10, on SwiGLU)."""
 
     def __init__(self, cfg, router=None):
         super().__init__(cfg, router)
         self.act = functools.partial(gated_act, kind=cfg.expert_act, limit=cfg.swiglu_limit)
         if self.shared is not None:
-            self.shared.act = self.act
+            self.shared.act = self.act  # (before SharedGate wraps the shared experts)
 
 
 class BiasedExperts:
@@ -182,7 +191,7 @@ class BiasedExperts:
         hidden = self.act(h @ self.w_gate[e] + self.biases[0][e], h @ self.w_up[e] + self.biases[1][e])  # (n, f)
         return hidden, hidden @ self.w_down[e] + self.biases[2][e]                                      # (n, d)
 
-    def experts(self, h, offs, gate=None):
+    def experts(self, h, offs, gate=None):  # the core's experts() with the biases (its matmuls alike: same bits)
         e = torch.searchsorted(offs, torch.arange(h.shape[0], device=h.device, dtype=offs.dtype), right=True)  # (N,)
         f = self.w_up.shape[2]
         if f < self.w_down.shape[2]:  # as the core's experts(): one matmul of width 2f for narrow experts
@@ -217,6 +226,7 @@ class ZeroComputeExperts:
 
     def __init__(self, cfg, router=None):
         super().__init__(cfg, router)
+        # around the dispatch (support/launch.py refuses expert parallelism, whose own dispatch would skip this)
         self.compute, self.dispatch = self.dispatch, self.with_zero_experts
 
     def with_zero_experts(self, x, route):
@@ -245,7 +255,7 @@ class RenormFloor:
 
 
 # ------------------------------------------------------------------------------------------------
-# DeepSeek-V4: sqrt-softplus scores, hash layers (and clamped experts: ClampedActivation)
+# DeepSeek-V4: sqrt-softplus scores, hash layers (and clamped experts: ExpertActivation, above)
 
 class SqrtSoftplus:
     """DeepSeek-V4's scores s = sqrt(softplus(x W^T)), as logits a = log s."""
@@ -259,7 +269,8 @@ class HashLayer:
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.register_buffer("table", random_table(cfg))              # (V, k) in the checkpoint
+        real = cfg.n_experts - cfg.zero_experts                      # (LongCat-Flash's wider router: the real ones)
+        self.register_buffer("table", random_table(cfg.vocab_size, real, cfg.top_k))  # (V, k) in the checkpoint
 
     def select(self, a, ids):
         if ids is None:
@@ -282,6 +293,8 @@ class GatedShared(nn.Module):
 
 
 class SharedGate:
+    """The MoE block's shared experts wrapped in GatedShared."""
+
     def __init__(self, cfg, router=None):
         super().__init__(cfg, router)
         self.shared = GatedShared(self.shared, cfg.n_embd)
@@ -302,14 +315,15 @@ class FamilyAttention(CausalSelfAttention):
     heads), heads of width head_dim, biases on q, k, v, RMSNorm on q and k (whole or per head)."""
 
     def __init__(self, cfg):
-        super().__init__(cfg)
-        self.n_kv_head, hs = cfg.n_kv_head, cfg.head_dim
+        nn.Module.__init__(self)  # the core's layers at these widths, each built once (the initialisation order)
+        self.n_head, self.n_kv_head, self.dropout, hs = cfg.n_head, cfg.n_kv_head, cfg.dropout, cfg.head_dim
         self.widths = (cfg.n_head * hs, cfg.n_kv_head * hs, cfg.n_kv_head * hs)   # q, k, v
-        self.c_attn = nn.Linear(cfg.n_embd, sum(self.widths), bias=cfg.qkv_bias)  # the core's, at these widths
+        self.c_attn = nn.Linear(cfg.n_embd, sum(self.widths), bias=cfg.qkv_bias)
         self.c_proj = nn.Linear(self.widths[0], cfg.n_embd, bias=False)
         eps, self.per_head = cfg.norm_eps or None, cfg.qk_norm_per_head
         self.q_norm = nn.RMSNorm(hs if self.per_head else self.widths[0], eps=eps) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(hs if self.per_head else self.widths[1], eps=eps) if cfg.qk_norm else None
+        self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def heads(self, x, cos, sin):
         q, k, v = self.c_attn(x).split(self.widths, dim=2)
@@ -331,7 +345,7 @@ class FamilyGPT(GPT):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.cos, self.sin = rotary_cache(cfg.block_size, cfg.rotary_dim or cfg.head_dim, cfg.rope_theta)
-        if not cfg.tie_embeddings:
+        if not cfg.tie_embeddings:  # (an imported checkpoint's: its weights replace this initialisation)
             self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
             torch.nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.02)
 
@@ -340,20 +354,21 @@ class FamilyGPT(GPT):
             return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps or 1e-5, bias=False)
         return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps or None)
 
-    def attention(self, cfg):  # (the core's where these are its own: then it is initialised alike)
+    def attention(self, cfg):  # the core's attention where no attention setting differs
         attention = {"n_kv_head", "head_dim", "qkv_bias", "qk_norm", "qk_norm_per_head", "rotary_dim"}
         return FamilyAttention(cfg) if attention & set(cfg.changed) else super().attention(cfg)
 
     def feed_forward(self, cfg, layer):
         if cfg.n_experts == 0 or layer < cfg.first_dense_layers:      # GLM-4.5: the first layers dense
             return MLP(cfg.n_embd, cfg.ffn_hidden, cfg.dropout, cfg.mlp == "gelu")
+        # outermost first; the order matters where two change one method (compose; check_family refuses the rest)
         router = compose(ROUTERS[cfg.router], (InputGate, cfg.gate_input), (RenormFloor, cfg.renorm_floor > 0),
                          (HashLayer, layer < cfg.hash_layers), (SqrtSoftplus, cfg.score_fn == "sqrt_softplus"),
                          (LogitBias, cfg.router_bias))
         # LongCat-Flash: the router chooses among the experts and the zero-compute ones
         router = router(replace(cfg, n_experts=cfg.n_experts + cfg.zero_experts) if cfg.zero_experts else cfg)
         moe = compose(MoE, (SharedGate, cfg.shared_gate), (ZeroComputeExperts, cfg.zero_experts > 0),
-                      (ClampedActivation, cfg.expert_act != "swiglu" or cfg.swiglu_limit > 0),
+                      (ExpertActivation, cfg.expert_act != "swiglu" or cfg.swiglu_limit > 0),
                       (BiasedExperts, cfg.expert_bias))
         return moe(cfg, router)
 

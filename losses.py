@@ -162,9 +162,10 @@ def aux_losses(routes, coefs=None, all_terms=True, pool=None, seq_len=None):
     total, values = routes[0].logits.new_zeros(()), {}
     for name, setting in COEFFICIENTS.items():
         coef = coefs.get(setting, 0.0)
-        if coef == 0.0 and not all_terms or name == "seq" and not (seq_len and coef) or \
-                name == "ortho" and routes[0].penalty is None:  # seq: DeepSeek-V3's; ortho: ERMoE's 'penalty' mode
+        if coef == 0.0 and not all_terms:
             continue
+        if name == "seq" and not (seq_len and coef) or name == "ortho" and routes[0].penalty is None:
+            continue  # DeepSeek-V3's sequence-wise balance only where asked; ERMoE's penalty only in its mode
         with torch.set_grad_enabled(torch.is_grad_enabled() and coef != 0.0):
             if name == "lb":  # E sum_e f_e P_e, f_e = count_e / (T k), P_e = psum_e / T; pooled: over more batches
                 value = 0
@@ -175,10 +176,10 @@ def aux_losses(routes, coefs=None, all_terms=True, pool=None, seq_len=None):
                 value = sum(r.lse.pow(2).mean() for r in routes)
             elif name == "sp":  # by the Gram matrices (SpecializationLoss), in fp32; 0 with one expert per token
                 value = sum(SpecializationLoss.apply(r.acts.to(torch.promote_types(r.acts.dtype, torch.float32)), 1e-8)
-                            for r in routes) if k > 1 else torch.zeros(())
+                            for r in routes) if k > 1 else total.new_zeros(())
             elif name == "cp":  # the masses M^l of consecutive layers
                 value = -sum(a.mass * b.mass for a, b in zip(routes[:-1], routes[1:])).mean() if len(routes) > 1 \
-                    else torch.zeros(())
+                    else total.new_zeros(())
             elif name == "seq":
                 value = sum(sequence_balance_loss(r.probs, k, seq_len) for r in routes)
             else:

@@ -77,7 +77,7 @@ class CausalSelfAttention(nn.Module):
         return q, k, v
 
     def forward(self, x, cos, sin, cache=None):
-        q, k, v = self.heads(x, cos, sin)                           # (B, nh, S, hs); k, v: fewer heads with GQA
+        q, k, v = self.heads(x, cos, sin)                           # (B, nh, S, hs) (GQA, families.py: fewer k, v)
         mask, causal = None, True
         if cache is not None:  # generation: the keys and values of the earlier positions, then these
             if "k" in cache:
@@ -97,26 +97,26 @@ class CausalSelfAttention(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # feed-forward: dense SwiGLU and the routed experts
 
+def swiglu(g, u):
+    """SwiGLU (Shazeer 2020) of the gate and up projections g, u: silu(g) * u."""
+    return F.silu(g) * u
+
+
 class MLP(nn.Module):
     """Dense SwiGLU: silu(x W_gate) * (x W_up) W_down. Also the shared experts of an MoE block.
-    gelu=True: nanoGPT's GELU(x W_fc) W_proj instead. act: the gated activation (the experts' own)."""
+    gelu=True: nanoGPT's GELU(x W_fc) W_proj instead."""
+    act = staticmethod(swiglu)  # the gated activation (families.py: other families' variants)
 
-    def __init__(self, n_embd, hidden, dropout=0.0, gelu=False, act=None):
+    def __init__(self, n_embd, hidden, dropout=0.0, gelu=False):
         super().__init__()
         self.c_gate = None if gelu else nn.Linear(n_embd, hidden, bias=False)
         self.c_up = nn.Linear(n_embd, hidden, bias=False)
         self.c_proj = nn.Linear(hidden, n_embd, bias=False)
         self.dropout = nn.Dropout(dropout)
-        self.act = act or swiglu
 
     def forward(self, x, ids=None):
         h = F.gelu(self.c_up(x)) if self.c_gate is None else self.act(self.c_gate(x), self.c_up(x))
         return self.dropout(self.c_proj(h)), None
-
-
-def swiglu(g, u):
-    """SwiGLU (Shazeer 2020) of the gate and up projections g, u: silu(g) * u."""
-    return F.silu(g) * u
 
 
 def grouped_matmul(h, w, offs):
@@ -153,13 +153,13 @@ class MoE(nn.Module):
 
     def __init__(self, cfg, router=None):
         super().__init__()
-        self.router = router or ROUTERS[cfg.router](cfg)  # first: keeps the parameter initialisation order
+        self.router = ROUTERS[cfg.router](cfg) if router is None else router  # first: the initialisation order
         E, d, f, d_in = cfg.n_experts, cfg.n_embd, cfg.expert_hidden, self.router.read_width
         self.w_gate = nn.Parameter(torch.randn(E, d_in, f) * 0.02)   # (E, d_in, f)
         self.w_up = nn.Parameter(torch.randn(E, d_in, f) * 0.02)     # (E, d_in, f)
         self.w_down = nn.Parameter(torch.randn(E, f, d) * 0.02)      # (E, f, d)
         # n_shared experts of width f side by side = one SwiGLU of width n_shared*f
-        self.shared = MLP(d, cfg.n_shared * f, act=self.act) if cfg.n_shared > 0 else None
+        self.shared = MLP(d, cfg.n_shared * f) if cfg.n_shared > 0 else None
         self.dropout = nn.Dropout(cfg.dropout)
         # the dispatch: the lecture's loop or the grouped matmul (support/parallel.py swaps in its own
         # when the experts are split over processes)

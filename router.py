@@ -197,9 +197,9 @@ def balance_bias(router, counts):
     router.bias += router.rate * torch.sign(load.mean() - load)
 
 
-def random_table(cfg):
+def random_table(vocab_size, n_experts, k):
     """A fixed random token id -> k distinct experts table (vocab_size, k) (hash layers)."""
-    return torch.rand(cfg.vocab_size, cfg.n_experts).argsort(dim=1)[:, :cfg.top_k]
+    return torch.rand(vocab_size, n_experts).argsort(dim=1)[:, :k]
 
 
 def balanced_table(counts, n_experts, k):
@@ -264,7 +264,7 @@ class HashRouter(Router):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.register_buffer("table", random_table(cfg))                  # (V, k) distinct experts
+        self.register_buffer("table", random_table(cfg.vocab_size, cfg.n_experts, cfg.top_k))  # (V, k) distinct
 
     def logits(self, x, ids):
         if ids is None:

@@ -1,7 +1,7 @@
 """
-Train a GPT-MoE, nanoGPT style. Every setting is declared once, below (TrainConfig) and in model.py
-(GPTConfig); config files and --key=value override them, and --help shows the value each one will
-take and where it came from.
+Train a GPT-MoE, nanoGPT style. Every setting is declared once, below (TrainConfig), in model.py
+(GPTConfig) and, for other MoE families, in families.py (FamilyConfig); config files and --key=value
+override them, and --help shows the value each one will take and where it came from.
 
     python train.py                                   # character-level Shakespeare (the CPU recipe without a GPU)
     python train.py config/facts.py --n_experts=16    # a config file, then overrides
@@ -40,7 +40,7 @@ from support.tracking import Tracker
 
 
 # ------------------------------------------------------------------------------------------------
-# the settings of a run (the model's own are GPTConfig's, in model.py)
+# the settings of a run (the model's own are GPTConfig's, in model.py; other families' FamilyConfig's)
 
 @dataclass
 class TrainConfig:

@@ -1,8 +1,8 @@
 """
-The checks of the model's settings (model.GPTConfig calls them when it is built), kept out of the
-reader's way: every field in range, every combination meaningful, one ValueError that names the
-field; ERMoE's rank, left at 0, is derived (model.py derives the MLP and expert widths: the
-iso-compute rule).
+The checks of the model's settings (model.GPTConfig and families.FamilyConfig call them when
+built), kept out of the reader's way: every core field in range, every combination meaningful, one
+ValueError that names the field; ERMoE's rank, left at 0, is derived (model.py derives the MLP and
+expert widths: the iso-compute rule; families.check_family checks the families' own settings).
 """
 
 import math

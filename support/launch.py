@@ -4,7 +4,7 @@ whether the model fits in memory. Everything is checked before a file is touched
 
     env = start(cfg, model_cfg)   # env.device, env.dtype, env.ddp, env.rank, env.world, env.master,
                                   # env.accum (micro-steps per process and step), env.autocast
-    fwd = env.attach(model, cfg)  # expert parallel: keep this rank's experts; DDP and compile wrap the model
+    env.attach(model, cfg)        # expert parallel: keep this rank's experts; env.fwd: DDP and compile wrap it
     share(env, fn, *args)         # fn on the first process only; its UserError is raised on every one
     with env.watch(run, where, config, model) as watch:  # the training loop: signals, divergence, out of memory,
         watch.step_end(iter_num, snapshot)        # a process lost, each one line; a signal's checkpoint
@@ -178,7 +178,7 @@ class Processes:
         return stats
 
     def finish_grads(self, model, max_norm):
-        """The step's gradients complete (expert parallel: the replicated parameters' summed over processes),
+        """The step's gradients complete (expert parallel: the replicated parameters' averaged over processes),
         then clipped to max_norm (0: not clipped)."""
         if self.ep is not None:
             self.ep.sync_grads(model)

@@ -51,7 +51,9 @@ except ImportError:  # Windows: no flock; the lock is skipped there
 
 CKPT_KEYS = ("model", "optimizer", "model_args", "config", "iter_num", "best_val", "batch_rng", "torch_rng")
 FORMAT = 3  # 1: the checkpoints before the format was recorded; 2: + format, commit, torch; 3: the families
-           # apart from the core (router_impl and expert_init are run settings; the Qwen shared gate's keys)
+           # apart from the core (router_impl and expert_init are run settings; the Qwen shared gate's keys).
+           # Format 3 refuses three settings format 2 took: router_bias with router=sigmoid, renorm_floor with
+           # ERMoE or expert choice (which ignored it), top_k above n_experts with zero_experts
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

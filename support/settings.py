@@ -1,13 +1,14 @@
 """
 Settings machinery: flat `key -> value` settings built in layers, each value remembering where it
 came from, checked, and shown by `python train.py --help`. The settings themselves are declared once,
-with their meaning, in train.py (TrainConfig) and model.py (GPTConfig); train.py's `setup` lists the
-layers in order. Nothing here touches a file but the config files it reads.
+with their meaning, in train.py (TrainConfig), model.py (GPTConfig) and families.py (FamilyConfig,
+GPTConfig's subclass); train.py's `setup` lists the layers in order. Nothing here touches a file but
+the config files it reads.
 
-    layered = Layered(declared(TrainConfig, GPTConfig))     # every key, its declared default
-    layered.apply("CPU preset", {...})                       # keys the user did not set
-    cfg, model_cfg = layered.build(TrainConfig, GPTConfig)   # checked; widths left at 0 derived
-    print(layered.explain(notes(TrainConfig, GPTConfig)))    # value, origin, meaning of every key
+    layered = Layered(declared(TrainConfig, FamilyConfig))     # every key, its declared default
+    layered.apply("CPU preset", {...})                          # keys the user did not set
+    cfg, model_cfg = layered.build(TrainConfig, FamilyConfig)   # checked; widths left at 0 derived
+    print(layered.explain(notes(TrainConfig, GPTConfig, FamilyConfig)))  # value, origin, meaning of each
 """
 
 import ast
