@@ -77,6 +77,10 @@ class Router(nn.Module):
         # at k=1 a renormalised gate is always 1 (no router gradient): the gate is the score (Switch's p)
         self.renorm = cfg.gate_renorm and cfg.top_k > 1
         self.routed_scale, self.capacity_factor = cfg.routed_scale, cfg.capacity_factor
+        self.select_bias = cfg.select_bias  # a bias b that only selects, balanced per step (softmax, ERMoE)
+        if self.select_bias:
+            self.register_buffer("bias", torch.zeros(self.n_experts))    # (E,) in the checkpoint, no gradient
+            self.topk_of_logits, self.per_step, self.rate = False, True, cfg.bias_update_rate
 
     def forward(self, x, ids=None):
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -91,8 +95,9 @@ class Router(nn.Module):
         return self.finish(r, x)
 
     def select(self, a, ids):
-        """The selected experts idx (T, k) (where topk_of_logits is False)."""
-        raise NotImplementedError
+        """The selected experts idx (T, k) where topk_of_logits is False; here (select_bias) the top-k of p + b
+        (ERNIE-4.5, LongCat-Flash; ERMoE's default)."""
+        return select_topk(a.softmax(dim=-1) + self.bias, self.k)
 
     def finish(self, r, x):
         """The routed scale (DeepSeek-V3: 2.5); a capacity if one is set (dropped pairs get gate 0)."""
@@ -112,7 +117,10 @@ class Router(nn.Module):
         return None
 
     def update(self, counts):
-        """After every optimizer step (per_step routers), with the step's load (E,) of every process."""
+        """After every optimizer step (per_step routers), with the step's load (E,) of every process; here
+        (select_bias) loss-free balancing of b."""
+        if self.select_bias:
+            balance_bias(self, counts)
 
 
 def route_reference(logits, k, renormalize=True, idx=None, score_gates=False):
@@ -166,25 +174,14 @@ def _cosine_matrix(rows):  # (E, E) cosine similarity of the rows
 
 class SoftmaxRouter(Router):
     """The linear router of Switch / GShard / Mixtral: a = x W^T. select_bias: the top-k of p + b, b a bias
-    that only selects, balanced as the sigmoid router's (ERNIE-4.5, LongCat)."""
+    that only selects, balanced as the sigmoid router's (ERNIE-4.5, LongCat; Router.select)."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.weight = nn.Parameter(torch.randn(self.n_experts, cfg.n_embd) * 0.02)
-        if cfg.select_bias:
-            self.register_buffer("bias", torch.zeros(self.n_experts))    # (E,) in the checkpoint, no gradient
-            self.topk_of_logits, self.per_step, self.rate = False, True, cfg.bias_update_rate
-        self.select_bias = cfg.select_bias
 
     def logits(self, x, ids):
         return F.linear(x, self.weight.float())                         # (T, E)
-
-    def select(self, a, ids):
-        return select_topk(a.softmax(dim=-1) + self.bias, self.k)        # (T, k) the top-k of p + b
-
-    def update(self, counts):
-        if self.select_bias:
-            balance_bias(self, counts)
 
     def similarity(self):
         return _cosine_matrix(self.weight)
@@ -323,7 +320,7 @@ class CosineRouter(Router):
         return _cosine_matrix(self.centroids)
 
 
-class ExpertChoiceRouter(Router):
+class ExpertChoiceRouter(SoftmaxRouter):
     """Expert choice (Zhou et al. 2022, §3): each expert takes the c tokens of the batch of largest p_te,
     c = ceil(capacity_factor * T * k / E) (0 counts as 1), gates p. Every token lists all E experts, the
     chosen first, `kept` marking them (the dispatch computes all E and discards the rest). Balanced by
@@ -332,13 +329,9 @@ class ExpertChoiceRouter(Router):
     topk_of_logits = False
 
     def __init__(self, cfg):
-        super().__init__(cfg)
-        self.weight = nn.Parameter(torch.randn(cfg.n_experts, cfg.n_embd) * 0.02)
+        super().__init__(cfg)                                            # the linear router's weight and logits
         self.choice_factor = cfg.capacity_factor or 1.0
         self.capacity_factor = 0.0  # its own capacity, not the token-choice one of Router.finish
-
-    def logits(self, x, ids):
-        return F.linear(x, self.weight.float())                          # (T, E)
 
     def forward(self, x, ids=None):
         """The experts choose, not the tokens: the one router whose selection is not per token."""
@@ -357,9 +350,6 @@ class ExpertChoiceRouter(Router):
             gates = p.gather(1, idx) * kept                               # (T, E)
             return self.finish(Routing(gates, idx, chosen.sum(0, dtype=torch.int32), lse, (p * chosen).sum(-1),
                                        p.sum(0), a, kept=kept), x)
-
-    def similarity(self):
-        return _cosine_matrix(self.weight)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -467,10 +457,6 @@ class EigenRouter(Router):
         else:
             self.register_buffer("log_beta", log_beta)
         self.lam = nn.Parameter(torch.ones(E, r)) if self.read_coords else None  # per-direction input scales
-        if cfg.select_bias:
-            self.register_buffer("bias", torch.zeros(E))    # (E,) in the checkpoint, no gradient
-            self.topk_of_logits, self.per_step, self.rate = False, True, cfg.bias_update_rate
-        self.select_bias = cfg.select_bias
 
     def bases(self):
         """P (E, d, r) in fp32."""
@@ -491,16 +477,12 @@ class EigenRouter(Router):
             u = torch.einsum("td,edr->ter", x, self.bases())                 # (T, E, r)
             if self.select_bias:  # the loss-free bias selects: the top-k of p + b
                 a = self.beta() * eigen_score(u, x.norm(dim=-1))             # (T, E)
-                routing = route_reference(a, self.k, self.renorm, select_topk(a.softmax(dim=-1) + self.bias, self.k))
+                routing = route_reference(a, self.k, self.renorm, self.select(a, ids))
             else:
                 routing = eigen_route(u.flatten(1), x.norm(dim=-1), self.beta(), self.k, self.r, self.impl, self.renorm)
         penalty = self.penalty() if self.basis == "penalty" else None
         inputs = u * self.lam if self.read_coords else None
         return self.finish(routing._replace(expert_inputs=inputs, penalty=penalty), x)
-
-    def update(self, counts):
-        if self.select_bias:
-            balance_bias(self, counts)
 
     def penalty(self):
         """sum_e ||P_e^T P_e - I||_F^2 (0 in the exact modes, up to rounding)."""
