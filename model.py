@@ -1,9 +1,8 @@
 """
 A GPT whose feed-forward blocks are top-k routed SwiGLU experts. One file, read top to bottom:
 attention, the feed-forward blocks (the dense MLP, the MoE block and its two dispatch paths), the
-block, the settings (GPTConfig, which derives the widths by the iso-compute rule below; its checks
-are in support/checks.py), then the GPT, which builds its parts through three methods (norm,
-attention, feed_forward): the hook by which families.py builds other families' parts.
+block, the settings (GPTConfig: the iso-compute rule below; its checks in support/checks.py), the
+GPT, which builds its parts by three methods (norm, attention, feed_forward): families.py's hook.
 
 Notation: B batch, S sequence length, T = B*S tokens, d model width (n_embd), E routed experts,
 k experts per token, f expert hidden width, r ERMoE basis rank, nh heads, hs head size.
@@ -22,8 +21,8 @@ k experts per token, f expert hidden width, r ERMoE basis rank, nh heads, hs hea
 - Two dispatch paths with one semantics, tested against each other in output and every gradient:
   `naive` loops over the experts (the lecture one); `sorted` sorts the T*k (token, expert) pairs
   by expert once and runs all experts as one grouped matmul. n_experts=0 is the dense SwiGLU MLP.
-- The forward returns the routing of every MoE layer (router.Routing) explicitly; losses.py turns
-  it into auxiliary losses, support/metrics.py into routing metrics. No module keeps losses in globals.
+- The forward returns every MoE layer's routing (router.Routing): losses.py makes it auxiliary losses,
+  support/metrics.py routing metrics. No module keeps losses in globals.
 
 Iso-compute rule: the dense MLP has width ffn_hidden (default 8/3*d rounded up to a multiple of
 64: 3*d*ffn_hidden parameters, the 8d^2 of GPT-2's 4d GELU MLP at d=384 (1024), 9d^2 at d=128 (384,
@@ -330,8 +329,7 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight") or name.endswith("w_down"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
-    # The parts of a block, each built here; families.py's subclass of GPT builds other families' parts
-    # (the atlas's one hook into this file). Called in this order, which fixes the initialisation.
+    # a block's parts, built in this order (which fixes the initialisation); families.FamilyGPT builds others'
     def norm(self, cfg):  # RMSNorm (eps: the dtype's), or nanoGPT's LayerNorm without bias (eps 1e-5)
         return nn.LayerNorm(cfg.n_embd, bias=False) if cfg.norm == "layernorm" else nn.RMSNorm(cfg.n_embd)
 
@@ -352,14 +350,6 @@ class GPT(nn.Module):
     def routers(self):
         """The router of every MoE block, in order."""
         return [b.mlp.router for b in self.blocks if isinstance(b.mlp, MoE)]
-
-    @torch.no_grad()
-    def upcycle(self, noise=0.01):
-        """Sparse upcycling (Komatsuzaki et al. 2023): in every MoE block each expert starts as a copy of
-        expert 0 plus noise of `noise` times the weights' std, so the experts start nearly identical."""
-        for moe in (b.mlp for b in self.blocks if isinstance(b.mlp, MoE)):
-            for w in (moe.w_gate, moe.w_up, moe.w_down):
-                w.copy_(w[:1] + noise * w[:1].std() * torch.randn_like(w))
 
     def num_params(self):
         """(total, active per token). Active counts k of the E routed experts of each MoE block."""

@@ -7,9 +7,9 @@ and Hugging Face backbones' options (families.py) are in tests/test_family_parts
 modules' in tests/test_support.py; the slow system tests (runs end to end, crashes, interop,
 parallelism, the course kit) are in tests/. Run both: python -m pytest test_all.py tests -n 2
 
-  train.py     the step's loss: regularisers at coefficient 0 change nothing
+  train.py     the step's loss: regularisers at coefficient 0 change nothing; upcycled experts
   model.py     the KV cache, the dense MLP, naive == sorted dispatch (edge cases, a capacity), the
-               parameter count, the dense model, upcycling
+               parameter count, the dense model
   router.py    select_topk's tie rule and route_reference's gates, the invariants of every router
                (docs/design.md §1), expert choice (and its non-causality), DeepSeek-V3's raw gates,
                bias and group-limited top-k, ERMoE's geometry
@@ -37,6 +37,7 @@ from model import GPT, MLP, GPTConfig, MoE  # noqa: E402
 from router import ROUTERS as ROUTER_CLASSES  # noqa: E402
 from router import EigenRouter, eigen_route, eigenbasis_scores, route_reference, select_topk, topk_route  # noqa: E402
 from support.metrics import RoutingStats  # noqa: E402
+import train  # noqa: E402
 
 # The conformance list: every router here passes every test parametrised by ROUTERS.
 ROUTERS = ["softmax", "ermoe", "sigmoid", "hash", "cosine", "token_table"]
@@ -65,7 +66,7 @@ def block_inputs(B=2, S=16, seed=0, d=32):
 
 
 # ------------------------------------------------------------------------------------------------
-# train.py: the step's loss (the run itself: tests/test_runs.py)
+# train.py: the step's loss, upcycling (the run itself: tests/test_runs.py)
 
 def test_zero_regulariser_coefficients_train_bit_identically():
     """train_step's loss, aux_losses with every coefficient, trains as the loss without the regularisers:
@@ -88,6 +89,22 @@ def test_zero_regulariser_coefficients_train_bit_identically():
             opt.zero_grad()
         results.append(model.state_dict())
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_upcycled_experts_start_as_near_copies():
+    cfg = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, n_experts=4, top_k=2)
+    torch.manual_seed(0)
+    up = GPT(GPTConfig(**cfg))
+    train.upcycle(up)                            # train.py's expert_init=upcycle
+    torch.manual_seed(0)
+    rand = GPT(GPTConfig(**cfg))
+    for a, b in ((up, 0.01), (rand, 0.9)):
+        w = a.blocks[0].mlp.w_up
+        rel = (w - w[:1]).norm(dim=(1, 2))[1:] / w[0].norm()
+        assert (rel < 2 * b).all() and (rel > b / 2).all(), rel  # ~1% apart upcycled, ~100% apart at random
+    _, r = up.blocks[0].mlp(torch.randn(1, 16, 32))
+    from support.metrics import coactivation_cos2
+    assert coactivation_cos2(r.acts) > 0.99      # co-activated experts compute nearly the same thing
 
 
 # ------------------------------------------------------------------------------------------------
@@ -258,22 +275,6 @@ def test_dense_model_has_no_routing():
     total, active = model.num_params()
     assert total == active
     assert aux_losses(routes, dict(c_lb=0.01))[1] == {}
-
-
-def test_upcycled_experts_start_as_near_copies():
-    cfg = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, n_experts=4, top_k=2)
-    torch.manual_seed(0)
-    up = GPT(GPTConfig(**cfg))
-    up.upcycle()                                 # train.py's expert_init=upcycle
-    torch.manual_seed(0)
-    rand = GPT(GPTConfig(**cfg))
-    for a, b in ((up, 0.01), (rand, 0.9)):
-        w = a.blocks[0].mlp.w_up
-        rel = (w - w[:1]).norm(dim=(1, 2))[1:] / w[0].norm()
-        assert (rel < 2 * b).all() and (rel > b / 2).all(), rel  # ~1% apart upcycled, ~100% apart at random
-    _, r = up.blocks[0].mlp(torch.randn(1, 16, 32))
-    from support.metrics import coactivation_cos2
-    assert coactivation_cos2(r.acts) > 0.99      # co-activated experts compute nearly the same thing
 
 
 # ------------------------------------------------------------------------------------------------

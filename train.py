@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from losses import COEFFICIENTS, StepBalance, aux_losses
 from families import FamilyConfig, build
-from model import GPTConfig
+from model import GPTConfig, MoE
 from router import IMPLS, ROUTERS, choose_impl, impl_problem
 from support import launch
 from support.data import load_tokenizer, open_dataset, standard_error, vocab_of
@@ -201,10 +201,19 @@ def make_model(cfg, model_cfg, device="cpu"):
     upcycled if cfg.expert_init says so, its routers' router_impl decided for the device ('auto'), on it."""
     model = build(model_cfg)
     if cfg.expert_init == "upcycle":
-        model.upcycle()
+        upcycle(model)
     for router in model.routers():
         router.impl = choose_impl(cfg.router_impl, router.n_experts, router.k, torch.empty(0, device=device))
     return model.to(device)
+
+
+@torch.no_grad()
+def upcycle(model, noise=0.01):
+    """Sparse upcycling (Komatsuzaki et al. 2023): in every MoE block each expert starts as a copy of
+    expert 0 plus noise of `noise` times the weights' std, so the experts start nearly identical."""
+    for moe in (b.mlp for b in model.blocks if isinstance(b.mlp, MoE)):
+        for w in (moe.w_gate, moe.w_up, moe.w_down):
+            w.copy_(w[:1] + noise * w[:1].std() * torch.randn_like(w))
 
 
 def make_optimizer(model, cfg):
