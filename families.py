@@ -94,7 +94,7 @@ class FamilyConfig(GPTConfig):
                 plain.get(f.name, f.default)]
 
     def param_count(self):  # GPTConfig's, of the model build() makes
-        with torch.device("meta"), torch.random.fork_rng(devices=[]):
+        with torch.device("meta"):
             return sum(p.numel() for p in build(self).parameters())
 
 
@@ -131,6 +131,7 @@ def check_family(cfg):
         require(getattr(cfg, name) in choices, f"unknown {name} '{getattr(cfg, name)}' ({'|'.join(choices)})")
 
 
+@functools.lru_cache(maxsize=None)  # one class per combination, shared by the layers that use it
 def compose(base, *mixins):
     """The class `base` with the mixins whose setting is on: mixins are (class, on) pairs, outermost first.
     A mixin's method runs before the ones inside it, and calls them with super() (RenormFloor.finish changes

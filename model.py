@@ -302,7 +302,7 @@ class GPTConfig:
     def param_count(self):
         """Parameters of the model: counted on the meta device, which allocates nothing (train.py refuses a
         model that cannot fit before allocating it)."""
-        with torch.device("meta"), torch.random.fork_rng(devices=[]):
+        with torch.device("meta"):  # (draws nothing from the random generator either)
             return sum(p.numel() for p in GPT(self).parameters())
 
 

@@ -132,13 +132,14 @@ def route_reference(logits, k, renormalize=True, idx=None, score_gates=False):
     p = (a - lse[:, None]).exp()                                    # (T, E) full softmax
     if idx is None:
         idx = select_topk(a, k)                                     # (T, k)
+    top = p.gather(1, idx)                                          # (T, k) p at the selected experts
     if renormalize:
         gates = a.gather(1, idx).softmax(dim=-1)                    # (T, k) = p renormalised over the k selected
     elif score_gates:
         gates = a.gather(1, idx).exp()                              # (T, k) the score (sigmoid: a = log s)
     else:
-        gates = p.gather(1, idx)                                    # (T, k) p at the selected experts
-    mass = p.gather(1, idx).sum(dim=-1)                             # (T,)
+        gates = top
+    mass = top.sum(dim=-1)                                          # (T,)
     return Routing(gates, idx, expert_counts(idx, a.shape[1]), lse, mass, p.sum(dim=0), a)
 
 

@@ -116,6 +116,12 @@ def test_cached_generation_gives_the_same_tokens(router):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, n_experts=4, top_k=2,
                           router=router)).eval()
+    check_cached_generation(model, kv_heads=2)
+
+
+def check_cached_generation(model, kv_heads):
+    """Greedy generation with the KV cache == without it (also past block_size), and one cached step's logits
+    == the whole sequence recomputed; the cache holds kv_heads heads (tests/test_family_parts.py: GQA)."""
     prompt = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(2))
     fast = model.generate(prompt, 20, temperature=0, use_cache=True)   # past block_size: the cache gives way
     slow = model.generate(prompt, 20, temperature=0, use_cache=False)
@@ -125,7 +131,7 @@ def test_cached_generation_gives_the_same_tokens(router):
         model(prompt, cache=cache)
         last, _, _ = model(torch.zeros(3, 1, dtype=torch.long), cache=cache)
         full, _, _ = model(torch.cat([prompt, torch.zeros(3, 1, dtype=torch.long)], 1))
-    assert cache[0]["k"].shape == (3, 2, 6, 16) and torch.allclose(last, full, atol=1e-5)
+    assert cache[0]["k"].shape == (3, kv_heads, 6, 16) and torch.allclose(last, full, atol=1e-5)
 
 
 @pytest.mark.parametrize("dispatch", ["naive", "sorted"])

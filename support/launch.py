@@ -182,8 +182,8 @@ class Processes:
         then clipped to max_norm (0: not clipped)."""
         if self.ep is not None:
             self.ep.sync_grads(model)
-        if max_norm > 0 and self.ep is not None:
-            self.ep.clip_grad_norm(model, max_norm)
+            if max_norm > 0:
+                self.ep.clip_grad_norm(model, max_norm)
         elif max_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 

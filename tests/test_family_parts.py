@@ -13,6 +13,7 @@ import torch
 from tests.helpers import ROUTERS  # first: it sets TRITON_INTERPRET before router.py imports triton
 import router as router_classes  # noqa: E402
 from families import FamilyConfig, FamilyGPT, build  # noqa: E402
+from test_all import check_cached_generation  # noqa: E402
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
 
@@ -40,13 +41,4 @@ def test_cached_generation_with_grouped_query_attention_gives_the_same_tokens(ro
     torch.manual_seed(0)
     model = build(FamilyConfig(**TINY, n_experts=4, top_k=2, router=router, n_kv_head=1)).eval()
     assert isinstance(model, FamilyGPT)
-    prompt = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(2))
-    fast = model.generate(prompt, 20, temperature=0, use_cache=True)   # past block_size: the cache gives way
-    slow = model.generate(prompt, 20, temperature=0, use_cache=False)
-    assert fast.shape == (3, 25) and torch.equal(fast, slow)
-    cache = [{} for _ in model.blocks]                                   # the cache holds what it computed
-    with torch.no_grad():
-        model(prompt, cache=cache)
-        last, _, _ = model(torch.zeros(3, 1, dtype=torch.long), cache=cache)
-        full, _, _ = model(torch.cat([prompt, torch.zeros(3, 1, dtype=torch.long)], 1))
-    assert cache[0]["k"].shape == (3, 1, 6, 16) and torch.allclose(last, full, atol=1e-5)
+    check_cached_generation(model, kv_heads=1)
