@@ -1,9 +1,10 @@
 """
 Fused top-k routing in Triton: one pass over the router logits gives everything routing and the
 router-side losses need, and one backward pass gives the gradient of the logits. Tensors in,
-tensors out: this file imports nothing of the project. The PyTorch version of the same function,
-the one to read and the test oracle, is router.route_reference; router.topk_route chooses between
-them (impl = torch | compile | triton) and wraps the outputs in a router.Routing.
+tensors out: of the project this file imports only two shims (support/compat.py). The PyTorch
+version of the same function, the one to read and the test oracle, is router.route_reference;
+router.topk_route chooses between them (impl = torch | compile | triton) and wraps the outputs in
+a router.Routing.
 
 Notation: T tokens, E experts, k experts per token, r ERMoE basis rank; BT/BE/BK block sizes
 (rows, experts, k padded to powers of two), RC a chunk of ERMoE coordinates.
@@ -50,11 +51,6 @@ Design notes
   chosen for registers, not tuned for bandwidth.
 """
 
-import importlib.machinery
-import importlib.util
-import os
-import sys
-
 import torch
 
 try:
@@ -63,24 +59,10 @@ try:
 except ImportError:  # CPU-only installs without triton still get impl="torch" / "compile"
     triton = None
 
-
-def _interpreter_takes_scalars_from_numpy_2_4():
-    """Triton 3.6's interpreter (TRITON_INTERPRET=1, on CPU) holds a scalar argument as a 1-element
-    array and gives range() its int(): numpy 2.4 refuses that ("only 0-dimensional arrays can be
-    converted to Python scalars"), so the ERMoE kernels' `range(0, R, RC)` fails there. Triton 3.7
-    squeezes the array first (triton-lang/triton#9171); the same one change is made here to 3.6's
-    interpreter. Compiled kernels never run this code: the GPU path is unchanged."""
-    from triton.runtime import interpreter
-    patch_tensor = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
-    interpreter._patch_lang_tensor = patched
-
+import support.compat as _compat  # (the file's one project import: two shims, not kernels)
 
 if triton is not None and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):
-    _interpreter_takes_scalars_from_numpy_2_4()
+    _compat.patch_triton_interpreter()  # numpy 2.4 with Triton 3.6's CPU interpreter
 
 
 # ------------------------------------------------------------------------------------------------
@@ -466,44 +448,7 @@ def fused_eigen_route(u, xnorm, beta, k, r, renormalize=True):
 
 
 # ------------------------------------------------------------------------------------------------
-# one name, two packages: Hugging Face's `kernels`
-#
-# transformers (5.x) imports Hugging Face's package `kernels` while it loads, and again inside
-# from_pretrained (`from kernels import Mode`). In a process started at the repository root (a
-# script, pytest, a notebook) this file comes first on sys.path under that name, and sys.modules
-# holds one module per name. Renaming this file was ruled out (the brief names it), and hiding the
-# repository root while transformers loads misses the later imports. So this module also answers
-# for the other package (PEP 562): a public name it does not define, `__version__`, and the folder
-# its submodules come from (`__path__`) are Hugging Face's, loaded on first use. The two share no
-# public name (tests/test_interop.py checks it), so neither side ever gets the other's function.
+# one name, two packages: this module also answers for Hugging Face's `kernels`, which transformers imports
+# under the same name (support/compat.py says why and how)
 
-_hub = None  # Hugging Face's package, once loaded
-
-
-def _hub_package():
-    """Hugging Face's `kernels` package, loaded from sys.path without this folder; None if not installed."""
-    global _hub
-    if _hub is None:
-        here = os.path.dirname(os.path.realpath(__file__))
-        path = [p for p in sys.path if os.path.realpath(p or os.curdir) != here]
-        spec = importlib.machinery.PathFinder.find_spec(__name__, path)
-        if spec is None or spec.submodule_search_locations is None:
-            return None
-        globals()["__path__"] = list(spec.submodule_search_locations)  # where `kernels.<sub>` is found
-        _hub = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(_hub)  # its own `from kernels.x import ...` resolve through __path__
-        except BaseException:
-            _hub = None
-            del globals()["__path__"]
-            raise
-    return _hub
-
-
-def __getattr__(name):
-    if name.startswith("_") and name not in ("__path__", "__version__"):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    hub = _hub_package()
-    if hub is None:
-        raise AttributeError(f"module {__name__!r} (this project's kernels.py) has no attribute {name!r}")
-    return globals()["__path__"] if name == "__path__" else getattr(hub, name)
+__getattr__ = _compat.hub_getattr(globals())

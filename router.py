@@ -32,7 +32,7 @@ from einops import rearrange
 
 import kernels
 
-if not hasattr(kernels, "fused_route"):  # the name is Hugging Face's package here (see the end of kernels.py)
+if not hasattr(kernels, "fused_route"):  # the name is Hugging Face's package here (support/compat.py)
     raise ImportError("`import kernels` found Hugging Face's package (transformers imported it before the repository "
                       "root was on sys.path): put the repository root first on sys.path before importing transformers")
 

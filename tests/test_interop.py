@@ -303,7 +303,7 @@ print("logits:", tuple(ours(torch.zeros(1, 8, dtype=torch.long))[0].shape), type
 def require_hub_kernels():
     """Hugging Face's `kernels` package (loaded through kernels.py), or a skip where it is not installed."""
     import kernels
-    hub = kernels._hub_package()
+    hub = kernels.__getattr__.hub_package()
     if hub is None:
         pytest.skip("Hugging Face's kernels package is not installed (transformers < 5 does not need it): no collision")
     return hub
