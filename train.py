@@ -32,11 +32,11 @@ from families import FamilyConfig, build
 from model import GPTConfig, MoE
 from router import IMPLS, ROUTERS, choose_impl, impl_problem
 from support import launch
-from support.data import load_tokenizer, open_dataset, standard_error, vocab_of
+from support.data import open_dataset, standard_error, vocab_of
 from support.metrics import RoutingStats
 from support.rundir import Diverged, Interrupted, Run, UserError, check_finite, cli, load_checkpoint
 from support.settings import Finished, Layered, declared, notes, parse_args, resume_settings
-from support.tracking import Tracker
+from support.tracking import Tracker, print_eval, samples_and_plots
 
 
 # ------------------------------------------------------------------------------------------------
@@ -449,7 +449,7 @@ def main(argv):
             if env.ep:  # generation would need every process in step: sample from the checkpoint instead
                 print(f"note: no samples with expert_parallel; python sample.py --out_dir={cfg.out_dir} reads the "
                       "checkpoint")
-            finish(model, cfg, env.device, data.tokenizer if not env.ep else None)
+            samples_and_plots(model, cfg, env.device, data.tokenizer if not env.ep else None)
         if env.ddp:  # every replica should hold the same weights: a hash of the whole model per rank
             hashes = launch.weight_hashes(env, env.full_state(model, optimizer)[0])
             if env.master:
@@ -470,31 +470,6 @@ def load_state(load, state, what):
         load(state)
     except (RuntimeError, ValueError, KeyError) as err:
         raise UserError(f"{what} ({str(err).splitlines()[0]})") from None
-
-
-def print_eval(record):
-    print(f"eval {record['iter']}: train {record['train_loss']:.4f}, val {record['val_loss']:.4f}")
-    for i, m in enumerate(record["layers"]):
-        extra = f" source NMI {m['source_nmi']:.3f}" if "source_nmi" in m else ""
-        print(f"  moe layer {i}: load cv {m['cv']:.3f} max/mean {m['max_mean']:.2f} dead {m['dead']} "
-              f"entropy {m['entropy_norm']:.3f} top-k mass {m['topk_mass']:.3f}{extra}")
-    if "whole" in record:
-        w = record["whole"]
-        bits = f"; {w['bits']:,.0f} bits of the table stored" if "bits" in w else ""
-        print(f"whole val split: {w['val_loss']:.4f} ± {w['se']:.4f} (standard error, {w['targets']:,} targets){bits}")
-
-
-def finish(model, cfg, device, tokenizer):
-    """Samples and plots at the end (the checkpoint is already safe on disk)."""
-    from support.plots import plot_run  # matplotlib: loaded only at the end
-    if tokenizer is not None and cfg.num_samples > 0:  # a synthetic task's tokens are not text
-        enc = load_tokenizer(tokenizer)
-        start = torch.tensor([enc.encode_ordinary("\n")], device=device)
-        for _ in range(cfg.num_samples):
-            out = model.generate(start, cfg.sample_tokens, temperature=0.8, top_k=200, n_vocab=enc.n_vocab)
-            print("---------------\n" + enc.decode(out[0].tolist()))
-    for path in plot_run(cfg.out_dir):
-        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
