@@ -25,6 +25,8 @@ methods replace one method of a core class (and call the core's with super() whe
   GLM-4.5         the first layers have a dense MLP                        FamilyGPT           first_dense_layers
   HF backbones    grouped-query attention, head_dim, q/k norms, qkv bias,  attention, GPT      n_kv_head, head_dim, ...
                   partial rotary, rope_theta, norm_eps, untied embeddings
+  (the course)    hash's relatives: a learned token-id table; Roller's     the registry        router=token_table,
+                  frequency-balanced table                                 (a table, train.py) hash_balanced
 
 (a linear router: softmax or sigmoid; a token's router: any whose routing pass is Router.forward's, not
 ERMoE's or expert choice's.)
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from model import GPT, MLP, CausalSelfAttention, GPTConfig, MoE, apply_rotary, grouped_matmul, rotary_cache
-from router import ROUTERS, random_table
+from router import ROUTERS, Router, random_table
 from support.checks import check_and_derive, require
 
 
@@ -277,6 +279,41 @@ class HashLayer:
         if ids is None:
             raise ValueError("hash layers need the token ids")
         return self.table[ids]                                        # (T, k)
+
+
+# ------------------------------------------------------------------------------------------------
+# the hash router's relatives, for the course's comparison (course/demos.py hash-why): Roller et al.'s
+# balanced table (train.py's hash_balanced) and a learned token-id table (router=token_table)
+
+def balanced_table(counts, n_experts, k):
+    """Roller et al.'s balanced assignment (§3.2) for k experts per token: the ids in order of frequency (counts
+    (V,), ties to the lower id), each to the k experts with the fewest expected pairs so far (ties to the lower
+    expert) -> (V, k) table whose load is as even as the token frequencies allow."""
+    load, table = [0] * n_experts, torch.empty(len(counts), k, dtype=torch.long)
+    for i in torch.sort(counts, descending=True, stable=True).indices.tolist():
+        chosen = sorted(range(n_experts), key=lambda e: (load[e], e))[:k]
+        table[i] = torch.tensor(chosen)
+        for e in chosen:
+            load[e] += int(counts[i])
+    return table
+
+
+class TokenTableRouter(Router):
+    """A learned logit table indexed by the token id: a = T[id] (V, E), top-k, p renormalised. What a hash
+    table has (the routing is tied to the id) and what it lacks (learned). Initialised at the scale of the
+    linear router's logits, std 0.02 sqrt(d)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.table = nn.Parameter(torch.randn(cfg.vocab_size, self.n_experts) * 0.02 * math.sqrt(cfg.n_embd))
+
+    def logits(self, x, ids):
+        if ids is None:
+            raise ValueError("router=token_table needs the token ids")
+        return self.table.float()[ids]                                   # (T, E)
+
+
+ROUTERS["token_table"] = TokenTableRouter  # a new router joins the core's registry (as course/exercises/ex8's does)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -66,6 +66,7 @@ class Router(nn.Module):
     defaults = {}        # default loss coefficients of this router (train.py applies them unless set)
     topk_of_logits = True  # the selection is the top-k of the logits (so the fused Triton pass applies)
     per_step = False       # has an update() to call after every optimizer step
+    select_bias = False    # selects by a bias b balanced per step (sigmoid: always; softmax, ERMoE: if set)
     score_gates = False    # unrenormalised gates: p at the selection; True: the score exp(a) (sigmoid: s itself)
 
     impl = "auto"          # where the routing pass runs (IMPLS below; train.py sets its router_impl)
@@ -77,7 +78,7 @@ class Router(nn.Module):
         # at k=1 a renormalised gate is always 1 (no router gradient): the gate is the score (Switch's p)
         self.renorm = cfg.gate_renorm and cfg.top_k > 1
         self.routed_scale, self.capacity_factor = cfg.routed_scale, cfg.capacity_factor
-        self.select_bias = cfg.select_bias  # a bias b that only selects, balanced per step (softmax, ERMoE)
+        self.select_bias = self.select_bias or cfg.select_bias
         if self.select_bias:
             self.register_buffer("bias", torch.zeros(self.n_experts))    # (E,) in the checkpoint, no gradient
             self.topk_of_logits, self.per_step, self.rate = False, True, cfg.bias_update_rate
@@ -116,11 +117,14 @@ class Router(nn.Module):
         """An (E, E) similarity of the experts for the plots, or None."""
         return None
 
+    @torch.no_grad()
     def update(self, counts):
         """After every optimizer step (per_step routers), with the step's load (E,) of every process; here
-        (select_bias) loss-free balancing of b."""
+        (select_bias) loss-free balancing (Wang et al. 2024, arXiv 2408.15664, Alg. 1): b_e += rate * sign(mean
+        load - load_e)."""
         if self.select_bias:
-            balance_bias(self, counts)
+            load = counts.float()
+            self.bias += self.rate * torch.sign(load.mean() - load)
 
 
 def route_reference(logits, k, renormalize=True, idx=None, score_gates=False):
@@ -188,46 +192,25 @@ class SoftmaxRouter(Router):
         return _cosine_matrix(self.weight)
 
 
-@torch.no_grad()
-def balance_bias(router, counts):
-    """Loss-free balancing (Wang et al. 2024, arXiv 2408.15664, Alg. 1): b_e += rate * sign(mean load - load_e)."""
-    load = counts.float()
-    router.bias += router.rate * torch.sign(load.mean() - load)
-
-
 def random_table(vocab_size, n_experts, k):
     """A fixed random token id -> k distinct experts table (vocab_size, k) (hash layers)."""
     return torch.rand(vocab_size, n_experts).argsort(dim=1)[:, :k]
 
 
-def balanced_table(counts, n_experts, k):
-    """Roller et al.'s balanced assignment (§3.2) for k experts per token: the ids in order of frequency (counts
-    (V,), ties to the lower id), each to the k experts with the fewest expected pairs so far (ties to the lower
-    expert) -> (V, k) table whose load is as even as the token frequencies allow."""
-    load, table = [0] * n_experts, torch.empty(len(counts), k, dtype=torch.long)
-    for i in torch.sort(counts, descending=True, stable=True).indices.tolist():
-        chosen = sorted(range(n_experts), key=lambda e: (load[e], e))[:k]
-        table[i] = torch.tensor(chosen)
-        for e in chosen:
-            load[e] += int(counts[i])
-    return table
-
-
 class SigmoidRouter(Router):
     """DeepSeek-V3 (arXiv 2412.19437, §2.1.2): scores s = sigmoid(x W^T) as logits a = log s (p = s / sum s);
-    the k experts of largest s + b are selected, b a bias that only selects (balance_bias); with n_group
+    the k experts of largest s + b are selected, b a bias that only selects (Router.update); with n_group
     > 1 only within the topk_group best groups, a group scored by its two largest s + b. Gates: s
     renormalised, or s (gate_renorm=False), times routed_scale."""
     defaults = dict(c_lb=0.0, c_z=0.0)  # balanced by the bias instead
     topk_of_logits = False              # the selection is not the top-k of the logits
-    per_step = True
+    select_bias = True                  # always: the bias b of Router, balanced per step
     score_gates = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.weight = nn.Parameter(torch.randn(self.n_experts, cfg.n_embd) * 0.02)
-        self.register_buffer("bias", torch.zeros(self.n_experts))      # (E,) in the checkpoint, no gradient
-        self.rate, self.n_group, self.topk_group = cfg.bias_update_rate, cfg.n_group, cfg.topk_group
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
 
     def logits(self, x, ids):
         return F.logsigmoid(F.linear(x, self.weight.float()))             # (T, E) log s
@@ -243,9 +226,6 @@ class SigmoidRouter(Router):
             allowed = torch.zeros_like(score, dtype=torch.bool).scatter_(1, best, True)
             choice = choice.masked_fill(~allowed.repeat_interleave(E // self.n_group, dim=1), -math.inf)
         return select_topk(choice, self.k)
-
-    def update(self, counts):
-        balance_bias(self, counts)
 
     def metrics(self):
         return {"bias_range": (self.bias.max() - self.bias.min()).item()}
@@ -272,25 +252,6 @@ class HashRouter(Router):
 
     def select(self, a, ids):
         return self.table[ids]                                           # (T, k) in the table's order
-
-    def balance(self, counts):
-        """Replace the random table by the frequency-balanced one for these token counts (V,)."""
-        self.table.copy_(balanced_table(counts, self.n_experts, self.k))
-
-
-class TokenTableRouter(Router):
-    """A learned logit table indexed by the token id: a = T[id] (V, E), top-k, p renormalised. What a hash
-    table has (the routing is tied to the id) and what it lacks (learned), for the hash comparison of
-    course/demos.py. Initialised at the scale of the linear router's logits, std 0.02 sqrt(d)."""
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.table = nn.Parameter(torch.randn(cfg.vocab_size, self.n_experts) * 0.02 * math.sqrt(cfg.n_embd))
-
-    def logits(self, x, ids):
-        if ids is None:
-            raise ValueError("router=token_table needs the token ids")
-        return self.table.float()[ids]                                   # (T, E)
 
 
 class CosineRouter(Router):
@@ -358,15 +319,6 @@ class ExpertChoiceRouter(SoftmaxRouter):
 
 IMPLS = ("auto", "torch", "compile", "triton")
 _compiled_reference = None
-
-
-def impl_problem(router, impl, E, k, select_bias=False):
-    """Why `router` cannot route E experts top-k with `impl`, or None (train.py checks this early)."""
-    if impl in ("compile", "triton") and not ROUTERS[router].topk_of_logits:
-        return f"router={router} has no fused routing pass: router_impl={impl} does not apply to it (use auto or torch)"
-    if impl in ("compile", "triton") and select_bias:
-        return f"router_impl={impl}: the fused routing pass has no select_bias (use auto or torch)"
-    return kernels.triton_unsupported(E, k) if impl == "triton" else None
 
 
 def choose_impl(impl, E, k, x):
@@ -511,4 +463,4 @@ class EigenRouter(Router):
 
 
 ROUTERS = {"softmax": SoftmaxRouter, "ermoe": EigenRouter, "sigmoid": SigmoidRouter, "hash": HashRouter,
-           "cosine": CosineRouter, "expert_choice": ExpertChoiceRouter, "token_table": TokenTableRouter}
+           "cosine": CosineRouter, "expert_choice": ExpertChoiceRouter}  # families.py adds the course's token table

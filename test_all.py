@@ -22,6 +22,7 @@ parallelism, the course kit) are in tests/. Run both: python -m pytest test_all.
 import itertools
 import math
 import os
+import types
 
 import pytest
 import torch
@@ -40,6 +41,7 @@ from support.metrics import RoutingStats  # noqa: E402
 import train  # noqa: E402
 
 # The conformance list: every router here passes every test parametrised by ROUTERS.
+# (token_table is families.py's, in the registry since `import train` imported families.py)
 ROUTERS = ["softmax", "ermoe", "sigmoid", "hash", "cosine", "token_table"]
 KERNEL_ROUTERS = [name for name in ROUTERS if ROUTER_CLASSES[name].topk_of_logits]  # the fused Triton pass applies
 
@@ -934,7 +936,6 @@ def test_compiled_triton_route_of_a_transposed_input():
 
 def on(device_type, dtype=torch.float32):
     """A stand-in for a tensor on a device: choose_impl only looks at .is_cuda and .dtype."""
-    import types
     return types.SimpleNamespace(is_cuda=device_type == "cuda", dtype=dtype)
 
 
@@ -942,17 +943,21 @@ def on(device_type, dtype=torch.float32):
 def test_auto_impl_uses_triton_only_where_the_router_has_a_kernel_that_fits(router):
     """choose_impl decides 'auto'; impl_problem is train.py's early check of its router_impl (a refused
     setting is a UserError naming the reason)."""
-    from router import choose_impl, impl_problem
+    from router import choose_impl
+    from train import impl_problem
     fused = ROUTER_CLASSES[router].topk_of_logits
+
+    def cfg(E, k):
+        return types.SimpleNamespace(router=router, select_bias=False, n_experts=E, top_k=k)
     assert choose_impl("auto", 64, 8, on("cuda")) == "triton" and choose_impl("auto", 64, 8, on("cpu")) == "torch"
     assert choose_impl("auto", 512, 2, on("cuda")) == "torch" and choose_impl("auto", 16, 10, on("cuda")) == "torch"
     assert choose_impl("auto", 8, 2, on("cuda", torch.float64)) == "torch"
     assert choose_impl("torch", 8, 2, on("cuda")) == "torch"
     if fused:
-        assert "n_experts <= 256 and top_k <= 8" in impl_problem(router, "triton", 512, 2)
+        assert "n_experts <= 256 and top_k <= 8" in impl_problem(cfg(512, 2), "triton")
     else:  # say so instead of ignoring the setting; the router routes in PyTorch, never through topk_route
         for impl in ("triton", "compile"):
-            assert f"router={router} has no fused routing pass" in impl_problem(router, impl, 8, 2)
+            assert f"router={router} has no fused routing pass" in impl_problem(cfg(8, 2), impl)
     with pytest.raises(ValueError, match="top_k <= 8"):
         topk_route(torch.randn(4, 16), 10, "triton")
 

@@ -27,10 +27,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+import kernels
 from losses import COEFFICIENTS, StepBalance, aux_losses
-from families import FamilyConfig, build
+from families import FamilyConfig, balanced_table, build
 from model import GPTConfig, MoE
-from router import IMPLS, ROUTERS, choose_impl, impl_problem
+from router import IMPLS, ROUTERS, choose_impl
 from support import launch
 from support.data import open_dataset, standard_error, vocab_of
 from support.metrics import RoutingStats
@@ -135,6 +136,15 @@ class TrainConfig:
 def _require(ok, message):
     if not ok:
         raise UserError(message)
+
+
+def impl_problem(model_cfg, impl):
+    """Why the routers of model_cfg cannot run their routing pass with router_impl=impl, or None."""
+    router = ROUTERS[model_cfg.router]
+    if impl in ("compile", "triton") and (not router.topk_of_logits or model_cfg.select_bias):
+        return (f"router={model_cfg.router}{' with select_bias' * model_cfg.select_bias} has no fused routing pass: "
+                f"router_impl={impl} does not apply to it (use auto or torch)")
+    return kernels.triton_unsupported(model_cfg.n_experts, model_cfg.top_k) if impl == "triton" else None
 
 
 # The declared defaults above (and GPTConfig's) are the GPU run: the shape and schedule of nanoGPT's
@@ -340,7 +350,7 @@ def main(argv):
         print(f"{done}; the run is finished")
         return
     cfg, model_cfg = settings.build(TrainConfig, FamilyConfig)
-    why = impl_problem(model_cfg.router, cfg.router_impl, model_cfg.n_experts, model_cfg.top_k, model_cfg.select_bias)
+    why = impl_problem(model_cfg, cfg.router_impl)
     _require(why is None or model_cfg.n_experts == 0, why)
     env = launch.start(cfg, model_cfg)  # the device, the dtype, the processes: all checked
     preset = {k: v for k, v in settings.values.items() if settings.origin[k].endswith("preset")}
@@ -360,7 +370,7 @@ def main(argv):
                      f"hash_balanced needs router=hash and a text dataset, got router={model_cfg.router}, "
                      f"{cfg.dataset}")
             for router in model.routers():
-                router.balance(data.token_counts())
+                router.table.copy_(balanced_table(data.token_counts(), router.n_experts, router.k))
         if ckpt:  # checked before the out_dir is touched; a checkpoint always holds the whole model
             load_state(model.load_state_dict, ckpt["model"], "checkpoint weights do not match its model_args")
         env.attach(model, cfg)  # env.fwd, the module to call: this rank's experts, compiled, DDP (support/launch.py)

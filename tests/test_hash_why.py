@@ -8,7 +8,8 @@ import itertools
 
 import torch
 
-from router import Routing, balanced_table
+from families import balanced_table
+from router import Routing
 from support.metrics import RoutingStats, fluctuation, id_binding
 from tests.helpers import train
 

@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from tests.helpers import REPO, TINY, cli, train_losses  # noqa: E402  (first: it sets TRITON_INTERPRET)
-from router import ROUTERS  # noqa: E402
+from families import ROUTERS  # noqa: E402  (the registry with the course's token table)
 
 RECORDED = os.path.join(REPO, "tests", "recorded_runs.json")
 STEPS = ["--max_iters=20", "--eval_interval=20", "--seed=3"]

@@ -20,7 +20,7 @@ import torch
 from tests.helpers import REPO, ROUTERS, TINY, cli, require, train
 from losses import aux_losses  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from router import ROUTERS as ROUTER_CLASSES  # noqa: E402
+from families import ROUTERS as ROUTER_CLASSES  # noqa: E402  (the registry with the course's token table)
 
 @pytest.mark.parametrize("args", [[], ["--losses", "--steps=1"], ["--model", "--steps=1"], ["--generate", "--steps=1"],
                                   ["--malloc", "--steps=1"]])

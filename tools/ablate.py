@@ -25,7 +25,7 @@ sys.path.insert(0, REPO)
 
 import numpy as np  # noqa: E402
 
-from router import ROUTERS  # noqa: E402
+from families import ROUTERS  # noqa: E402  (the registry with the course's token table)
 from support.data import DATA_DIR, source_of  # noqa: E402
 from support.plots import plt  # noqa: E402
 from support.tasks import TASKS  # noqa: E402
