@@ -11,7 +11,7 @@ the routed scale, a capacity, and the statistics the losses need, in one `Routin
 
   router         logits a                          p                        selection
   softmax        x W^T                             softmax(x W^T)           top-k of a
-  ermoe          beta * ||P_e^T x|| / ||x||        softmax(beta s)          top-k of a
+  ermoe          beta * ||P_e^T x|| / ||x||        softmax(beta s)          top-k of p + bias (or of a)
   sigmoid        log sigmoid(x W^T)                sigmoid / sum sigmoid    top-k of sigmoid + bias (in groups)
   hash           0 at the token's k experts, -inf  uniform over them        a fixed table
   cosine         cos(x W_p, e_i) / tau             softmax(cos / tau)       top-k of a
@@ -31,10 +31,9 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import kernels
+from support.compat import require_project_kernels
 
-if not hasattr(kernels, "fused_route"):  # the name is Hugging Face's package here (support/compat.py)
-    raise ImportError("`import kernels` found Hugging Face's package (transformers imported it before the repository "
-                      "root was on sys.path): put the repository root first on sys.path before importing transformers")
+require_project_kernels(kernels)  # not Hugging Face's package of the same name, which transformers imports
 
 
 class Routing(NamedTuple):
@@ -65,10 +64,8 @@ class Router(nn.Module):
     where its choice is not the top-k of the logits, also select(a, ids) (and topk_of_logits = False)."""
     defaults = {}        # default loss coefficients of this router (train.py applies them unless set)
     topk_of_logits = True  # the selection is the top-k of the logits (so the fused Triton pass applies)
-    per_step = False       # has an update() to call after every optimizer step
-    select_bias = False    # selects by a bias b balanced per step (sigmoid: always; softmax, ERMoE: if set)
+    select_bias = False    # selects by a bias b, update() after every step (sigmoid: always; softmax, ERMoE: if set)
     score_gates = False    # unrenormalised gates: p at the selection; True: the score exp(a) (sigmoid: s itself)
-
     impl = "auto"          # where the routing pass runs (IMPLS below; train.py sets its router_impl)
 
     def __init__(self, cfg):
@@ -81,7 +78,7 @@ class Router(nn.Module):
         self.select_bias = self.select_bias or cfg.select_bias
         if self.select_bias:
             self.register_buffer("bias", torch.zeros(self.n_experts))    # (E,) in the checkpoint, no gradient
-            self.topk_of_logits, self.per_step, self.rate = False, True, cfg.bias_update_rate
+            self.topk_of_logits, self.rate = False, cfg.bias_update_rate
 
     def forward(self, x, ids=None):
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -96,16 +93,14 @@ class Router(nn.Module):
         return self.finish(r, x)
 
     def select(self, a, ids):
-        """The selected experts idx (T, k) where topk_of_logits is False; here (select_bias) the top-k of p + b
-        (ERNIE-4.5, LongCat-Flash; ERMoE's default)."""
+        """idx (T, k) where topk_of_logits is False: here the top-k of p + b (select_bias: ERNIE-4.5, LongCat)."""
         return select_topk(a.softmax(dim=-1) + self.bias, self.k)
 
     def finish(self, r, x):
         """The routed scale (DeepSeek-V3: 2.5); a capacity if one is set (dropped pairs get gate 0)."""
         gates, kept = (r.gates * self.routed_scale if self.routed_scale != 1.0 else r.gates), r.kept  # (T, k)
         if self.capacity_factor > 0:
-            T, k = r.idx.shape
-            kept = capacity_mask(r.idx, math.ceil(self.capacity_factor * T * k / self.n_experts), self.n_experts)
+            kept = capacity_mask(r.idx, self.capacity_factor, self.n_experts)
             gates = gates * kept
         return r._replace(gates=gates, kept=kept)
 
@@ -119,9 +114,8 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def update(self, counts):
-        """After every optimizer step (per_step routers), with the step's load (E,) of every process; here
-        (select_bias) loss-free balancing (Wang et al. 2024, arXiv 2408.15664, Alg. 1): b_e += rate * sign(mean
-        load - load_e)."""
+        """After every optimizer step (select_bias), with the step's load (E,) of every process: loss-free balancing
+        (Wang et al. 2024, arXiv 2408.15664, Alg. 1), b_e += rate * sign(mean load - load_e)."""
         if self.select_bias:
             load = counts.float()
             self.bias += self.rate * torch.sign(load.mean() - load)
@@ -161,15 +155,15 @@ def expert_counts(idx, n_experts):
         0, flat, torch.ones_like(flat, dtype=torch.int32))
 
 
-def capacity_mask(idx, capacity, n_experts):
-    """(T, k) bool: the pairs within their expert's first `capacity`, first come first served in token then
-    slot order (Switch, GShard). Not causal: earlier tokens of the batch decide (docs/design.md §1)."""
+def capacity_mask(idx, capacity_factor, n_experts):
+    """(T, k) bool: the pairs within their expert's first ceil(capacity_factor * T * k / E) in token, then slot
+    order (Switch, GShard: first come, first served). Not causal: earlier tokens decide (docs/design.md §1)."""
     flat = idx.reshape(-1)                                          # (T*k,)
     order = torch.sort(flat, stable=True).indices                   # pairs grouped by expert, token order within
     counts = expert_counts(idx, n_experts)
     start = (counts.cumsum(0) - counts)[flat[order]]                # (T*k,) first row of each row's expert
     rank = torch.empty_like(flat).scatter_(0, order, torch.arange(flat.numel(), device=idx.device) - start)
-    return (rank < capacity).view_as(idx)
+    return (rank < math.ceil(capacity_factor * flat.numel() / n_experts)).view_as(idx)
 
 
 def _cosine_matrix(rows):  # (E, E) cosine similarity of the rows
@@ -197,7 +191,7 @@ def random_table(vocab_size, n_experts, k):
     return torch.rand(vocab_size, n_experts).argsort(dim=1)[:, :k]
 
 
-class SigmoidRouter(Router):
+class SigmoidRouter(SoftmaxRouter):
     """DeepSeek-V3 (arXiv 2412.19437, §2.1.2): scores s = sigmoid(x W^T) as logits a = log s (p = s / sum s);
     the k experts of largest s + b are selected, b a bias that only selects (Router.update); with n_group
     > 1 only within the topk_group best groups, a group scored by its two largest s + b. Gates: s
@@ -208,8 +202,7 @@ class SigmoidRouter(Router):
     score_gates = True
 
     def __init__(self, cfg):
-        super().__init__(cfg)
-        self.weight = nn.Parameter(torch.randn(self.n_experts, cfg.n_embd) * 0.02)
+        super().__init__(cfg)                                            # the linear router's weight
         self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
 
     def logits(self, x, ids):
@@ -229,9 +222,6 @@ class SigmoidRouter(Router):
 
     def metrics(self):
         return {"bias_range": (self.bias.max() - self.bias.min()).item()}
-
-    def similarity(self):
-        return _cosine_matrix(self.weight)
 
 
 class HashRouter(Router):
@@ -258,11 +248,10 @@ class CosineRouter(Router):
     """X-MoE (Chi et al. 2022, §3): a = cos(x W_p, e_i) / tau, x projected to 16 dimensions, e_i an expert
     embedding, tau learned: the comparison for ERMoE's cosine-to-subspace score. Our choices: 1/tau
     starts at 10 (ERMoE's beta) and is at most 100; the embeddings start orthogonal."""
-    dim = 16
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        d_low = min(self.dim, cfg.n_embd)
+        d_low = min(16, cfg.n_embd)                                      # X-MoE's 16 dimensions
         self.proj = nn.Parameter(torch.randn(d_low, cfg.n_embd) * 0.02)  # (d_low, d)
         self.centroids = nn.Parameter(nn.init.orthogonal_(torch.empty(cfg.n_experts, d_low)))
         self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))      # log(1/tau)
@@ -295,8 +284,7 @@ class ExpertChoiceRouter(SoftmaxRouter):
         self.choice_factor = cfg.capacity_factor or 1.0
         self.capacity_factor = 0.0  # its own capacity, not the token-choice one of Router.finish
 
-    def forward(self, x, ids=None):
-        """The experts choose, not the tokens: the one router whose selection is not per token."""
+    def forward(self, x, ids=None):  # the experts choose, not the tokens
         with torch.autocast(device_type=x.device.type, enabled=False):
             a = self.logits(x.float(), ids)                               # (T, E)
             T, E = a.shape
@@ -384,13 +372,11 @@ class EigenRouter(Router):
     """ERMoE (Cheng et al. 2025, arXiv 2511.10971), this project's language-model reading (docs/design.md
     §2): expert e owns an orthonormal basis P_e (d, r); the logits are beta * s, s_te = ||P_e^T x_t|| /
     ||x_t|| the cosine between the token and the expert's subspace. The experts read the token (the
-    default), or with ermoe_input='coords' the coordinates P_e^T x scaled by a learned lambda. The score
-    is fused into the routing pass (eigen_route; kernels.fused_eigen_route on a GPU). Bases:
+    default), or with ermoe_input='coords' the coordinates P_e^T x scaled by a learned lambda. Bases:
     'independent' (each its own), 'partitioned' (blocks of one orthogonal d x d matrix: disjoint),
     'penalty' (free, pulled to orthonormal by mu * ||P^T P - I||^2)."""
-    # No balancing loss (the paper's claim), but the loss-free select bias: R_cp lowers the score of every expert
-    # a token did not choose, which for ERMoE turns its subspace away from the tokens until no token selects it,
-    # and then nothing brings it back; without R_cp a few experts still die (docs/design.md §2, demos ermoe-search)
+    # No balancing loss (the paper's claim) but the loss-free bias: without it experts die, R_cp turning their
+    # subspaces away from the tokens until none selects them, and fewer without R_cp (docs/design.md §2)
     defaults = dict(c_lb=0.0, c_z=0.0, select_bias=True)
 
     def __init__(self, cfg, beta_max=100.0):
@@ -455,11 +441,9 @@ class EigenRouter(Router):
     def metrics(self):
         """Geometry: max_e ||P_e^T P_e - I||_F, mean_{i!=j} subspace overlap, beta."""
         P, overlap = self.bases(), self.similarity()
-        eye = torch.eye(self.r, device=P.device)
-        ortho = max((P[e].T @ P[e] - eye).norm().item() for e in range(self.E))
-        off = overlap.sum() - overlap.diagonal().sum()
-        mean_overlap = (off / max(self.E * (self.E - 1), 1)).item()
-        return {"ortho_err": ortho, "overlap": mean_overlap, "beta": self.beta().item()}
+        gram_err = P.transpose(1, 2) @ P - torch.eye(self.r, device=P.device)            # (E, r, r)
+        off = (overlap.sum() - overlap.diagonal().sum()) / max(self.E * (self.E - 1), 1)
+        return {"ortho_err": gram_err.norm(dim=(1, 2)).max().item(), "overlap": off.item(), "beta": self.beta().item()}
 
 
 ROUTERS = {"softmax": SoftmaxRouter, "ermoe": EigenRouter, "sigmoid": SigmoidRouter, "hash": HashRouter,

@@ -271,7 +271,7 @@ def train_step(model, optimizer, batches, cfg, env):
     env.finish_grads(model, cfg.grad_clip)  # expert parallel's gradient sync, then the clipping
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if any(r.per_step for r in model.routers()):
+    if any(r.select_bias for r in model.routers()):
         for router, counts in zip(model.routers(), env.step_load(load)):
             router.update(counts)
     return ce_f, dict(zip(terms_sum, terms_f))

@@ -1,5 +1,5 @@
 """
-Two compatibility shims for kernels.py, kept out of the file a student reads for the routing kernels.
+Compatibility shims for kernels.py, kept out of the files a student reads for the routing.
 
 1. One name, two packages. transformers (5.x) imports Hugging Face's package `kernels` while it loads,
    and again inside from_pretrained (`from kernels import Mode`). In a process started at the repository
@@ -9,7 +9,8 @@ Two compatibility shims for kernels.py, kept out of the file a student reads for
    answers for the other package (PEP 562, `hub_getattr`): a public name it does not define,
    `__version__`, and the folder its submodules come from (`__path__`) are Hugging Face's, loaded on first
    use. The two share no public name (tests/test_interop.py checks it), so neither side ever gets the
-   other's function.
+   other's function. Where transformers imported its package before the repository root was on sys.path,
+   `import kernels` gives theirs: router.py refuses it with one line (`require_project_kernels`).
 2. Triton 3.6's interpreter (TRITON_INTERPRET=1, on CPU) holds a scalar argument as a 1-element array and
    gives range() its int(): numpy 2.4 refuses that ("only 0-dimensional arrays can be converted to Python
    scalars"), so the ERMoE kernels' `range(0, R, RC)` fails there. Triton 3.7 squeezes the array first
@@ -55,6 +56,15 @@ def hub_getattr(module):
         return module["__path__"] if name == "__path__" else getattr(hub, name)
     __getattr__.hub_package = hub_package  # (the tests ask it directly)
     return __getattr__
+
+
+def require_project_kernels(module):
+    """ImportError unless `module` (what `import kernels` gave) is this project's kernels.py, not Hugging Face's
+    package that transformers imported first under that name."""
+    if not hasattr(module, "fused_route"):
+        raise ImportError("`import kernels` found Hugging Face's package (transformers imported it before the "
+                          "repository root was on sys.path): put the repository root first on sys.path before "
+                          "importing transformers")
 
 
 def patch_triton_interpreter():
