@@ -17,7 +17,6 @@ guard, one `error:` line for any mistake); the device and the processes by suppo
 """
 
 import functools
-import importlib.util
 import math
 import os
 import sys
@@ -33,6 +32,7 @@ from families import FamilyConfig, balanced_table, build
 from model import GPTConfig, MoE
 from router import IMPLS, ROUTERS, choose_impl
 from support import launch
+from support.checks import check_run
 from support.data import open_dataset, standard_error, vocab_of
 from support.metrics import RoutingStats
 from support.rundir import Diverged, Interrupted, Run, UserError, check_finite, cli, load_checkpoint
@@ -99,38 +99,7 @@ class TrainConfig:
     wandb_run_name: str = ""             # the wandb run's name; "" = wandb's own
 
     def __post_init__(self):
-        ints = {"eval_interval": 1, "log_interval": 1, "eval_iters": 1, "sample_tokens": 1, "batch_size": 1,
-                "num_samples": 0, "gradient_accumulation_steps": 0, "max_iters": 0, "warmup_iters": 0,
-                "lr_decay_iters": 0, "seed": 0}
-        for name, low in ints.items():
-            _require(getattr(self, name) >= low, f"{name} must be >= {low}, got {getattr(self, name)}")
-        for name, value in asdict(self).items():
-            if isinstance(value, float):
-                _require(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0, got {value}")
-        _require(self.beta1 < 1 and self.beta2 < 1, f"beta1 and beta2 must be < 1, got {self.beta1}, {self.beta2}")
-        _require(self.min_lr <= self.learning_rate,
-                 f"min_lr ({self.min_lr}) must be <= learning_rate ({self.learning_rate})")
-        _require(self.learning_rate / (1 - self.beta1) < torch.finfo(torch.float32).max,  # AdamW's first step size
-                 f"learning_rate={self.learning_rate} overflows float32 in AdamW's first step (lr / (1 - beta1))")
-        _require(self.init_from in ("scratch", "resume", "auto"),
-                 f"init_from must be scratch, resume or auto, got '{self.init_from}'")
-        _require(self.dtype in ("auto", "bfloat16", "float32"),
-                 f"dtype must be auto, bfloat16 or float32, got '{self.dtype}'")
-        cuda_n = self.device.startswith("cuda:") and self.device[5:].isdigit()
-        _require(self.device in ("auto", "cpu", "cuda") or cuda_n,
-                 f"device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
-        _require(self.router_impl in IMPLS, f"unknown router_impl '{self.router_impl}' ({'|'.join(IMPLS)})")
-        _require(self.expert_init in ("random", "upcycle"),
-                 f"unknown expert_init '{self.expert_init}' (random|upcycle)")
-        _require(self.dataset != "", "dataset is empty: give a name under data/, or a task such as synthetic")
-        _require(self.expert_parallel >= 1, f"expert_parallel must be >= 1 (1 = off), got {self.expert_parallel}")
-        _require(self.balance_stats in ("global", "local", "step"),
-                 f"balance_stats must be global, local or step, got '{self.balance_stats}'")
-        _require(self.out_dir != "", "out_dir is empty: give a directory, e.g. --out_dir=out")
-        _require(self.router_frozen_from >= -1,
-                 f"router_frozen_from must be >= -1 (-1 = never), got {self.router_frozen_from}")
-        _require(not self.wandb_log or importlib.util.find_spec("wandb") is not None,
-                 "wandb_log=True needs the wandb package (pip install wandb)")
+        check_run(self, IMPLS)  # every setting in range (support/checks.py, as GPTConfig's): one error line
 
 
 def _require(ok, message):

@@ -1,11 +1,15 @@
 """
-The checks of the model's settings (model.GPTConfig and families.FamilyConfig call them when
-built), kept out of the reader's way: every core field in range, every combination meaningful, one
+The checks of the settings (model.GPTConfig, families.FamilyConfig and train.TrainConfig call them when
+built), kept out of the reader's way: every field in range, every combination meaningful, one
 ValueError that names the field; ERMoE's rank, left at 0, is derived (model.py derives the MLP and
 expert widths: the iso-compute rule; families.check_family checks the families' own settings).
 """
 
+import importlib.util
 import math
+from dataclasses import asdict
+
+import torch
 
 
 def check_and_derive(cfg, routers, head_size=0):
@@ -53,6 +57,42 @@ def check_and_derive(cfg, routers, head_size=0):
         require(cfg.ermoe_basis != "partitioned" or cfg.n_experts * cfg.ermoe_rank <= cfg.n_embd,
                  f"ermoe_basis=partitioned needs n_experts*ermoe_rank <= n_embd, got "
                  f"{cfg.n_experts}*{cfg.ermoe_rank} > {cfg.n_embd}")
+
+
+def check_run(cfg, impls):
+    """Check every setting of a train.TrainConfig (a ValueError naming it); impls: router.IMPLS."""
+    ints = {"eval_interval": 1, "log_interval": 1, "eval_iters": 1, "sample_tokens": 1, "batch_size": 1,
+            "num_samples": 0, "gradient_accumulation_steps": 0, "max_iters": 0, "warmup_iters": 0,
+            "lr_decay_iters": 0, "seed": 0}
+    for name, low in ints.items():
+        require(getattr(cfg, name) >= low, f"{name} must be >= {low}, got {getattr(cfg, name)}")
+    for name, value in asdict(cfg).items():
+        if isinstance(value, float):
+            require(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0, got {value}")
+    require(cfg.beta1 < 1 and cfg.beta2 < 1, f"beta1 and beta2 must be < 1, got {cfg.beta1}, {cfg.beta2}")
+    require(cfg.min_lr <= cfg.learning_rate,
+             f"min_lr ({cfg.min_lr}) must be <= learning_rate ({cfg.learning_rate})")
+    require(cfg.learning_rate / (1 - cfg.beta1) < torch.finfo(torch.float32).max,  # AdamW's first step size
+             f"learning_rate={cfg.learning_rate} overflows float32 in AdamW's first step (lr / (1 - beta1))")
+    require(cfg.init_from in ("scratch", "resume", "auto"),
+             f"init_from must be scratch, resume or auto, got '{cfg.init_from}'")
+    require(cfg.dtype in ("auto", "bfloat16", "float32"),
+             f"dtype must be auto, bfloat16 or float32, got '{cfg.dtype}'")
+    cuda_n = cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()
+    require(cfg.device in ("auto", "cpu", "cuda") or cuda_n,
+             f"device must be auto, cpu, cuda or cuda:N, got '{cfg.device}'")
+    require(cfg.router_impl in impls, f"unknown router_impl '{cfg.router_impl}' ({'|'.join(impls)})")
+    require(cfg.expert_init in ("random", "upcycle"),
+             f"unknown expert_init '{cfg.expert_init}' (random|upcycle)")
+    require(cfg.dataset != "", "dataset is empty: give a name under data/, or a task such as synthetic")
+    require(cfg.expert_parallel >= 1, f"expert_parallel must be >= 1 (1 = off), got {cfg.expert_parallel}")
+    require(cfg.balance_stats in ("global", "local", "step"),
+             f"balance_stats must be global, local or step, got '{cfg.balance_stats}'")
+    require(cfg.out_dir != "", "out_dir is empty: give a directory, e.g. --out_dir=out")
+    require(cfg.router_frozen_from >= -1,
+             f"router_frozen_from must be >= -1 (-1 = never), got {cfg.router_frozen_from}")
+    require(not cfg.wandb_log or importlib.util.find_spec("wandb") is not None,
+             "wandb_log=True needs the wandb package (pip install wandb)")
 
 
 def require(ok, message):

@@ -177,7 +177,7 @@ def test_a_lost_process_ends_the_others_with_one_line_and_no_hang(tmp_path, peer
     lines = our_lines(err)
     assert len(lines) == 1 and lines[0].startswith("error:"), err[-3000:]
     assert ("another process of this run failed or ended at iter 3" if peer == "dies" else
-            f"stopped by SIGTERM at iter 3: the step did not end within 20 s") in lines[0], lines
+            "stopped by SIGTERM at iter 3: the step did not end within 20 s") in lines[0], lines
     assert lines[0].endswith(f"the last good checkpoint is {tmp_path / 'run'}/ckpt.pt (iter 2)"), lines
     assert assert_loadable_and_finite(tmp_path / "run")["iter_num"] == 2 and not temp_files(tmp_path / "run")
     assert no_process_mentions(tmp_path / "run")

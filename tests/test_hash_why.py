@@ -8,10 +8,10 @@ import itertools
 
 import torch
 
+from tests.helpers import train  # first: it sets TRITON_INTERPRET before triton loads
 from families import balanced_table
 from router import Routing
 from support.metrics import RoutingStats, fluctuation, id_binding
-from tests.helpers import train
 
 
 def sets(rows):

@@ -13,9 +13,10 @@ import sys
 import pytest
 import torch
 
+from tests.helpers import REPO, cli, require, train  # first: it sets TRITON_INTERPRET before triton loads
 from families import FamilyConfig, build, from_checkpoint
 from model import GPT, GPTConfig
-from tests.helpers import REPO, cli, require, train
+
 
 def hf_models():
     """Small Hugging Face MoE models with random weights, built offline from configs."""

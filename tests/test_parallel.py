@@ -14,10 +14,11 @@ import sys
 import pytest
 import torch
 
+# first: tests.helpers sets TRITON_INTERPRET before triton loads
+from tests.helpers import REPO, TINY, cli, train, train_losses, train_subprocess
 from losses import aux_losses
 from support import launch  # before any process group, as train.py: see launch's imports
 from model import GPT, GPTConfig
-from tests.helpers import REPO, TINY, cli, train, train_losses, train_subprocess
 
 def test_ddp_command_as_written_then_resume_with_another_world_size(tmp_path):
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")

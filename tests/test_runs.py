@@ -14,10 +14,11 @@ import sys
 import pytest
 import torch
 
-from losses import aux_losses
-from model import GPT, GPTConfig
+# first: tests.helpers sets TRITON_INTERPRET before triton loads
 from tests.helpers import (REPO, ROUTERS, TINY, assert_loadable_and_finite, cli, file_hashes, require, settings_of,
                            train, train_losses, train_subprocess)
+from losses import aux_losses
+from model import GPT, GPTConfig
 
 
 @pytest.mark.parametrize("router", ROUTERS)
