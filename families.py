@@ -21,12 +21,12 @@ methods replace one method of a core class (and call the core's with super() whe
   ERNIE-4.5       renormalised gates: scores / max(their sum, floor)       a token's router    renorm_floor
   DeepSeek-V4     s = sqrt(softplus(x W^T)); the first layers hash          SigmoidRouter       score_fn, hash_layers
                   experts and shared expert clamped (limit 10)             MoE                 swiglu_limit
+  (the course)    a learned token-id table (a new router)                  router.ROUTERS      router=token_table
+                  Roller's frequency-balanced hash table                   HashRouter's table  hash_balanced (train.py)
   Qwen            the shared experts' output times sigmoid(x w)            MoE                 shared_gate
   GLM-4.5         the first layers have a dense MLP                        FamilyGPT           first_dense_layers
   HF backbones    grouped-query attention, head_dim, q/k norms, qkv bias,  attention, GPT      n_kv_head, head_dim, ...
                   partial rotary, rope_theta, norm_eps, untied embeddings
-  (the course)    hash's relatives: a learned token-id table; Roller's     the registry        router=token_table,
-                  frequency-balanced table                                 (a table, train.py) hash_balanced
 
 (a linear router: softmax or sigmoid; a token's router: any whose routing pass is Router.forward's, not
 ERMoE's or expert choice's.)

@@ -17,7 +17,8 @@ Notation: T tokens, E experts, k experts per token, r ERMoE basis rank; BT/BE/BK
 
 The file, top to bottom: the Triton kernels (`_route_tile` routes a tile of logits, `_route_grad_tile`
 is its derivative; the ERMoE kernels compute the logits from u first and reuse both), their launch as
-custom ops with autograd, and the two entry points with the limits they check (`triton_unsupported`).
+custom ops with autograd, and the two entry points with the limits they check (`triton_unsupported`);
+before them Triton 3.6's interpreter patched, after them the module __getattr__ (both support/compat.py).
 
 Design notes
 - One program handles BT rows; the row of E logits (padded to a power of two BE <= 256) sits in
@@ -59,7 +60,7 @@ try:
 except ImportError:  # CPU-only installs without triton still get impl="torch" / "compile"
     triton = None
 
-import support.compat as _compat  # (the file's one project import: two shims, not kernels)
+import support.compat as _compat  # the file's one project import: two shims, no kernel code
 
 if triton is not None and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):
     _compat.patch_triton_interpreter()  # numpy 2.4 with Triton 3.6's CPU interpreter

@@ -163,7 +163,7 @@ def capacity_mask(idx, capacity_factor, n_experts):
     counts = expert_counts(idx, n_experts)
     start = (counts.cumsum(0) - counts)[flat[order]]                # (T*k,) first row of each row's expert
     rank = torch.empty_like(flat).scatter_(0, order, torch.arange(flat.numel(), device=idx.device) - start)
-    return (rank < math.ceil(capacity_factor * flat.numel() / n_experts)).view_as(idx)
+    return (rank < math.ceil(capacity_factor * idx.shape[0] * idx.shape[1] / n_experts)).view_as(idx)  # T, k
 
 
 def _cosine_matrix(rows):  # (E, E) cosine similarity of the rows

@@ -947,14 +947,18 @@ def test_auto_impl_uses_triton_only_where_the_router_has_a_kernel_that_fits(rout
     from train import impl_problem
     fused = ROUTER_CLASSES[router].topk_of_logits
 
-    def cfg(E, k):
-        return types.SimpleNamespace(router=router, select_bias=False, n_experts=E, top_k=k)
+    def cfg(E, k, select_bias=False):
+        return types.SimpleNamespace(router=router, select_bias=select_bias, n_experts=E, top_k=k)
     assert choose_impl("auto", 64, 8, on("cuda")) == "triton" and choose_impl("auto", 64, 8, on("cpu")) == "torch"
     assert choose_impl("auto", 512, 2, on("cuda")) == "torch" and choose_impl("auto", 16, 10, on("cuda")) == "torch"
     assert choose_impl("auto", 8, 2, on("cuda", torch.float64)) == "torch"
     assert choose_impl("torch", 8, 2, on("cuda")) == "torch"
     if fused:
         assert "n_experts <= 256 and top_k <= 8" in impl_problem(cfg(512, 2), "triton")
+        assert impl_problem(cfg(8, 2), "compile") is None
+        for impl in ("triton", "compile"):  # a select bias: not the top-k of the logits either (refused)
+            why = impl_problem(cfg(8, 2, select_bias=True), impl)
+            assert f"router={router} with select_bias has no fused routing pass" in why and "select_bias=False" in why
     else:  # say so instead of ignoring the setting; the router routes in PyTorch, never through topk_route
         for impl in ("triton", "compile"):
             assert f"router={router} has no fused routing pass" in impl_problem(cfg(8, 2), impl)

@@ -110,9 +110,10 @@ def _require(ok, message):
 def impl_problem(model_cfg, impl):
     """Why the routers of model_cfg cannot run their routing pass with router_impl=impl, or None."""
     router = ROUTERS[model_cfg.router]
-    if impl in ("compile", "triton") and (not router.topk_of_logits or model_cfg.select_bias):
-        return (f"router={model_cfg.router}{' with select_bias' * model_cfg.select_bias} has no fused routing pass: "
-                f"router_impl={impl} does not apply to it (use auto or torch)")
+    bias = model_cfg.select_bias
+    if impl in ("compile", "triton") and (not router.topk_of_logits or bias):
+        return (f"router={model_cfg.router}{' with select_bias' * bias} has no fused routing pass: router_impl={impl} "
+                f"does not apply to it (use auto or torch{', or select_bias=False' * bias})")
     return kernels.triton_unsupported(model_cfg.n_experts, model_cfg.top_k) if impl == "triton" else None
 
 
@@ -211,9 +212,10 @@ def make_optimizer(model, cfg):
 
 def train_step(model, optimizer, batches, cfg, env):
     """One optimizer step: env.accum micro-batches of forward, losses and backward, then the NaN/inf
-    guard (before the update, so the weights stay finite), clipping, AdamW, and the routers' per-step
-    hooks (e.g. the sigmoid router's bias) with the step's load. model: the GPT; env: the processes
-    (support/launch.py; nothing to do with one), whose env.fwd is the module to call (compiled, DDP).
+    guard (before the update, so the weights stay finite), clipping, AdamW, and the bias update of the
+    routers that select by one (select_bias, e.g. the sigmoid router) with the step's load. model: the
+    GPT; env: the processes (support/launch.py; nothing to do with one), whose env.fwd is the module to
+    call (compiled, DDP).
     Returns (CE loss, unscaled auxiliary terms), means over the micro-batches and processes."""
     fwd = model if env.fwd is None else env.fwd
     coefs = {c: getattr(cfg, c) for c in COEFFICIENTS.values()}
@@ -338,8 +340,9 @@ def main(argv):
             _require(model_cfg.router == "hash" and hasattr(data, "token_counts"),
                      f"hash_balanced needs router=hash and a text dataset, got router={model_cfg.router}, "
                      f"{cfg.dataset}")
+            table = balanced_table(data.token_counts(), model_cfg.n_experts, model_cfg.top_k)  # (V, k)
             for router in model.routers():
-                router.table.copy_(balanced_table(data.token_counts(), router.n_experts, router.k))
+                router.table.copy_(table)
         if ckpt:  # checked before the out_dir is touched; a checkpoint always holds the whole model
             load_state(model.load_state_dict, ckpt["model"], "checkpoint weights do not match its model_args")
         env.attach(model, cfg)  # env.fwd, the module to call: this rank's experts, compiled, DDP (support/launch.py)

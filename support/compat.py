@@ -26,7 +26,7 @@ import sys
 
 def hub_getattr(module):
     """A module __getattr__ (PEP 562) for the module whose globals() are `module`: its missing public names,
-    `__version__` and `__path__` from Hugging Face's package of the same name (None of it if not installed)."""
+    `__version__` and `__path__` from Hugging Face's package of the same name (AttributeError if not installed)."""
     state = {"hub": None}  # Hugging Face's package, once loaded
 
     def hub_package():

@@ -1,11 +1,11 @@
 """
-What a run reports besides log.jsonl: the lines train.py prints at each evaluation (print_eval), the
-samples and plots at the end (samples_and_plots), and run tracking (Tracker): with --wandb_log=True
-every record train.py logs (each loss term unscaled and scaled, the learning rate, every evaluation
-with each layer's routing metrics) also goes to Weights & Biases, as nanoGPT's `wandb_log` does.
-wandb is imported only then, and is not a dependency otherwise (pip install wandb). Offline (no
-network, or WANDB_MODE=offline) it writes its files under ./wandb, or $WANDB_DIR, for `wandb sync`
-later.
+What a run reports besides log.jsonl, in this order: run tracking (Tracker): with --wandb_log=True every
+record train.py logs (each loss term unscaled and scaled, the learning rate, every evaluation with each
+layer's routing metrics) also goes to Weights & Biases, as nanoGPT's `wandb_log` does; wandb is imported
+only then, and is not a dependency otherwise (pip install wandb); offline (no network, or
+WANDB_MODE=offline) it writes its files under ./wandb, or $WANDB_DIR, for `wandb sync` later. Then the
+lines train.py prints at each evaluation (print_eval), and the samples and plots at the end
+(samples_and_plots).
 """
 
 import torch
