@@ -19,14 +19,14 @@ methods replace one method of a core class (and call the core's with super() whe
   Llama 4         the gate scales the expert's input, not its output       a linear router     gate_input
   LongCat-Flash   zero-compute experts: a pair on one returns the token    MoE (router wider)  zero_experts
   ERNIE-4.5       renormalised gates: scores / max(their sum, floor)       a token's router    renorm_floor
-  DeepSeek-V4     s = sqrt(softplus(x W^T)); the first layers hash          SigmoidRouter       score_fn, hash_layers
-                  experts and shared expert clamped (limit 10)             MoE                 swiglu_limit
+  DeepSeek-V4     s = sqrt(softplus(x W^T)); hash layers first             SigmoidRouter       score_fn, hash_layers
+                  the experts and shared expert clamped (limit 10)         MoE                 swiglu_limit
   (the course)    a learned token-id table (a new router)                  router.ROUTERS      router=token_table
                   Roller's frequency-balanced hash table                   HashRouter's table  hash_balanced (train.py)
   Qwen            the shared experts' output times sigmoid(x w)            MoE                 shared_gate
-  GLM-4.5         the first layers have a dense MLP                        FamilyGPT           first_dense_layers
   HF backbones    grouped-query attention, head_dim, q/k norms, qkv bias,  attention, GPT      n_kv_head, head_dim, ...
                   partial rotary, rope_theta, norm_eps, untied embeddings
+  GLM-4.5         the first layers have a dense MLP                        FamilyGPT           first_dense_layers
 
 (a linear router: softmax or sigmoid; a token's router: any whose routing pass is Router.forward's, not
 ERMoE's or expert choice's.)
@@ -41,9 +41,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from model import GPT, MLP, CausalSelfAttention, GPTConfig, MoE, apply_rotary, grouped_matmul, rotary_cache
+from model import GPT, MLP, CausalSelfAttention, GPTConfig, MoE, apply_rotary, grouped_matmul, rotary_cache, swiglu
 from router import ROUTERS, Router, random_table
-from support.checks import check_and_derive, require
+from support.checks import check_and_derive, require, require_choices, require_ranges
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,7 +91,7 @@ class FamilyConfig(GPTConfig):
     @property
     def changed(self):
         """The family settings away from the core's network: build() needs the atlas where any is."""
-        plain = {"n_kv_head": self.n_head, "head_dim": self.n_embd // self.n_head}  # what 0 derives to
+        plain = {"n_kv_head": self.n_head, "head_dim": self.n_embd / self.n_head}  # the core's (a true division)
         return [f.name for f in fields(FamilyConfig) if f.name not in CORE and getattr(self, f.name) !=
                 plain.get(f.name, f.default)]
 
@@ -103,12 +103,8 @@ class FamilyConfig(GPTConfig):
 def check_family(cfg):
     """The family settings in range and meaningful together (ValueError naming the setting); derives
     n_kv_head and head_dim left at 0."""
-    for name in ("n_kv_head", "head_dim", "zero_experts", "first_dense_layers", "hash_layers", "rotary_dim"):
-        require(getattr(cfg, name) >= 0, f"{name} must be >= 0 (0 = derived/off), got {getattr(cfg, name)}")
-    for name, low in (("rope_theta", 0), ("renorm_floor", None), ("swiglu_limit", None)):
-        value = getattr(cfg, name)
-        require(math.isfinite(value) and (value > low if low is not None else value >= 0),
-                f"{name} must be {'> 0' if low is not None else '>= 0'}, got {value}")
+    require_ranges(cfg, ("n_kv_head", "head_dim", "zero_experts", "first_dense_layers", "hash_layers", "rotary_dim"),
+                   (("rope_theta", 0), ("renorm_floor", None), ("swiglu_limit", None)))
     require(0 <= cfg.norm_eps < 1, f"norm_eps must be in [0, 1) (0 = the dtype's epsilon), got {cfg.norm_eps}")
     cfg.n_kv_head = cfg.n_kv_head or cfg.n_head
     cfg.head_dim = cfg.head_dim or cfg.n_embd // cfg.n_head
@@ -121,16 +117,15 @@ def check_family(cfg):
             f"first_dense_layers ({cfg.first_dense_layers}) and hash_layers ({cfg.hash_layers}) must be <= n_layer "
             f"({cfg.n_layer})")
     linear = ("softmax", "sigmoid")
+    token_routers = tuple(n for n, r in ROUTERS.items() if r.forward is Router.forward)  # a token's router
     for name, on, routers in (("router_bias", cfg.router_bias, ("softmax",)), ("gate_input", cfg.gate_input, linear),
                               ("zero_experts", cfg.zero_experts > 0, linear),
-                              ("renorm_floor", cfg.renorm_floor > 0, ("softmax", "sigmoid", "hash", "cosine",
-                                                                       "token_table")),
+                              ("renorm_floor", cfg.renorm_floor > 0, token_routers),
                               ("hash_layers", cfg.hash_layers > 0, ("sigmoid",)),
                               ("score_fn", cfg.score_fn != "sigmoid", ("sigmoid",))):
         require(not on or cfg.n_experts == 0 or cfg.router in routers,
                 f"{name} applies to router={' or '.join(routers)}, not {cfg.router}")
-    for name, choices in (("score_fn", ("sigmoid", "sqrt_softplus")), ("expert_act", ("swiglu", "gpt_oss"))):
-        require(getattr(cfg, name) in choices, f"unknown {name} '{getattr(cfg, name)}' ({'|'.join(choices)})")
+    require_choices(cfg, (("score_fn", ("sigmoid", "sqrt_softplus")), ("expert_act", ("swiglu", "gpt_oss"))))
 
 
 @functools.lru_cache(maxsize=None)  # one class per combination, shared by the layers that use it
@@ -164,7 +159,7 @@ def gated_act(g, u, kind="swiglu", limit=0.0):
         g, u = g.clamp(max=limit), u.clamp(-limit, limit)
     if kind == "gpt_oss":
         return (u + 1) * g * torch.sigmoid(1.702 * g)
-    return F.silu(g) * u
+    return swiglu(g, u)
 
 
 class ExpertActivation:
@@ -252,7 +247,7 @@ class RenormFloor:
     def finish(self, r, x):
         if self.renorm:
             top = r.logits.gather(-1, r.idx)                                             # (T, k)
-            w = top.exp() if self.score_gates else (top - r.logits.logsumexp(dim=-1, keepdim=True)).exp()
+            w = top.exp() if self.score_gates else (top - r.lse[:, None]).exp()
             r = r._replace(gates=w / w.sum(dim=-1, keepdim=True).clamp_min(self.floor))
         return super().finish(r, x)
 
@@ -387,14 +382,14 @@ class FamilyGPT(GPT):
             self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
             torch.nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.02)
 
-    def norm(self, cfg):
-        if cfg.norm == "layernorm":
-            return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps or 1e-5, bias=False)
-        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps or None)
+    def norm(self, cfg):  # the core's, with the backbone's epsilon where one is set
+        norm = super().norm(cfg)
+        norm.eps = cfg.norm_eps or norm.eps
+        return norm
 
     def attention(self, cfg):  # the core's attention where no attention setting differs
-        attention = {"n_kv_head", "head_dim", "qkv_bias", "qk_norm", "qk_norm_per_head", "rotary_dim"}
-        return FamilyAttention(cfg) if attention & set(cfg.changed) else super().attention(cfg)
+        options = {"n_kv_head", "head_dim", "qkv_bias", "qk_norm", "qk_norm_per_head", "rotary_dim"}
+        return FamilyAttention(cfg) if options & set(cfg.changed) else super().attention(cfg)
 
     def feed_forward(self, cfg, layer):
         if cfg.n_experts == 0 or layer < cfg.first_dense_layers:      # GLM-4.5: the first layers dense

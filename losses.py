@@ -164,7 +164,7 @@ def aux_losses(routes, coefs=None, all_terms=True, pool=None, seq_len=None):
         coef = coefs.get(setting, 0.0)
         if coef == 0.0 and not all_terms:
             continue
-        if name == "seq" and not (seq_len and coef) or name == "ortho" and routes[0].penalty is None:
+        if (name == "seq" and not (seq_len and coef)) or (name == "ortho" and routes[0].penalty is None):
             continue  # DeepSeek-V3's sequence-wise balance only where asked; ERMoE's penalty only in its mode
         with torch.set_grad_enabled(torch.is_grad_enabled() and coef != 0.0):
             if name == "lb":  # E sum_e f_e P_e, f_e = count_e / (T k), P_e = psum_e / T; pooled: over more batches
@@ -182,7 +182,7 @@ def aux_losses(routes, coefs=None, all_terms=True, pool=None, seq_len=None):
                     else total.new_zeros(())
             elif name == "seq":
                 value = sum(sequence_balance_loss(r.probs, k, seq_len) for r in routes)
-            else:
+            else:  # "ortho": ERMoE's soft-orthogonality penalty
                 value = sum(r.penalty for r in routes)
         values[name] = value
         if coef != 0.0:

@@ -86,7 +86,7 @@ class Router(nn.Module):
             a = self.logits(x, ids)                                      # (T, E) fp32
             if not self.topk_of_logits:                                  # the router's own selection
                 r = route_reference(a, self.k, self.renorm, self.select(a, ids), self.score_gates)
-            elif self.impl != "torch" and choose_impl(self.impl, a.shape[1], self.k, a) != "torch":
+            elif self.impl != "torch":  # (train.py decides 'auto' once for the device; topk_route, if left 'auto')
                 r = topk_route(a, self.k, self.impl, self.renorm)        # compiled or Triton: the same Routing
             else:
                 r = route_reference(a, self.k, self.renorm)
@@ -186,11 +186,6 @@ class SoftmaxRouter(Router):
         return _cosine_matrix(self.weight)
 
 
-def random_table(vocab_size, n_experts, k):
-    """A fixed random token id -> k distinct experts table (vocab_size, k) (hash layers)."""
-    return torch.rand(vocab_size, n_experts).argsort(dim=1)[:, :k]
-
-
 class SigmoidRouter(SoftmaxRouter):
     """DeepSeek-V3 (arXiv 2412.19437, §2.1.2): scores s = sigmoid(x W^T) as logits a = log s (p = s / sum s);
     the k experts of largest s + b are selected, b a bias that only selects (Router.update); with n_group
@@ -222,6 +217,11 @@ class SigmoidRouter(SoftmaxRouter):
 
     def metrics(self):
         return {"bias_range": (self.bias.max() - self.bias.min()).item()}
+
+
+def random_table(vocab_size, n_experts, k):
+    """A fixed random token id -> k distinct experts table (vocab_size, k) (hash layers)."""
+    return torch.rand(vocab_size, n_experts).argsort(dim=1)[:, :k]
 
 
 class HashRouter(Router):

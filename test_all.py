@@ -47,9 +47,9 @@ KERNEL_ROUTERS = [name for name in ROUTERS if ROUTER_CLASSES[name].topk_of_logit
 
 
 def moe_block(router="softmax", dispatch="sorted", seed=0, impl="auto", **kw):
-    """A small MoE block whose router routes with `impl` (router.IMPLS); the router's per-step hook has
-    run a few times on random loads, so e.g. the sigmoid router's bias is non-zero and its selection is
-    not the top-k of its probabilities."""
+    """A small MoE block whose router routes with `impl` (router.IMPLS); its bias update (select_bias) has run
+    a few times on random loads, so e.g. the sigmoid router's bias is non-zero and its selection is not the
+    top-k of its probabilities."""
     torch.manual_seed(seed)
     args = dict(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64, n_experts=4, top_k=2,
                 router=router, dispatch=dispatch, bias_update_rate=0.1)
@@ -739,7 +739,7 @@ def test_aux_losses_from_fused_stats_equal_the_reference_losses(router):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=64, n_experts=4, top_k=2,
                           router=router, ermoe_basis="penalty", bias_update_rate=0.1))
-    for r in model.routers():  # a router's per-step hook moves its state (the sigmoid router's bias)
+    for r in model.routers():  # the bias update moves a select_bias router's state (the sigmoid router's bias)
         r.update(torch.randint(0, 50, (4,)))
     idx = torch.randint(0, 64, (2, 16))
     _, _, routes = model(idx, idx)

@@ -108,8 +108,10 @@ def _require(ok, message):
 
 
 def impl_problem(model_cfg, impl):
-    """Why the routers of model_cfg cannot run their routing pass with router_impl=impl, or None."""
+    """Why the routers of model_cfg cannot run their routing pass with router_impl=impl, or None (no routers: None)."""
     router = ROUTERS[model_cfg.router]
+    if model_cfg.n_experts == 0:
+        return None
     bias = model_cfg.select_bias
     if impl in ("compile", "triton") and (not router.topk_of_logits or bias):
         return (f"router={model_cfg.router}{' with select_bias' * bias} has no fused routing pass: router_impl={impl} "
@@ -322,7 +324,7 @@ def main(argv):
         return
     cfg, model_cfg = settings.build(TrainConfig, FamilyConfig)
     why = impl_problem(model_cfg, cfg.router_impl)
-    _require(why is None or model_cfg.n_experts == 0, why)
+    _require(why is None, why)
     env = launch.start(cfg, model_cfg)  # the device, the dtype, the processes: all checked
     preset = {k: v for k, v in settings.values.items() if settings.origin[k].endswith("preset")}
     if env.master and preset:  # (python train.py --help shows every value and its origin)

@@ -18,12 +18,8 @@ def check_and_derive(cfg, routers, head_size=0):
     0: n_embd // n_head."""
     for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
         require(getattr(cfg, name) >= 1, f"{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("ffn_hidden", "n_experts", "n_shared", "expert_hidden", "ermoe_rank"):
-        require(getattr(cfg, name) >= 0, f"{name} must be >= 0 (0 = derived/off), got {getattr(cfg, name)}")
-    for name, low in (("routed_scale", 0), ("capacity_factor", None), ("bias_update_rate", None), ("ermoe_beta", 0)):
-        value = getattr(cfg, name)  # finite and > low, or >= 0 where low is None
-        require(math.isfinite(value) and (value > low if low is not None else value >= 0),
-                 f"{name} must be {'> 0' if low is not None else '>= 0'}, got {value}")
+    require_ranges(cfg, ("ffn_hidden", "n_experts", "n_shared", "expert_hidden", "ermoe_rank"),
+                   (("routed_scale", 0), ("capacity_factor", None), ("bias_update_rate", None), ("ermoe_beta", 0)))
     require(0.0 <= cfg.dropout < 1.0, f"dropout must be in [0, 1), got {cfg.dropout}")
     if head_size == 0:
         require(cfg.n_embd % cfg.n_head == 0, f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
@@ -43,12 +39,10 @@ def check_and_derive(cfg, routers, head_size=0):
              f"top_k must be in [1, n_experts={cfg.n_experts}], got {cfg.top_k}")
     require(not cfg.select_bias or cfg.n_experts == 0 or cfg.router in ("softmax", "ermoe"),
              f"select_bias applies to router=softmax or ermoe, not {cfg.router}")
-    for name, choices in (("router", tuple(routers)), ("dispatch", ("sorted", "naive")),
+    require_choices(cfg, (("router", tuple(routers)), ("dispatch", ("sorted", "naive")),
                           ("ermoe_basis", ("independent", "partitioned", "penalty")),
-                          ("ermoe_input", ("coords", "token")),
-                          ("pos_emb", ("rope", "learned")), ("mlp", ("swiglu", "gelu")),
-                          ("norm", ("rmsnorm", "layernorm"))):
-        require(getattr(cfg, name) in choices, f"unknown {name} '{getattr(cfg, name)}' ({'|'.join(choices)})")
+                          ("ermoe_input", ("coords", "token")), ("pos_emb", ("rope", "learned")),
+                          ("mlp", ("swiglu", "gelu")), ("norm", ("rmsnorm", "layernorm"))))
     if cfg.router == "ermoe" and cfg.n_experts > 0:
         if cfg.ermoe_rank == 0:  # half the width: experts read enough of the token (docs/design.md §2)
             cfg.ermoe_rank = max(1, cfg.n_embd // (cfg.n_experts if cfg.ermoe_basis == "partitioned" else 2))
@@ -93,6 +87,23 @@ def check_run(cfg, impls):
              f"router_frozen_from must be >= -1 (-1 = never), got {cfg.router_frozen_from}")
     require(not cfg.wandb_log or importlib.util.find_spec("wandb") is not None,
              "wandb_log=True needs the wandb package (pip install wandb)")
+
+
+def require_ranges(cfg, counts, numbers):
+    """counts: the settings that must be >= 0 (0 = derived/off); numbers: (setting, low) pairs that must be finite
+    and > low, or >= 0 where low is None."""
+    for name in counts:
+        require(getattr(cfg, name) >= 0, f"{name} must be >= 0 (0 = derived/off), got {getattr(cfg, name)}")
+    for name, low in numbers:
+        value = getattr(cfg, name)
+        require(math.isfinite(value) and (value > low if low is not None else value >= 0),
+                f"{name} must be {'> 0' if low is not None else '>= 0'}, got {value}")
+
+
+def require_choices(cfg, pairs):
+    """(setting, its choices) pairs: each setting one of its choices."""
+    for name, choices in pairs:
+        require(getattr(cfg, name) in choices, f"unknown {name} '{getattr(cfg, name)}' ({'|'.join(choices)})")
 
 
 def require(ok, message):

@@ -18,8 +18,8 @@ with one process (train.train_step calls them): `micro_step` (DDP syncs gradient
 micro-step only), `pool` (L_lb's statistics of the global batch), `mean` (the logged numbers of all
 processes, and in the same all-reduce what any process asks of the step's end: a signal came, a
 timed checkpoint is due; see support/stopping.py), `finish_grads` (expert parallel averages its
-gradients itself; one clipping norm over the whole model) and `step_load` (the routers' per-step
-hook sees every process's load).
+gradients itself; one clipping norm over the whole model) and `step_load` (the bias update of a
+router with select_bias sees every process's load).
 """
 
 import ctypes
@@ -142,8 +142,8 @@ class Processes:
         self.agreed = None  # what all processes asked at the last step: summed by mean()
 
     def attach(self, model, cfg):
-        """Expert parallel: keep this rank's experts of every layer (call after loading the full weights).
-        -> the module to call: torch.compile'd if asked, wrapped in DDP for plain data parallelism."""
+        """Expert parallel: keep this rank's experts of every layer (call after loading the full weights). Sets
+        self.fwd, the module to call: torch.compile'd if asked, wrapped in DDP for plain data parallelism."""
         if cfg.expert_parallel > 1:
             from support.parallel import ExpertParallel
             self.ep = ExpertParallel(cfg.expert_parallel)
@@ -156,7 +156,6 @@ class Processes:
             from torch.nn.parallel import DistributedDataParallel as DDP
             fwd = DDP(fwd, device_ids=[int(os.environ["LOCAL_RANK"])] if self.device_type == "cuda" else None)
         self.fwd = fwd
-        return fwd
 
     def micro_step(self, micro):
         """DDP all-reduces the gradients only on the last micro-step of a step."""

@@ -141,8 +141,6 @@ def load_checkpoint(out_dir, hint="run train.py with this out_dir first", name="
     return ckpt
 
 
-# A change that must change what a checkpoint holds bumps FORMAT and adds the step from the format
-# before: old checkpoints keep loading (tests/ckpt_format1 is one of format 1, tested in CI).
 def families_apart(ckpt):
     """Format 2 -> 3: router_impl and expert_init move from model_args to the run's config (where the routing
     runs and how the experts start are not the network); a gated shared expert's weights move under it
@@ -160,6 +158,8 @@ def families_apart(ckpt):
     return {**ckpt, "model_args": model_args, "config": config, "model": weights, "format": 3}
 
 
+# A change that must change what a checkpoint holds bumps FORMAT and adds the step from the format before:
+# old checkpoints keep loading (tests/ckpt_format1 and tests/ckpt_format2, tested in CI).
 UPGRADES = {
     1: lambda ckpt: {**ckpt, "format": 2, "commit": None, "torch": None},  # who wrote it was not recorded
     2: families_apart,

@@ -52,10 +52,8 @@ def probe(model, idx):
 @torch.no_grad()
 def expert_cos2(moe, x, ids):
     """(E, E) mean over tokens of cos^2 between experts' intermediates when all run on the same x."""
-    T = x.shape[0]
     expert_inputs = moe.router(x, ids).expert_inputs  # what the experts read, where the router makes it (ERMoE)
-    tok = torch.arange(T)
-    z = torch.stack([moe.expert(e, (x if expert_inputs is None else expert_inputs[tok, e]).float())[0]
+    z = torch.stack([moe.expert(e, (x if expert_inputs is None else expert_inputs[:, e]).float())[0]
                      for e in range(moe.w_up.shape[0])])  # (E, T, f) SwiGLU activations (a family's own: MoE.expert)
     zn = F.normalize(z, dim=-1)
     return torch.einsum("itf,jtf->ijt", zn, zn).pow(2).mean(-1)                 # (E, E)

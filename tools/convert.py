@@ -246,7 +246,7 @@ def to_hf(out_dir, hf_dir, overwrite=False):
                 (cfg.norm == "rmsnorm", f"norm={cfg.norm}: Mixtral's norms are RMSNorm")]
     # the family settings a Mixtral config.json holds; any other one away from its default has no Mixtral weight
     # or switch (a bias, a clamp, a zero-compute expert, a dense layer, partial rotary positions: families.py)
-    mixtral = ("n_kv_head", "head_dim", "rope_theta", "norm_eps", "tie_embeddings", "qk_norm", "qkv_bias")
+    mixtral = ("n_kv_head", "head_dim", "rope_theta", "norm_eps", "tie_embeddings")
     refusals += [(False, f"{name}={getattr(cfg, name)!r}: Mixtral has no counterpart")
                  for name in cfg.changed if name not in mixtral]
     for ok, what in refusals:
