@@ -35,13 +35,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: one thread per worker,
 from losses import (SpecializationLoss, aux_losses, coupling_loss, load_balancing_loss,  # noqa: E402
                     specialization_loss, z_loss)
 from model import GPT, MLP, GPTConfig, MoE  # noqa: E402
-from router import ROUTERS as ROUTER_CLASSES  # noqa: E402
 from router import EigenRouter, eigen_route, eigenbasis_scores, route_reference, select_topk, topk_route  # noqa: E402
 from support.metrics import RoutingStats  # noqa: E402
 import train  # noqa: E402
+from families import ROUTERS as ROUTER_CLASSES  # noqa: E402  (the core's registry and the course's token table)
 
 # The conformance list: every router here passes every test parametrised by ROUTERS.
-# (token_table is families.py's, in the registry since `import train` imported families.py)
+# (token_table is families.py's: it joins router.ROUTERS when families.py is imported)
 ROUTERS = ["softmax", "ermoe", "sigmoid", "hash", "cosine", "token_table"]
 KERNEL_ROUTERS = [name for name in ROUTERS if ROUTER_CLASSES[name].topk_of_logits]  # the fused Triton pass applies
 
@@ -94,12 +94,15 @@ def test_zero_regulariser_coefficients_train_bit_identically():
 
 
 def test_upcycled_experts_start_as_near_copies():
+    """train.make_model: expert_init=upcycle starts every expert as a near copy of one; 'auto' is decided once."""
     cfg = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, n_experts=4, top_k=2)
-    torch.manual_seed(0)
-    up = GPT(GPTConfig(**cfg))
-    train.upcycle(up)                            # train.py's expert_init=upcycle
-    torch.manual_seed(0)
-    rand = GPT(GPTConfig(**cfg))
+    models = []
+    for expert_init in ("upcycle", "random"):
+        torch.manual_seed(0)
+        run = types.SimpleNamespace(expert_init=expert_init, router_impl="auto")
+        models.append(train.make_model(run, GPTConfig(**cfg)))
+    up, rand = models
+    assert all(r.impl == "torch" for m in models for r in m.routers())  # 'auto' on a CPU: PyTorch
     for a, b in ((up, 0.01), (rand, 0.9)):
         w = a.blocks[0].mlp.w_up
         rel = (w - w[:1]).norm(dim=(1, 2))[1:] / w[0].norm()
@@ -944,7 +947,6 @@ def test_auto_impl_uses_triton_only_where_the_router_has_a_kernel_that_fits(rout
     """choose_impl decides 'auto'; impl_problem is train.py's early check of its router_impl (a refused
     setting is a UserError naming the reason)."""
     from router import choose_impl
-    from train import impl_problem
     fused = ROUTER_CLASSES[router].topk_of_logits
 
     def cfg(E, k, select_bias=False):
@@ -954,14 +956,14 @@ def test_auto_impl_uses_triton_only_where_the_router_has_a_kernel_that_fits(rout
     assert choose_impl("auto", 8, 2, on("cuda", torch.float64)) == "torch"
     assert choose_impl("torch", 8, 2, on("cuda")) == "torch"
     if fused:
-        assert "n_experts <= 256 and top_k <= 8" in impl_problem(cfg(512, 2), "triton")
-        assert impl_problem(cfg(8, 2), "compile") is None
+        assert "n_experts <= 256 and top_k <= 8" in train.impl_problem(cfg(512, 2), "triton")
+        assert train.impl_problem(cfg(8, 2), "compile") is None
         for impl in ("triton", "compile"):  # a select bias: not the top-k of the logits either (refused)
-            why = impl_problem(cfg(8, 2, select_bias=True), impl)
+            why = train.impl_problem(cfg(8, 2, select_bias=True), impl)
             assert f"router={router} with select_bias has no fused routing pass" in why and "select_bias=False" in why
     else:  # say so instead of ignoring the setting; the router routes in PyTorch, never through topk_route
         for impl in ("triton", "compile"):
-            assert f"router={router} has no fused routing pass" in impl_problem(cfg(8, 2), impl)
+            assert f"router={router} has no fused routing pass" in train.impl_problem(cfg(8, 2), impl)
     with pytest.raises(ValueError, match="top_k <= 8"):
         topk_route(torch.randn(4, 16), 10, "triton")
 

@@ -95,6 +95,21 @@ def test_a_frozen_router_keeps_its_weights_and_the_rest_learns(tmp_path):
     assert os.path.exists(tmp_path / "a" / "ckpt.pt")
 
 
+def test_hash_balanced_runs_with_the_balanced_table_of_the_train_splits_counts(tmp_path):
+    """train.py's hash_balanced: every hash layer's table is balanced_table of the train split's token counts,
+    in the checkpoint; a resumed run keeps it."""
+    from support.data import open_dataset
+    from support.rundir import load_checkpoint
+    train(tmp_path / "h", "--max_iters=2", "--eval_interval=2", "--router=hash", "--hash_balanced=True")
+    counts = open_dataset("shakespeare_char", 65, False).token_counts()
+    want = balanced_table(counts, 4, 2)                                  # TINY: 4 experts, top-2
+    tables = [v for k, v in load_checkpoint(str(tmp_path / "h"))["model"].items() if k.endswith("router.table")]
+    assert len(tables) == 2 and all(torch.equal(t, want) for t in tables)
+    train(tmp_path / "h", "--init_from=resume", "--max_iters=3")
+    tables = [v for k, v in load_checkpoint(str(tmp_path / "h"))["model"].items() if k.endswith("router.table")]
+    assert all(torch.equal(t, want) for t in tables)
+
+
 def test_the_token_table_router_routes_by_the_id_alone_and_learns(tmp_path):
     train(tmp_path / "t", "--max_iters=3", "--eval_interval=3", "--router=token_table")
     from support.rundir import read_log

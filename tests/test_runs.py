@@ -136,6 +136,8 @@ BAD_INPUTS = [  # (entry point, arguments; RUN = a finished run, R = the fixture
     ("train", ["--shared_gate=True"], "shared_gate needs shared experts"),
     ("train", ["--expert_init=pretrained"], "unknown expert_init 'pretrained'"),
     ("train", ["--router=hash", "--router_impl=triton"], "router=hash has no fused routing pass"),
+    ("train", ["--hash_balanced=True"], "hash_balanced needs router=hash and a text dataset, got router=softmax"),
+    ("train", ["--router=hash", "--hash_balanced=True", "--dataset=synthetic"], "hash_balanced needs router=hash"),
     ("train", ["--router_impl=triton", "TRITON_INTERPRET=0"], "router_impl=triton needs a CUDA device"),
     ("train", ["--n_experts=1000000"], "more than the"),
     ("train", ["--block_size=1000000"], "fewer than block_size+1"),
