@@ -222,6 +222,8 @@ def train_step(model, optimizer, batches, cfg, env):
     fwd = model if env.fwd is None else env.fwd
     coefs = {c: getattr(cfg, c) for c in COEFFICIENTS.values()}
     ce_sum, total_sum, terms_sum, load = 0.0, 0.0, {}, 0
+    routers = model.routers()
+    biased = any(r.select_bias for r in routers)  # then the step's load is counted, for the bias update
     if isinstance(env.pool, StepBalance):  # L_lb's counts of this step's micro-batches: none yet
         env.pool.reset()
     for micro in range(env.accum):
@@ -237,15 +239,15 @@ def train_step(model, optimizer, batches, cfg, env):
         total_sum = total_sum + loss.detach()
         for name, value in terms.items():
             terms_sum[name] = terms_sum.get(name, 0.0) + value.detach() / env.accum
-        load = load + torch.stack([r.counts for r in routes]) if routes else load  # (L, E) pairs per expert
+        load = load + torch.stack([r.counts for r in routes]) if biased else load  # (L, E) pairs per expert
     ce_f, total_f, *terms_f = env.mean(torch.stack([ce_sum, total_sum, *terms_sum.values()]).float()).tolist()
     if not math.isfinite(total_f):  # (.tolist() is the one host sync of a step: needed to stop before the update)
         raise Diverged(f"loss is {total_f}")
     env.finish_grads(model, cfg.grad_clip)  # expert parallel's gradient sync, then the clipping
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if any(r.select_bias for r in model.routers()):
-        for router, counts in zip(model.routers(), env.step_load(load)):
+    if biased:
+        for router, counts in zip(routers, env.step_load(load)):
             router.update(counts)
     return ce_f, dict(zip(terms_sum, terms_f))
 

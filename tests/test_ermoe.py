@@ -26,7 +26,7 @@ def dead_experts_after_training(*args, seed=0):
     cfg, model_cfg = settings.build(train.TrainConfig, train.FamilyConfig)
     data = open_dataset(cfg.dataset, model_cfg.vocab_size, False)
     torch.manual_seed(seed)
-    model = train.build(model_cfg)
+    model = train.make_model(cfg, model_cfg)
     optimizer, env = train.make_optimizer(model, cfg), launch.Processes("cpu", "float32")
     gen = torch.Generator().manual_seed(seed)
     for it in range(cfg.max_iters):
