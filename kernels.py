@@ -17,8 +17,9 @@ Notation: T tokens, E experts, k experts per token, r ERMoE basis rank; BT/BE/BK
 
 The file, top to bottom: the Triton kernels (`_route_tile` routes a tile of logits, `_route_grad_tile`
 is its derivative; the ERMoE kernels compute the logits from u first and reuse both), their launch as
-custom ops with autograd, and the two entry points with the limits they check (`triton_unsupported`);
-before them Triton 3.6's interpreter patched, after them the module __getattr__ (both support/compat.py).
+custom ops with autograd, and the two entry points with the limits they check (`triton_unsupported`).
+Above the kernels Triton 3.6's interpreter is patched, at the end the module gets its __getattr__ (both
+from support/compat.py).
 
 Design notes
 - One program handles BT rows; the row of E logits (padded to a power of two BE <= 256) sits in

@@ -5,9 +5,9 @@ Notation: T tokens (batch x sequence, flattened), d model width, E routed expert
 token, f expert width, r the ERMoE basis rank.
 
 A router defines logits a (T, E) (fp32) whose softmax p is its routing distribution, and, where its
-choice is not the top-k of a, `select`. `Router.forward` does the rest alike for every router: the
-selection (the k largest, ties to the lower index), the gates (p renormalised over the k selected),
-the routed scale, a capacity, and the statistics the losses need, in one `Routing`.
+choice is not the top-k of a, `select`. `Router.forward` does the rest alike for every router (ERMoE and
+expert choice have their own): the selection (the k largest, ties to the lower index), the gates (p
+renormalised over the k selected), the routed scale, a capacity, and the statistics the losses need.
 
   router         logits a                          p                        selection
   softmax        x W^T                             softmax(x W^T)           top-k of a

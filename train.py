@@ -107,18 +107,6 @@ def _require(ok, message):
         raise UserError(message)
 
 
-def impl_problem(model_cfg, impl):
-    """Why the routers of model_cfg cannot run their routing pass with router_impl=impl, or None (no routers: None)."""
-    router = ROUTERS[model_cfg.router]
-    if model_cfg.n_experts == 0:
-        return None
-    bias = model_cfg.select_bias
-    if impl in ("compile", "triton") and (not router.topk_of_logits or bias):
-        return (f"router={model_cfg.router}{' with select_bias' * bias} has no fused routing pass: router_impl={impl} "
-                f"does not apply to it (use auto or torch{', or select_bias=False' * bias})")
-    return kernels.triton_unsupported(model_cfg.n_experts, model_cfg.top_k) if impl == "triton" else None
-
-
 # The declared defaults above (and GPTConfig's) are the GPU run: the shape and schedule of nanoGPT's
 # train_shakespeare_char (6 x 384, block 256, batch 64, 5000 steps; val 1.4697 on an A100), with MoE
 # layers of the same active compute. Not yet run on a GPU. Without a GPU, `python train.py` runs
@@ -163,6 +151,18 @@ def setup(argv):
     if vocab:
         settings.apply(f"dataset {settings.values['dataset']}", {"vocab_size": vocab})
     return settings, None
+
+
+def impl_problem(model_cfg, impl):
+    """Why the routers of model_cfg cannot run their routing pass with router_impl=impl, or None (no routers: None)."""
+    router = ROUTERS[model_cfg.router]
+    if model_cfg.n_experts == 0:
+        return None
+    bias = model_cfg.select_bias
+    if impl in ("compile", "triton") and (not router.topk_of_logits or bias):
+        return (f"router={model_cfg.router}{' with select_bias' * bias} has no fused routing pass: router_impl={impl} "
+                f"does not apply to it (use auto or torch{', or select_bias=False' * bias})")
+    return kernels.triton_unsupported(model_cfg.n_experts, model_cfg.top_k) if impl == "triton" else None
 
 
 # ------------------------------------------------------------------------------------------------
